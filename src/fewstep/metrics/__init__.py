@@ -1,0 +1,1 @@
+"""Sample-quality metrics: features first, then pure statistics on features."""

@@ -1,0 +1,1 @@
+"""Networks: MLP for low-dimensional data, a small UNet for images."""
