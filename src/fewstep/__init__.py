@@ -1,2 +1,15 @@
-"""fewstep: fast diffusion sampling and distillation."""
+"""fewstep: fast diffusion sampling and distillation, checked against exact flows.
+
+    import fewstep, torch
+    gmm = fewstep.GaussianMixture.ring(8)                 # an exact teacher
+    x = 80.0 * torch.randn(1000, 2)                       # noise at sigma_max
+    y = fewstep.sample(gmm, x, sampler="heun", nfe=10, sigma_min=0.002, sigma_max=80.0)
+"""
 __version__ = "0.1.0"
+
+from . import grids, process, samplers  # noqa: F401,E402
+from .data.gmm import GaussianMixture  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .samplers import sample  # noqa: E402
+
+__all__ = ["GaussianMixture", "UserError", "sample", "grids", "process", "samplers"]

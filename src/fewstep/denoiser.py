@@ -1,0 +1,182 @@
+"""Parametrizations: any network becomes the sigma-space denoiser D(y, sigma) -> x0.
+
+A sampler sees one contract, ``D(y, sigma, **cond) -> x0`` with ``y = x0 + sigma * eps``
+and ``sigma`` of shape [batch]. A network predicts something else under some process
+(x_t = alpha (x0 + sigma eps), std_t = alpha * sigma); the converters below are pure,
+keyword-only functions between that output and x0 (Salimans & Ho 2022 for v, Liu et al.
+2022 for the flow velocity, Karras et al. 2022 Table 1 for EDM preconditioning):
+
+    eps:   x0 = (x_t - std_t eps) / alpha
+    x0:    x0
+    v:     v = alpha eps - std_t x0          =>  x0 = (alpha x_t - std_t v) / (alpha^2 + std_t^2)
+    score: s = grad_x log p_t = -eps / std_t =>  x0 = (x_t + std_t^2 s) / alpha
+    flow:  u = dx_t/dt = alpha' x0 + std_t' eps
+                                             =>  x0 = (std_t u - std_t' x_t) / (alpha' std_t - std_t' alpha)
+    edm:   D = c_skip y + c_out F(c_in y, c_noise),  c_skip = sd^2/(s^2+sd^2),
+           c_out = s sd / sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .errors import unknown_name
+from .process import Process, _bcast
+
+__all__ = ["PREDICTIONS", "to_x0", "from_x0", "ModelDenoiser", "CFGDenoiser", "NFECounter",
+           "edm_precond", "Coefficients"]
+
+PREDICTIONS = ("eps", "x0", "v", "score", "flow", "edm")
+
+
+@dataclass
+class Coefficients:
+    """Per-sample x-space coefficients at time t, each shaped to broadcast with x."""
+
+    alpha: Tensor
+    std: Tensor
+    dalpha: Optional[Tensor] = None
+    dstd: Optional[Tensor] = None
+
+    @classmethod
+    def at(cls, process: Process, t: Tensor, like: Tensor, derivatives: bool = False) -> "Coefficients":
+        a, sd = process.scale(t), process.std(t)
+        c = cls(_bcast(a, like), _bcast(sd, like))
+        if derivatives:
+            c.dalpha = _bcast(process.dscale_dt(t), like)
+            c.dstd = _bcast(process.dstd_dt(t), like)
+        return c
+
+
+def to_x0(out: Tensor, *, x_t: Tensor, c: Coefficients, prediction: str) -> Tensor:
+    """Network output in ``prediction`` parametrization -> x0 (module docstring)."""
+    if prediction == "x0":
+        return out
+    if prediction == "eps":
+        return (x_t - c.std * out) / c.alpha
+    if prediction == "v":
+        return (c.alpha * x_t - c.std * out) / (c.alpha**2 + c.std**2)
+    if prediction == "score":
+        return (x_t + c.std**2 * out) / c.alpha
+    if prediction == "flow":
+        return (c.std * out - c.dstd * x_t) / (c.dalpha * c.std - c.dstd * c.alpha)
+    raise unknown_name("prediction", prediction, PREDICTIONS)
+
+
+def from_x0(x0: Tensor, *, x_t: Tensor, c: Coefficients, prediction: str) -> Tensor:
+    """x0 -> the output a perfect network in ``prediction`` parametrization gives."""
+    if prediction == "x0":
+        return x0
+    eps = (x_t - c.alpha * x0) / c.std
+    if prediction == "eps":
+        return eps
+    if prediction == "v":
+        return c.alpha * eps - c.std * x0
+    if prediction == "score":
+        return -eps / c.std
+    if prediction == "flow":
+        return c.dalpha * x0 + c.dstd * eps
+    raise unknown_name("prediction", prediction, PREDICTIONS)
+
+
+def edm_precond(sigma: Tensor, sigma_data: float = 0.5):
+    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. 2022, Table 1)."""
+    s2, sd2 = sigma**2, sigma_data**2
+    c_skip = sd2 / (s2 + sd2)
+    c_out = sigma * sigma_data / torch.sqrt(s2 + sd2)
+    c_in = torch.rsqrt(s2 + sd2)
+    c_noise = 0.25 * torch.log(sigma)
+    return c_skip, c_out, c_in, c_noise
+
+
+class ModelDenoiser(nn.Module):
+    """Wrap ``net(x, c_noise, **cond) -> prediction`` of ``process`` as D(y, sigma, **cond).
+
+    For eps/x0/v/score/flow the network sees the process's own x_t = alpha * y and
+    ``c_noise = process.c_noise(t)`` with t = process.t_of_sigma(sigma); for ``edm`` it
+    sees c_in * y and ln(sigma)/4 whatever the process (EDM preconditioning).
+    """
+
+    def __init__(self, net: nn.Module, process: Process, prediction: str = "eps", sigma_data: float = 0.5):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise unknown_name("prediction", prediction, PREDICTIONS)
+        self.net, self.process, self.prediction, self.sigma_data = net, process, prediction, sigma_data
+
+    def net_input(self, y: Tensor, sigma: Tensor):
+        """(x_in, c_noise, coefficients) the network is called with at level sigma."""
+        sigma = sigma.to(y.dtype)
+        if self.prediction == "edm":
+            _, _, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+            return _bcast(c_in, y) * y, c_noise, None
+        t = self.process.t_of_sigma(sigma)
+        c = Coefficients.at(self.process, t, y, derivatives=self.prediction == "flow")
+        return c.alpha * y, self.process.c_noise(t), c
+
+    def output_to_x0(self, out: Tensor, y: Tensor, sigma: Tensor, x_in: Tensor, c) -> Tensor:
+        if self.prediction == "edm":
+            c_skip, c_out, _, _ = edm_precond(sigma.to(y.dtype), self.sigma_data)
+            return _bcast(c_skip, y) * y + _bcast(c_out, y) * out
+        return to_x0(out, x_t=x_in, c=c, prediction=self.prediction)
+
+    def target(self, x0: Tensor, y: Tensor, sigma: Tensor) -> Tensor:
+        """What the network should output for clean data x0 at noisy y (training target)."""
+        if self.prediction == "edm":
+            c_skip, c_out, _, _ = edm_precond(sigma.to(y.dtype), self.sigma_data)
+            return (x0 - _bcast(c_skip, y) * y) / _bcast(c_out, y)
+        x_in, _, c = self.net_input(y, sigma)
+        return from_x0(x0, x_t=x_in, c=c, prediction=self.prediction)
+
+    def forward(self, y: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = _batch_sigma(sigma, y)
+        x_in, c_noise, c = self.net_input(y, sigma)
+        out = self.net(x_in, c_noise.to(y.dtype), **cond)
+        return self.output_to_x0(out.to(y.dtype), y, sigma, x_in, c)
+
+
+def _batch_sigma(sigma, y: Tensor) -> Tensor:
+    sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
+    return sigma.expand(y.shape[0]) if sigma.ndim == 0 else sigma
+
+
+class CFGDenoiser(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper:
+
+        D_w(y, sigma, c) = D(y, sigma, null) + w * (D(y, sigma, c) - D(y, sigma, null)).
+
+    Conditional and unconditional halves run as one batched call (one NFE). ``labels``
+    of -1 (or ``null_label``) mean unconditional.
+    """
+
+    def __init__(self, denoiser: Callable, scale: float, null_label: int = -1):
+        super().__init__()
+        self.inner, self.scale, self.null_label = denoiser, float(scale), null_label
+
+    def forward(self, y: Tensor, sigma: Tensor, labels: Optional[Tensor] = None, **cond) -> Tensor:
+        if labels is None or self.scale == 1.0:
+            return self.inner(y, sigma, labels=labels, **cond)
+        sigma = _batch_sigma(sigma, y)
+        null = torch.full_like(labels, self.null_label)
+        extra = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items()}
+        both = self.inner(torch.cat([y, y]), torch.cat([sigma, sigma]), labels=torch.cat([labels, null]), **extra)
+        d_cond, d_uncond = both.chunk(2)
+        return d_uncond + self.scale * (d_cond - d_uncond)
+
+
+class NFECounter:
+    """Counts network evaluations: ``counter = NFECounter(D); sample(counter, ...);
+    counter.nfe``. Each call of the wrapped denoiser counts once, whatever the batch."""
+
+    def __init__(self, denoiser: Callable):
+        self.inner, self.nfe = denoiser, 0
+
+    def __call__(self, y, sigma, **cond):
+        self.nfe += 1
+        return self.inner(y, sigma, **cond)
+
+    def reset(self) -> None:
+        self.nfe = 0

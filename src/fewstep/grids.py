@@ -1,0 +1,139 @@
+"""Time grids: functions returning decreasing sigma levels for the samplers.
+
+Every grid returns ``n + 1`` levels (``n`` steps), decreasing, the last one 0 unless
+``final_zero=False`` (then the last is ``sigma_min``). A sampler with ``n`` steps spends
+its evaluations at the first ``n`` levels (and, for some, in between).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import UserError, unknown_name
+
+__all__ = ["karras", "logsnr_uniform", "time_uniform", "polyexponential", "as_sigmas", "GRIDS",
+           "make_grid", "load", "save"]
+
+
+def _finish(sig: Tensor, final_zero: bool) -> Tensor:
+    sig = sig.to(torch.float64)
+    return torch.cat([sig, sig.new_zeros(1)]) if final_zero else sig
+
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, final_zero: bool = True) -> Tensor:
+    """EDM eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
+    _check(n, sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sig = (a + ramp * (b - a)) ** rho if n > 1 else torch.tensor([sigma_max], dtype=torch.float64)
+    return _finish(sig, final_zero)
+
+
+def logsnr_uniform(n: int, sigma_min: float, sigma_max: float, final_zero: bool = True) -> Tensor:
+    """Uniform in lambda = -log sigma (DPM-Solver's 'logSNR' spacing)."""
+    _check(n, sigma_min, sigma_max)
+    sig = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
+    return _finish(sig, final_zero)
+
+
+def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0, final_zero: bool = True) -> Tensor:
+    """k-diffusion's polyexponential: log sigma = log smin + (1 - i/(n-1))^rho (log smax - log smin)."""
+    _check(n, sigma_min, sigma_max)
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    sig = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    return _finish(sig, final_zero)
+
+
+def time_uniform(process, n: int, spacing: str = "linspace", steps_offset: int = 0,
+                 final_zero: bool = True, t_min: Optional[float] = None, t_max: Optional[float] = None) -> Tensor:
+    """Uniform in the process's own time t, then mapped to sigma.
+
+    For a discrete process (t = diffusers' timestep index 0..N-1) the spacings follow
+    diffusers' DDIM / Euler schedulers:
+      ``linspace``: t_i = linspace(N-1, 0, n) (rounded, as DDIM does);
+      ``leading``:  t_i = (n-1-i) * (N // n) + steps_offset;
+      ``trailing``: t_i = round(N - i N / n) - 1.
+    For continuous processes ``linspace`` gives t_i = linspace(t_max, t_min, n) and
+    ``trailing`` t_i = t_max - i (t_max - t_min)/n (the grid without its t_min end).
+    """
+    if spacing not in ("linspace", "leading", "trailing"):
+        raise unknown_name("spacing", spacing, ["linspace", "leading", "trailing"])
+    lo = process.t_min if t_min is None else t_min
+    hi = process.t_max if t_max is None else t_max
+    discrete = getattr(process, "name", "") == "vp_discrete"
+    if discrete:
+        N = int(round(hi)) + 1
+        i = torch.arange(n, dtype=torch.float64)
+        if spacing == "linspace":
+            t = torch.linspace(N - 1, 0, n, dtype=torch.float64).round()
+        elif spacing == "leading":
+            t = (n - 1 - i) * (N // n) + steps_offset
+        else:
+            t = torch.round(N - i * N / n) - 1
+    else:
+        if spacing == "trailing":
+            t = hi - torch.arange(n, dtype=torch.float64) * (hi - lo) / n
+        else:
+            t = torch.linspace(hi, lo, n, dtype=torch.float64)
+    return _finish(process.sigma(t), final_zero)
+
+
+def as_sigmas(sigmas) -> Tensor:
+    """Validate a user grid: 1-D, finite, non-negative, strictly decreasing."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if s.numel() < 2 or not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s[1:] >= s[:-1]).any()):
+        raise UserError("a sigma grid must be a 1-D, finite, non-negative, strictly decreasing list of >= 2 levels")
+    return s
+
+
+def _check(n: int, sigma_min: float, sigma_max: float) -> None:
+    if int(n) < 1:
+        raise UserError(f"a grid needs at least 1 step, got n={n}")
+    if not 0 < sigma_min < sigma_max:
+        raise UserError(f"a grid needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+
+
+GRIDS = {
+    "karras": karras,
+    "logsnr": logsnr_uniform,
+    "polyexponential": polyexponential,
+}
+
+
+def make_grid(name, n: int, sigma_min: float, sigma_max: float, process=None, **kw) -> Tensor:
+    """A grid by name: ``karras``, ``logsnr``, ``polyexponential``, ``time`` (process time,
+    linspace), ``time-leading``/``time-trailing``, a path to a grid JSON file, or a tensor."""
+    if isinstance(name, (Tensor, list, tuple)):
+        return as_sigmas(name)
+    if name in GRIDS:
+        return GRIDS[name](n, sigma_min, sigma_max, **kw)
+    if name in ("time", "time-linspace", "time-leading", "time-trailing"):
+        if process is None:
+            raise UserError(f"grid '{name}' needs a process (the teacher's)")
+        spacing = name.split("-", 1)[1] if "-" in name else "linspace"
+        return time_uniform(process, n, spacing, **kw)
+    if str(name).endswith(".json"):
+        return load(name)
+    raise unknown_name("grid", name, list(GRIDS) + ["time", "time-leading", "time-trailing", "FILE.json"])
+
+
+def save(path, sigmas: Tensor, **meta) -> None:
+    """Write a grid as JSON: {"sigmas": [...], ...meta}."""
+    Path(path).write_text(json.dumps({"sigmas": as_sigmas(sigmas).tolist(), **meta}, indent=1))
+
+
+def load(path) -> Tensor:
+    """Read a grid written by :func:`save` (or any JSON list / {"sigmas": list})."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"grid file {p} not found")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"grid file {p} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    return as_sigmas(data["sigmas"] if isinstance(data, dict) and "sigmas" in data else data)
