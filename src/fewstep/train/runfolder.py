@@ -1,0 +1,202 @@
+"""The run folder: one folder per job holding config, metrics and checkpoints.
+
+    <out>/config.json        the resolved configuration
+    <out>/metrics.jsonl      one JSON object per line: {"step": ..., name: value, ...}
+    <out>/checkpoints/       see :mod:`fewstep.train.checkpoint`
+
+A new run that fails before its first checkpoint leaves nothing behind: use the folder
+as a context manager (or call :meth:`RunFolder.abort`) and it removes itself on any
+exception, KeyboardInterrupt included, until :meth:`RunFolder.commit` (done by
+:meth:`RunFolder.save`). After that the folder stays and can be resumed. Only the main
+process of a multi-process job should create and write the run folder.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fewstep.errors import UserError
+from fewstep.train.checkpoint import (
+    atomic_write_text,
+    json_default,
+    latest_checkpoint,
+    load_state,
+    read_json,
+    save_state,
+    write_json,
+)
+from fewstep.train.ema import EMA
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+
+def _scalar(v: Any) -> Any:
+    """A logged value as a JSON value (tensors and numpy values -> numbers or lists)."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (np.generic, np.ndarray)):
+        return v.tolist()
+    return v
+
+
+def _first_missing_ancestor(path: Path) -> Path | None:
+    """The top-most folder that ``mkdir(parents=True)`` on ``path`` would create."""
+    top = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        top = p
+    return top
+
+
+class RunFolder:
+    """A run folder; make one with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, root: Path, config: dict, committed: bool,
+                 remove_on_abort: Path | None = None):
+        self.root = Path(root)
+        self.config = config
+        self._committed = committed
+        self._remove_on_abort = remove_on_abort
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, out: str | Path, config: dict, resume: bool = False) -> "RunFolder":
+        """Start a new run in ``out`` (must be absent or empty) or, with ``resume``,
+        reopen the run there (its stored config is kept)."""
+        root = Path(out)
+        if resume:
+            if not (root / CONFIG).is_file():
+                raise UserError(f"cannot resume: {root} has no {CONFIG}, so it is not a "
+                                "fewstep run folder; run without --resume to start one")
+            return cls.open(root)
+        if root.exists() and not root.is_dir():
+            raise UserError(f"--out {root} is a file; choose a folder path for --out")
+        if root.is_dir() and any(root.iterdir()):
+            raise UserError(f"output folder {root} exists and is not empty; pass --resume "
+                            "to continue it or choose another --out")
+        top = _first_missing_ancestor(root)
+        root.mkdir(parents=True, exist_ok=True)
+        run = cls(root, dict(config), committed=False, remove_on_abort=top)
+        try:
+            write_json(root / CONFIG, run.config)
+        except BaseException:
+            run.abort()
+            raise
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunFolder":
+        """Open an existing run folder (reads ``config.json``)."""
+        root = Path(path)
+        if not (root / CONFIG).is_file():
+            raise UserError(f"{root} is not a fewstep run folder (no {CONFIG}); pass the "
+                            "--out folder of a run")
+        config = read_json(root / CONFIG)
+        if not isinstance(config, dict):
+            raise UserError(f"{root / CONFIG} does not hold a JSON object; restore it")
+        return cls(root, config, committed=True)
+
+    # --------------------------------------------------------------------- lifetime
+    @property
+    def committed(self) -> bool:
+        """True once the run holds a checkpoint (or was opened): abort keeps it."""
+        return self._committed
+
+    def commit(self) -> None:
+        """Mark the run as worth keeping (call after the first checkpoint)."""
+        self._committed = True
+
+    def abort(self) -> None:
+        """Remove what this new, uncommitted run created; no-op once committed."""
+        if self._committed:
+            return
+        if self._remove_on_abort is not None:
+            shutil.rmtree(self._remove_on_abort, ignore_errors=True)
+        elif self.root.is_dir():  # the folder existed (empty): empty it again
+            for p in self.root.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.abort()
+        return False
+
+    # ------------------------------------------------------------------ contents
+    def path(self, name: str) -> Path:
+        """``root / name``, with its parent folders created."""
+        p = self.root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def log(self, step: int, **values: Any) -> None:
+        """Append ``{"step": step, **values}`` as one line to ``metrics.jsonl``."""
+        row = {"step": int(step), **{k: _scalar(v) for k, v in values.items()}}
+        with open(self.root / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=json_default) + "\n")
+            f.flush()
+
+    def metrics(self) -> list[dict]:
+        """All rows of ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
+        path = self.root / METRICS
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after ``step`` (they are logged again when resuming)."""
+        rows = [r for r in self.metrics() if int(r.get("step", 0)) <= step]
+        text = "".join(json.dumps(r, default=json_default) + "\n" for r in rows)
+        atomic_write_text(self.root / METRICS, text)
+
+    # --------------------------------------------------------------- checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint folder of this run, or None."""
+        return latest_checkpoint(self.root)
+
+    def save(self, step: int, modules: Mapping[str, nn.Module | EMA],
+             optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+             extra: dict | None = None, keep: int | None = None) -> Path:
+        """:func:`~fewstep.train.checkpoint.save_state` into this run, then commit."""
+        ck = save_state(self.root, step, modules, optimizers, extra, keep)
+        self.commit()
+        return ck
+
+    def load(self, modules: Mapping[str, nn.Module | EMA],
+             optimizers: Mapping[str, torch.optim.Optimizer] | None = None
+             ) -> dict | None:
+        """Restore the latest checkpoint (see ``load_state``); None if there is none.
+
+        Metrics rows logged after the checkpoint's step are dropped.
+        """
+        if self.latest_checkpoint() is None:
+            return None
+        extra = load_state(self.root, modules, optimizers)
+        self._truncate_metrics(extra["step"])
+        return extra
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r}, committed={self._committed})"
+
+
+__all__ = ["RunFolder", "CONFIG", "METRICS"]
