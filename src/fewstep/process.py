@@ -345,7 +345,7 @@ class LinearFlow(Process):
 
     name = "flow"
 
-    def __init__(self, t_min: float = 0.0, t_max: float = 0.999):
+    def __init__(self, t_min: float = 1e-3, t_max: float = 0.999):
         self.t_min, self.t_max = float(t_min), float(t_max)
 
     def scale(self, t):
