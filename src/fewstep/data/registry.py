@@ -1,0 +1,140 @@
+"""One entry point for every dataset: ``load_dataset(spec, n, seed) -> Dataset``.
+
+``spec`` is one of
+- a toy name (``moons``, ``swiss_roll``, ``8gaussians``, ``checkerboard``, ``rings``,
+  ``pinwheel``): ``n`` points drawn with ``seed`` (default 20000);
+- ``digits`` (scikit-learn 8x8), ``shapes16`` / ``shapes32`` (procedural, default 10000);
+- ``mnist:DIR`` (``train-images-idx3-ubyte[.gz]`` and, if present, the train labels),
+  ``cifar10:DIR`` (the binary batches);
+- a path to a ``.npy`` / ``.npz`` file or a folder of images.
+For finite sets (files, digits) ``n`` keeps at most ``n`` samples, a random subset drawn
+with ``seed``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import UserError, unknown_name
+from . import images
+from .toys import TOYS, make_toy
+
+DEFAULT_TOY_N = 20000
+DEFAULT_SHAPES_N = 10000
+_SHAPES = {"shapes16": 16, "shapes32": 32}
+_PREFIXES = ("mnist:DIR", "cifar10:DIR")
+_MNIST_NAMES = {
+    "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+}
+
+
+@dataclass
+class Dataset:
+    """Samples ``x`` ``[n, *shape]`` with optional long ``labels`` ``[n]``.
+
+    ``num_classes`` is 0 for an unconditional set; ``kind`` is ``'points'`` (``x`` is
+    ``[n, d]``) or ``'image'`` (``x`` is ``[n, C, H, W]`` in ``[-1, 1]``).
+    """
+
+    x: torch.Tensor
+    labels: Optional[torch.Tensor]
+    num_classes: int
+    kind: str
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        """Number of values in one sample."""
+        return math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def dataset_names() -> list[str]:
+    """The built-in dataset names (files and ``mnist:DIR`` / ``cifar10:DIR`` come on top)."""
+    return [*TOYS, "digits", *_SHAPES]
+
+
+def _find_mnist(folder: Path, role: str) -> Optional[Path]:
+    for base in _MNIST_NAMES[role]:
+        for name in (base, base + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _read_mnist(folder: str) -> images.ImageSet:
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"MNIST folder not found: {path}; give mnist:DIR with the IDX files")
+    found = _find_mnist(path, "images")
+    if found is None:
+        raise UserError(f"{path}: no train-images-idx3-ubyte[.gz]; put the MNIST IDX files there")
+    return images.read_mnist_idx(found, _find_mnist(path, "labels"))
+
+
+def _read_path(spec: str) -> images.ImageSet:
+    path = Path(spec)
+    if path.is_dir():
+        return images.read_png_folder(path)
+    if path.suffix.lower() in (".npy", ".npz"):
+        return images.read_array_file(path)
+    if not path.exists():
+        raise UserError(f"dataset file not found: {path}; give a dataset name "
+                        f"({', '.join(dataset_names())}), mnist:DIR, cifar10:DIR or a path")
+    raise UserError(f"{path}: unsupported dataset file; use .npy, .npz or a folder of PNGs")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or "\\" in spec or Path(spec).suffix.lower() in (".npy", ".npz") \
+        or Path(spec).exists()
+
+
+def _subset(triple: images.ImageSet, n: Optional[int], seed: int) -> images.ImageSet:
+    """At most ``n`` samples of a finite set: a random subset drawn with ``seed``."""
+    x, labels, k = triple
+    if n is None or n >= len(x):
+        return triple
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[keep], None if labels is None else labels[keep], k
+
+
+def _load(spec: str, n: Optional[int], seed: int) -> tuple[images.ImageSet, bool]:
+    """The triple for ``spec`` and whether it is already exactly ``n`` samples."""
+    gen = torch.Generator().manual_seed(seed)
+    if spec in TOYS:
+        return make_toy(spec, DEFAULT_TOY_N if n is None else n, gen), True
+    if spec in _SHAPES:
+        count = DEFAULT_SHAPES_N if n is None else n
+        return images.shapes(count, _SHAPES[spec], gen), True
+    if spec == "digits":
+        return images.digits(), False
+    if spec.startswith("mnist:"):
+        return _read_mnist(spec[len("mnist:"):]), False
+    if spec.startswith("cifar10:"):
+        return images.read_cifar10_bin(spec[len("cifar10:"):]), False
+    if _looks_like_path(spec):
+        return _read_path(spec), False
+    raise unknown_name("dataset", spec, [*dataset_names(), *_PREFIXES, "PATH.npz"])
+
+
+def load_dataset(spec: str, n: Optional[int] = None, seed: int = 0) -> Dataset:
+    """Load the dataset named by ``spec`` (see the module docstring) as a :class:`Dataset`."""
+    if n is not None and int(n) < 1:
+        raise UserError(f"dataset '{spec}': n must be a positive count, got {n}")
+    triple, exact = _load(str(spec), None if n is None else int(n), seed)
+    x, labels, k = triple if exact else _subset(triple, n, seed)
+    kind = "points" if x.ndim == 2 else "image"
+    name = Path(spec).stem if _looks_like_path(spec) and ":" not in spec else spec
+    return Dataset(x=x, labels=labels, num_classes=k, kind=kind, name=name)
