@@ -263,6 +263,10 @@ class VPDiscrete(Process):
         w = (lsig - ls[lo]) / (ls[hi] - ls[lo])
         return lo.to(sigma.dtype) + w
 
+    def sample_t(self, n, generator=None, device=None):
+        """Integer timesteps 0..N-1, as DDPM trains."""
+        return torch.randint(0, len(self.betas), (n,), generator=generator, device=device).to(torch.get_default_dtype())
+
     def config(self):
         return dict(kind="vp_discrete", betas=self.betas.tolist())
 

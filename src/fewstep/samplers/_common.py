@@ -45,3 +45,48 @@ def noise_like(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor
 def report(callback, i: int, x: Tensor, sigma, sigma_next, denoised: Tensor) -> None:
     if callback is not None:
         callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+
+
+def ddim_step(denoised: Tensor, eps: Tensor, sigma_down, sigma_up=0.0,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+    """The DDIM-family reverse step in sigma-space (Song et al. 2021, DDIM eq. 12 divided by
+    sqrt(alpha_bar_prev)):  x_next = D + sigma_down * eps + sigma_up * z.
+
+    With (sigma_down, sigma_up) from :func:`ancestral_levels` it is DDIM(eta) / DDPM; with a
+    larger sigma_up it is Analytic-DPM's optimal-variance step or the reverse-diffusion
+    (Euler-Maruyama) predictor. ``eps`` is the noise estimate (x - D) / sigma.
+    """
+    x = denoised + sigma_down * eps if sigma_down != 0 else denoised.clone()
+    if sigma_up != 0:
+        x = x + sigma_up * noise_like(denoised, generator)
+    return x
+
+
+def lagrange_weights(nodes, at: float) -> list:
+    """Values l_j(at) of the Lagrange basis polynomials on ``nodes`` (python floats): the
+    interpolating polynomial through (nodes[j], f_j) is sum_j l_j(at) f_j."""
+    out = []
+    for j, tj in enumerate(nodes):
+        w = 1.0
+        for m, tm in enumerate(nodes):
+            if m != j:
+                w *= (at - tm) / (tj - tm)
+        out.append(w)
+    return out
+
+
+def lagrange_integral_weights(nodes, a: float, b: float) -> list:
+    """Integrals over [a, b] of the Lagrange basis polynomials on ``nodes``, divided by
+    (b - a): sum_j w_j f_j is the mean over [a, b] of the polynomial through (nodes[j], f_j).
+    These are the variable-step Adams weights (Adams-Bashforth when a, b lie outside the
+    nodes' hull on one side, Adams-Moulton when b is a node). Gauss-Legendre quadrature,
+    exact for the degree len(nodes) - 1."""
+    import numpy as np
+
+    u, wq = np.polynomial.legendre.leggauss(max(1, (len(nodes) + 1) // 2))
+    pts = [0.5 * (a + b) + 0.5 * (b - a) * float(v) for v in u]
+    out = [0.0] * len(nodes)
+    for p, w in zip(pts, wq):
+        for j, lj in enumerate(lagrange_weights(nodes, p)):
+            out[j] += 0.5 * float(w) * lj
+    return out

@@ -1,0 +1,116 @@
+"""``fewstep.load(RUN_OR_SPEC)``: the same model the command line uses.
+
+RUN_OR_SPEC is a run folder (written by ``fewstep train`` or ``fewstep distill``) or
+``gmm:FILE.npz`` (an exact Gaussian-mixture teacher). The result has ``.process``,
+``.denoiser`` (the sigma-space callable ``D(x, sigma)``), ``.sigma_min``, ``.sigma_max``
+and ``.sample(n, nfe, sampler=None, seed=None)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .data.gmm import GaussianMixture
+from .errors import UserError
+
+GMM_SIGMA_MIN, GMM_SIGMA_MAX = 0.002, 80.0
+
+
+class Model:
+    """A sampleable model: a sigma-space denoiser plus what sampling it needs."""
+
+    def __init__(self, denoiser, process, shape, sigma_min: float, sigma_max: float, num_classes: int = 0,
+                 default_sampler: str = "heun", kind: str = "points", name: str = "", meta: Optional[dict] = None,
+                 device="cpu", dtype=torch.float32):
+        self.denoiser, self.process, self.shape = denoiser, process, tuple(shape)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.num_classes, self.default_sampler, self.kind, self.name = num_classes, default_sampler, kind, name
+        self.meta, self.device, self.dtype = meta or {}, torch.device(device), dtype
+
+    def noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
+        """Starting points at sigma_max in sigma-space: sigma_max * eps."""
+        g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        return self.sigma_max * torch.randn((n,) + self.shape, generator=g, dtype=self.dtype).to(self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, nfe: int, sampler: Optional[str] = None, seed: Optional[int] = None,
+               labels=None, grid="karras", x=None, guidance: Optional[float] = None, **options):
+        """Draw n samples with ``sampler`` (default: the model's own) at ``nfe`` evaluations.
+
+        Returns ``(samples, labels)``; labels is None for an unconditional model.
+        """
+        from .denoiser import CFGDenoiser
+        from .samplers import info, sample
+
+        sampler = sampler or self.default_sampler
+        info(sampler)  # unknown names fail before any work
+        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
+        D, extra = self.denoiser, {}
+        if self.num_classes:
+            if labels is None:
+                g = torch.Generator().manual_seed(int(seed) + 1 if seed is not None else 0)
+                labels = torch.randint(0, self.num_classes, (n,), generator=g)
+            labels = torch.as_tensor(labels).to(self.device)
+            if guidance is not None:
+                D = CFGDenoiser(D, guidance)
+            extra = {"labels": labels}
+        else:
+            labels = None
+        if sampler not in ("rk45",) and "generator" not in options:
+            from .samplers import info as _info
+
+            if _info(sampler).stochastic:
+                options["generator"] = torch.Generator(device=self.device).manual_seed((seed or 0) + 2)
+        out = sample(D, x, sampler=sampler, nfe=nfe, grid=grid, sigma_min=self.sigma_min,
+                     sigma_max=self.sigma_max, process=self.process, extra_args=extra, **options)
+        return out, labels
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, shape={self.shape}, process={self.process!r})"
+
+
+def _load_gmm(path: str, device) -> Model:
+    from .process import EDM
+
+    gmm = GaussianMixture.load(path)
+    return Model(gmm, EDM(GMM_SIGMA_MIN, GMM_SIGMA_MAX), (gmm.dim,), GMM_SIGMA_MIN, GMM_SIGMA_MAX,
+                 kind="points", name=f"gmm:{path}", meta={"role": "exact"}, device="cpu", dtype=torch.float64)
+
+
+def _load_run(path: Path, device) -> Model:
+    from .denoiser import ModelDenoiser
+    from .nets import build_net
+    from .process import make_process
+    from .train.checkpoint import load_weights, read_json
+
+    meta_path = path / "model.json"
+    if not meta_path.is_file():
+        raise UserError(f"{path} holds no finished model (no model.json); finish it with "
+                        f"'fewstep train --resume --out {path}'" if (path / "config.json").is_file()
+                        else f"{path} is not a fewstep run folder (no model.json); give a run folder or gmm:FILE.npz")
+    meta = read_json(meta_path)
+    net = build_net(meta["net"])
+    state = load_weights(path / "model.safetensors")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path / 'model.safetensors'} does not fit the network in model.json ({str(e).splitlines()[0]})") from None
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net.to(dev).eval()
+    D = ModelDenoiser(net, make_process(**meta["process"]), meta["prediction"], meta.get("sigma_data", 0.5))
+    data = meta["data"]
+    return Model(D, D.process, data["shape"], meta["sigma_min"], meta["sigma_max"], data.get("num_classes", 0),
+                 meta.get("default_sampler", "heun"), data.get("kind", "points"), str(path), meta, device=dev)
+
+
+def load(spec: str, device: Optional[str] = None) -> Model:
+    """Load a run folder or ``gmm:FILE.npz`` as a :class:`Model`."""
+    spec = str(spec)
+    if spec.startswith("gmm:"):
+        return _load_gmm(spec[4:], device)
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"model '{spec}' not found: give a run folder or gmm:FILE.npz")
+    return _load_run(path, device)

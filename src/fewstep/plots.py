@@ -1,0 +1,63 @@
+"""Pictures of samples: a scatter for 2-D points, a grid for images (matplotlib, Agg)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_grid(x: torch.Tensor, nrow: Optional[int] = None) -> torch.Tensor:
+    """[n, C, H, W] in [-1, 1] -> one [H', W', C] image in [0, 1] with 1-pixel gaps."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
+    n, c, h, w = x.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    grid = torch.ones(c, ncol * (h + 1) + 1, nrow * (w + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = x[i]
+    return grid.permute(1, 2, 0)
+
+
+def draw_samples(ax, x: torch.Tensor, labels: Optional[torch.Tensor] = None, title: str = "", lim=None) -> None:
+    """Draw samples on a matplotlib axis: scatter (2-D and up: first two coords) or grid."""
+    x = x.detach().float().cpu()
+    if x.ndim == 4:
+        g = image_grid(x[:64])
+        ax.imshow(g.squeeze(-1) if g.shape[-1] == 1 else g, cmap="gray" if g.shape[-1] == 1 else None)
+        ax.axis("off")
+    else:
+        x = x.reshape(len(x), -1)
+        y = x[:, 1] if x.shape[1] > 1 else torch.zeros(len(x))
+        c = labels.cpu().numpy() if labels is not None else None
+        ax.scatter(x[:, 0].numpy(), y.numpy(), s=2, alpha=0.5, c=c, cmap="tab10" if c is not None else None)
+        ax.set_aspect("equal")
+        if lim is not None:
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def save_samples_png(x: torch.Tensor, path, labels=None, title: str = "") -> Path:
+    """Write a PNG of samples (scatter for points, grid for images)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
+    draw_samples(ax, x, labels, title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,160 @@
+"""Pseudo numerical methods: PNDM, PLMS (Liu et al. 2022) and iPNDM (Zhang & Chen 2022).
+
+PNDM's transfer part phi(x_t, eps, t, t - delta) (Liu et al. 2022, eq. 11) is the DDIM step;
+in sigma-space it is exactly y_next = y + (s_next - s) eps with eps = (y - D) / s, so the
+"pseudo" methods are classical solvers of dy/ds = eps(y, s) whose gradient part combines
+several eps estimates (Liu et al. 2022, eq. 12-13):
+
+- pseudo Runge-Kutta (PRK, eq. 13): e1 = eps(y, s); e2 = eps(y + (m - s) e1, m);
+  e3 = eps(y + (m - s) e2, m); e4 = eps(y + (s' - s) e3, s');
+  y' = y + (s' - s)(e1 + 2 e2 + 2 e3 + e4) / 6, with m the level half-way between s and s'.
+- pseudo linear multistep (PLMS, eq. 12): e' = (55 e_i - 59 e_{i-1} + 37 e_{i-2} - 9 e_{i-3}) / 24,
+  y' = y + (s' - s) e'. The constant Adams-Bashforth coefficients assume equal steps: the
+  method is 4th order on a grid uniform in sigma and 2nd order on other smooth grids.
+
+Warm starts: PNDM takes its first 3 steps with PRK (4 evaluations each); PLMS (diffusers'
+``skip_prk_steps=True``, after crowsonkb's PLMS) takes a Heun step, then Adams-Bashforth of
+orders 2, 3, 4; iPNDM (DEIS paper, Zhang & Chen 2022, App.) takes Adams-Bashforth of orders
+1, 2, 3, 4 (no extra evaluation). A low-order warm start bounds the asymptotic order
+(Euler first step: 2, Heun: 3), although at sigma_max its error is damped by the flow.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from . import register
+from ._common import denoise, lagrange_integral_weights, report, to_d
+
+# Adams-Bashforth coefficients for equal steps, newest first (Liu et al. 2022 eq. 12; DEIS App.)
+AB_COEFFS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def adams_bashforth(history, coeffs=None):
+    """sum_j c_j e_{i-j} over the newest len(coeffs) slopes (``history`` oldest first);
+    ``coeffs`` default to the equal-step Adams-Bashforth ones of the available order."""
+    coeffs = coeffs if coeffs is not None else AB_COEFFS[min(4, len(history))]
+    out = coeffs[0] * history[-1]
+    for c, e in zip(coeffs[1:], reversed(history[:-1])):
+        out = out + c * e
+    return out
+
+
+def _prk_step(denoiser, x, s, s_mid, s_next, e1, extra_args):
+    """PNDM's pseudo Runge-Kutta step (module docstring); 3 evaluations after e1."""
+    e2 = to_d(x1 := x + (s_mid - s) * e1, s_mid, denoise(denoiser, x1, s_mid, extra_args))
+    e3 = to_d(x2 := x + (s_mid - s) * e2, s_mid, denoise(denoiser, x2, s_mid, extra_args))
+    e4 = to_d(x3 := x + (s_next - s) * e3, s_next, denoise(denoiser, x3, s_next, extra_args))
+    return x + (s_next - s) * (e1 + 2 * e2 + 2 * e3 + e4) / 6
+
+
+def _n_prk(steps, final_zero, prk_steps=3):
+    """PRK warm-start steps: the first ``prk_steps``, but never the step that lands on 0."""
+    return max(0, min(prk_steps, steps - int(bool(final_zero))))
+
+
+def _pndm_cost(steps, final_zero=True, skip_prk_steps=False, **_):
+    if skip_prk_steps:
+        return _plms_cost(steps, final_zero)
+    return steps + 3 * _n_prk(steps, final_zero)
+
+
+def _plms_cost(steps, final_zero=True, **_):
+    """One evaluation per step plus the Heun warm start's second (absent when the first
+    step already lands on sigma = 0)."""
+    if steps <= 0:
+        return 0
+    return steps + (0 if (final_zero and steps == 1) else 1)
+
+
+def _midpoints(sig, process):
+    """Half-way levels of each step of ``sig`` (all > 0): in sigma (PRK is then classical
+    RK4), or in the process's time t (diffusers' PNDMScheduler evaluates at t - stride / 2)."""
+    if process is None:
+        return [0.5 * (a + b) for a, b in zip(sig[:-1], sig[1:])]
+    t = process.t_of_sigma(torch.tensor(sig, dtype=torch.float64))
+    return process.sigma(0.5 * (t[:-1] + t[1:])).tolist()
+
+
+@register("pndm", order=4, cost=_pndm_cost)
+@torch.no_grad()
+def sample_pndm(denoiser, x, sigmas, *, skip_prk_steps=False, process=None, callback=None, extra_args=None):
+    """PNDM (Liu et al. 2022, Alg. 2): 3 pseudo Runge-Kutta steps, then pseudo linear
+    multistep (PLMS). Defaults as diffusers' ``PNDMScheduler`` (``skip_prk_steps=False``);
+    ``skip_prk_steps=True`` is :func:`sample_plms`. The PRK midpoints are half-way in sigma,
+    or, with ``process=``, half-way in the process's time (as diffusers on its timesteps).
+    A step that lands on sigma = 0 is never a PRK step (it would evaluate at 0)."""
+    if skip_prk_steps:
+        return sample_plms(denoiser, x, sigmas, callback=callback, extra_args=extra_args)
+    sig = sigmas.tolist()
+    n = len(sig) - 1
+    n_prk = _n_prk(n, sig[-1] == 0)
+    mids = _midpoints(sig[: n_prk + 1], process) if n_prk else []
+    hist = []
+    for i in range(n):
+        s, s_next = sig[i], sig[i + 1]
+        den = denoise(denoiser, x, s, extra_args)
+        report(callback, i, x, s, s_next, den)
+        hist = (hist + [to_d(x, s, den)])[-4:]
+        if i < n_prk:
+            x = _prk_step(denoiser, x, s, mids[i], s_next, hist[-1], extra_args)
+        else:
+            x = x + (s_next - s) * adams_bashforth(hist)
+    return x
+
+
+@register("plms", order=4, cost=_plms_cost)
+@torch.no_grad()
+def sample_plms(denoiser, x, sigmas, *, callback=None, extra_args=None):
+    """PLMS as diffusers' ``PNDMScheduler(skip_prk_steps=True)``: a Heun warm-start step
+    (the second evaluation's eps is averaged with the first, and not kept), then the
+    equal-step Adams-Bashforth combinations of orders 2, 3, 4 (Liu et al. 2022, eq. 12)."""
+    sig = sigmas.tolist()
+    hist = []
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        den = denoise(denoiser, x, s, extra_args)
+        report(callback, i, x, s, s_next, den)
+        hist = (hist + [to_d(x, s, den)])[-4:]
+        if i == 0 and s_next > 0:  # Heun warm start
+            x_pred = x + (s_next - s) * hist[0]
+            e_pred = to_d(x_pred, s_next, denoise(denoiser, x_pred, s_next, extra_args))
+            x = x + (s_next - s) * 0.5 * (hist[0] + e_pred)
+        else:
+            x = x + (s_next - s) * adams_bashforth(hist)
+    return x
+
+
+def _ab_plan(sig, max_order, variable_step):
+    """Adams-Bashforth coefficients of each step (newest first), precomputed per grid."""
+    plan = []
+    for i in range(len(sig) - 1):
+        k = min(max_order, i + 1)
+        if variable_step:
+            nodes = [sig[i - j] for j in range(k)]
+            plan.append(tuple(lagrange_integral_weights(nodes, sig[i], sig[i + 1])))
+        else:
+            plan.append(AB_COEFFS[k])
+    return plan
+
+
+@register("ipndm", order=4)
+@torch.no_grad()
+def sample_ipndm(denoiser, x, sigmas, *, max_order=4, variable_step=False, callback=None, extra_args=None):
+    """Improved PNDM (Zhang & Chen 2022, DEIS paper, App.; k-diffusion's ``sample_ipndm``):
+    Adams-Bashforth on dy/ds = eps with the lower-order warm start 1, 2, 3, ``max_order``
+    (<= 4); one evaluation per step. ``variable_step=True`` uses the Adams-Bashforth
+    coefficients of the actual (non-uniform) grid instead of the equal-step ones
+    (k-diffusion's ``sample_ipndm_v``)."""
+    if not 1 <= int(max_order) <= 4:
+        raise UserError(f"ipndm: max_order={max_order}; choose 1, 2, 3 or 4")
+    sig = sigmas.tolist()
+    plan = _ab_plan(sig, int(max_order), variable_step)
+    hist = []
+    for i, coeffs in enumerate(plan):
+        s, s_next = sig[i], sig[i + 1]
+        den = denoise(denoiser, x, s, extra_args)
+        report(callback, i, x, s, s_next, den)
+        hist = (hist + [to_d(x, s, den)])[-4:]
+        x = x + (s_next - s) * adams_bashforth(hist, coeffs)
+    return x

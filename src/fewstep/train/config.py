@@ -1,0 +1,68 @@
+"""Teacher-training configuration: defaults, merging, validation (JSON in, JSON out)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import UserError
+
+PROCESS_ALIASES = {"vp": "vp", "vp_cosine": "vp_cosine", "vp_discrete": "vp_discrete", "ddpm": "vp_discrete",
+                   "ve": "ve", "edm": "edm", "flow": "flow"}
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "data": "moons",
+    "n_data": None,          # None: the dataset's default size
+    "process": "edm",        # vp | vp_cosine | vp_discrete | ve | edm | flow, or a process config dict
+    "prediction": "edm",     # eps | x0 | v | score | flow | edm (EDM preconditioning)
+    "weighting": "simple",   # see fewstep.train.losses.WEIGHTINGS
+    "sigma_data": 0.5,
+    "net": None,             # None: a default for the data, or {"kind": ..., **options}
+    "conditional": False,    # class-conditional (when the data has labels)
+    "label_dropout": 0.1,    # classifier-free guidance: null-label probability (conditional only)
+    "steps": 2000,
+    "batch_size": 256,       # global batch (split across processes)
+    "lr": 2e-3,
+    "warmup": 100,
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,
+    "ema_decay": 0.995,
+    "mixed_precision": "no",  # no | fp16 | bf16 (GPU)
+    "seed": 0,
+    "device": None,          # None: CUDA when present, else CPU
+    "checkpoint_every": 500,
+    "keep_checkpoints": 2,
+    "log_every": 50,
+    "eval_samples": 2000,    # samples for the final quality number (points); images use 256
+    "eval_nfe": 100,
+}
+
+
+def read_config_file(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"config file {p} must hold a JSON object")
+    return cfg
+
+
+def resolve(overrides: Optional[dict] = None, file: Optional[str] = None) -> dict:
+    """Defaults <- config file <- explicit overrides (None values are ignored)."""
+    cfg = dict(TRAIN_DEFAULTS)
+    if file:
+        cfg.update(read_config_file(file))
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(TRAIN_DEFAULTS)}")
+    for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        if int(cfg[key]) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}")
+    if float(cfg["lr"]) <= 0:
+        raise UserError(f"--lr must be positive, got {cfg['lr']}")
+    return cfg
