@@ -18,8 +18,8 @@ with the weights of :func:`weights`:
     data:  a = e^{-h},   w_k =  h phi_k(-h)                     (w_1 = 1 - e^{-h})
     noise: a = 1,        w_k = -sigma_t h phi_k(h)              (w_1 = sigma_t - sigma_s)
     sde:   a = e^{-2h},  w_k =  2h phi_k(-2h),  plus noise sigma_t sqrt(1 - e^{-2h}) z
-           (the data-prediction SDE of DPM-Solver++, Lu et al. 2022b, Appendix; diffusers'
-           "sde-dpmsolver++").
+           (the data-prediction SDE solver of the DPM-Solver++ authors;
+           diffusers' "sde-dpmsolver++").
 The solvers differ only in how they estimate the scaled derivatives h^k M^(k) from
 earlier or intermediate evaluations. Coefficients are python floats (float64) computed
 once per grid, outside the sampling loops.

@@ -16,10 +16,12 @@ r_0 = h_{i-1} / h_i, r_1 = h_{i-2} / h_i):
 
 D_1 and 2 D_2 are h M' and h^2 M'' of the quadratic through the last three values, so the
 order-3 step integrates that quadratic exactly (the DEIS / Adams-Bashforth step) and is
-third order. **Deliberate difference:** the official DPM-Solver code, k-diffusion and
-diffusers' ``DPMSolverMultistepScheduler`` use ``w_3 D_2`` (half the D_2 term); that step
-is only second order (measured 2.0 on the exact Gaussian-mixture flow, where ours
-measures 3.0). ``third_order="diffusers"`` gives their coefficient and their numbers.
+third order. **Deliberate difference:** the official DPM-Solver code
+(``multistep_dpm_solver_third_update``) and diffusers' ``DPMSolverMultistepScheduler`` use
+``w_3 D_2`` (half the D_2 term); that step is only second order (measured 2.0 on the exact
+Gaussian-mixture flow, where ours measures 3.0; diffusers' own DEIS and single-step
+"heun" integrate the quadratic exactly, as we do). ``third_order="diffusers"`` gives
+their coefficient and their numbers.
 
 Step orders follow diffusers: warm-up 1, 2, ..; the last step is first order when the grid
 ends at 0 (y = D: the data form's higher terms diverge at sigma = 0), or with
@@ -35,7 +37,7 @@ from ..errors import UserError
 from . import register
 from ._common import denoise, noise_like, report
 from ._expint import check_choice, form_of, lambdas, model_output, weights
-from .dpm_solver import SOLVER_TYPES, _combine, _singlestep
+from .dpm_solver import SOLVER_TYPES, _combine, _cost, _singlestep
 
 
 def step_orders(n: int, order: int, final_zero: bool, lower_order_final: bool = True,
@@ -95,21 +97,20 @@ def multistep(denoiser, x, sigmas, *, order, form, solver_type="midpoint", third
     return x
 
 
-_COMMON = """
-    ``algorithm_type``: "dpmsolver++" (data prediction, default) or "dpmsolver" (the noise
-    prediction of DPM-Solver); ``solver_type``: "midpoint" (default) or "heun" for the
-    order-2 steps; ``lower_order_final=True`` and ``euler_at_final=False`` as diffusers
-    (module docstring). Defaults equal diffusers' ``DPMSolverMultistepScheduler``; one
-    evaluation per step."""
-
-
 @register("dpmpp_2m", order=2)
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser, x, sigmas, *, algorithm_type="dpmsolver++", solver_type="midpoint",
                     lower_order_final=True, euler_at_final=False, callback=None, extra_args=None):
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): with r_0 = h_{i-1} / h_i,
     y_{i+1} = e^{-h} y_i + (1 - e^{-h}) [D_i + (D_i - D_{i-1}) / (2 r_0)].
+
+    ``algorithm_type``: "dpmsolver++" (data prediction, default) or "dpmsolver" (the noise
+    prediction of DPM-Solver); ``solver_type``: "midpoint" (default) or "heun" for the
+    order-2 steps; ``lower_order_final=True`` and ``euler_at_final=False`` as diffusers
+    (module docstring). Defaults equal diffusers' ``DPMSolverMultistepScheduler``; one
+    evaluation per step.
     """
+    check_choice("algorithm_type", algorithm_type, ("dpmsolver++", "dpmsolver"))
     return multistep(denoiser, x, sigmas, order=2, form=form_of(algorithm_type), solver_type=solver_type,
                      lower_order_final=lower_order_final, euler_at_final=euler_at_final, callback=callback,
                      extra_args=extra_args)
@@ -124,6 +125,12 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, algorithm_type="dpmsolver++", solver
 
     ``third_order="diffusers"`` uses w_3 D_2 as the official code and diffusers do (second
     order only; same numbers as diffusers' ``solver_order=3``).
+
+    ``algorithm_type``: "dpmsolver++" (data prediction, default) or "dpmsolver" (the noise
+    prediction of DPM-Solver); ``solver_type``: "midpoint" (default) or "heun" for the
+    order-2 steps; ``lower_order_final=True`` and ``euler_at_final=False`` as diffusers
+    (module docstring). Defaults equal diffusers' ``DPMSolverMultistepScheduler``; one
+    evaluation per step.
     """
     check_choice("algorithm_type", algorithm_type, ("dpmsolver++", "dpmsolver"))
     return multistep(denoiser, x, sigmas, order=3, form=form_of(algorithm_type), solver_type=solver_type,
@@ -135,7 +142,8 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, algorithm_type="dpmsolver++", solver
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, solver_type="midpoint", lower_order_final=True,
                         euler_at_final=False, generator=None, callback=None, extra_args=None):
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Appendix; diffusers' "sde-dpmsolver++"):
+    """SDE-DPM-Solver++(2M), the SDE variant of DPM-Solver++ by its authors (diffusers'
+    "sde-dpmsolver++"): the exponential integrator of the reverse SDE in data prediction,
 
     y_{i+1} = e^{-2h} y_i + (1 - e^{-2h}) [D_i + D_1 / 2] + sigma_{i+1} sqrt(1 - e^{-2h}) z_i,
     D_1 = (D_i - D_{i-1}) / r_0 ("heun": 2h phi_2(-2h) D_1 instead of the midpoint term).
@@ -149,15 +157,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, solver_type="midpoint", lower_or
                      callback=callback, extra_args=extra_args)
 
 
-for _f in (sample_dpmpp_2m, sample_dpmpp_3m):
-    _f.__doc__ += _COMMON
-
-
-def _cost_2s(steps, **_):
-    return 2 * (steps - 1) + 1 if steps else 0
-
-
-@register("dpmpp_2s", order=2, cost=_cost_2s)
+@register("dpmpp_2s", order=2, cost=_cost(2))
 @torch.no_grad()
 def sample_dpmpp_2s(denoiser, x, sigmas, *, r=0.5, solver_type="midpoint", callback=None, extra_args=None):
     """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1): u = e^{-r h} y_s + (1 - e^{-r h}) D_s at
