@@ -12,4 +12,12 @@ from .data.gmm import GaussianMixture  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .samplers import sample  # noqa: E402
 
-__all__ = ["GaussianMixture", "UserError", "sample", "grids", "process", "samplers"]
+
+def load(spec, device=None):
+    """Load a run folder or ``gmm:FILE.npz`` as a sampleable model (see fewstep.model)."""
+    from .model import load as _load
+
+    return _load(spec, device=device)
+
+
+__all__ = ["GaussianMixture", "UserError", "sample", "load", "grids", "process", "samplers"]

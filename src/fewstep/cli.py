@@ -154,6 +154,9 @@ def cmd_samplers(a) -> int:
 
 
 def main(argv=None) -> int:
+    import warnings
+
+    warnings.formatwarning = lambda msg, cat, *rest, **kw: f"fewstep: note: {msg}\n"
     ap = build_parser()
     a = ap.parse_args(argv)
     if not getattr(a, "func", None):

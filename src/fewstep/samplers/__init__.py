@@ -107,26 +107,30 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
     opts = {**si.defaults, **options}
     sigma_min = sigma_min if sigma_min is not None else getattr(denoiser, "sigma_min", None)
     sigma_max = sigma_max if sigma_max is not None else getattr(denoiser, "sigma_max", None)
-    if si.adaptive:
-        opts.setdefault("max_nfe", nfe)
-        steps = 2  # the grid gives only the end points sigma_max, sigma_min (then 0)
-    else:
-        steps = steps_for_nfe(sampler, nfe, **opts)
-        if steps == 0:
-            raise UserError(f"sampler '{sampler}' needs more than {nfe} evaluations for one step; raise --nfe")
-        spent = si.cost(steps, **opts)
-        if spent < nfe:
-            warnings.warn(f"sampler '{sampler}' spends {spent} evaluations ({steps} steps), not {nfe}: "
-                          f"its steps cost {si.cost(steps + 1, **opts) - spent} each", stacklevel=2)
-    if isinstance(grid, (torch.Tensor, list, tuple)) or str(grid).endswith(".json"):
-        sigmas = G.make_grid(grid, steps, 0, 0)
-        if not si.adaptive and si.cost(len(sigmas) - 1, **opts) > nfe:
+    user_grid = isinstance(grid, (torch.Tensor, list, tuple)) or str(grid).endswith(".json")
+    if user_grid:  # the grid fixes the steps; nfe is only a budget check
+        sigmas = G.make_grid(grid, 0, 0, 0)
+        spent = si.cost(len(sigmas) - 1, **opts)
+        if not si.adaptive and spent > nfe:
             raise UserError(f"the grid has {len(sigmas) - 1} steps: sampler '{sampler}' would spend "
-                            f"{si.cost(len(sigmas) - 1, **opts)} > {nfe} evaluations")
+                            f"{spent} > {nfe} evaluations")
+        if si.adaptive:
+            opts.setdefault("max_nfe", nfe)
     else:
         if sigma_min is None or sigma_max is None:
             raise UserError("fewstep.sample: give sigma_min and sigma_max (or a denoiser that has them)")
+        if si.adaptive:
+            opts.setdefault("max_nfe", nfe)
+            steps = 2  # the grid gives only the end points sigma_max, sigma_min (then 0)
+        else:
+            steps = steps_for_nfe(sampler, nfe, **opts)
+            if steps == 0:
+                raise UserError(f"sampler '{sampler}' needs more than {nfe} evaluations for one step; raise --nfe")
         sigmas = G.make_grid(grid, steps, sigma_min, sigma_max, process=process)
+        spent = si.cost(steps, **opts)
+        if not si.adaptive and spent < nfe:
+            warnings.warn(f"sampler '{sampler}' spends {spent} evaluations ({steps} steps), not {nfe}: "
+                          f"its steps cost {si.cost(steps + 1, **opts) - spent} each", stacklevel=2)
     sigmas = sigmas.to(device=x.device)
     if process is not None and "process" in inspect.signature(si.fn).parameters:
         opts.setdefault("process", process)

@@ -90,3 +90,11 @@ def lagrange_integral_weights(nodes, a: float, b: float) -> list:
         for j, lj in enumerate(lagrange_weights(nodes, p)):
             out[j] += 0.5 * float(w) * lj
     return out
+
+
+def lincomb(coeffs, tensors) -> Tensor:
+    """sum_j coeffs[j] * tensors[j] with python-float coefficients (fused multiply-adds)."""
+    out = tensors[0] * coeffs[0]
+    for c, t in zip(coeffs[1:], tensors[1:]):
+        out.add_(t, alpha=c)
+    return out

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import UserError
 from . import register
-from ._common import denoise, lagrange_integral_weights, lagrange_weights, report, to_d
+from ._common import denoise, lagrange_integral_weights, lagrange_weights, lincomb, report, to_d
 
 # Adams-Moulton coefficients for equal steps, implicit (newest) term first
 AM_COEFFS = {1: (1.0,), 2: (0.5, 0.5), 3: (5 / 12, 8 / 12, -1 / 12), 4: (9 / 24, 19 / 24, -5 / 24, 1 / 24)}
@@ -81,18 +81,13 @@ def sample_era(denoiser, x, sigmas, *, k=4, lam=1.0, power=2.0, corrector_order=
         buf.append(eps)
         # predictor: Lagrange polynomial through the selected bases, at s_next
         idx = select_bases(i, int(k), delta, lam, power)
-        w = lagrange_weights([sig[j] for j in idx], s_next)
-        pred = w[0] * buf[idx[0]]
-        for wj, j in zip(w[1:], idx[1:]):
-            pred = pred + wj * buf[j]
+        pred = lincomb(lagrange_weights([sig[j] for j in idx], s_next), [buf[j] for j in idx])
         # corrector: Adams-Moulton with the predicted eps at s_next as its implicit term
         q = min(int(corrector_order), i + 2)
         if variable_step:
             c = lagrange_integral_weights([s_next] + [sig[i - j] for j in range(q - 1)], s, s_next)
         else:
             c = AM_COEFFS[q]
-        slope = c[0] * pred
-        for cj, e in zip(c[1:], reversed(buf[len(buf) - (q - 1):])):
-            slope = slope + cj * e
+        slope = lincomb(c, [pred] + buf[::-1][:q - 1])
         x = x + (s_next - s) * slope
     return x

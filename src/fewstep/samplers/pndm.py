@@ -24,7 +24,7 @@ import torch
 
 from ..errors import UserError
 from . import register
-from ._common import denoise, lagrange_integral_weights, report, to_d
+from ._common import denoise, lagrange_integral_weights, lincomb, report, to_d
 
 # Adams-Bashforth coefficients for equal steps, newest first (Liu et al. 2022 eq. 12; DEIS App.)
 AB_COEFFS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -34,10 +34,7 @@ def adams_bashforth(history, coeffs=None):
     """sum_j c_j e_{i-j} over the newest len(coeffs) slopes (``history`` oldest first);
     ``coeffs`` default to the equal-step Adams-Bashforth ones of the available order."""
     coeffs = coeffs if coeffs is not None else AB_COEFFS[min(4, len(history))]
-    out = coeffs[0] * history[-1]
-    for c, e in zip(coeffs[1:], reversed(history[:-1])):
-        out = out + c * e
-    return out
+    return lincomb(coeffs, history[::-1][:len(coeffs)])
 
 
 def _prk_step(denoiser, x, s, s_mid, s_next, e1, extra_args):

@@ -76,7 +76,7 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
         with acc.autocast():
             loss = task.loss(model, gen, acc.process_index, acc.num_processes, acc.device).mean()
         if not torch.isfinite(loss):
-            raise UserError(f"training diverged at step {step}: loss is {float(loss)}; lower --lr "
+            raise UserError(f"training diverged at step {step}: loss is {float(loss.detach())}; lower --lr "
                             f"(now {cfg['lr']}) or --grad-clip, then start again or --resume from the last checkpoint")
         lr = base_lr * min(1.0, (step + 1) / warm)  # linear warm-up
         for group in opt.param_groups:
