@@ -76,7 +76,7 @@ def sample_era(denoiser, x, sigmas, *, k=4, lam=1.0, power=2.0, corrector_order=
         den = denoise(denoiser, x, s, extra_args)
         report(callback, i, x, s, s_next, den)
         eps = to_d(x, s, den)
-        if pred is not None:
+        if pred is not None and lam:
             delta = _relative_error(eps, pred)
         buf.append(eps)
         # predictor: Lagrange polynomial through the selected bases, at s_next

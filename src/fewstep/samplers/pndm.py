@@ -39,10 +39,14 @@ def adams_bashforth(history, coeffs=None):
 
 def _prk_step(denoiser, x, s, s_mid, s_next, e1, extra_args):
     """PNDM's pseudo Runge-Kutta step (module docstring); 3 evaluations after e1."""
-    e2 = to_d(x1 := x + (s_mid - s) * e1, s_mid, denoise(denoiser, x1, s_mid, extra_args))
-    e3 = to_d(x2 := x + (s_mid - s) * e2, s_mid, denoise(denoiser, x2, s_mid, extra_args))
-    e4 = to_d(x3 := x + (s_next - s) * e3, s_next, denoise(denoiser, x3, s_next, extra_args))
-    return x + (s_next - s) * (e1 + 2 * e2 + 2 * e3 + e4) / 6
+
+    def slope(x_at, level):
+        return to_d(x_at, level, denoise(denoiser, x_at, level, extra_args))
+
+    e2 = slope(x + (s_mid - s) * e1, s_mid)
+    e3 = slope(x + (s_mid - s) * e2, s_mid)
+    e4 = slope(x + (s_next - s) * e3, s_next)
+    return x + (s_next - s) * lincomb((1 / 6, 1 / 3, 1 / 3, 1 / 6), [e1, e2, e3, e4])
 
 
 def _n_prk(steps, final_zero, prk_steps=3):
