@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_train, _add_sample, _add_demo, _add_samplers):
         add(sub)
+    from .commands import add_all
+
+    add_all(sub)
     return ap
 
 
