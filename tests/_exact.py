@@ -33,7 +33,7 @@ def start(gmm: GaussianMixture, n: int, sigma_max: float, seed: int = 0) -> torc
 def _reference(which: str, n: int, sigma_max: float, sigma_end: float, seed: int):
     gmm = {"gmm2": gmm2, "gmm16": gmm16}[which]()
     x = start(gmm, n, sigma_max, seed)
-    return x, gmm.flow(x, sigma_max, sigma_end, rtol=1e-11)
+    return x, gmm.flow(x, sigma_max, sigma_end, rtol=1e-10)
 
 
 def reference(which: str, n: int = 128, sigma_max: float = 80.0, sigma_end: float = 0.0, seed: int = 0):

@@ -110,7 +110,7 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
     user_grid = isinstance(grid, (torch.Tensor, list, tuple)) or str(grid).endswith(".json")
     if user_grid:  # the grid fixes the steps; nfe is only a budget check
         sigmas = G.make_grid(grid, 0, 0, 0)
-        spent = si.cost(len(sigmas) - 1, **opts)
+        spent = si.cost(len(sigmas) - 1, **opts, **({"final_zero": False} if sigmas[-1] > 0 else {}))
         if not si.adaptive and spent > nfe:
             raise UserError(f"the grid has {len(sigmas) - 1} steps: sampler '{sampler}' would spend "
                             f"{spent} > {nfe} evaluations")

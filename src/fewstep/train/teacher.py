@@ -99,18 +99,29 @@ def train_teacher(overrides: dict | None = None, out: str = "runs/teacher", conf
     data = load_dataset(cfg["data"], n=cfg["n_data"], seed=int(cfg["seed"]))
     D = build_teacher(cfg, data)
     acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
-    with RunFolder.create(out, cfg, resume=resume) as run:
+    with open_run(acc, out, cfg, resume) as run:
         t0 = time.time()
-        start_step = (run.metrics() or [{"step": 0}])[-1]["step"] if resume else 0
         ema = fit(denoising_task(D, data, cfg), run, cfg, accelerator=acc, progress=progress)
         elapsed = time.time() - t0
         if acc.is_main_process:
             meta = model_meta(cfg, D, data)
             meta["train_seconds"] = elapsed
+            meta["num_processes"] = acc.num_processes
             save_checkpoint(run.root, ema.module.state_dict(), meta, name="model")
             if evaluate:
                 _evaluate(run, data, cfg, progress)
+        acc.wait_for_everyone()
     return str(run.root)
+
+
+def open_run(acc, out: str, cfg: dict, resume: bool) -> RunFolder:
+    """The main process creates (or reopens) the run folder; the others open it after.
+
+    Only the main process may remove a new folder on failure, so the others get an
+    already-committed handle."""
+    run = RunFolder.create(out, cfg, resume=resume) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    return run if run is not None else RunFolder.open(out)
 
 
 def _evaluate(run: RunFolder, data: Dataset, cfg: dict, progress: bool) -> None:
