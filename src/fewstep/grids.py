@@ -1,7 +1,7 @@
 """Time grids: functions returning decreasing sigma levels for the samplers.
 
 Every grid returns ``n + 1`` levels (``n`` steps), decreasing, the last one 0 unless
-``final_zero=False`` (then the last is ``sigma_min``). A sampler with ``n`` steps spends
+``final_zero=False`` (then the n + 1 levels run from ``sigma_max`` down to ``sigma_min``). A sampler with ``n`` steps spends
 its evaluations at the first ``n`` levels (and, for some, in between).
 """
 from __future__ import annotations
@@ -25,26 +25,33 @@ def _finish(sig: Tensor, final_zero: bool) -> Tensor:
     return torch.cat([sig, sig.new_zeros(1)]) if final_zero else sig
 
 
+def _levels(n: int, final_zero: bool) -> int:
+    """Positive levels in an n-step grid: n before a final 0, else n + 1 down to sigma_min."""
+    return n if final_zero else n + 1
+
+
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, final_zero: bool = True) -> Tensor:
     """EDM eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
     _check(n, sigma_min, sigma_max)
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    m = _levels(n, final_zero)
+    ramp = torch.linspace(0, 1, m, dtype=torch.float64)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sig = (a + ramp * (b - a)) ** rho if n > 1 else torch.tensor([sigma_max], dtype=torch.float64)
+    sig = (a + ramp * (b - a)) ** rho if m > 1 else torch.tensor([sigma_max], dtype=torch.float64)
     return _finish(sig, final_zero)
 
 
 def logsnr_uniform(n: int, sigma_min: float, sigma_max: float, final_zero: bool = True) -> Tensor:
     """Uniform in lambda = -log sigma (DPM-Solver's 'logSNR' spacing)."""
     _check(n, sigma_min, sigma_max)
-    sig = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
+    m = _levels(n, final_zero)
+    sig = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), m, dtype=torch.float64))
     return _finish(sig, final_zero)
 
 
 def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0, final_zero: bool = True) -> Tensor:
     """k-diffusion's polyexponential: log sigma = log smin + (1 - i/(n-1))^rho (log smax - log smin)."""
     _check(n, sigma_min, sigma_max)
-    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    ramp = torch.linspace(1, 0, _levels(n, final_zero), dtype=torch.float64) ** rho
     sig = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
     return _finish(sig, final_zero)
 
@@ -66,6 +73,8 @@ def time_uniform(process, n: int, spacing: str = "linspace", steps_offset: int =
     lo = process.t_min if t_min is None else t_min
     hi = process.t_max if t_max is None else t_max
     discrete = getattr(process, "name", "") == "vp_discrete"
+    if not final_zero:  # n steps down to the process's t_min: n + 1 levels, linspace in t
+        return process.sigma(torch.linspace(hi, lo, n + 1, dtype=torch.float64)).to(torch.float64)
     if discrete:
         N = int(round(hi)) + 1
         i = torch.arange(n, dtype=torch.float64)

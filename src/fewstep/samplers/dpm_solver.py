@@ -175,8 +175,10 @@ def _singlestep(denoiser, x, sigmas, order, *, algorithm_type, solver_type, rs, 
 
 
 def _cost(k: int):
-    def cost(steps, intermediates="lambda", **_):
-        return steps if intermediates == "grid" or steps == 0 else k * (steps - 1) + 1
+    def cost(steps, intermediates="lambda", final_zero=True, **_):
+        if intermediates == "grid" or steps == 0:
+            return steps
+        return k * (steps - 1) + 1 if final_zero else k * steps
     return cost
 
 
