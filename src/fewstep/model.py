@@ -4,9 +4,17 @@ RUN_OR_SPEC is a run folder (written by ``fewstep train`` or ``fewstep distill``
 ``gmm:FILE.npz`` (an exact Gaussian-mixture teacher). The result has ``.process``,
 ``.denoiser`` (the sigma-space callable ``D(x, sigma)``), ``.sigma_min``, ``.sigma_max``
 and ``.sample(n, nfe, sampler=None, seed=None)``.
+
+A distilled student's ``model.json`` may carry its own sampling rule (``"sampling"``):
+``sampler``, fixed sigma ``grids`` per NFE, sampler ``options`` and ``variants`` (other
+run folders, relative to this one, for other NFE: the rounds of progressive
+distillation). ``sample(..., sampler=None)`` follows it; naming a sampler bypasses it.
+``"denoiser"`` names a student's own parametrization (see ``fewstep.methods``) and
+``"latent_shape"`` a generator's latent. Teachers have none of these.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -23,16 +31,54 @@ class Model:
 
     def __init__(self, denoiser, process, shape, sigma_min: float, sigma_max: float, num_classes: int = 0,
                  default_sampler: str = "heun", kind: str = "points", name: str = "", meta: Optional[dict] = None,
-                 device="cpu", dtype=torch.float32):
+                 device="cpu", dtype=torch.float32, latent_shape=None):
         self.denoiser, self.process, self.shape = denoiser, process, tuple(shape)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.num_classes, self.default_sampler, self.kind, self.name = num_classes, default_sampler, kind, name
         self.meta, self.device, self.dtype = meta or {}, torch.device(device), dtype
+        self.latent_shape = tuple(latent_shape) if latent_shape else self.shape
+        self._variants = {}
 
     def noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
         """Starting points at sigma_max in sigma-space: sigma_max * eps."""
         g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        return self.sigma_max * torch.randn((n,) + self.shape, generator=g, dtype=self.dtype).to(self.device)
+        return self.sigma_max * torch.randn((n,) + self.latent_shape, generator=g, dtype=self.dtype).to(self.device)
+
+    @property
+    def sampling(self) -> dict:
+        """The model's own sampling rule (students; empty for teachers)."""
+        return self.meta.get("sampling") or {}
+
+    def rule_nfes(self) -> list:
+        """The NFE values the own rule has a fixed grid or another round for ([] = any)."""
+        rule = self.sampling
+        return sorted({int(k) for k in rule.get("grids", {})} | {int(k) for k in rule.get("variants", {})})
+
+    def variant(self, nfe: int) -> "Model":
+        """The run folder the own rule names for ``nfe`` (e.g. a progressive round), loaded once."""
+        if nfe not in self._variants:
+            rel = self.sampling["variants"][str(nfe)]
+            self._variants[nfe] = load(str(Path(self.name) / rel), device=str(self.device))
+        return self._variants[nfe]
+
+    def _own_rule(self, nfe: int, grid, options: dict):
+        """(sampler, grid, options, nfe, variant) of the own rule for ``nfe``."""
+        rule = self.sampling
+        nfes = self.rule_nfes()
+        if nfes and nfe not in nfes:
+            below = [k for k in nfes if k <= nfe]
+            if not below:
+                raise UserError(f"{self.name} samples with {', '.join(map(str, nfes))} evaluations (its own rule); "
+                                f"raise --nfe or name a --sampler")
+            warnings.warn(f"{self.name} has a rule for {', '.join(map(str, nfes))} evaluations: "
+                          f"using {below[-1]}, not {nfe}", stacklevel=3)
+            nfe = below[-1]
+        if str(nfe) in rule.get("variants", {}):
+            return None, grid, options, nfe, self.variant(nfe)
+        fixed = rule.get("grids", {}).get(str(nfe))
+        if fixed is not None and isinstance(grid, str) and grid == "karras":
+            grid = torch.tensor(fixed, dtype=torch.float64)
+        return rule.get("sampler", self.default_sampler), grid, {**rule.get("options", {}), **options}, nfe, None
 
     @torch.no_grad()
     def sample(self, n: int, nfe: int, sampler: Optional[str] = None, seed: Optional[int] = None,
@@ -44,6 +90,10 @@ class Model:
         from .denoiser import CFGDenoiser
         from .samplers import info, sample
 
+        if sampler is None and self.sampling:
+            sampler, grid, options, nfe, other = self._own_rule(int(nfe), grid, options)
+            if other is not None:
+                return other.sample(n, nfe, None, seed, labels, grid, x, guidance, **options)
         sampler = sampler or self.default_sampler
         info(sampler)  # unknown names fail before any work
         x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
@@ -92,17 +142,25 @@ def _load_run(path: Path, device) -> Model:
                         else f"{path} is not a fewstep run folder (no model.json); give a run folder or gmm:FILE.npz")
     meta = read_json(meta_path)
     net = build_net(meta["net"])
+    if isinstance(meta.get("denoiser"), dict):  # a distilled student's own parametrization
+        from .methods import build_denoiser
+
+        D, into = build_denoiser(meta["denoiser"], net, meta)
+    else:
+        D, into = None, net
     state = load_weights(path / "model.safetensors")
     try:
-        net.load_state_dict(state)
+        into.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{path / 'model.safetensors'} does not fit the network in model.json ({str(e).splitlines()[0]})") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net.to(dev).eval()
-    D = ModelDenoiser(net, make_process(**meta["process"]), meta["prediction"], meta.get("sigma_data", 0.5))
+    if D is None:
+        D = ModelDenoiser(net, make_process(**meta["process"]), meta["prediction"], meta.get("sigma_data", 0.5))
+    D.to(dev).eval()
     data = meta["data"]
     return Model(D, D.process, data["shape"], meta["sigma_min"], meta["sigma_max"], data.get("num_classes", 0),
-                 meta.get("default_sampler", "heun"), data.get("kind", "points"), str(path), meta, device=dev)
+                 meta.get("default_sampler", "heun"), data.get("kind", "points"), str(path), meta, device=dev,
+                 latent_shape=meta.get("latent_shape"))
 
 
 def load(spec: str, device: Optional[str] = None) -> Model:

@@ -1,1 +1,96 @@
-"""fewstep.methods."""
+"""Distillation methods, one module each, registered by name.
+
+A method module defines ``DEFAULTS`` (its own options, on top of
+:data:`fewstep.methods.common.COMMON_DEFAULTS`), ``HELP`` (one line per option) and
+``run(cfg, out, resume, progress) -> str`` (the student run folder). Adding a method is a
+file and a line in :data:`METHODS`.
+
+    knowledge    Luhman & Luhman 2021: one-step student on (x_T, teacher sampler(x_T)) pairs
+    progressive  Salimans & Ho 2022: rounds N -> N/2 -> ... -> 1 of two-step DDIM targets
+    consistency  Song et al. 2023: consistency distillation / training (CM, iCT schedules)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+from ..errors import UserError, unknown_name
+
+METHODS = {
+    "knowledge": "fewstep.methods.knowledge",
+    "progressive": "fewstep.methods.progressive",
+    "consistency": "fewstep.methods.consistency",
+}
+
+
+def names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get(name: str):
+    """The module of method ``name``."""
+    if name not in METHODS:
+        raise unknown_name("distillation method", name, METHODS)
+    return importlib.import_module(METHODS[name])
+
+
+def defaults(name: str) -> dict:
+    from .common import COMMON_DEFAULTS
+
+    mod = get(name)
+    return {**COMMON_DEFAULTS, **getattr(mod, "COMMON_OVERRIDES", {}), **mod.DEFAULTS}
+
+
+def resolve(name: str, overrides: Optional[dict] = None, file: Optional[str] = None) -> dict:
+    """Defaults <- config file <- explicit overrides (None values ignored), validated."""
+    from ..train.config import read_config_file
+
+    cfg = defaults(name)
+    if file:
+        cfg.update(read_config_file(file))
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(cfg) - set(defaults(name)) - {"method"})
+    if unknown:
+        raise UserError(f"unknown option(s) for '{name}': {', '.join(unknown)}; valid: {', '.join(defaults(name))}")
+    for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        if int(cfg[key]) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}")
+    if float(cfg["lr"]) <= 0:
+        raise UserError(f"--lr must be positive, got {cfg['lr']}")
+    cfg["method"] = name
+    return cfg
+
+
+def distill(name: str, overrides: Optional[dict] = None, out: str = "runs/student", config_file: Optional[str] = None,
+            resume: bool = False, progress: bool = True) -> str:
+    """``fewstep distill NAME``: train a student into run folder ``out``; returns its path.
+
+    With ``resume`` the stored config of ``out`` is used (``steps`` may be raised)."""
+    from ..train.runfolder import RunFolder
+
+    if resume:
+        cfg = RunFolder.open(out).config
+        if cfg.get("method") != name:
+            raise UserError(f"{out} is a '{cfg.get('method')}' run, not '{name}'")
+        if overrides and overrides.get("steps"):
+            cfg["steps"] = int(overrides["steps"])
+    else:
+        cfg = resolve(name, overrides, config_file)
+    return get(name).run(cfg, out, resume=resume, progress=progress)
+
+
+def build_denoiser(spec: dict, net, meta: dict):
+    """A student's own parametrization from ``model.json['denoiser']`` (used by
+    :func:`fewstep.load`): returns (denoiser, the module the weights load into)."""
+    kind = spec.get("kind")
+    if kind == "consistency":
+        from .consistency import ConsistencyDenoiser
+
+        D = ConsistencyDenoiser(net, float(spec["sigma_min"]), float(spec["sigma_data"]), float(spec["sigma_max"]))
+        return D, net
+    if kind == "generator":
+        from .knowledge import Generator
+
+        D = Generator(net, int(spec["latent_dim"]), tuple(meta["data"]["shape"]), float(spec["sigma_max"]))
+        return D, D
+    raise unknown_name("student denoiser kind", kind, ["consistency", "generator"])

@@ -1,0 +1,88 @@
+"""``fewstep distill METHOD --teacher RUN_OR_SPEC --out DIR ...``: train a few-step student.
+
+Each method of :mod:`fewstep.methods` is a sub-command with the shared options (the loop's,
+``--teacher``, ``--data``, ``--net``) and its own (from the method's ``DEFAULTS``/``HELP``).
+The student run folder is sampled like any model: ``fewstep sample DIR --nfe k``.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+COMMON_HELP = {
+    "teacher": (str, "teacher: a run folder or gmm:FILE.npz (an exact Gaussian mixture)"),
+    "data": (str, "training data where the method needs it: a dataset or gmm:FILE.npz (default: the teacher's)"),
+    "net": (str, "student network as JSON or a .json file (default: the teacher's; an MLP for gmm)"),
+    "steps": (int, "training steps (per round for progressive; default 2000)"),
+    "batch_size": (int, "global batch size (default 256)"),
+    "lr": (float, "AdamW learning rate"),
+    "warmup": (int, "linear warm-up steps"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "grad_clip": (float, "gradient-norm clip, 0 for none"),
+    "ema_decay": (float, "EMA decay of the saved student"),
+    "seed": (int, "random seed (default 0)"),
+    "device": (str, "cpu, cuda or cuda:N (default: CUDA when present)"),
+    "mixed_precision": (str, "no, fp16 or bf16 (GPU)"),
+    "checkpoint_every": (int, "steps between checkpoints (default 500)"),
+    "keep_checkpoints": (int, "checkpoints kept (default 2)"),
+    "log_every": (int, "steps between metrics lines (default 50)"),
+}
+
+
+def _value(text: str):
+    """A method option from the command line: none, true/false, an int, a float or text."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def add_parser(sub) -> None:
+    from ..methods import defaults, get, names
+
+    p = sub.add_parser("distill", help="distil a teacher into a few-step student",
+                       description="Distil a teacher (run folder or gmm:FILE.npz) into a few-step student run folder. "
+                                   "Sample it with 'fewstep sample DIR --nfe k' (its own rule without --sampler).")
+    msub = p.add_subparsers(dest="method", metavar="METHOD")
+    for name in names():
+        mod = get(name)
+        mp = msub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0],
+                             description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        dflt = defaults(name)
+        for key, (typ, text) in COMMON_HELP.items():
+            mp.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None,
+                            help=f"{text} [{dflt[key]}]" if dflt.get(key) is not None else text)
+        for key, text in mod.HELP.items():
+            mp.add_argument("--" + key.replace("_", "-"), dest=key, type=_value, default=None,
+                            help=f"{text} [{dflt[key]}]")
+        mp.add_argument("--out", required=True, help="student run folder to create (or continue with --resume)")
+        mp.add_argument("--config", help="JSON file of options")
+        mp.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        mp.add_argument("--quiet", action="store_true", help="no progress bars")
+        mp.set_defaults(func=cmd_distill, method_options=list(COMMON_HELP) + list(mod.HELP))
+    p.set_defaults(func=_no_method)
+
+
+def _no_method(a) -> int:
+    from ..methods import names
+
+    raise UserError(f"give a method: fewstep distill {{{','.join(names())}}} --teacher RUN_OR_SPEC --out DIR")
+
+
+def cmd_distill(a) -> int:
+    from ..methods import distill
+
+    overrides = {k: getattr(a, k) for k in a.method_options}
+    if a.resume and (a.config or any(v is not None for k, v in overrides.items() if k != "steps")):
+        raise UserError("--resume continues the run with its stored config; give only --out (and optionally --steps)")
+    out = distill(a.method, overrides, a.out, a.config, resume=a.resume, progress=not a.quiet)
+    print(f"student written to {out}")
+    return 0

@@ -1,0 +1,318 @@
+"""What every distillation method shares (one place for each): roles, data, students.
+
+Roles (DESIGN.md, lesson 6): the ``teacher`` is a frozen :class:`fewstep.model.Model` (a run
+folder or an exact ``gmm:FILE.npz``); the ``student`` is the network being trained (through
+the one loop, :func:`fewstep.train.loop.fit`); a ``target`` (EMA of the student, e.g. for
+consistency models) is kept in the same checkpoints by :class:`StudentRun`.
+
+The teacher's ODE steps go through the registered samplers (:func:`solve_rows`): a batch
+whose samples sit at different levels is grouped by level, each group one sampler call.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..train.checkpoint import save_checkpoint
+from ..train.runfolder import RunFolder
+
+# options every method takes (the loop's, the student's net, the data); methods add theirs
+COMMON_DEFAULTS = {
+    "teacher": None,         # run folder or gmm:FILE.npz
+    "data": None,            # dataset spec or gmm:FILE.npz (default: the teacher's)
+    "net": None,             # student net config (default: the teacher's, or an MLP)
+    "steps": 2000,           # training steps (per round for progressive distillation)
+    "batch_size": 256,
+    "lr": 1e-3,
+    "warmup": 100,
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,
+    "ema_decay": 0.995,
+    "seed": 0,
+    "device": None,
+    "mixed_precision": "no",
+    "checkpoint_every": 500,
+    "keep_checkpoints": 2,
+    "log_every": 50,
+}
+
+
+# ----------------------------------------------------------------------------- teacher
+def load_teacher(spec: Optional[str], device=None, required: bool = True):
+    """The frozen teacher Model (``fewstep.load``), or None when not given and not required."""
+    if not spec:
+        if required:
+            raise UserError("--teacher is required: give a run folder or gmm:FILE.npz")
+        return None
+    from ..model import load
+
+    teacher = load(spec, device=device)
+    if teacher.num_classes:
+        raise UserError(f"teacher {spec} is class-conditional; distilling conditional teachers is not supported yet")
+    if teacher.meta.get("role") == "student" and teacher.meta.get("denoiser"):
+        raise UserError(f"teacher {spec} is a {teacher.meta.get('method')} student; give a diffusion teacher")
+    if isinstance(teacher.denoiser, nn.Module):
+        teacher.denoiser.eval().requires_grad_(False)
+    return teacher
+
+
+def is_exact(teacher) -> bool:
+    """True for an exact Gaussian-mixture teacher (no network, no weights)."""
+    from ..data.gmm import GaussianMixture
+
+    return isinstance(getattr(teacher, "denoiser", None), GaussianMixture)
+
+
+# -------------------------------------------------------------------------------- data
+@dataclass
+class DataSource:
+    """Training data x0 for the methods that need it: ``draw(n, generator) -> [n, *shape]``."""
+
+    draw: Callable[[int, torch.Generator], Tensor]
+    shape: tuple
+    kind: str
+    name: str
+    sigma_data: float
+
+
+def gmm_sigma_data(gmm) -> float:
+    """RMS per-coordinate standard deviation of a mixture: sqrt(E|x - E x|^2 / d), exact."""
+    w, mu = gmm.weights, gmm.means
+    mean = (w[:, None] * mu).sum(0)
+    second = (w * ((mu**2).sum(1) + gmm.covs.diagonal(dim1=1, dim2=2).sum(1))).sum()
+    return float(((second - (mean**2).sum()) / gmm.dim).sqrt())
+
+
+def data_source(spec: Optional[str], teacher=None, seed: int = 0) -> DataSource:
+    """``spec`` (a dataset spec or gmm:FILE.npz) or, when None, the teacher's own data: its
+    mixture for an exact teacher, its training set (by name) for a run folder."""
+    from ..data.gmm import GaussianMixture
+
+    if spec is None and teacher is not None and is_exact(teacher):
+        gmm, name = teacher.denoiser, teacher.name
+    elif spec is not None and str(spec).startswith("gmm:"):
+        gmm, name = GaussianMixture.load(str(spec)[4:]), str(spec)
+    else:
+        gmm = None
+    if gmm is not None:
+        return DataSource(lambda n, g: gmm.sample(n, generator=g).float(), (gmm.dim,), "points", name,
+                          gmm_sigma_data(gmm))
+    if spec is None:
+        if teacher is None:
+            raise UserError("give --data (a dataset or gmm:FILE.npz) or --teacher")
+        spec = teacher.meta.get("data", {}).get("name")
+        if not spec:
+            raise UserError(f"teacher {teacher.name} does not name its data set; give --data")
+    from ..data.registry import load_dataset
+
+    try:
+        ds = load_dataset(spec, seed=seed)
+    except UserError as e:
+        raise UserError(f"training data '{spec}': {e}; give --data") from None
+    x = ds.x.float()
+    if teacher is not None and tuple(ds.shape) != tuple(teacher.shape):
+        raise UserError(f"--data {spec} has samples of shape {list(ds.shape)}, the teacher {list(teacher.shape)}")
+
+    def draw(n, g):
+        return x[torch.randint(0, len(x), (n,), generator=g)]
+
+    return DataSource(draw, tuple(ds.shape), ds.kind, ds.name, float(x.std()))
+
+
+# ----------------------------------------------------------------------------- students
+def net_config(cfg_net, teacher, shape, kind) -> dict:
+    """The student's network: ``--net`` if given, else the teacher's, else the default for
+    the data (an MLP for points)."""
+    import json
+
+    from ..nets import net_config_defaults
+
+    if cfg_net:
+        if isinstance(cfg_net, str):
+            try:
+                cfg_net = json.loads(Path(cfg_net).read_text() if cfg_net.endswith(".json") else cfg_net)
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"--net {cfg_net}: not a JSON net config or file ({e})") from None
+        return dict(cfg_net)
+    if teacher is not None and not is_exact(teacher) and "net" in teacher.meta:
+        return dict(teacher.meta["net"])
+    return net_config_defaults(kind, shape)
+
+
+def teacher_net_state(teacher, net_cfg: dict) -> Optional[dict]:
+    """The teacher's network weights when the student's net has the teacher's architecture."""
+    from ..denoiser import ModelDenoiser
+
+    D = getattr(teacher, "denoiser", None)
+    if isinstance(D, ModelDenoiser) and dict(teacher.meta.get("net", {})) == dict(net_cfg):
+        return {k: v.detach().cpu().clone() for k, v in D.net.state_dict().items()}
+    return None
+
+
+def call_denoiser(D, net, y: Tensor, sigma: Tensor) -> Tensor:
+    """D(y, sigma) with ``net`` (e.g. the accelerate-wrapped student) in place of D.net; D
+    supplies the parametrization (``net_input`` / ``output_to_x0``)."""
+    x_in, c_noise, c = D.net_input(y, sigma)
+    out = net(x_in, c_noise.to(y.dtype))
+    return D.output_to_x0(out.to(y.dtype), y, sigma, x_in, c)
+
+
+def bcast(v: Tensor, like: Tensor) -> Tensor:
+    """A per-sample [B] tensor shaped to broadcast against ``like``."""
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)).to(like.dtype)
+
+
+def batch_slice(B: int, rank: int, world: int) -> slice:
+    """This process's share of a global batch of B (the loop's determinism contract)."""
+    if B % world:
+        raise UserError(f"--batch-size {B} is not divisible by the {world} processes")
+    return slice(rank * B // world, (rank + 1) * B // world)
+
+
+def group_levels(n_levels: int, B: int, groups: int, gen: torch.Generator, low: int = 0) -> Tensor:
+    """Level indices for a batch of B in [low, n_levels): ``groups`` independent uniform
+    draws, each shared by a contiguous B/groups of the batch (groups >= B: one per sample).
+    Fewer distinct levels per batch mean fewer teacher calls (:func:`solve_rows`)."""
+    g = max(1, min(int(groups), B))
+    draws = torch.randint(low, n_levels, (g,), generator=gen)
+    return draws[torch.arange(B) * g // B]
+
+
+# ------------------------------------------------------------------- teacher ODE steps
+@torch.no_grad()
+def solve_rows(sampler: str, denoiser, x: Tensor, rows: Tensor, **options) -> Tensor:
+    """Move each sample ``x[b]`` along its own decreasing grid ``rows[b]`` with the
+    registered ``sampler`` (e.g. euler = DDIM, heun, dpm_solver_2): samples sharing a row
+    are one sampler call on that row."""
+    from ..samplers import get
+
+    fn = get(sampler)
+    out = torch.empty_like(x)
+    uniq, inv = torch.unique(rows, dim=0, return_inverse=True)
+    for j in range(len(uniq)):
+        idx = (inv == j).nonzero().squeeze(1)
+        out[idx] = fn(denoiser, x[idx], uniq[j].to(x.device), **options).to(x.dtype)
+    return out
+
+
+class EvalCounter:
+    """Wraps a denoiser and counts sample-evaluations (batch rows passed through it)."""
+
+    def __init__(self, denoiser):
+        self.inner, self.evals = denoiser, 0
+
+    def __call__(self, y, sigma, **cond):
+        self.evals += y.shape[0]
+        return self.inner(y, sigma, **cond)
+
+
+# ---------------------------------------------------------------------------- the run
+class StepCounter:
+    """The global step of the next loss call, for curricula ``step -> (N, mu)``; the run
+    sets it on resume and the loss advances it (the loop calls the loss once a step)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def next(self) -> int:
+        k = self.step
+        self.step += 1
+        return k
+
+
+class StudentRun(RunFolder):
+    """A RunFolder whose checkpoints also hold the method's ``extra_modules`` (e.g. the
+    consistency target network) and which tells ``counter`` the step it resumes at."""
+
+    extra_modules: dict = {}
+    counter: Optional[StepCounter] = None
+
+    def save(self, step, modules, optimizers=None, extra=None, keep=None):
+        return super().save(step, {**modules, **self.extra_modules}, optimizers, extra, keep)
+
+    def load(self, modules, optimizers=None):
+        extra = super().load({**modules, **self.extra_modules}, optimizers)
+        if self.counter is not None:
+            self.counter.step = 0 if extra is None else int(extra["step"])
+        return extra
+
+
+def fit_config(cfg: dict) -> dict:
+    """The loop's options out of a method's config."""
+    keys = ("steps", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "device",
+            "mixed_precision", "checkpoint_every", "keep_checkpoints", "log_every")
+    return {k: cfg[k] for k in keys}
+
+
+def student_meta(method: str, D, net_cfg: dict, shape, kind: str, data_name: str, sigma_min: float,
+                 sigma_max: float, sampling: dict, cfg: dict, denoiser: Optional[dict] = None, **extra) -> dict:
+    """``model.json`` of a student: what :func:`fewstep.load` needs, plus its own sampling
+    rule (``sampling``: sampler, fixed grids per NFE, options, other rounds)."""
+    meta = {
+        "format": "fewstep-model-1",
+        "role": "student",
+        "method": method,
+        "teacher": cfg.get("teacher"),
+        "net": net_cfg,
+        "process": D.process.config(),
+        "prediction": D.prediction,
+        "sigma_data": float(D.sigma_data),
+        "data": {"name": data_name, "kind": kind, "shape": list(shape), "num_classes": 0},
+        "sigma_min": float(sigma_min),
+        "sigma_max": float(sigma_max),
+        "default_sampler": sampling["sampler"],
+        "sampling": sampling,
+    }
+    if denoiser is not None:
+        meta["denoiser"] = denoiser
+    meta.update(extra)
+    return meta
+
+
+def write_student(root, module: nn.Module, meta: dict) -> None:
+    """``model.safetensors`` (the EMA weights) and ``model.json`` into ``root``."""
+    save_checkpoint(Path(root), module.state_dict(), meta, name="model")
+
+
+def fixed_grids(grids: dict) -> dict:
+    """{nfe: sigmas} -> the JSON form of a sampling rule's fixed grids."""
+    return {str(int(k)): [float(s) for s in v] for k, v in grids.items()}
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.time()
+
+    @property
+    def seconds(self) -> float:
+        return time.time() - self.t0
+
+
+def quiet_sample(*args, **kwargs):
+    """``fewstep.samplers.sample`` without the 'spends fewer evaluations' note."""
+    from ..samplers import sample
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sample(*args, **kwargs)
+
+
+def check_positive(cfg: dict, *keys) -> None:
+    for k in keys:
+        if cfg.get(k) is not None and float(cfg[k]) <= 0:
+            raise UserError(f"--{k.replace('_', '-')} must be positive, got {cfg[k]}")
+
+
+def log2_int(n: int, what: str) -> int:
+    k = int(round(math.log2(n))) if n > 0 else -1
+    if n < 1 or 2**k != n:
+        raise UserError(f"{what} must be a power of two (1, 2, 4, ...), got {n}")
+    return k

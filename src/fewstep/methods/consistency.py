@@ -1,0 +1,341 @@
+"""Consistency models (Song et al. 2023): distillation (CD) and training (CT, iCT).
+
+A consistency function maps every point (x, sigma) of a probability-flow trajectory to
+its end at the boundary level epsilon = sigma_min. Its parametrization (eq. 5 and App. C)
+
+    f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, ln(sigma)/4),
+    c_skip = sd^2 / ((sigma - eps)^2 + sd^2),  c_out = sd (sigma - eps) / sqrt(sigma^2 + sd^2),
+    c_in = 1 / sqrt(sigma^2 + sd^2)
+
+gives f(x, eps) = x exactly (c_skip = 1, c_out = 0). On Karras levels
+sigma_i = (eps^(1/rho) + (i-1)/(N-1) (T^(1/rho) - eps^(1/rho)))^rho, i = 1..N, the losses
+(Algorithms 2 and 3) pair adjacent levels n, n+1 with x_{n+1} = x + sigma_{n+1} z:
+
+    CD:  x^_n = one teacher ODE step from (x_{n+1}, sigma_{n+1}) to sigma_n (euler, heun,
+         dpm_solver_2, ... : the registered sampler on the two-level grid)
+    CT:  x^_n = x + sigma_n z (the same z: an unbiased one-sample estimate, no teacher)
+    L = lambda(sigma_n) d( f_theta(x_{n+1}, sigma_{n+1}), f_theta-(x^_n, sigma_n) ),
+
+with the target theta- <- stopgrad(mu theta- + (1 - mu) theta) after every step, d the
+squared L2 (mean over coordinates) or the pseudo-Huber sqrt(|a - b|^2 + c^2) - c.
+Curricula ``step -> (N, mu)`` are pure functions:
+
+    constant  N, mu fixed (CD: N = 18, mu = 0.95)
+    ct        N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1,
+              mu(k) = exp(s0 ln(mu0) / N(k))                          (CM App. C: 2, 150, 0.9)
+    ict       N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1)),
+              mu = 0 (the target is the student itself)        (Song & Dhariwal 2023: 10, 1280)
+
+iCT also draws levels from the discretised log-normal p(n) ~ erf((ln sigma_{n+1} - P_mean) /
+(sqrt 2 P_std)) - erf((ln sigma_n - P_mean)/(sqrt 2 P_std)) (P_mean = -1.1, P_std = 2),
+weights lambda = 1/(sigma_{n+1} - sigma_n) and uses pseudo-Huber with c = 0.00054 sqrt(d).
+Sampling is multistep consistency sampling (:mod:`fewstep.samplers.consistency`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError, unknown_name
+from ..grids import karras
+from ..process import EDM, _bcast
+from ..train.loop import Task, fit, make_accelerator
+from .common import (StepCounter, StudentRun, Timer, batch_slice, bcast, call_denoiser, data_source, fit_config,
+                     fixed_grids, is_exact, load_teacher, net_config, solve_rows, student_meta, teacher_net_state,
+                     write_student)
+
+DEFAULTS = {
+    "mode": "distillation",   # distillation (CD, needs --teacher) | training (CT, no teacher)
+    "schedule": None,         # constant | ct | ict (default: constant for CD, ct for CT)
+    "n": 18,                  # N of the constant schedule
+    "mu": 0.95,               # target EMA rate (constant), mu0 (ct)
+    "s0": None,               # curriculum start (ct: 2, ict: 10)
+    "s1": None,               # curriculum end (ct: 150, ict: 1280)
+    "solver": "heun",         # the teacher's ODE step (CD)
+    "loss": None,             # l2 | pseudo_huber (default: pseudo_huber for ict, else l2)
+    "huber_c": None,          # pseudo-Huber c (default 0.00054 sqrt(d))
+    "weighting": None,        # uniform | ict (1/(sigma_{n+1} - sigma_n)); default: ict for ict
+    "levels": None,           # uniform | lognormal (default: lognormal for ict)
+    "p_mean": -1.1,
+    "p_std": 2.0,
+    "sigma_min": 0.002,
+    "sigma_max": None,        # default: the teacher's (80 without one)
+    "rho": 7.0,
+    "init": "auto",           # auto | teacher | random
+    "level_groups": 8,        # CD: distinct levels per batch (teacher calls are grouped by level)
+    "sample_levels": None,    # multistep sampling levels {"2": [tau_1], ...} (default: a ladder)
+}
+HELP = {
+    "mode": "distillation (with a teacher's ODE step) or training (CT: no teacher)",
+    "schedule": "curriculum N(k), mu(k): constant, ct (Song et al. 2023) or ict (Song & Dhariwal 2023)",
+    "n": "N (number of levels) of the constant schedule",
+    "mu": "target EMA rate mu (constant) or mu0 (ct)",
+    "s0": "curriculum start s0 (ct 2, ict 10)",
+    "s1": "curriculum end s1 (ct 150, ict 1280)",
+    "solver": "teacher ODE step: any deterministic sampler (euler, heun, dpm_solver_2, ...)",
+    "loss": "distance: l2 or pseudo_huber",
+    "huber_c": "pseudo-Huber c (default 0.00054 sqrt(d))",
+    "weighting": "lambda(sigma_n): uniform or ict (1/(sigma_{n+1} - sigma_n))",
+    "levels": "level draw: uniform or lognormal (P_mean, P_std)",
+    "p_mean": "log-normal level draw: mean of ln sigma",
+    "p_std": "log-normal level draw: std of ln sigma",
+    "sigma_min": "boundary level epsilon: f(x, epsilon) = x",
+    "sigma_max": "largest level T (default: the teacher's, else 80)",
+    "rho": "Karras rho of the levels",
+    "init": "student start: auto (teacher weights when an EDM net of the same architecture), teacher, random",
+    "level_groups": "CD: distinct levels per batch (>= batch size: one per sample)",
+    "sample_levels": 'multistep sampling levels after sigma_max, JSON {"2": [0.8], "3": [1.5, 0.3]}',
+}
+SCHEDULES = ("constant", "ct", "ict")
+MAX_RULE_NFE = 8
+
+
+# ------------------------------------------------------------------ parametrization
+def consistency_precond(sigma: Tensor, sigma_min: float, sigma_data: float):
+    """(c_skip, c_out, c_in, c_noise) of a consistency model (module docstring)."""
+    sd2 = sigma_data**2
+    c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2)
+    c_out = sigma_data * (sigma - sigma_min) / torch.sqrt(sigma**2 + sd2)
+    c_in = torch.rsqrt(sigma**2 + sd2)
+    return c_skip, c_out, c_in, 0.25 * torch.log(sigma)
+
+
+class ConsistencyDenoiser(nn.Module):
+    """f(y, sigma) = c_skip y + c_out F(c_in y, ln(sigma)/4), exactly y at sigma_min."""
+
+    prediction = "consistency"
+
+    def __init__(self, net: nn.Module, sigma_min: float = 0.002, sigma_data: float = 0.5, sigma_max: float = 80.0):
+        super().__init__()
+        self.net, self.sigma_min, self.sigma_data = net, float(sigma_min), float(sigma_data)
+        self.process = EDM(self.sigma_min, float(sigma_max))
+
+    def net_input(self, y: Tensor, sigma: Tensor):
+        _, _, c_in, c_noise = consistency_precond(sigma.to(y.dtype), self.sigma_min, self.sigma_data)
+        return _bcast(c_in, y) * y, c_noise, None
+
+    def output_to_x0(self, out: Tensor, y: Tensor, sigma: Tensor, x_in: Tensor, c) -> Tensor:
+        c_skip, c_out, _, _ = consistency_precond(sigma.to(y.dtype), self.sigma_min, self.sigma_data)
+        return _bcast(c_skip, y) * y + _bcast(c_out, y) * out
+
+    def forward(self, y: Tensor, sigma, **cond) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
+        sigma = sigma.expand(y.shape[0]) if sigma.ndim == 0 else sigma
+        x_in, c_noise, _ = self.net_input(y, sigma)
+        return self.output_to_x0(self.net(x_in, c_noise, **cond).to(y.dtype), y, sigma, x_in, None)
+
+
+# ------------------------------------------------------------------------ curricula
+def constant_schedule(k: int, K: int, n: int = 18, mu: float = 0.95):
+    """N and mu fixed (consistency distillation)."""
+    return int(n), float(mu)
+
+
+def ct_schedule(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float = 0.9):
+    """CM App. C: N grows like sqrt(k) from s0 + 1 to s1 + 1; mu(k) = exp(s0 ln(mu0) / N)."""
+    N = math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+    return N, math.exp(s0 * math.log(mu0) / N)
+
+
+def ict_schedule(k: int, K: int, s0: int = 10, s1: int = 1280):
+    """Song & Dhariwal 2023: N doubles every K' steps from s0 + 1 up to s1 + 1; mu = 0."""
+    Kp = max(1, math.floor(K / (math.log2(math.floor(s1 / s0)) + 1)))
+    return min(s0 * 2 ** math.floor(k / Kp), s1) + 1, 0.0
+
+
+def curriculum(cfg: dict):
+    """The pure ``step -> (N, mu)`` of the config."""
+    K, name = int(cfg["steps"]), cfg["schedule"]
+    if name == "constant":
+        return lambda k: constant_schedule(k, K, int(cfg["n"]), float(cfg["mu"]))
+    if name == "ct":
+        return lambda k: ct_schedule(k, K, int(cfg["s0"] or 2), int(cfg["s1"] or 150), float(cfg["mu"]))
+    if name == "ict":
+        return lambda k: ict_schedule(k, K, int(cfg["s0"] or 10), int(cfg["s1"] or 1280))
+    raise unknown_name("consistency schedule", name, SCHEDULES)
+
+
+def levels(N: int, cfg: dict) -> Tensor:
+    """The N Karras levels sigma_1 < ... < sigma_N on [sigma_min, sigma_max] (float64)."""
+    return karras(N, float(cfg["sigma_min"]), float(cfg["sigma_max"]), rho=float(cfg["rho"]), final_zero=False).flip(0)
+
+
+def level_probs(sig: Tensor, cfg: dict) -> Tensor:
+    """p(n) for the pairs (n, n+1), n < N - 1: uniform, or iCT's discretised log-normal."""
+    if cfg["levels"] == "uniform":
+        return torch.ones(len(sig) - 1, dtype=torch.float64)
+    if cfg["levels"] != "lognormal":
+        raise unknown_name("level draw", cfg["levels"], ["uniform", "lognormal"])
+    e = torch.erf((torch.log(sig) - float(cfg["p_mean"])) / (math.sqrt(2) * float(cfg["p_std"])))
+    return (e[1:] - e[:-1]).clamp_min(1e-30)
+
+
+def distance(a: Tensor, b: Tensor, kind: str, c: float) -> Tensor:
+    """Per sample: squared L2 (mean over coordinates) or pseudo-Huber sqrt(|a-b|^2 + c^2) - c."""
+    sq = ((a - b) ** 2).flatten(1)
+    if kind == "l2":
+        return sq.mean(1)
+    if kind == "pseudo_huber":
+        return torch.sqrt(sq.sum(1) + c * c) - c
+    raise unknown_name("consistency loss", kind, ["l2", "pseudo_huber"])
+
+
+def default_levels(k: int, sigma_data: float) -> list:
+    """Multistep sampling levels after sigma_max for k steps: geometric from 1.6 sd down to
+    0.2 sd (k = 2: 1.6 sd, near the CM paper's 0.821 for sd = 0.5)."""
+    if k < 2:
+        return []
+    if k == 2:
+        return [1.6 * sigma_data]
+    return torch.logspace(math.log10(1.6 * sigma_data), math.log10(0.2 * sigma_data), k - 1).tolist()
+
+
+# ----------------------------------------------------------------------------- the job
+def resolve(cfg: dict, teacher) -> dict:
+    """Fill the mode-dependent defaults (a copy)."""
+    cfg = dict(cfg)
+    if cfg["mode"] not in ("distillation", "training"):
+        raise UserError(f"--mode {cfg['mode']}: use distillation or training")
+    if cfg["mode"] == "distillation" and teacher is None:
+        raise UserError("consistency distillation needs --teacher (or use --mode training)")
+    ict = cfg["schedule"] == "ict"
+    cfg["schedule"] = cfg["schedule"] or ("constant" if cfg["mode"] == "distillation" else "ct")
+    if cfg["schedule"] not in SCHEDULES:
+        raise unknown_name("consistency schedule", cfg["schedule"], SCHEDULES)
+    cfg["loss"] = cfg["loss"] or ("pseudo_huber" if ict else "l2")
+    cfg["weighting"] = cfg["weighting"] or ("ict" if ict else "uniform")
+    cfg["levels"] = cfg["levels"] or ("lognormal" if ict else "uniform")
+    if cfg["weighting"] not in ("uniform", "ict"):
+        raise unknown_name("consistency weighting", cfg["weighting"], ["uniform", "ict"])
+    cfg["sigma_max"] = float(cfg["sigma_max"] or (teacher.sigma_max if teacher is not None else 80.0))
+    if not 0 < float(cfg["sigma_min"]) < cfg["sigma_max"]:
+        raise UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']}, {cfg['sigma_max']}")
+    if cfg["mode"] == "distillation":
+        from ..samplers import info
+
+        if info(cfg["solver"]).stochastic or info(cfg["solver"]).adaptive:
+            raise UserError(f"--solver {cfg['solver']}: the teacher's ODE step needs a deterministic fixed-step sampler")
+    return cfg
+
+
+def build_student(teacher, cfg: dict, data):
+    """ConsistencyDenoiser around the student net (teacher architecture and, for an EDM
+    teacher of that architecture, its weights)."""
+    from ..nets import build_net
+
+    net_cfg = net_config(cfg["net"], teacher, data.shape, data.kind)
+    torch.manual_seed(int(cfg["seed"]))
+    net = build_net(net_cfg)
+    net_cfg = getattr(net, "config", net_cfg)
+    state = None
+    if cfg["init"] not in ("auto", "teacher", "random"):
+        raise UserError(f"--init {cfg['init']}: use auto, teacher or random")
+    if cfg["init"] != "random" and teacher is not None:
+        state = teacher_net_state(teacher, net_cfg)
+        if cfg["init"] == "auto" and getattr(teacher.denoiser, "prediction", None) != "edm":
+            state = None
+    if cfg["init"] == "teacher" and state is None:
+        raise UserError("--init teacher: the teacher has no network of the student's architecture; use --init random")
+    if state is not None:
+        net.load_state_dict(state)
+    sd = float(teacher.meta.get("sigma_data", 0.5)) if (teacher is not None and not is_exact(teacher)) else data.sigma_data
+    return ConsistencyDenoiser(net, float(cfg["sigma_min"]), sd, float(cfg["sigma_max"])), net_cfg
+
+
+def consistency_loss(D: ConsistencyDenoiser, cfg: dict, data, teacher, target, counter: StepCounter):
+    """The per-sample loss of CD / CT at the step the counter gives (module docstring)."""
+    schedule, B = curriculum(cfg), int(cfg["batch_size"])
+    c = float(cfg["huber_c"]) if cfg["huber_c"] is not None else 0.00054 * math.sqrt(math.prod(data.shape))
+    distil = cfg["mode"] == "distillation"
+    groups = int(cfg["level_groups"]) if distil else B
+    cache = {}
+
+    def loss(model, gen, rank, world, device):
+        k = counter.next()
+        N, mu = schedule(k)
+        if N not in cache:
+            sig = levels(N, cfg)
+            cache[N] = (sig, level_probs(sig, cfg))
+        sig, probs = cache[N]
+        if target is not None and k > 0:  # theta- <- mu theta- + (1 - mu) theta, after each update
+            with torch.no_grad():
+                dst = list(target.parameters())
+                torch._foreach_lerp_(dst, [p.detach().to(dst[0].device) for p in model.parameters()], 1.0 - mu)
+        draws = torch.multinomial(probs, max(1, min(groups, B)), replacement=True, generator=gen)
+        n = draws[torch.arange(B) * len(draws) // B]
+        x0 = data.draw(B, gen)
+        z = torch.randn(x0.shape, generator=gen)
+        sl = batch_slice(B, rank, world)
+        n, x0, z = n[sl], x0[sl].to(device), z[sl].to(device)
+        s_next, s_now = sig[n + 1], sig[n]
+        y_next = x0 + bcast(s_next.to(device), x0) * z
+        if distil:
+            y_now = solve_rows(cfg["solver"], teacher.denoiser, y_next, torch.stack([s_next, s_now], 1))
+        else:
+            y_now = x0 + bcast(s_now.to(device), x0) * z
+        pred = call_denoiser(D, model, y_next, s_next.to(device, x0.dtype))
+        with torch.no_grad():
+            tgt = call_denoiser(D, target if target is not None else model, y_now, s_now.to(device, x0.dtype))
+        lam = (1.0 / (s_next - s_now)).to(device, x0.dtype) if cfg["weighting"] == "ict" else 1.0
+        return lam * distance(pred, tgt, cfg["loss"], c)
+
+    return loss
+
+
+def sampling_rule(cfg: dict, sigma_data: float) -> dict:
+    """Multistep consistency sampling on [sigma_max, levels..., 0] for 1..MAX_RULE_NFE steps."""
+    import json
+
+    chosen = cfg["sample_levels"]
+    if isinstance(chosen, str):
+        try:
+            chosen = json.loads(chosen)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--sample-levels {chosen}: not JSON ({e.msg})") from None
+    chosen = {int(k): list(v) for k, v in (chosen or {}).items()}
+    grids = {}
+    for k in range(1, MAX_RULE_NFE + 1):
+        lv = chosen.get(k, default_levels(k, sigma_data))
+        grid = [float(cfg["sigma_max"])] + [float(v) for v in lv] + [0.0]
+        if len(grid) != k + 1 or any(b >= a for a, b in zip(grid, grid[1:])):
+            raise UserError(f"--sample-levels for {k} steps must be {k - 1} decreasing levels below sigma_max, got {lv}")
+        grids[k] = grid
+    return {"sampler": "consistency", "grids": fixed_grids(grids), "options": {"epsilon": float(cfg["sigma_min"])}}
+
+
+def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
+    teacher = load_teacher(cfg["teacher"], cfg["device"], required=cfg["mode"] == "distillation")
+    cfg = resolve(cfg, teacher)
+    data = data_source(cfg["data"], teacher, int(cfg["seed"]))
+    D, net_cfg = build_student(teacher, cfg, data)
+    sampling = sampling_rule(cfg, D.sigma_data)
+    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
+    _, mu0 = curriculum(cfg)(0)
+    target = copy.deepcopy(D.net).requires_grad_(False) if cfg["schedule"] != "ict" and mu0 > 0 else None
+    counter = StepCounter()
+    timer = Timer()
+    with StudentRun.create(out, cfg, resume=resume) as run_:
+        run_.extra_modules = {"target": target} if target is not None else {}
+        run_.counter = counter
+        frozen = {"target": target} if target is not None else {}
+        if teacher is not None and isinstance(teacher.denoiser, nn.Module) and cfg["mode"] == "distillation":
+            frozen["teacher"] = teacher.denoiser
+        loss = consistency_loss(D, cfg, data, teacher, target, counter)
+        ema = fit(Task(student=D.net, loss=loss, frozen=frozen), run_, fit_config(cfg), accelerator=acc,
+                  progress=progress)
+        if acc.is_main_process:
+            from ..samplers import info
+
+            per = info(cfg["solver"]).cost(1, final_zero=False) if cfg["mode"] == "distillation" else 0
+            den = {"kind": "consistency", "sigma_min": D.sigma_min, "sigma_data": D.sigma_data,
+                   "sigma_max": float(cfg["sigma_max"])}
+            meta = student_meta("consistency", D, net_cfg, data.shape, data.kind, data.name, float(cfg["sigma_min"]),
+                                float(cfg["sigma_max"]), sampling, cfg, denoiser=den, mode=cfg["mode"],
+                                schedule=cfg["schedule"],
+                                cost={"teacher_evals": int(cfg["steps"]) * int(cfg["batch_size"]) * per,
+                                      "seconds": timer.seconds})
+            write_student(run_.root, ema.module, meta)
+    return str(run_.root)

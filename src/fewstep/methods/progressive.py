@@ -1,0 +1,212 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2; survey eq. 41).
+
+Rounds N -> N/2 -> ... -> 1: a student that starts as a copy of its teacher learns to do
+in one DDIM step what the teacher does in two. The levels are uniform in the time of a
+process (cosine VP by default, the paper's): for N student steps sigma_i = sigma(t_i),
+t_i = t_hi - i (t_hi - t_lo) / N, i < N, then sigma_N = 0; the teacher's grid of 2N steps
+interleaves it. In sigma-space (y = z / alpha, s = sigma / alpha = std / alpha) the
+paper's target for a student step s -> s'' through the teacher's DDIM steps s -> s' -> s''
+
+    z_t'  = alpha_t' x(z_t) + (sigma_t'/sigma_t)(z_t - alpha_t x(z_t))      (DDIM, eta = 0)
+    x~    = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)
+
+becomes, with the Euler (= DDIM) steps of :mod:`fewstep.samplers.euler`,
+
+    x~ = (y'' - (s''/s) y) / (1 - s''/s)      (x~ = y'' when s'' = 0),
+
+the x0 that one DDIM step from (y, s) must predict to land on y''. The loss is
+w(s) || x_student(y, s) - x~ ||^2 with the truncated-SNR weight w = max(SNR, 1),
+SNR = 1/s^2 (the paper's "truncated SNR"; ``v`` gives SNR + 1). The student network
+predicts x0 or v (or keeps the teacher's own parametrization when it is x0, v or EDM).
+
+An exact teacher (or one whose parametrization differs from the student's) has no network
+to start from: a first round N -> N copies it (one teacher step per student step: x~ = D)
+into the student network, randomly initialised. Every round is a run folder
+``rounds/steps_NNNN`` that samples with its own N-step grid; the top folder samples with
+the round that matches ``--nfe``.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..train.loop import Task, fit, make_accelerator
+from ..train.runfolder import RunFolder
+from .common import (Timer, batch_slice, bcast, call_denoiser, data_source, fit_config, fixed_grids, is_exact,
+                     load_teacher, log2_int, net_config, solve_rows, student_meta, write_student)
+
+DEFAULTS = {
+    "start_steps": 64,        # N of the first teacher (its DDIM steps)
+    "end_steps": 1,
+    "process": "vp_cosine",   # whose uniform time grid gives the levels
+    "prediction": None,       # x0 | v | edm (default: the teacher's if x0/v/edm, else v)
+    "weighting": "truncated_snr",
+    "level_groups": 8,
+}
+HELP = {
+    "start_steps": "DDIM steps of the first teacher, a power of two (default 64)",
+    "end_steps": "steps of the last student, a power of two (default 1)",
+    "process": "process whose uniform time grid gives the levels: vp_cosine (default), vp, edm, flow, ...",
+    "prediction": "student parametrization: x0, v or edm (default: the teacher's if one of these, else v)",
+    "weighting": "loss weight on the x0 error: truncated_snr (max(SNR,1), default), v (SNR+1), x0, snr",
+    "level_groups": "distinct levels per batch (teacher calls are grouped by level; >= batch: one per sample)",
+}
+STUDENT_PREDICTIONS = ("x0", "v", "edm")
+
+
+def level_grid(process, n: int, sigma_max: float) -> torch.Tensor:
+    """sigma(t_i), t_i = t_hi - i (t_hi - t_lo)/n for i < n, then 0 (float64, decreasing);
+    t_hi = min(t_max, t(sigma_max)), t_lo = the process's t_min."""
+    hi = min(float(process.t_max), float(process.t_of_sigma(torch.tensor(float(sigma_max), dtype=torch.float64))))
+    lo = float(process.t_min)
+    t = hi - torch.arange(n, dtype=torch.float64) * (hi - lo) / n
+    return torch.cat([process.sigma(t).to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def target(teacher, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x~ for samples y at levels rows[:, 0]: the teacher's DDIM (Euler) steps along each
+    row (two for PD, one for a copy round) from y to y_end, then
+    x~ = (y_end - r y) / (1 - r) with r = rows[:, -1] / rows[:, 0] (module docstring)."""
+    y_end = solve_rows("euler", teacher, y, rows)
+    r = bcast((rows[:, -1] / rows[:, 0]).to(y.device), y)
+    return (y_end - r * y) / (1 - r)
+
+
+def _rounds(n0: int, n_end: int, copy: bool) -> list:
+    """[(student steps N, teacher steps per student step)] in order."""
+    out = [(n0, 1)] if copy else []
+    n = n0 // 2
+    while n >= n_end:
+        out.append((n, 2))
+        n //= 2
+    return out
+
+
+def _student(prev, cfg, process, prediction, data, net_cfg, first_copy: bool):
+    """The round's student: a copy of its teacher (same net, weights, parametrization), or
+    for a copy round a fresh net in ``prediction`` under ``process``."""
+    from ..denoiser import ModelDenoiser
+    from ..nets import build_net
+
+    torch.manual_seed(int(cfg["seed"]))
+    if first_copy:
+        net = build_net(net_cfg)
+        return ModelDenoiser(net, process, prediction, data.sigma_data), getattr(net, "config", net_cfg)
+    T = prev.denoiser
+    net = build_net(prev.meta["net"])
+    net.load_state_dict({k: v.detach().cpu() for k, v in T.net.state_dict().items()})
+    return ModelDenoiser(net, T.process, T.prediction, T.sigma_data), dict(prev.meta["net"])
+
+
+def _check(cfg: dict, teacher):
+    from ..train.losses import x0_weight
+
+    n0, n_end = int(cfg["start_steps"]), int(cfg["end_steps"])
+    log2_int(n0, "--start-steps")
+    log2_int(n_end, "--end-steps")
+    if n_end > n0 or (n_end == n0 and not is_exact(teacher)):
+        raise UserError(f"--end-steps {n_end} must be below --start-steps {n0}")
+    x0_weight(cfg["weighting"], torch.ones(1))  # unknown names fail here
+    pred = cfg["prediction"]
+    if pred is None:
+        tp = getattr(teacher.denoiser, "prediction", None)
+        pred = tp if (not is_exact(teacher) and tp in STUDENT_PREDICTIONS) else "v"
+    if pred not in STUDENT_PREDICTIONS:
+        raise UserError(f"--prediction {pred}: progressive distillation students predict x0, v or edm")
+    copy = is_exact(teacher) or pred != getattr(teacher.denoiser, "prediction", None)
+    return n0, n_end, pred, copy
+
+
+def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
+    from ..model import load
+    from ..train.losses import x0_weight
+    from ..train.teacher import process_from_config
+
+    teacher = load_teacher(cfg["teacher"], cfg["device"])
+    n0, n_end, prediction, copy = _check(cfg, teacher)
+    process = process_from_config(cfg["process"])
+    data = data_source(cfg["data"], teacher, int(cfg["seed"]))
+    base = level_grid(process, n0, teacher.sigma_max)
+    net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
+    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
+    B, G = int(cfg["batch_size"]), int(cfg["level_groups"])
+    rounds = _rounds(n0, n_end, copy)
+    with RunFolder.create(out, cfg, resume=resume) as top:
+        prev, done = teacher, []
+        try:
+            for r, (N, k) in enumerate(rounds):
+                folder = top.root / "rounds" / f"steps_{N:04d}"
+                rel = str(folder.relative_to(top.root))
+                if (folder / "model.json").is_file():
+                    prev = load(str(folder), device=cfg["device"])
+                    done.append((N, rel, prev.meta))
+                    continue
+                grid_s = base[:: n0 // N]             # the student's N + 1 levels
+                grid_t = base[:: n0 // (N * k)]       # the teacher's k N + 1 levels
+                D, round_net_cfg = _student(prev, cfg, process, prediction, data, net_cfg, copy and r == 0)
+                T = prev.denoiser
+                if hasattr(T, "requires_grad_"):
+                    T.eval().requires_grad_(False)
+
+                def loss(model, gen, rank, world, device, D=D, T=T, grid_s=grid_s, grid_t=grid_t, N=N, k=k):
+                    """Per sample: w(s) || x_student(y, s) - x~ ||^2 at a student level s."""
+                    from .common import group_levels
+
+                    i = group_levels(N, B, G, gen)
+                    x0 = data.draw(B, gen)
+                    eps = torch.randn(x0.shape, generator=gen)
+                    sl = batch_slice(B, rank, world)
+                    i, x0, eps = i[sl], x0[sl].to(device), eps[sl].to(device)
+                    sigma = grid_s[i]
+                    rows = torch.stack([grid_t[k * i + j] for j in range(k + 1)], 1)
+                    y = x0 + bcast(sigma.to(device), x0) * eps
+                    x_tilde = target(T, y, rows)
+                    s = sigma.to(device, x0.dtype)
+                    pred = call_denoiser(D, model, y, s)
+                    w = x0_weight(cfg["weighting"], s.double()).to(x0.dtype)
+                    return w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+
+                rcfg = {**fit_config(cfg), "seed": int(cfg["seed"]) + 1000 * r, "round": r, "student_steps": N,
+                        "teacher_steps": k, "method": "progressive"}
+                timer = Timer()
+                frozen = {"teacher": T} if isinstance(T, torch.nn.Module) else {}
+                with RunFolder.create(folder, rcfg, resume=(folder / "config.json").is_file()) as rf:
+                    ema = fit(Task(student=D.net, loss=loss, frozen=frozen), rf, rcfg, accelerator=acc,
+                              progress=progress)
+                    if acc.is_main_process:
+                        sampling = {"sampler": "euler", "grids": fixed_grids({N: grid_s.tolist()})}
+                        meta = student_meta("progressive", D, round_net_cfg, teacher.shape, teacher.kind, data.name,
+                                            float(grid_s[-2]), float(grid_s[0]), sampling, cfg,
+                                            round={"index": r, "student_steps": N, "teacher_steps": k},
+                                            cost={"teacher_evals": int(cfg["steps"]) * B * k,
+                                                  "seconds": timer.seconds})
+                        write_student(folder, ema.module, meta)
+                acc.wait_for_everyone()
+                prev = load(str(folder), device=cfg["device"])
+                done.append((N, rel, prev.meta))
+        except BaseException:
+            if (top.root / "rounds").is_dir() and any((top.root / "rounds").glob("*/checkpoints")):
+                top.commit()  # finished or checkpointed rounds are worth resuming
+            raise
+        if acc.is_main_process:
+            _write_top(top.root, done)
+    return str(top.root)
+
+
+def _write_top(root: Path, done: list) -> None:
+    """The top folder: the last round's student (model.*) plus every round as a variant."""
+    from ..train.checkpoint import write_json
+
+    N_last, rel_last, meta_last = done[-1]
+    meta = dict(meta_last)
+    meta["sampling"] = {"sampler": "euler", "variants": {str(N): rel for N, rel, _ in done}}
+    meta["rounds"] = [{"student_steps": N, "folder": rel, "cost": m.get("cost", {})} for N, rel, m in done]
+    meta["cost"] = {"teacher_evals": sum(m.get("cost", {}).get("teacher_evals", 0) for _, _, m in done),
+                    "seconds": sum(m.get("cost", {}).get("seconds", 0.0) for _, _, m in done)}
+    shutil.copyfile(root / rel_last / "model.safetensors", root / ".model.safetensors.tmp")
+    (root / ".model.safetensors.tmp").replace(root / "model.safetensors")
+    write_json(root / "model.json", meta)
