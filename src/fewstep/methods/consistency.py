@@ -159,8 +159,12 @@ def curriculum(cfg: dict):
 
 
 def levels(N: int, cfg: dict) -> Tensor:
-    """The N Karras levels sigma_1 < ... < sigma_N on [sigma_min, sigma_max] (float64)."""
-    return karras(N, float(cfg["sigma_min"]), float(cfg["sigma_max"]), rho=float(cfg["rho"]), final_zero=False).flip(0)
+    """The N Karras levels sigma_1 < ... < sigma_N on [sigma_min, sigma_max] (float64): the
+    (N - 1)-step Karras grid that ends at sigma_min, increasing."""
+    if N < 2:
+        raise UserError(f"a consistency schedule needs N >= 2 levels, got {N}")
+    return karras(N - 1, float(cfg["sigma_min"]), float(cfg["sigma_max"]), rho=float(cfg["rho"]),
+                  final_zero=False).flip(0)
 
 
 def level_probs(sig: Tensor, cfg: dict) -> Tensor:
