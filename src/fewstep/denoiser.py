@@ -134,7 +134,9 @@ class ModelDenoiser(nn.Module):
     def forward(self, y: Tensor, sigma: Tensor, **cond) -> Tensor:
         sigma = _batch_sigma(sigma, y)
         x_in, c_noise, c = self.net_input(y, sigma)
-        out = self.net(x_in, c_noise.to(y.dtype), **cond)
+        p = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
+        dt = p.dtype if p is not None and p.is_floating_point() else y.dtype  # the net runs in its own dtype
+        out = self.net(x_in.to(dt), c_noise.to(dt), **cond)
         return self.output_to_x0(out.to(y.dtype), y, sigma, x_in, c)
 
 

@@ -164,10 +164,14 @@ def _load_run(path: Path, device) -> Model:
 
 
 def load(spec: str, device: Optional[str] = None) -> Model:
-    """Load a run folder or ``gmm:FILE.npz`` as a :class:`Model`."""
+    """Load a run folder, ``gmm:FILE.npz`` or ``diffusers:PATH`` as a :class:`Model`."""
     spec = str(spec)
     if spec.startswith("gmm:"):
         return _load_gmm(spec[4:], device)
+    if spec.startswith("diffusers:"):
+        from .interop.diffusers_teacher import load_diffusers_teacher
+
+        return load_diffusers_teacher(spec[len("diffusers:"):], device)
     path = Path(spec)
     if not path.exists():
         raise UserError(f"model '{spec}' not found: give a run folder or gmm:FILE.npz")

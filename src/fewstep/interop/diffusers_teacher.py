@@ -1,0 +1,122 @@
+"""A diffusers model as a fewstep teacher: ``fewstep.load("diffusers:PATH")``.
+
+PATH is a folder written by ``save_pretrained``: either a pipeline folder (``unet/`` and
+``scheduler/`` subfolders) or a model folder (``config.json`` of a ``UNet2DModel``, or any
+diffusers model class with the ``model(x, t).sample`` call) with ``scheduler_config.json``
+beside it. The scheduler config gives the discrete VP schedule (``trained_betas`` or
+``beta_start``/``beta_end``/``beta_schedule``/``num_train_timesteps``), the prediction type
+(``epsilon`` -> eps, ``v_prediction`` -> v, ``sample`` -> x0), clipping (``clip_sample``,
+``clip_sample_range``) and the timestep spacing, and maps it onto the sigma-space core:
+
+    x_t = sqrt(abar_t) (x0 + sigma_t eps),  sigma_t = sqrt((1 - abar_t) / abar_t),
+
+with t the (possibly fractional) diffusers timestep that the UNet receives, exactly as
+diffusers' Euler-type schedulers call it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+class DiffusersNet(nn.Module):
+    """Adapter: ``net(x, c_noise, labels=None, cond=None)`` -> ``model(x, t).sample``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, c_noise, labels=None, cond=None):
+        kw = {"class_labels": labels} if labels is not None else {}
+        out = self.model(x, c_noise.to(x.dtype), **kw)
+        return out.sample if hasattr(out, "sample") else out[0]
+
+
+class ClippedDenoiser(nn.Module):
+    """x0 clipped to [-r, r] (diffusers' ``clip_sample``), keeping the sampler contract."""
+
+    def __init__(self, inner, r: float):
+        super().__init__()
+        self.inner, self.r = inner, float(r)
+
+    def forward(self, y, sigma, **cond):
+        return self.inner(y, sigma, **cond).clamp(-self.r, self.r)
+
+
+def _find(path: Path):
+    """(model folder, scheduler config file) inside a save_pretrained folder."""
+    if (path / "unet" / "config.json").is_file():
+        model_dir = path / "unet"
+    elif (path / "config.json").is_file():
+        model_dir = path
+    else:
+        raise UserError(f"diffusers:{path}: no unet/config.json or config.json there; give a folder "
+                        f"written by save_pretrained")
+    for cand in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json",
+                 model_dir / "scheduler_config.json"):
+        if cand.is_file():
+            return model_dir, cand
+    raise UserError(f"diffusers:{path}: no scheduler config (scheduler/scheduler_config.json or "
+                    f"scheduler_config.json); save the scheduler with save_pretrained beside the model")
+
+
+def process_from_scheduler_config(cfg: dict):
+    """The discrete VP process of a diffusers scheduler config."""
+    from ..process import VPDiscrete
+
+    if cfg.get("trained_betas") is not None:
+        return VPDiscrete(cfg["trained_betas"])
+    return VPDiscrete.diffusers(int(cfg.get("num_train_timesteps", 1000)), float(cfg.get("beta_start", 1e-4)),
+                                float(cfg.get("beta_end", 0.02)), cfg.get("beta_schedule", "linear"))
+
+
+def load_diffusers_teacher(spec_path: str, device=None):
+    """Load ``diffusers:PATH`` as a :class:`fewstep.model.Model`."""
+    from ..denoiser import ModelDenoiser
+    from ..model import Model
+
+    path = Path(spec_path)
+    if not path.is_dir():
+        raise UserError(f"diffusers:{path} not found; give the folder written by save_pretrained")
+    model_dir, sched_file = _find(path)
+    try:
+        import diffusers
+    except ImportError:
+        raise UserError("diffusers is not installed; pip install diffusers to load diffusers: teachers") from None
+    mcfg = json.loads((model_dir / "config.json").read_text())
+    cls_name = mcfg.get("_class_name", "UNet2DModel")
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise UserError(f"diffusers:{path}: unknown model class {cls_name} in {model_dir / 'config.json'}")
+    try:
+        model = cls.from_pretrained(str(model_dir), use_safetensors=True)
+    except Exception as e:  # never fall back to pickle weights
+        raise UserError(f"diffusers:{path}: cannot load {cls_name} from safetensors weights "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    scfg = json.loads(sched_file.read_text())
+    pred = scfg.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise UserError(f"diffusers:{path}: prediction_type '{pred}' is not supported; "
+                        f"valid: {', '.join(PREDICTION_TYPES)}")
+    process = process_from_scheduler_config(scfg)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = DiffusersNet(model).to(dev).eval()
+    D = ModelDenoiser(net, process, PREDICTION_TYPES[pred])
+    if scfg.get("clip_sample", False):
+        D = ClippedDenoiser(D, scfg.get("clip_sample_range", 1.0))
+    size = mcfg.get("sample_size", 32)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (int(mcfg.get("in_channels", 3)), *size)
+    spacing = scfg.get("timestep_spacing", "leading")
+    meta = {"role": "diffusers-teacher", "scheduler": scfg, "model_class": cls_name,
+            "default_grid": f"time-{spacing}" if spacing in ("leading", "trailing", "linspace") else "karras"}
+    return Model(D, process, shape, process.sigma_min, process.sigma_max,
+                 int(mcfg.get("num_class_embeds") or 0), "dpmpp_2m", "image", f"diffusers:{path}", meta,
+                 device=dev)
