@@ -95,3 +95,21 @@ def test_stochastic_generator_form(spec, tmp_path):
     assert x.shape == (1000, 2)
     data = gmm2().sample(1000, generator=torch.Generator().manual_seed(3))
     assert sliced_w2(x, data) < 0.5 * sliced_w2(torch.zeros(1000, 2), data)
+
+
+def test_command_line(spec, tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "cli"
+    args = ["distill", "knowledge", "--teacher", spec, "--steps", "5", "--pairs", "64", "--pair-nfe", "4",
+            "--net", json.dumps(NET), "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main(args) == 0
+    assert main(["sample", str(out), "--nfe", "1", "--n", "16", "--out", str(tmp_path / "s.npz")]) == 0
+    assert main(["distill", "knowledge", "--out", str(out), "--resume", "--pairs", "9"]) == 2
+    assert main(["distill", "progressive", "--teacher", spec, "--start-steps", "6", "--out", str(tmp_path / "p")]) == 2
+    assert main(["distill", "consistency", "--mode", "training", "--out", str(tmp_path / "c")]) == 2
+    assert main(["distill", "consistency", "--teacher", spec, "--solver", "ddpm", "--out", str(tmp_path / "c")]) == 2
+    assert main(["distill", "knowledge", "--teacher", "nowhere", "--out", str(tmp_path / "k")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 5 and all(line.startswith("fewstep distill: error:") for line in err), err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists() and not (tmp_path / "k").exists()

@@ -21,7 +21,7 @@ squared L2 (mean over coordinates) or the pseudo-Huber sqrt(|a - b|^2 + c^2) - c
 Curricula ``step -> (N, mu)`` are pure functions:
 
     constant  N, mu fixed (CD: N = 18, mu = 0.95)
-    ct        N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1,
+    ct        N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1  (s0 .. s1 + 1),
               mu(k) = exp(s0 ln(mu0) / N(k))                          (CM App. C: 2, 150, 0.9)
     ict       N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1)),
               mu = 0 (the target is the student itself)        (Song & Dhariwal 2023: 10, 1280)
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +68,7 @@ DEFAULTS = {
     "init": "auto",           # auto | teacher | random
     "level_groups": 8,        # CD: distinct levels per batch (teacher calls are grouped by level)
     "sample_levels": None,    # multistep sampling levels {"2": [tau_1], ...} (default: a ladder)
+    "tune_levels": 0,         # samples for a greedy search of the levels (points data); 0: off
 }
 HELP = {
     "mode": "distillation (with a teacher's ODE step) or training (CT: no teacher)",
@@ -88,6 +90,7 @@ HELP = {
     "init": "student start: auto (teacher weights when an EDM net of the same architecture), teacher, random",
     "level_groups": "CD: distinct levels per batch (>= batch size: one per sample)",
     "sample_levels": 'multistep sampling levels after sigma_max, JSON {"2": [0.8], "3": [1.5, 0.3]}',
+    "tune_levels": "samples for a greedy search of the multistep levels on sliced-W2 to the data (0: off)",
 }
 SCHEDULES = ("constant", "ct", "ict")
 MAX_RULE_NFE = 8
@@ -95,11 +98,14 @@ MAX_RULE_NFE = 8
 
 # ------------------------------------------------------------------ parametrization
 def consistency_precond(sigma: Tensor, sigma_min: float, sigma_data: float):
-    """(c_skip, c_out, c_in, c_noise) of a consistency model (module docstring)."""
-    sd2 = sigma_data**2
-    c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2)
-    c_out = sigma_data * (sigma - sigma_min) / torch.sqrt(sigma**2 + sd2)
-    c_in = torch.rsqrt(sigma**2 + sd2)
+    """(c_skip, c_out, c_in, c_noise) of a consistency model (module docstring). The
+    constants are tensors of sigma's dtype, so at sigma = sigma_min the difference is an
+    exact 0 and c_skip = sd^2 / sd^2 = 1, c_out = 0 bit for bit."""
+    sd = torch.tensor(sigma_data, dtype=sigma.dtype, device=sigma.device)
+    delta = sigma - torch.tensor(sigma_min, dtype=sigma.dtype, device=sigma.device)
+    c_skip = sd * sd / (delta * delta + sd * sd)
+    c_out = sd * delta / torch.sqrt(sigma * sigma + sd * sd)
+    c_in = torch.rsqrt(sigma * sigma + sd * sd)
     return c_skip, c_out, c_in, 0.25 * torch.log(sigma)
 
 
@@ -135,7 +141,7 @@ def constant_schedule(k: int, K: int, n: int = 18, mu: float = 0.95):
 
 
 def ct_schedule(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float = 0.9):
-    """CM App. C: N grows like sqrt(k) from s0 + 1 to s1 + 1; mu(k) = exp(s0 ln(mu0) / N)."""
+    """CM App. C: N grows like sqrt(k) from s0 to s1 + 1; mu(k) = exp(s0 ln(mu0) / N)."""
     N = math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
     return N, math.exp(s0 * math.log(mu0) / N)
 
@@ -163,8 +169,10 @@ def levels(N: int, cfg: dict) -> Tensor:
     (N - 1)-step Karras grid that ends at sigma_min, increasing."""
     if N < 2:
         raise UserError(f"a consistency schedule needs N >= 2 levels, got {N}")
-    return karras(N - 1, float(cfg["sigma_min"]), float(cfg["sigma_max"]), rho=float(cfg["rho"]),
-                  final_zero=False).flip(0)
+    sig = karras(N - 1, float(cfg["sigma_min"]), float(cfg["sigma_max"]), rho=float(cfg["rho"]),
+                 final_zero=False).flip(0)
+    sig[0], sig[-1] = float(cfg["sigma_min"]), float(cfg["sigma_max"])  # exact ends: f(x, sigma_1) = x
+    return sig
 
 
 def level_probs(sig: Tensor, cfg: dict) -> Tensor:
@@ -289,7 +297,43 @@ def consistency_loss(D: ConsistencyDenoiser, cfg: dict, data, teacher, target, c
     return loss
 
 
-def sampling_rule(cfg: dict, sigma_data: float) -> dict:
+@torch.no_grad()
+def tune_levels(f, data, cfg: dict, n: int, max_k: int = 4) -> dict:
+    """Greedy search of the multistep levels (as the CM paper does on FID): for k = 2..max_k
+    steps, one pass of coordinate descent over the k - 1 levels on a log-spaced candidate
+    set in [0.02 sd, 4 sd], minimising sliced-W2 of n samples to n data samples (the same
+    noise for every candidate). Starts from the k - 1 step optimum plus a lower level."""
+    from ..metrics import sliced_w2
+    from ..samplers import get
+
+    if data.kind != "points":
+        raise UserError("--tune-levels searches on sliced-W2 of points; leave it 0 for images")
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) + 99)
+    ref = data.draw(n, gen)
+    dev = next(f.parameters()).device
+    x_T = float(cfg["sigma_max"]) * torch.randn(ref.shape, generator=gen)
+    cands = (f.sigma_data * torch.logspace(math.log10(0.02), math.log10(4.0), 14, dtype=torch.float64)).tolist()
+    sample, best = get("consistency"), {}
+
+    def score(lv):
+        grid = torch.tensor([float(cfg["sigma_max"])] + lv + [0.0], dtype=torch.float64, device=dev)
+        x = sample(f, x_T.to(dev), grid, epsilon=float(cfg["sigma_min"]),
+                   generator=torch.Generator(device=dev).manual_seed(5))
+        return sliced_w2(x.cpu(), ref)
+
+    prev = []
+    for k in range(2, max_k + 1):
+        lv = prev + [min(prev[-1] / 2, cands[-1]) if prev else cands[len(cands) // 2]]
+        for j in range(len(lv)):
+            hi = lv[j - 1] if j > 0 else float(cfg["sigma_max"])
+            lo = lv[j + 1] if j + 1 < len(lv) else float(cfg["sigma_min"])
+            options = [c for c in cands if lo < c < hi] + [lv[j]]
+            lv[j] = min(options, key=lambda c: score(lv[:j] + [c] + lv[j + 1:]))
+        best[k], prev = list(lv), lv
+    return best
+
+
+def sampling_rule(cfg: dict, sigma_data: float, tuned: Optional[dict] = None) -> dict:
     """Multistep consistency sampling on [sigma_max, levels..., 0] for 1..MAX_RULE_NFE steps."""
     import json
 
@@ -299,7 +343,7 @@ def sampling_rule(cfg: dict, sigma_data: float) -> dict:
             chosen = json.loads(chosen)
         except json.JSONDecodeError as e:
             raise UserError(f"--sample-levels {chosen}: not JSON ({e.msg})") from None
-    chosen = {int(k): list(v) for k, v in (chosen or {}).items()}
+    chosen = {**(tuned or {}), **{int(k): list(v) for k, v in (chosen or {}).items()}}
     grids = {}
     for k in range(1, MAX_RULE_NFE + 1):
         lv = chosen.get(k, default_levels(k, sigma_data))
@@ -332,6 +376,10 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
                   progress=progress)
         if acc.is_main_process:
             from ..samplers import info
+
+            if int(cfg["tune_levels"]) > 0:
+                f = ConsistencyDenoiser(ema.module, D.sigma_min, D.sigma_data, float(cfg["sigma_max"]))
+                sampling = sampling_rule(cfg, D.sigma_data, tune_levels(f, data, cfg, int(cfg["tune_levels"])))
 
             per = info(cfg["solver"]).cost(1, final_zero=False) if cfg["mode"] == "distillation" else 0
             den = {"kind": "consistency", "sigma_min": D.sigma_min, "sigma_data": D.sigma_data,
