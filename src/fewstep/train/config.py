@@ -48,7 +48,7 @@ def read_config_file(path) -> dict:
         raise UserError(f"config file {p} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"config file {p} must hold a JSON object")
-    return cfg
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}  # "_about" etc. are comments
 
 
 def resolve(overrides: Optional[dict] = None, file: Optional[str] = None) -> dict:
