@@ -1,0 +1,63 @@
+"""``fewstep bench``: every sampler and distilled student of one teacher on the same noise,
+one table, one Pareto plot, one report.html (see :mod:`fewstep.report.bench`)."""
+from __future__ import annotations
+
+import shlex
+import sys
+
+from fewstep.errors import UserError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--nfe {text}: give comma-separated integers, e.g. 1,2,4,8") from None
+    if not vals or min(vals) < 1:
+        raise UserError(f"--nfe {text}: give positive integers, e.g. 1,2,4,8")
+    return vals
+
+
+def add_parser(sub) -> None:
+    from fewstep.report.bench import DEFAULT_NFE, DEFAULT_SAMPLERS
+
+    p = sub.add_parser(
+        "bench", help="compare samplers and distilled students of one teacher; write a report",
+        description="Run every requested sampler at every NFE budget and every distilled student with its own "
+                    "sampling rule, all from the same noise; measure them against held-out data and the teacher's "
+                    "accurate ODE solution; write results.json, results.csv, pareto.png, samples_*.png and "
+                    "report.html (opens from disk) into --out.")
+    p.add_argument("--teacher", required=True, metavar="RUN_OR_SPEC", help="teacher run folder or gmm:FILE.npz")
+    p.add_argument("--samplers", default="default",
+                   help=f"comma-separated sampler names, 'all' (every deterministic sampler) or 'none' "
+                        f"(default: {','.join(DEFAULT_SAMPLERS)})")
+    p.add_argument("--students", default="auto",
+                   help="comma-separated student run folders, 'auto' (students of this teacher beside it: "
+                        "siblings and students/*) or 'none' (default auto)")
+    p.add_argument("--nfe", default=",".join(map(str, DEFAULT_NFE)),
+                   help=f"comma-separated NFE budgets (default {','.join(map(str, DEFAULT_NFE))})")
+    p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    p.add_argument("--n", type=int, help="samples per method (default 2000 for points, 500 for images)")
+    p.add_argument("--data", help="the teacher's dataset, if its run folder does not say")
+    p.add_argument("--nll", type=int, help="held-out samples for the teacher's NLL (default 500 points, "
+                                           "32 images; 0 skips it)")
+    p.add_argument("--no-reference", action="store_true", help="skip the accurate ODE solution (no flow error)")
+    p.add_argument("--seed", type=int, default=0, help="noise and data seed (default 0)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(a) -> int:
+    from fewstep.report.bench import run_bench
+
+    if a.n is not None and a.n < 10:
+        raise UserError(f"--n {a.n}: use at least 10 samples per method")
+    if a.nll is not None and a.nll < 0:
+        raise UserError(f"--nll {a.nll}: give a count >= 0")
+    _, path = run_bench(a.teacher, samplers=a.samplers, students=a.students, nfe=_ints(a.nfe), out=a.out, n=a.n,
+                        seed=a.seed, data=a.data, nll_n=a.nll, reference=not a.no_reference, device=a.device,
+                        progress=not a.quiet,
+                        command="fewstep " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None)
+    print(f"report: {path}")
+    return 0

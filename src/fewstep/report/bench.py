@@ -1,0 +1,406 @@
+"""``run_bench``: every sampler and distilled student of one teacher, on the same noise,
+measured with the same metrics, written as results + figures + report.html.
+
+For a teacher (run folder or ``gmm:FILE.npz``) and n:
+
+1. real data: two disjoint sets of n held-out samples (``A`` is what every method is
+   compared with, ``B`` gives the data-to-data floor of each metric at this n);
+2. noise ``eps`` [n, ...] from ``seed``; every method starts from ``sigma_max * eps`` of
+   its own model (a student whose latent has another shape draws its own, same seed);
+3. the reference: the teacher's probability-flow ODE solved accurately from that noise
+   (the exact flow map for a GaussianMixture, adaptive RK45 otherwise); every method's
+   ``flow_error`` is its RMS distance to it;
+4. each sampler at each NFE budget, each student with its own sampling rule at each NFE
+   it supports; the evaluations actually spent are counted;
+5. metrics against ``A`` (points: sliced-W2, MMD, energy distance, FD of coordinates,
+   precision/recall; images: FD / precision / recall on the set's classifier features,
+   the classifier score, pixel sliced-W2), and the teacher's NLL in bits/dim on held-out
+   data through the probability-flow ODE.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fewstep.errors import UserError
+from fewstep.report.results import Results
+
+DEFAULT_SAMPLERS = ("euler", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ipndm")
+DEFAULT_NFE = (1, 2, 4, 8)
+DEFAULT_N = {"points": 2000, "image": 500}
+DEFAULT_NLL_N = {"points": 500, "image": 32}
+REFERENCE_TOL = {"points": 1e-5, "image": 1e-4}
+_BIN_WIDTH = {"digits": 1 / 8}  # digits hold values v / 8 - 1, v in 0..16
+_8BIT = ("mnist:", "cifar10:")
+
+
+# ------------------------------------------------------------------------------ inputs
+def deterministic_samplers() -> list[str]:
+    """Every registered sampler that is neither stochastic nor adaptive."""
+    from fewstep.samplers import info, names
+
+    return [s for s in names() if not info(s).stochastic and not info(s).adaptive]
+
+
+def _data_spec(teacher, spec: str, override: Optional[str]) -> str:
+    if override:
+        return override
+    root = Path(spec)
+    cfg = root / "config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text()).get("data")
+            if isinstance(data, str) and data:
+                return data
+        except ValueError:
+            pass
+    name = (teacher.meta.get("data") or {}).get("name")
+    if not name:
+        raise UserError(f"cannot tell which data teacher {spec} was trained on; give --data")
+    return name
+
+
+def real_sets(teacher, spec: str, n: Optional[int], seed: int, data: Optional[str] = None):
+    """(A, B, data_spec): two disjoint held-out real sets of equal size n (or fewer for
+    a small finite set: half of it each)."""
+    from fewstep.data.registry import load_dataset
+
+    kind = teacher.kind
+    n = int(n or DEFAULT_N.get(kind, 1000))
+    if spec.startswith("gmm:"):
+        x = teacher.denoiser.sample(2 * n, generator=torch.Generator().manual_seed(seed + 1000))
+        return x[:n], x[n:], spec
+    dspec = _data_spec(teacher, spec, data)
+    ds = load_dataset(dspec, n=2 * n, seed=seed + 1000)
+    x = ds.x[torch.randperm(len(ds.x), generator=torch.Generator().manual_seed(seed + 1001))]
+    if tuple(x.shape[1:]) != tuple(teacher.shape):
+        raise UserError(f"data '{dspec}' has samples of shape {list(x.shape[1:])} but the teacher makes "
+                        f"{list(teacher.shape)}; give the teacher's dataset with --data")
+    half = min(n, len(x) // 2)
+    if half < 10:
+        raise UserError(f"data '{dspec}' has {len(x)} samples; the benchmark needs at least 20")
+    return x[:half], x[half:2 * half], dspec
+
+
+def discover_students(teacher_spec: str) -> list[str]:
+    """Student run folders beside the teacher: siblings, ``students/*`` next to it or in
+    it, whose model.json has ``role`` 'student' and names this teacher (or no teacher)."""
+    t = Path(teacher_spec[4:] if teacher_spec.startswith("gmm:") else teacher_spec).resolve()
+    roots = [t.parent, t.parent / "students", t / "students"]
+    found = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for p in sorted(root.iterdir()):
+            meta_path = p / "model.json"
+            if p.resolve() == t or not meta_path.is_file():
+                continue
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                continue
+            if meta.get("role") != "student":
+                continue
+            named = meta.get("teacher")
+            if named:
+                named = str(named)
+                path_part = named[4:] if named.startswith("gmm:") else named
+                cand = [Path(path_part), p / path_part, Path.cwd() / path_part]
+                if not any(c.exists() and c.resolve() == t for c in cand):
+                    continue
+            if str(p) not in found:
+                found.append(str(p))
+    return found
+
+
+# ----------------------------------------------------------------------------- metrics
+class Evaluator:
+    """Metrics of a sample set against the real set A (features computed once for A)."""
+
+    def __init__(self, real: Tensor, kind: str, data_spec: str, notes: list):
+        from fewstep.metrics.features import classifier_for, feature_extractor, logits_extractor
+
+        self.kind, self.real = kind, real.detach().cpu()
+        self.features = self.logits = None
+        if kind == "image":
+            try:
+                clf = classifier_for(data_spec, progress=True)
+                self.features, self.logits = feature_extractor(clf), logits_extractor(clf)
+                info = getattr(clf, "train_info", {})
+                notes.append(f"Image features: a {clf.num_features}-feature classifier trained here on "
+                             f"'{data_spec}' (held-out accuracy {info.get('val_accuracy', float('nan')):.3f}); "
+                             "FD and class score are NOT comparable with CIFAR-10 FID/IS.")
+            except UserError as e:
+                notes.append(f"No classifier features ({e}); FD and precision/recall use raw pixels.")
+        self.real_f = self._feat(self.real)
+
+    def _feat(self, x: Tensor) -> Tensor:
+        x = x.detach().cpu()
+        return self.features(x) if self.features is not None else x.reshape(len(x), -1).double()
+
+    def __call__(self, x: Tensor, flow_ref: Optional[Tensor] = None) -> dict:
+        from fewstep.metrics import (classifier_score, energy_distance, frechet_distance, mmd,
+                                     precision_recall, rms, sliced_w2)
+
+        x = x.detach().cpu()
+        if not torch.isfinite(x).all():
+            return {"fd": None, "note": "non-finite samples"}
+        f = self._feat(x)
+        m = {"fd": frechet_distance(f, self.real_f)}
+        if self.logits is not None:
+            m["class_score"] = classifier_score(x, self.logits)
+        m.update(precision_recall(f, self.real_f, k=3))
+        m["sliced_w2"] = sliced_w2(x, self.real)
+        if self.kind == "points":
+            m["mmd"] = mmd(x, self.real)
+            m["energy"] = energy_distance(x, self.real)
+        if flow_ref is not None:
+            m["flow_error"] = rms(x, flow_ref.detach().cpu())
+        return m
+
+
+# ----------------------------------------------------------------------------- sampling
+def _start(model, eps: Tensor, seed: int) -> Tensor:
+    """sigma_max * eps for this model, or its own noise (same seed) if its latent differs."""
+    latent = tuple(getattr(model, "latent_shape", model.shape))
+    if latent == tuple(eps.shape[1:]):
+        return (model.sigma_max * eps).to(model.device, model.dtype)
+    return model.noise(len(eps), seed=seed)
+
+
+def _sample_counted(model, nfe: int, sampler: Optional[str], x: Tensor, seed: int, **options):
+    """(samples, evaluations spent or None): the model's denoiser is wrapped in a counter."""
+    from fewstep.denoiser import NFECounter
+
+    inner = model.denoiser
+    counter = NFECounter(inner)
+    model.denoiser = counter
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out, _ = model.sample(len(x), nfe, sampler=sampler, seed=seed, x=x, **options)
+    finally:
+        model.denoiser = inner
+    return out, (counter.nfe or None)
+
+
+def _bin_width(data_spec: str) -> Optional[float]:
+    if data_spec in _BIN_WIDTH:
+        return _BIN_WIDTH[data_spec]
+    if data_spec.startswith(_8BIT) or Path(data_spec).is_dir() or data_spec.endswith(".png"):
+        return 2 / 255
+    return None
+
+
+def teacher_nll(teacher, spec: str, held: Tensor, data_spec: str, progress: bool) -> dict:
+    """Bits/dim of held-out data under the teacher (probability-flow ODE)."""
+    from fewstep.metrics.likelihood import EXACT_MAX_DIM, bits_per_dim, dequantize, nll
+
+    d = held[0].numel()
+    x = held.to(teacher.device, teacher.dtype)
+    bw = _bin_width(data_spec) if teacher.kind == "image" else None
+    if bw is not None:
+        x = dequantize(x, bw)
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        v = nll(teacher.denoiser, x, teacher.sigma_min, teacher.sigma_max, progress=progress,
+                rtol=1e-5 if teacher.kind == "points" else 1e-4, atol=1e-5 if teacher.kind == "points" else 1e-4)
+    out = {"teacher_nll_bits_per_dim": bits_per_dim(v, d, bw),
+           "teacher_nll_stderr_bits_per_dim": float(v.std() / math.sqrt(len(v))) / d / math.log(2) if len(v) > 1
+           else None,
+           "nll_samples": len(v), "nll_divergence": "exact" if d <= EXACT_MAX_DIM else "hutchinson (1 probe)",
+           "nll_sigma_min": teacher.sigma_min, "nll_seconds": time.time() - t0}
+    if spec.startswith("gmm:"):
+        exact = -teacher.denoiser.log_prob(held, teacher.sigma_min)
+        out["exact_nll_bits_per_dim"] = bits_per_dim(exact, d)
+    return out
+
+
+# ------------------------------------------------------------------------------- bench
+def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
+              students: Union[None, str, Sequence[str]] = "auto", nfe: Sequence[int] = DEFAULT_NFE,
+              out: str = "runs/bench", n: Optional[int] = None, seed: int = 0, data: Optional[str] = None,
+              nll_n: Optional[int] = None, reference: bool = True, device: Optional[str] = None,
+              progress: bool = True, command: Optional[str] = None) -> tuple[Results, Path]:
+    """Run the benchmark (see the module docstring); returns (results, report.html path).
+
+    ``samplers``: names, ``'default'`` (None), ``'all'`` (every deterministic sampler) or
+    ``'none'``; ``students``: run folders, ``'auto'`` (:func:`discover_students`) or
+    ``'none'``; ``nll_n``: held-out samples for the teacher NLL (0 skips it).
+    """
+    from tqdm.auto import tqdm
+
+    from fewstep.model import load
+    from fewstep.samplers import info
+
+    t_start = time.time()
+    teacher_spec = str(teacher)
+    samplers = _sampler_list(samplers)
+    for s in samplers:
+        info(s)  # unknown names fail before any work
+    nfes = sorted({int(k) for k in nfe})
+    if not nfes or nfes[0] < 1:
+        raise UserError(f"--nfe {','.join(map(str, nfe))}: give positive integers, e.g. 1,2,4,8")
+    student_specs = _student_list(students, teacher_spec)
+    model = load(teacher_spec, device=device)
+    studs = [(s, load(s, device=device)) for s in student_specs]
+    for s, st in studs:
+        if tuple(st.shape) != tuple(model.shape):
+            raise UserError(f"student {s} makes samples of shape {list(st.shape)}, the teacher {list(model.shape)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    real_a, real_b, dspec = real_sets(model, teacher_spec, n, seed, data)
+    n = len(real_a)
+    notes: list[str] = []
+    say = print if progress else (lambda *a, **k: None)
+    say(f"[bench] teacher {teacher_spec}, data {dspec}, n = {n}, {len(samplers)} samplers, "
+        f"{len(studs)} students, NFE {','.join(map(str, nfes))}")
+    evaluate = Evaluator(real_a, model.kind, dspec, notes)
+    eps = torch.randn((n,) + tuple(model.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x_T = _start(model, eps, seed)
+    rows, skipped, panels = [], [], {}
+
+    def record(method, kind, k, used, x, seconds, flow_ref):
+        m = evaluate(x, flow_ref)
+        note = m.pop("note", None)
+        if note:
+            skipped.append({"method": method, "nfe": k, "reason": note})
+        rows.append({"method": method, "kind": kind, "nfe": k, "nfe_used": used, **m, "seconds": seconds})
+        panels.setdefault(method, {})[f"NFE {k}" if k is not None else method] = x.detach().cpu()[:2000]
+
+    rows.append({"method": "data (held-out)", "kind": "data", "nfe": None, "nfe_used": None,
+                 **{k: v for k, v in evaluate(real_b).items() if k != "flow_error"}})
+    ref = None
+    if reference:
+        say("[bench] the reference: the teacher's ODE solved accurately from the same noise")
+        t0 = time.time()
+        if teacher_spec.startswith("gmm:"):
+            ref, used, label = model.denoiser.flow(x_T, model.sigma_max, 0.0, rtol=1e-8), None, "exact flow"
+        else:
+            tol = REFERENCE_TOL.get(model.kind, 1e-5)
+            ref, used = _sample_counted(model, 100000, "rk45", x_T, seed, rtol=tol, atol=tol)
+            label = f"teacher ODE (rk45, tol {tol:g})"
+        rows.append({"method": label, "kind": "reference", "nfe": None, "nfe_used": used,
+                     **evaluate(ref), "seconds": time.time() - t0})
+        panels["reference"] = {"data": real_a[:2000], label: ref.detach().cpu()[:2000]}
+
+    jobs = [(s, "sampler", model, k) for s in samplers for k in nfes]
+    for spec, st in studs:
+        name = _student_name(spec, st)
+        rule = st.rule_nfes() if hasattr(st, "rule_nfes") else []
+        for k in nfes:
+            if rule and k not in rule:
+                skipped.append({"method": name, "nfe": k, "reason": f"its own rule samples with "
+                                f"{', '.join(map(str, rule))} evaluations"})
+            else:
+                jobs.append((name, "student", st, k))
+    bar = tqdm(jobs, desc="bench", disable=not progress, leave=True)
+    for method, kind, m, k in bar:
+        bar.set_postfix_str(f"{method} @ {k}")
+        t0 = time.time()
+        try:
+            x, used = _sample_counted(m, k, method if kind == "sampler" else None, _start(m, eps, seed), seed)
+        except UserError as e:
+            skipped.append({"method": method, "nfe": k, "reason": str(e)})
+            continue
+        seconds = time.time() - t0
+        used = used if used is not None else k
+        if kind == "sampler" and any(r["method"] == method and r["nfe_used"] == used for r in rows):
+            skipped.append({"method": method, "nfe": k, "reason": f"spends {used} evaluations, as at a "
+                            "smaller budget (its steps cost more than one evaluation)"})
+            continue
+        same_noise = tuple(getattr(m, "latent_shape", m.shape)) == tuple(eps.shape[1:])
+        record(method, kind, k, used, x, seconds, ref if same_noise and ref is not None else None)
+    bar.close()
+
+    summary = {}
+    nll_n = DEFAULT_NLL_N.get(model.kind, 0) if nll_n is None else int(nll_n)
+    if nll_n > 0:
+        say(f"[bench] teacher NLL of {min(nll_n, len(real_b))} held-out samples (probability-flow ODE)")
+        summary = teacher_nll(model, teacher_spec, real_b[:nll_n], dspec, progress)
+    primary = "sliced_w2" if model.kind == "points" else "fd"
+    meta = {"teacher": teacher_spec, "data": dspec, "kind": model.kind, "n": n, "seed": seed,
+            "samplers": samplers, "students": student_specs, "nfe": nfes, "primary": primary,
+            "command": command or _command(teacher_spec, samplers, student_specs, nfes, out, n, seed),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+                       f"device {model.device}",
+            "date": time.strftime("%Y-%m-%d"), "summary": summary, "notes": notes}
+    results = Results(meta, rows, skipped)
+    results.meta["seconds"] = time.time() - t_start
+    path = write_report(results, out, panels)
+    say(f"[bench] done in {time.time() - t_start:.0f} s: {path}")
+    return results, path
+
+
+def write_report(results: Results, out, panels: Optional[dict] = None) -> Path:
+    """results.json, results.csv, pareto.png, samples_*.png and report.html in ``out``."""
+    from fewstep.report.figures import pareto_plot, samples_plot, slug
+    from fewstep.report.html import write_html
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results.save(out)
+    pareto = pareto_plot(results, out / "pareto.png")
+    lim = None
+    pngs = []
+    for method, pan in (panels or {}).items():
+        if results.meta.get("kind") == "points":
+            lim = _plot_limit(pan)
+        pngs.append((method, samples_plot(method, pan, out / f"samples_{slug(method)}.png", lim=lim)))
+    return write_html(results, out, pareto, pngs)
+
+
+def _plot_limit(panels: dict) -> float:
+    x = next(iter(panels.values()))
+    return float(x.detach().float().abs().quantile(0.99)) * 1.3 + 1e-3 if x.numel() else 3.0
+
+
+def _sampler_list(samplers) -> list[str]:
+    if samplers is None or samplers == "default":
+        from fewstep.samplers import names
+
+        return [s for s in DEFAULT_SAMPLERS if s in names()]
+    if samplers == "all":
+        return deterministic_samplers()
+    if samplers == "none":
+        return []
+    if isinstance(samplers, str):
+        samplers = [s for s in samplers.split(",") if s]
+    return list(dict.fromkeys(samplers))
+
+
+def _student_list(students, teacher_spec: str) -> list[str]:
+    if students is None or students == "none":
+        return []
+    if students == "auto":
+        return discover_students(teacher_spec)
+    if isinstance(students, str):
+        students = [s for s in students.split(",") if s]
+    for s in students:
+        if not Path(s).is_dir():
+            raise UserError(f"student run folder {s} not found")
+    return list(dict.fromkeys(students))
+
+
+def _student_name(spec: str, st) -> str:
+    method = st.meta.get("method") or "student"
+    base = Path(spec).name
+    return base if method in base else f"{method}:{base}"
+
+
+def _command(teacher, samplers, students, nfes, out, n, seed) -> str:
+    parts = ["fewstep bench", f"--teacher {teacher}", f"--samplers {','.join(samplers) or 'none'}",
+             f"--students {','.join(students) or 'none'}", f"--nfe {','.join(map(str, nfes))}",
+             f"--n {n}", f"--seed {seed}", f"--out {out}"]
+    return " ".join(parts)
