@@ -136,3 +136,15 @@ def test_interrupted_distillation_resumes_identically(spec, tmp_path, monkeypatc
     cut = distill("consistency", {}, str(tmp_path / "cut"), resume=True, progress=False)
     a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cd_starts_from_an_edm_teacher(tmp_path):
+    from fewstep.train.teacher import train_teacher
+
+    run = train_teacher({"data": "moons", "steps": 20, "batch_size": 64, "n_data": 500, "device": "cpu", "net": NET},
+                        str(tmp_path / "teacher"), progress=False, evaluate=False)
+    teacher = load_teacher(run)
+    cfg = resolve_cm(resolve("consistency", {"teacher": run}), teacher)
+    f, _ = build_student(teacher, cfg, data_source(None, teacher))
+    a, b = f.net.state_dict(), teacher.denoiser.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and f.sigma_data == 0.5

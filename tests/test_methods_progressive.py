@@ -95,3 +95,18 @@ def test_interrupted_run_resumes_identically(spec, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     x = load(cut).sample(10, 2, seed=0)[0]  # the 2-step round through the top folder
     assert x.shape == (10, 2) and bool(torch.isfinite(x).all())
+
+
+def test_a_trained_teacher_is_copied_not_refit(tmp_path):
+    """A run-folder teacher (EDM net) is its first student's start: no copy round, the
+    student keeps the teacher's net, process and parametrization; levels stop at its sigma_max."""
+    from fewstep.train.teacher import train_teacher
+
+    teacher = train_teacher({"data": "moons", "steps": 20, "batch_size": 64, "n_data": 500, "device": "cpu",
+                             "net": NET}, str(tmp_path / "teacher"), progress=False, evaluate=False)
+    out = distill("progressive", {"teacher": teacher, "steps": 3, "start_steps": 4, "end_steps": 2, "device": "cpu"},
+                  str(tmp_path / "pd"), progress=False)
+    meta = json.loads((tmp_path / "pd" / "model.json").read_text())
+    assert [r["student_steps"] for r in meta["rounds"]] == [2] and meta["prediction"] == "edm"
+    assert meta["process"]["kind"] == "edm" and abs(meta["sigma_max"] - 80.0) < 1e-9
+    assert load(out).sample(5, 2, seed=0)[0].shape == (5, 2)

@@ -312,14 +312,14 @@ def tune_levels(f, data, cfg: dict, n: int, max_k: int = 4) -> dict:
     ref = data.draw(n, gen)
     dev = next(f.parameters()).device
     x_T = float(cfg["sigma_max"]) * torch.randn(ref.shape, generator=gen)
-    cands = (f.sigma_data * torch.logspace(math.log10(0.02), math.log10(4.0), 14, dtype=torch.float64)).tolist()
+    cands = (f.sigma_data * torch.logspace(math.log10(0.02), math.log10(4.0), 12, dtype=torch.float64)).tolist()
     sample, best = get("consistency"), {}
 
     def score(lv):
         grid = torch.tensor([float(cfg["sigma_max"])] + lv + [0.0], dtype=torch.float64, device=dev)
         x = sample(f, x_T.to(dev), grid, epsilon=float(cfg["sigma_min"]),
                    generator=torch.Generator(device=dev).manual_seed(5))
-        return sliced_w2(x.cpu(), ref)
+        return sliced_w2(x.cpu(), ref, n_projections=128)
 
     prev = []
     for k in range(2, max_k + 1):
