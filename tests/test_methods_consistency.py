@@ -148,3 +148,17 @@ def test_cd_starts_from_an_edm_teacher(tmp_path):
     f, _ = build_student(teacher, cfg, data_source(None, teacher))
     a, b = f.net.state_dict(), teacher.denoiser.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and f.sigma_data == 0.5
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpm_solver_2"])
+def test_teacher_ode_step_is_the_registered_sampler(solver):
+    """solve_rows: samples at different levels, each moved by the sampler on its own row."""
+    from fewstep.methods.common import solve_rows
+
+    gmm = gmm2()
+    x = 3 * torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([[3.0, 2.0], [1.0, 0.5], [3.0, 2.0], [1.0, 0.5], [3.0, 2.0], [0.2, 0.1]], dtype=torch.float64)
+    out = solve_rows(solver, gmm, x, rows)
+    for b in range(6):
+        assert torch.allclose(out[b:b + 1], get(solver)(gmm, x[b:b + 1], rows[b]), rtol=0, atol=1e-12)
+    assert rms(out, torch.cat([gmm.flow(x[b:b + 1], *rows[b].tolist()) for b in range(6)])) < 0.2
