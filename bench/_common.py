@@ -1,0 +1,67 @@
+"""Small helpers shared by the bench scripts: machine description and a timed denoiser."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What a benchmark number needs next to it: cores, CPU, threads, versions, date."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit}
+
+
+class Timed:
+    """Wraps a denoiser or network; ``seconds`` (wall) and ``cpu_seconds`` (this process's
+    CPU time, robust to other jobs on a shared machine) accumulate the time spent inside it
+    and ``calls`` counts the calls, so a loop's own time is its total minus these."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.cpu_seconds, self.calls = 0.0, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = self.inner(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
+        self.calls += 1
+        return out
+
+
+class Clock:
+    """``with Clock() as c: ...`` -> c.wall, c.cpu (seconds)."""
+
+    def __enter__(self):
+        self._t, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self._t, time.process_time() - self._c
+        return False
