@@ -114,7 +114,11 @@ class ModelDenoiser(nn.Module):
             _, _, c_in, c_noise = edm_precond(sigma, self.sigma_data)
             return _bcast(c_in, y) * y, c_noise, None
         t = self.process.t_of_sigma(sigma)
-        c = Coefficients.at(self.process, t, y, derivatives=self.prediction == "flow")
+        if self.prediction == "flow":
+            c = Coefficients.at(self.process, t, y, derivatives=True)
+        else:  # alpha from sigma directly (closed forms), std = alpha * sigma
+            a = _bcast(self.process.scale_of_sigma(sigma), y)
+            c = Coefficients(a, a * _bcast(sigma, y))
         return c.alpha * y, self.process.c_noise(t), c
 
     def output_to_x0(self, out: Tensor, y: Tensor, sigma: Tensor, x_in: Tensor, c) -> Tensor:

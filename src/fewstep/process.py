@@ -85,6 +85,10 @@ class Process:
         """lambda(t) = log(alpha_t^2 / std_t^2) = -2 log sigma(t)."""
         return -2.0 * torch.log(self.sigma(_as_tensor(t)))
 
+    def scale_of_sigma(self, sigma: Tensor) -> Tensor:
+        """alpha at the time where the level is sigma (closed forms override this)."""
+        return self.scale(self.t_of_sigma(sigma))
+
     def std(self, t: Tensor) -> Tensor:
         """std_t = scale(t) * sigma(t), the x-space noise standard deviation."""
         t = _as_tensor(t)
@@ -201,6 +205,9 @@ class VP(Process):
     def t_of_c_noise(self, c):
         return c / 1000.0
 
+    def scale_of_sigma(self, sigma):
+        return torch.rsqrt(1 + _as_tensor(sigma) ** 2)  # alpha^2 + std^2 = 1
+
     def config(self):
         return dict(kind="vp", schedule=self.schedule, beta_min=self.beta_min, beta_max=self.beta_max,
                     s=self.s, t_min=self.t_min, t_max=self.t_max)
@@ -253,6 +260,9 @@ class VPDiscrete(Process):
 
     def scale(self, t):
         return torch.rsqrt(1 + self.sigma(t) ** 2)
+
+    def scale_of_sigma(self, sigma):
+        return torch.rsqrt(1 + _as_tensor(sigma) ** 2)
 
     def t_of_sigma(self, sigma):
         sigma = _as_tensor(sigma)
