@@ -182,3 +182,14 @@ def test_benchmarks_md_section_is_replaced_and_the_rest_kept(gmm_bench, tmp_path
     fresh = tmp_path / "new.md"
     assert mod.main([str(gmm_bench), "--doc", str(fresh)]) == 0
     assert fresh.read_text().startswith("# Benchmarks\n\n" + mod.HEADING)
+
+
+def test_point_cloud_sets_get_the_cloud_metrics():
+    from fewstep.report.bench import Evaluator
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(20, 32, 3, generator=g)
+    notes = []
+    ev = Evaluator(real, "points", "clouds", notes)
+    m = ev(torch.randn(20, 32, 3, generator=g), flow_ref=torch.zeros(20, 32, 3))
+    assert ev.kind == "clouds" and set(m) == {"mmd_cd", "cov_cd", "nna_cd", "flow_error"}

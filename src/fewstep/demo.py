@@ -1,20 +1,19 @@
 """``fewstep demo``: the whole story on an embedded default, in minutes on a laptop CPU.
 
 1. train a 2-D teacher (moons, VP, eps prediction, MLP);
-2. solve its probability-flow ODE accurately once (rk45, tight tolerance) from fixed noise:
-   the teacher's own "exact" answer;
-3. sample it with every deterministic registered sampler at NFE 2..32 from that noise;
-   measure the error against the teacher's exact ODE answer and the sliced-W2 to the data;
-4. write metrics.json, plots and a short table into one folder.
+2. through ``fewstep bench`` (:func:`fewstep.report.run_bench`): solve its probability-flow
+   ODE accurately once (rk45, tight tolerance) from fixed noise, the teacher's own "exact"
+   answer; sample it with every deterministic demo sampler at NFE 2..32 from that noise
+   (and any distilled students found beside the teacher, with their own rules); measure
+   the error against the exact ODE answer, the sliced-W2 and the other metrics against
+   held-out data, and the teacher's NLL; write the report into ``report/``;
+3. write metrics.json, plots and a short table into the demo folder and print where
+   ``report/report.html`` is.
 """
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from pathlib import Path
-
-import torch
 
 from .errors import UserError
 
@@ -23,9 +22,7 @@ DEMO_SAMPLERS = ("euler", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m", "unipc
 
 
 def run_demo(out: str, data: str = "moons", steps: int = 3000, seed: int = 0, device=None, progress=True) -> dict:
-    from .data.registry import load_dataset
-    from .metrics import rms, sliced_w2
-    from .model import load
+    from .report.bench import run_bench
     from .samplers import info, names
     from .train.checkpoint import write_json
     from .train.teacher import train_teacher
@@ -44,34 +41,33 @@ def run_demo(out: str, data: str = "moons", steps: int = 3000, seed: int = 0, de
         train_teacher({"data": data, "steps": steps, "seed": seed, "device": device}, str(teacher_dir),
                       resume=resume, progress=progress)
     train_s = time.time() - t0
-    model = load(str(teacher_dir), device=device)
-    ds = load_dataset(data, n=4000, seed=seed + 10)
-    n = 2000
-    x_T = model.noise(n, seed=seed + 100)
-    print("[demo] 2/3 the teacher's exact ODE answer (adaptive RK45, tolerance 1e-5)")
-    ref = model.sample(n, nfe=100000, sampler="rk45", x=x_T, rtol=1e-5, atol=1e-5)[0]
-    rows = []
     samplers = [s for s in DEMO_SAMPLERS if s in names() and not info(s).stochastic]
-    print(f"[demo] 3/3 sampling with {len(samplers)} samplers at NFE {', '.join(map(str, DEMO_NFE))}")
-    samples = {}
-    for s in samplers:
-        for k in DEMO_NFE:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    x = model.sample(n, nfe=k, sampler=s, x=x_T)[0]
-                except UserError:
-                    continue  # the sampler needs more than k evaluations for one step
-            rows.append({"sampler": s, "nfe": k, "ode_error": rms(x, ref), "sliced_w2": sliced_w2(x, ds.x[:n])})
-            samples[(s, k)] = x
+    print(f"[demo] 2/3 the teacher's exact ODE answer (adaptive RK45, tolerance 1e-5), then {len(samplers)} "
+          f"samplers at NFE {', '.join(map(str, DEMO_NFE))} from the same noise, and any students beside it")
+    res, report = run_bench(str(teacher_dir), samplers=samplers, students="auto", nfe=DEMO_NFE,
+                            out=str(root / "report"), n=2000, seed=seed, nll_n=200, device=device,
+                            progress=progress, command=f"fewstep demo --out {root} --data {data} --seed {seed}")
+    print("[demo] 3/3 metrics, plots and the report")
+    by_kind = {r["kind"]: r for r in res.rows if r["kind"] in ("data", "reference")}
+    rows = [{"sampler": r["method"], "nfe": r["nfe"], "nfe_used": r["nfe_used"], "ode_error": r.get("flow_error"),
+             "sliced_w2": r["sliced_w2"]} for r in res.rows if r["kind"] == "sampler"]
+    students = [{"student": r["method"], "nfe": r["nfe"], "ode_error": r.get("flow_error"),
+                 "sliced_w2": r["sliced_w2"]} for r in res.rows if r["kind"] == "student"]
     result = {"data": data, "teacher": str(teacher_dir), "train_seconds": train_s,
-              "reference": {"sampler": "rk45", "rtol": 1e-5, "sliced_w2": sliced_w2(ref, ds.x[:n])},
-              "data_floor_sliced_w2": sliced_w2(ds.x[n:2 * n], ds.x[:n]), "rows": rows}
+              "reference": {"sampler": "rk45", "rtol": 1e-5, "sliced_w2": by_kind["reference"]["sliced_w2"],
+                            "nfe": by_kind["reference"]["nfe_used"]},
+              "data_floor_sliced_w2": by_kind["data"]["sliced_w2"], "rows": rows, "students": students,
+              "teacher_nll_bits_per_dim": res.meta["summary"].get("teacher_nll_bits_per_dim"),
+              "report": str(report)}
     write_json(root / "metrics.json", result)
-    _plots(root, rows, samples, ref, ds.x[:n])
+    panels = res.samples
+    ref_panels = panels["reference"]
+    samples = {(r["sampler"], r["nfe"]): panels[r["sampler"]][f"NFE {r['nfe']}"] for r in rows}
+    _plots(root, rows, samples, list(ref_panels.values())[1], ref_panels["data"])
     _print_table(result)
     print(f"[demo] done in {time.time() - t0:.0f} s: {root / 'metrics.json'}, {root / 'error_vs_nfe.png'}, "
           f"{root / 'samples.png'}")
+    print(f"[demo] report: {report}")
     return result
 
 

@@ -14,8 +14,9 @@ For a teacher (run folder or ``gmm:FILE.npz``) and n:
    it supports; the evaluations actually spent are counted;
 5. metrics against ``A`` (points: sliced-W2, MMD, energy distance, FD of coordinates,
    precision/recall; images: FD / precision / recall on the set's classifier features,
-   the classifier score, pixel sliced-W2), and the teacher's NLL in bits/dim on held-out
-   data through the probability-flow ODE.
+   the classifier score, pixel sliced-W2; point clouds [n, N, 3]: MMD-CD, COV-CD and
+   1-NNA-CD on the first 100 clouds), and the teacher's NLL in bits/dim on held-out data
+   through the probability-flow ODE.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ DEFAULT_NLL_N = {"points": 500, "image": 32}
 REFERENCE_TOL = {"points": 1e-5, "image": 1e-4}
 _BIN_WIDTH = {"digits": 1 / 8}  # digits hold values v / 8 - 1, v in 0..16
 _8BIT = ("mnist:", "cifar10:")
+CLOUD_SET_SIZE = 100  # clouds per set for MMD-CD / COV-CD / 1-NNA-CD (pairwise Chamfer costs n^2 N^2)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -129,7 +131,8 @@ class Evaluator:
     def __init__(self, real: Tensor, kind: str, data_spec: str, notes: list):
         from fewstep.metrics.features import classifier_for, feature_extractor, logits_extractor
 
-        self.kind, self.real = kind, real.detach().cpu()
+        self.real = real.detach().cpu()
+        self.kind = "clouds" if kind != "image" and self.real.ndim == 3 else kind
         self.features = self.logits = None
         if kind == "image":
             try:
@@ -141,19 +144,25 @@ class Evaluator:
                              "FD and class score are NOT comparable with CIFAR-10 FID/IS.")
             except UserError as e:
                 notes.append(f"No classifier features ({e}); FD and precision/recall use raw pixels.")
-        self.real_f = self._feat(self.real)
+        self.real_f = None if self.kind == "clouds" else self._feat(self.real)
 
     def _feat(self, x: Tensor) -> Tensor:
         x = x.detach().cpu()
         return self.features(x) if self.features is not None else x.reshape(len(x), -1).double()
 
     def __call__(self, x: Tensor, flow_ref: Optional[Tensor] = None) -> dict:
-        from fewstep.metrics import (classifier_score, energy_distance, frechet_distance, mmd,
+        from fewstep.metrics import (classifier_score, cloud_set_metrics, energy_distance, frechet_distance, mmd,
                                      precision_recall, rms, sliced_w2)
 
         x = x.detach().cpu()
         if not torch.isfinite(x).all():
             return {"fd": None, "note": "non-finite samples"}
+        if self.kind == "clouds":
+            k = min(len(x), len(self.real), CLOUD_SET_SIZE)
+            m = cloud_set_metrics(x[:k], self.real[:k])
+            if flow_ref is not None:
+                m["flow_error"] = rms(x, flow_ref.detach().cpu())
+            return m
         f = self._feat(x)
         m = {"fd": frechet_distance(f, self.real_f)}
         if self.logits is not None:
@@ -257,8 +266,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     for s, st in studs:
         if tuple(st.shape) != tuple(model.shape):
             raise UserError(f"student {s} makes samples of shape {list(st.shape)}, the teacher {list(model.shape)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)  # created only when the results are written: an interrupted run leaves nothing
 
     real_a, real_b, dspec = real_sets(model, teacher_spec, n, seed, data)
     n = len(real_a)
@@ -277,7 +285,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         if note:
             skipped.append({"method": method, "nfe": k, "reason": note})
         rows.append({"method": method, "kind": kind, "nfe": k, "nfe_used": used, **m, "seconds": seconds})
-        panels.setdefault(method, {})[f"NFE {k}" if k is not None else method] = x.detach().cpu()[:2000]
+        panels.setdefault(method, {})[f"NFE {k}" if k is not None else method] = _panel(x, evaluate.kind)
 
     rows.append({"method": "data (held-out)", "kind": "data", "nfe": None, "nfe_used": None,
                  **{k: v for k, v in evaluate(real_b).items() if k != "flow_error"}})
@@ -293,7 +301,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
             label = f"teacher ODE (rk45, tol {tol:g})"
         rows.append({"method": label, "kind": "reference", "nfe": None, "nfe_used": used,
                      **evaluate(ref), "seconds": time.time() - t0})
-        panels["reference"] = {"data": real_a[:2000], label: ref.detach().cpu()[:2000]}
+        panels["reference"] = {"data": _panel(real_a, evaluate.kind), label: _panel(ref, evaluate.kind)}
 
     jobs = [(s, "sampler", model, k) for s in samplers for k in nfes]
     for spec, st in studs:
@@ -329,14 +337,14 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     if nll_n > 0:
         say(f"[bench] teacher NLL of {min(nll_n, len(real_b))} held-out samples (probability-flow ODE)")
         summary = teacher_nll(model, teacher_spec, real_b[:nll_n], dspec, progress)
-    primary = "sliced_w2" if model.kind == "points" else "fd"
-    meta = {"teacher": teacher_spec, "data": dspec, "kind": model.kind, "n": n, "seed": seed,
+    primary = {"points": "sliced_w2", "clouds": "mmd_cd"}.get(evaluate.kind, "fd")
+    meta = {"teacher": teacher_spec, "data": dspec, "kind": evaluate.kind, "n": n, "seed": seed,
             "samplers": samplers, "students": student_specs, "nfe": nfes, "primary": primary,
             "command": command or _command(teacher_spec, samplers, student_specs, nfes, out, n, seed),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                        f"device {model.device}",
             "date": time.strftime("%Y-%m-%d"), "summary": summary, "notes": notes}
-    results = Results(meta, rows, skipped)
+    results = Results(meta, rows, skipped, samples=panels)
     results.meta["seconds"] = time.time() - t_start
     path = write_report(results, out, panels)
     say(f"[bench] done in {time.time() - t_start:.0f} s: {path}")
@@ -355,10 +363,16 @@ def write_report(results: Results, out, panels: Optional[dict] = None) -> Path:
     lim = None
     pngs = []
     for method, pan in (panels or {}).items():
-        if results.meta.get("kind") == "points":
+        if results.meta.get("kind") in ("points", "clouds"):
             lim = _plot_limit(pan)
         pngs.append((method, samples_plot(method, pan, out / f"samples_{slug(method)}.png", lim=lim)))
     return write_html(results, out, pareto, pngs)
+
+
+def _panel(x: Tensor, kind: str) -> Tensor:
+    """What the sample figure shows: up to 2000 points or images, or one point cloud."""
+    x = x.detach().cpu()
+    return x[0] if kind == "clouds" else x[:2000]
 
 
 def _plot_limit(panels: dict) -> float:

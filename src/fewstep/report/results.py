@@ -42,6 +42,12 @@ METRICS: dict[str, MetricInfo] = {
     "sliced_w2": MetricInfo("sliced W2", "lower", "sliced Wasserstein-2 to held-out data"),
     "mmd": MetricInfo("MMD^2", "lower", "unbiased squared MMD, RBF kernels at median-heuristic bandwidths"),
     "energy": MetricInfo("energy", "lower", "energy distance (Szekely & Rizzo)"),
+    "mmd_cd": MetricInfo("MMD-CD", "lower", "point clouds: mean over reference clouds of the Chamfer distance "
+                         "to the nearest generated cloud (Yang et al. 2019)"),
+    "cov_cd": MetricInfo("COV-CD", "higher", "point clouds: share of reference clouds that are the nearest "
+                         "(Chamfer) match of some generated cloud"),
+    "nna_cd": MetricInfo("1-NNA-CD", "lower", "point clouds: leave-one-out 1-NN accuracy telling generated from "
+                         "reference clouds (Chamfer); 0.5 is ideal"),
     "flow_error": MetricInfo("flow error", "lower", "RMS error against the teacher's accurate ODE solution "
                              "from the same noise (the exact flow map for a GaussianMixture)"),
     "seconds": MetricInfo("seconds", "lower", "wall time of sampling"),
@@ -56,6 +62,8 @@ class Results:
     meta: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    #: in memory only (not saved): the sample panels of the figures, method -> {label: tensor}
+    samples: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def primary(self) -> str:
