@@ -1,0 +1,208 @@
+"""Distilled students against their teachers -> bench/out/distill_<part>.json and markdown
+tables for docs/BENCHMARKS.md ("Distillation (issue 4)").
+
+    .venv/bin/python bench/distill.py --part gmm2     # exact 2-D teacher, 8 separated modes
+    .venv/bin/python bench/distill.py --part gmm16    # exact d = 16 teacher (4 full-covariance modes)
+    .venv/bin/python bench/distill.py --part moons    # a trained 2-D toy teacher (fewstep train --data moons)
+
+Exact parts: each student (knowledge distillation, progressive distillation, consistency
+distillation, consistency training with the iCT schedule) at NFE 1, 2, 4 (the ones it has):
+RMS error against the exact flow map from the same x_T (deterministic students only;
+multistep consistency sampling is stochastic) and sliced-W2 to fresh data, beside the
+teacher's own Euler (= DDIM) at the same NFE on its Karras grid and on the progressive
+student's grid. Trained part: 1-step KD / CD and the 4-step PD student against the
+teacher at 64 NFE (Heun), sliced-W2 ratios. Every method reports wall time and teacher
+evaluations (samples passed through the teacher). One torch thread (small shared CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from fewstep.data.gmm import GaussianMixture
+from fewstep.methods import distill
+from fewstep.metrics import rms, sliced_w2
+from fewstep.model import load
+
+N_EVAL = 4000
+
+
+def exact_teacher(part: str, folder: Path) -> tuple[str, GaussianMixture]:
+    gmm = GaussianMixture.ring(8, radius=2.0, std=0.25) if part == "gmm2" else GaussianMixture.random(4, 16, seed=3)
+    path = folder / f"{part}.npz"
+    gmm.save(path)
+    return f"gmm:{path}", gmm
+
+
+def method_runs(spec: str, steps: int) -> dict:
+    """name -> (method, options): the defaults, with the step budget of the bench."""
+    return {
+        "KD": ("knowledge", {"teacher": spec, "steps": steps}),
+        "PD": ("progressive", {"teacher": spec, "steps": steps // 2, "start_steps": 64}),
+        "CD": ("consistency", {"teacher": spec, "steps": steps, "tune_levels": 1000}),
+        "iCT": ("consistency", {"teacher": None, "data": spec, "mode": "training", "schedule": "ict", "steps": steps,
+                                "tune_levels": 1000}),
+    }
+
+
+def cost(run: str) -> dict:
+    meta = json.loads((Path(run) / "model.json").read_text())
+    return meta.get("cost", {})
+
+
+def start(teacher, model) -> torch.Tensor:
+    """The same noise for every model (common random numbers), at the model's sigma_max."""
+    return teacher.noise(N_EVAL, seed=100).double() * (model.sigma_max / teacher.sigma_max)
+
+
+def evaluate_exact(name: str, run: str, teacher, gmm: GaussianMixture, data: torch.Tensor, nfes) -> list:
+    model = load(run)
+    rows = []
+    for k in nfes:
+        if model.rule_nfes() and k not in model.rule_nfes():
+            continue
+        x_T = start(teacher, model)
+        x = model.sample(N_EVAL, k, x=x_T.float(), seed=101)[0].double()
+        deterministic = model.sampling.get("sampler") != "consistency" or k == 1
+        err = rms(x, gmm.flow(x_T, model.sigma_max, 0.0, rtol=1e-7)) if deterministic else None
+        rows.append({"model": name, "nfe": k, "rms_flow": err, "sliced_w2": sliced_w2(x, data)})
+    return rows
+
+
+def teacher_rows(spec: str, gmm, data, nfes, pd_run: str | None) -> list:
+    teacher, rows = load(spec), []
+    pd = load(pd_run) if pd_run else None
+    for k in nfes:
+        x_T = teacher.noise(N_EVAL, seed=100)
+        ref = gmm.flow(x_T, teacher.sigma_max, 0.0, rtol=1e-7)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = teacher.sample(N_EVAL, k, "euler", x=x_T)[0]
+        rows.append({"model": "teacher Euler/DDIM (Karras grid)", "nfe": k, "rms_flow": rms(x, ref),
+                     "sliced_w2": sliced_w2(x, data)})
+        if pd is not None and k in pd.rule_nfes():
+            grid = torch.tensor(pd.variant(k).sampling["grids"][str(k)], dtype=torch.float64)
+            y_T = start(teacher, pd)
+            x = teacher.sample(N_EVAL, k, "euler", x=y_T, grid=grid)[0]
+            rows.append({"model": "teacher Euler/DDIM (PD's cosine grid)", "nfe": k,
+                         "rms_flow": rms(x, gmm.flow(y_T, pd.sigma_max, 0.0, rtol=1e-7)), "sliced_w2": sliced_w2(x, data)})
+    x_T = teacher.noise(N_EVAL, seed=100)
+    flow = gmm.flow(x_T, teacher.sigma_max, 0.0, rtol=1e-7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = teacher.sample(N_EVAL, 64, "heun", x=x_T)[0]
+    rows.append({"model": "teacher Heun", "nfe": 63, "rms_flow": rms(x, flow), "sliced_w2": sliced_w2(x, data)})
+    rows.append({"model": "exact flow map", "nfe": None, "rms_flow": 0.0, "sliced_w2": sliced_w2(flow, data)})
+    return rows
+
+
+def run_exact(part: str, steps: int, folder: Path) -> dict:
+    spec, gmm = exact_teacher(part, folder)
+    teacher = load(spec)
+    data = gmm.sample(N_EVAL, generator=torch.Generator().manual_seed(12345))
+    floor = sliced_w2(gmm.sample(N_EVAL, generator=torch.Generator().manual_seed(999)), data)
+    rows, costs, runs = [], {}, {}
+    for name, (method, opts) in method_runs(spec, steps).items():
+        t0 = time.time()
+        runs[name] = distill(method, {**opts, "device": "cpu", "seed": 0}, str(folder / name), progress=False)
+        costs[name] = {**cost(runs[name]), "wall_seconds": time.time() - t0}
+        rows += evaluate_exact(name, runs[name], teacher, gmm, data, (1, 2, 4))
+        print(json.dumps({"method": name, **costs[name]}), flush=True)
+    rows += teacher_rows(spec, gmm, data, (1, 2, 4), runs.get("PD"))
+    return {"teacher": part, "rows": rows, "costs": costs, "data_floor_sliced_w2": floor, "n": N_EVAL}
+
+
+def run_moons(steps: int, teacher_steps: int, folder: Path) -> dict:
+    from fewstep.data.registry import load_dataset
+    from fewstep.train.teacher import train_teacher
+
+    t0 = time.time()
+    teacher_dir = train_teacher({"data": "moons", "steps": teacher_steps, "device": "cpu", "seed": 0},
+                                str(folder / "teacher"), progress=False, evaluate=False)
+    teacher_seconds = time.time() - t0
+    held = load_dataset("moons", n=2 * N_EVAL, seed=123).x
+    data, floor = held[:N_EVAL], sliced_w2(held[N_EVAL:], held[:N_EVAL])
+    teacher = load(teacher_dir, device="cpu")
+    x_T = teacher.noise(N_EVAL, seed=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_x = teacher.sample(N_EVAL, 64, "heun", x=x_T)[0]
+    base = sliced_w2(t_x, data)
+    rows = [{"model": "teacher Heun", "nfe": 63, "sliced_w2": base, "ratio": 1.0}]
+    for k in (1, 4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = teacher.sample(N_EVAL, k, "euler", x=x_T)[0]
+        rows.append({"model": "teacher Euler/DDIM", "nfe": k, "sliced_w2": sliced_w2(x, data),
+                     "ratio": sliced_w2(x, data) / base})
+    runs = {"KD": ("knowledge", {"steps": steps}, 1),
+            "CD": ("consistency", {"steps": steps, "tune_levels": 1000}, 1),
+            "PD": ("progressive", {"steps": steps // 2, "start_steps": 64, "end_steps": 4}, 4)}
+    costs = {}
+    for name, (method, opts, k) in runs.items():
+        t0 = time.time()
+        run = distill(method, {"teacher": teacher_dir, "device": "cpu", "seed": 0, **opts}, str(folder / name),
+                      progress=False)
+        costs[name] = {**cost(run), "wall_seconds": time.time() - t0}
+        student = load(run, device="cpu")
+        x = student.sample(N_EVAL, k, x=x_T * (student.sigma_max / teacher.sigma_max), seed=101)[0]
+        sw = sliced_w2(x, data)
+        rows.append({"model": name, "nfe": k, "sliced_w2": sw, "ratio": sw / base})
+        print(json.dumps({"method": name, **costs[name], "sliced_w2": sw, "ratio": sw / base}), flush=True)
+    return {"teacher": "moons (trained, EDM, MLP)", "teacher_steps": teacher_steps, "teacher_seconds": teacher_seconds,
+            "rows": rows, "costs": costs, "data_floor_sliced_w2": floor, "n": N_EVAL}
+
+
+def table(result: dict) -> str:
+    lines = []
+    if result["teacher"].startswith("gmm"):
+        lines += ["| model | NFE | RMS vs exact flow | sliced-W2 to data |", "|---|---|---|---|"]
+        for r in result["rows"]:
+            e = "-" if r["rms_flow"] is None else f"{r['rms_flow']:.4f}"
+            lines.append(f"| {r['model']} | {r['nfe'] or '-'} | {e} | {r['sliced_w2']:.4f} |")
+    else:
+        lines += ["| model | NFE | sliced-W2 to data | ratio to teacher (Heun 63) |", "|---|---|---|---|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['model']} | {r['nfe']} | {r['sliced_w2']:.4f} | {r['ratio']:.2f} |")
+    lines += ["", "| method | wall s | teacher evaluations |", "|---|---|---|"]
+    for name, c in result["costs"].items():
+        lines.append(f"| {name} | {c['wall_seconds']:.0f} | {c.get('teacher_evals', 0):.3g} |")
+    lines.append(f"\ndata floor (sliced-W2 of {result['n']} fresh samples to the data): {result['data_floor_sliced_w2']:.4f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["gmm2", "gmm16", "moons"], required=True)
+    ap.add_argument("--steps", type=int, default=2000, help="training steps per method (PD rounds: half "
+                    "each; 64 -> 1 is 7 rounds on exact teachers, 64 -> 4 is 4 rounds on moons)")
+    ap.add_argument("--teacher-steps", type=int, default=3000, help="moons teacher training steps")
+    ap.add_argument("--out", default=None, help="result JSON (default bench/out/distill_<part>.json)")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp(prefix=f"distill_{a.part}_"))
+    t0 = time.time()
+    try:
+        res = run_moons(a.steps, a.teacher_steps, folder) if a.part == "moons" else run_exact(a.part, a.steps, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    res.update({"command": "python bench/distill.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 torch thread",
+                "total_seconds": time.time() - t0})
+    out = Path(a.out or f"bench/out/distill_{a.part}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
