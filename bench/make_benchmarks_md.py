@@ -64,6 +64,8 @@ def section(paths: list[Path]) -> str:
         out += [f"### {m.get('data')} — teacher `{m.get('teacher')}`", "",
                 f"Command: `{m.get('command')}`  ", f"Machine: {m.get('machine')}; date {m.get('date')}; "
                 f"total {m.get('seconds', 0):.0f} s; n = {m.get('n')} samples per method.", ""]
+        if m.get("made_by"):
+            out += ["Teacher and students were made with:", "", "```"] + list(m["made_by"].values()) + ["```", ""]
         out += [f"{plabel} to held-out data ({METRICS[primary].better if primary in METRICS else ''} is better; "
                 "bold: on the Pareto front of NFE and this metric):", ""]
         out += _table(res, primary, True) + [""]

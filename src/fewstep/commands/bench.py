@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     p.add_argument("--n", type=int, help="samples per method (default 2000 for points, 500 for images)")
     p.add_argument("--data", help="the teacher's dataset, if its run folder does not say")
-    p.add_argument("--nll", type=int, help="held-out samples for the teacher's NLL (default 500 points, "
+    p.add_argument("--nll", type=int, help="held-out samples for the teacher's NLL (default 250 points, "
                                            "32 images; 0 skips it)")
     p.add_argument("--no-reference", action="store_true", help="skip the accurate ODE solution (no flow error)")
     p.add_argument("--seed", type=int, default=0, help="noise and data seed (default 0)")

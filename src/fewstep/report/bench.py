@@ -38,7 +38,7 @@ from fewstep.report.results import Results
 DEFAULT_SAMPLERS = ("euler", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ipndm")
 DEFAULT_NFE = (1, 2, 4, 8)
 DEFAULT_N = {"points": 2000, "image": 500}
-DEFAULT_NLL_N = {"points": 500, "image": 32}
+DEFAULT_NLL_N = {"points": 250, "image": 32}
 REFERENCE_TOL = {"points": 1e-5, "image": 1e-4}
 _BIN_WIDTH = {"digits": 1 / 8}  # digits hold values v / 8 - 1, v in 0..16
 _8BIT = ("mnist:", "cifar10:")
@@ -334,7 +334,9 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
 
     summary = {}
     nll_n = DEFAULT_NLL_N.get(model.kind, 0) if nll_n is None else int(nll_n)
-    if nll_n > 0:
+    if nll_n > 0 and model.num_classes:
+        notes.append("The teacher is class-conditional: its NLL is not computed (it needs p(x), not p(x | c)).")
+    elif nll_n > 0:
         say(f"[bench] teacher NLL of {min(nll_n, len(real_b))} held-out samples (probability-flow ODE)")
         summary = teacher_nll(model, teacher_spec, real_b[:nll_n], dspec, progress)
     primary = {"points": "sliced_w2", "clouds": "mmd_cd"}.get(evaluate.kind, "fd")
@@ -343,7 +345,9 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
             "command": command or _command(teacher_spec, samplers, student_specs, nfes, out, n, seed),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                        f"device {model.device}",
-            "date": time.strftime("%Y-%m-%d"), "summary": summary, "notes": notes}
+            "date": time.strftime("%Y-%m-%d"), "summary": summary, "notes": notes,
+            "made_by": {k: v for k, v in [(teacher_spec, provenance(teacher_spec))]
+                        + [(s, provenance(s)) for s in student_specs] if v}}
     results = Results(meta, rows, skipped, samples=panels)
     results.meta["seconds"] = time.time() - t_start
     path = write_report(results, out, panels)
@@ -411,6 +415,34 @@ def _student_name(spec: str, st) -> str:
     method = st.meta.get("method") or "student"
     base = Path(spec).name
     return base if method in base else f"{method}:{base}"
+
+
+def provenance(spec: str) -> Optional[str]:
+    """The command that made run folder ``spec``, rebuilt from its config.json: ``fewstep
+    train`` or ``fewstep distill METHOD`` with the options that differ from the defaults
+    (None for a ``gmm:`` spec or a folder without config.json)."""
+    cfg_path = Path(spec) / "config.json"
+    if spec.startswith("gmm:") or not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        method = cfg.get("method")
+        if method:
+            from fewstep.methods import defaults
+
+            base, cmd = defaults(method), [f"fewstep distill {method}"]
+        else:
+            from fewstep.train.config import TRAIN_DEFAULTS
+
+            base, cmd = {**TRAIN_DEFAULTS, "data": None}, ["fewstep train"]
+    except Exception:  # an unreadable config or a method this version does not know
+        return None
+    for k, v in cfg.items():
+        if k in ("method", "device", "net") or v is None or isinstance(v, (dict, list)) or v == base.get(k):
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        cmd.append(flag if v is True else f"{flag} {v}")
+    return " ".join(cmd + [f"--out {spec}"])
 
 
 def _command(teacher, samplers, students, nfes, out, n, seed) -> str:

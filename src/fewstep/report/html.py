@@ -109,10 +109,12 @@ def write_html(res: Results, out, pareto_png: Path, sample_pngs: Sequence[tuple[
     facts = [("teacher", m.get("teacher")), ("data", m.get("data")), ("samples per method", m.get("n")),
              ("seed", m.get("seed")), ("command", m.get("command")), ("machine", m.get("machine")),
              ("date", m.get("date")), ("total time", f"{m['seconds']:.0f} s" if _finite(m.get("seconds")) else None)]
+    for spec, cmd in (m.get("made_by") or {}).items():
+        facts.append((f"made {spec} with", cmd))
     for k, v in (m.get("summary") or {}).items():
         facts.append((k.replace("_", " "), _fmt(v) if isinstance(v, float) else v))
     facts_html = "".join(f"<tr><th class='name'>{html.escape(str(k))}</th><td class='name'>"
-                         f"{'<code>' + html.escape(str(v)) + '</code>' if k == 'command' else html.escape(str(v))}"
+                         f"{'<code>' + html.escape(str(v)) + '</code>' if str(k).startswith(('command', 'made ')) else html.escape(str(v))}"
                          f"</td></tr>" for k, v in facts if v is not None)
     skipped = "".join(f"<li>{html.escape(s['method'])} at NFE {s['nfe']}: {html.escape(s['reason'])}</li>"
                       for s in res.skipped)
