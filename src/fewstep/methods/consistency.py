@@ -52,7 +52,7 @@ DEFAULTS = {
     "mode": "distillation",   # distillation (CD, needs --teacher) | training (CT, no teacher)
     "schedule": None,         # constant | ct | ict (default: constant for CD, ct for CT)
     "n": 18,                  # N of the constant schedule
-    "mu": 0.95,               # target EMA rate (constant), mu0 (ct)
+    "mu": None,               # target EMA rate (constant: 0.95), mu0 (ct: 0.9)
     "s0": None,               # curriculum start (ct: 2, ict: 10)
     "s1": None,               # curriculum end (ct: 150, ict: 1280)
     "solver": "heun",         # the teacher's ODE step (CD)
@@ -74,7 +74,7 @@ HELP = {
     "mode": "distillation (with a teacher's ODE step) or training (CT: no teacher)",
     "schedule": "curriculum N(k), mu(k): constant, ct (Song et al. 2023) or ict (Song & Dhariwal 2023)",
     "n": "N (number of levels) of the constant schedule",
-    "mu": "target EMA rate mu (constant) or mu0 (ct)",
+    "mu": "target EMA rate mu (constant, default 0.95) or mu0 (ct, default 0.9)",
     "s0": "curriculum start s0 (ct 2, ict 10)",
     "s1": "curriculum end s1 (ct 150, ict 1280)",
     "solver": "teacher ODE step: any deterministic sampler (euler, heun, dpm_solver_2, ...)",
@@ -217,6 +217,8 @@ def resolve(cfg: dict, teacher) -> dict:
     cfg["schedule"] = cfg["schedule"] or ("constant" if cfg["mode"] == "distillation" else "ct")
     if cfg["schedule"] not in SCHEDULES:
         raise unknown_name("consistency schedule", cfg["schedule"], SCHEDULES)
+    if cfg["mu"] is None:
+        cfg["mu"] = 0.95 if cfg["schedule"] == "constant" else 0.9
     cfg["loss"] = cfg["loss"] or ("pseudo_huber" if ict else "l2")
     cfg["weighting"] = cfg["weighting"] or ("ict" if ict else "uniform")
     cfg["levels"] = cfg["levels"] or ("lognormal" if ict else "uniform")
@@ -225,6 +227,13 @@ def resolve(cfg: dict, teacher) -> dict:
     cfg["sigma_max"] = float(cfg["sigma_max"] or (teacher.sigma_max if teacher is not None else 80.0))
     if not 0 < float(cfg["sigma_min"]) < cfg["sigma_max"]:
         raise UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']}, {cfg['sigma_max']}")
+    for k in (0, int(cfg["steps"])):
+        N, mu = curriculum(cfg)(k)
+        levels(N, cfg)
+        if not 0 <= mu < 1:
+            raise UserError(f"--mu {cfg['mu']}: the target's EMA rate must lie in [0, 1)")
+    if int(cfg["level_groups"]) < 1 or int(cfg["tune_levels"]) < 0:
+        raise UserError("--level-groups must be at least 1 and --tune-levels at least 0")
     if cfg["mode"] == "distillation":
         from ..samplers import info
 

@@ -80,7 +80,11 @@ def _pair_spec(cfg: dict, teacher) -> dict:
     from ..samplers import info
 
     sampler = cfg["pair_sampler"] or teacher.default_sampler
-    info(sampler)  # an unknown name fails before any work
+    info(sampler)  # unknown names fail before any work
+    from ..grids import make_grid
+
+    if isinstance(cfg["pair_grid"], str) and not cfg["pair_grid"].endswith(".json"):
+        make_grid(cfg["pair_grid"], 2, teacher.sigma_min, teacher.sigma_max, process=teacher.process)
     if int(cfg["pair_nfe"]) < 1 or int(cfg["pairs"]) < 1 or int(cfg["pair_batch"]) < 1:
         raise UserError("--pair-nfe, --pairs and --pair-batch must be at least 1")
     return {"teacher": str(cfg["teacher"]), "sampler": sampler, "nfe": int(cfg["pair_nfe"]),
@@ -159,7 +163,9 @@ def build_student(teacher, cfg: dict):
     net_cfg = getattr(net, "config", net_cfg)
     if cfg["init"] not in ("auto", "teacher", "random"):
         raise UserError(f"--init {cfg['init']}: use auto, teacher or random")
-    if cfg["latent_dim"]:
+    if cfg["latent_dim"] is not None:
+        if int(cfg["latent_dim"]) < 1:
+            raise UserError(f"--latent-dim must be at least 1, got {cfg['latent_dim']}")
         G = Generator(net, int(cfg["latent_dim"]), teacher.shape, teacher.sigma_max)
         return G, G, net_cfg
     state = None if cfg["init"] == "random" else teacher_net_state(teacher, net_cfg)
@@ -179,9 +185,10 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
     teacher = load_teacher(cfg["teacher"], cfg["device"])
     acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
     timer = Timer()
+    D, module, net_cfg = build_student(teacher, cfg)  # bad options fail before any work
+    _pair_spec(cfg, teacher)
     with StudentRun.create(out, cfg, resume=resume) as run_:
         latents, targets, pinfo = make_pairs(teacher, cfg, run_, progress and acc.is_main_process)
-        D, module, net_cfg = build_student(teacher, cfg)
         generator = isinstance(D, Generator)
         B, n = int(cfg["batch_size"]), len(latents)
         sigma_T = float(teacher.sigma_max)
