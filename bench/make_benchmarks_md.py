@@ -61,7 +61,8 @@ def section(paths: list[Path]) -> str:
         m = res.meta
         primary = res.primary
         plabel = METRICS[primary].label if primary in METRICS else primary
-        out += [f"### {m.get('data')} — teacher `{m.get('teacher')}`", "",
+        title = ("exact GaussianMixture" if m.get("data") == m.get("teacher") else m.get("data"))
+        out += [f"### {title} — teacher `{m.get('teacher')}`", "",
                 f"Command: `{m.get('command')}`  ", f"Machine: {m.get('machine')}; date {m.get('date')}; "
                 f"total {m.get('seconds', 0):.0f} s; n = {m.get('n')} samples per method.", ""]
         if m.get("made_by"):

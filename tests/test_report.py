@@ -97,6 +97,7 @@ def test_results_round_trip_and_pareto_front(tmp_path):
     rows = [
         {"method": "a", "kind": "sampler", "nfe": 1, "nfe_used": 1, "fd": 5.0},
         {"method": "a", "kind": "sampler", "nfe": 2, "nfe_used": 2, "fd": 3.0},
+        {"method": "c", "kind": "sampler", "nfe": 1, "nfe_used": 1, "fd": 5.0},  # ties a@1: both on the front
         {"method": "b", "kind": "sampler", "nfe": 2, "nfe_used": 2, "fd": 2.0},
         {"method": "b", "kind": "sampler", "nfe": 4, "nfe_used": 3, "fd": 2.5},  # dominated by b@2
         {"method": "s", "kind": "student", "nfe": 4, "nfe_used": 4, "fd": 1.0},
@@ -104,7 +105,7 @@ def test_results_round_trip_and_pareto_front(tmp_path):
         {"method": "bad", "kind": "sampler", "nfe": 1, "nfe_used": 1, "fd": float("nan")},
     ]
     res = Results({"primary": "fd", "kind": "image"}, rows, [])
-    assert [(r["method"], r["nfe_used"]) for r in res.pareto()] == [("a", 1), ("b", 2), ("s", 4)]
+    assert [(r["method"], r["nfe_used"]) for r in res.pareto()] == [("a", 1), ("c", 1), ("b", 2), ("s", 4)]
     res.save(tmp_path)
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text and json.loads(text)["rows"][-1]["fd"] is None  # strict JSON

@@ -119,8 +119,9 @@ def discover_students(teacher_spec: str) -> list[str]:
                 cand = [Path(path_part), p / path_part, Path.cwd() / path_part]
                 if not any(c.exists() and c.resolve() == t for c in cand):
                     continue
-            if str(p) not in found:
-                found.append(str(p))
+            shown = os.path.relpath(p) if p.resolve().is_relative_to(Path.cwd().resolve()) else str(p)
+            if shown not in found:
+                found.append(shown)
     return found
 
 

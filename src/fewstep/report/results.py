@@ -132,15 +132,18 @@ class Results:
     # -------------------------------------------------------------------- analysis
     def pareto(self, metric: Optional[str] = None) -> list[dict]:
         """Rows (samplers and students) not dominated in (nfe_used, metric): no other row
-        is at least as good on both and better on one. Sorted by NFE."""
+        is at least as good on both and better on one (ties at one NFE are all kept).
+        Sorted by NFE."""
         metric = metric or self.primary
         sign = 1.0 if METRICS.get(metric, MetricInfo("", "lower", "")).better == "lower" else -1.0
         pts = [r for r in self.rows if r["kind"] in ("sampler", "student") and _finite(r.get(metric))]
         front, best = [], math.inf
         for r in sorted(pts, key=lambda r: (r["nfe_used"], sign * r[metric])):
-            if sign * r[metric] < best:
+            v = sign * r[metric]
+            tie = front and r["nfe_used"] == front[-1]["nfe_used"] and abs(v - best) <= 1e-6 * abs(best)
+            if v < best or tie:  # equal values at one NFE (e.g. every sampler's single Euler step) all count
                 front.append(r)
-                best = sign * r[metric]
+                best = min(best, v)
         return front
 
 
