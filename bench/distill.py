@@ -10,8 +10,8 @@ distillation, consistency training with the iCT schedule) at NFE 1, 2, 4 (the on
 RMS error against the exact flow map from the same x_T (deterministic students only;
 multistep consistency sampling is stochastic) and sliced-W2 to fresh data, beside the
 teacher's own Euler (= DDIM) at the same NFE on its Karras grid and on the progressive
-student's grid. Trained part: 1-step KD / CD and the 4-step PD student against the
-teacher at 64 NFE (Heun), sliced-W2 ratios. Every method reports wall time and teacher
+student's grid. Trained part: 1-step KD / CD (the paper's N = 18 and N = 40) and the 4-step PD
+student against the teacher at 64 NFE (Heun), sliced-W2 ratios. Every method reports wall time and teacher
 evaluations (samples passed through the teacher). One torch thread (small shared CPU).
 """
 from __future__ import annotations
@@ -146,12 +146,13 @@ def run_moons(steps: int, teacher_steps: int, folder: Path) -> dict:
                      "ratio": sliced_w2(x, data) / base})
     runs = {"KD": ("knowledge", {"steps": steps}, 1),
             "CD": ("consistency", {"steps": steps, "tune_levels": 1000}, 1),
+            "CD (N = 40)": ("consistency", {"steps": steps, "tune_levels": 1000, "n": 40}, 1),
             "PD": ("progressive", {"steps": steps // 2, "start_steps": 64, "end_steps": 4}, 4)}
     costs = {}
     for name, (method, opts, k) in runs.items():
         t0 = time.time()
-        run = distill(method, {"teacher": teacher_dir, "device": "cpu", "seed": 0, **opts}, str(folder / name),
-                      progress=False)
+        run = distill(method, {"teacher": teacher_dir, "device": "cpu", "seed": 0, **opts},
+                      str(folder / name.split()[0] / str(len(costs))), progress=False)
         costs[name] = {**cost(run), "wall_seconds": time.time() - t0}
         student = load(run, device="cpu")
         x = student.sample(N_EVAL, k, x=x_T * (student.sigma_max / teacher.sigma_max), seed=101)[0]

@@ -73,7 +73,7 @@ DEFAULTS = {
 HELP = {
     "mode": "distillation (with a teacher's ODE step) or training (CT: no teacher)",
     "schedule": "curriculum N(k), mu(k): constant, ct (Song et al. 2023) or ict (Song & Dhariwal 2023)",
-    "n": "N (number of levels) of the constant schedule",
+    "n": "N (number of levels) of the constant schedule (18 as in the paper; 2-D toys do better with ~40)",
     "mu": "target EMA rate mu (constant, default 0.95) or mu0 (ct, default 0.9)",
     "s0": "curriculum start s0 (ct 2, ict 10)",
     "s1": "curriculum end s1 (ct 150, ict 1280)",
@@ -276,15 +276,16 @@ def consistency_loss(D: ConsistencyDenoiser, cfg: dict, data, teacher, target, c
 
     def loss(model, gen, rank, world, device):
         k = counter.next()
-        N, mu = schedule(k)
+        N, _ = schedule(k)
         if N not in cache:
             sig = levels(N, cfg)
             cache[N] = (sig, level_probs(sig, cfg))
         sig, probs = cache[N]
-        if target is not None and k > 0:  # theta- <- mu theta- + (1 - mu) theta, after each update
+        if target is not None and k > 0:  # theta- <- mu theta- + (1 - mu) theta after update k - 1
+            mu_prev = schedule(k - 1)[1]
             with torch.no_grad():
                 dst = list(target.parameters())
-                torch._foreach_lerp_(dst, [p.detach().to(dst[0].device) for p in model.parameters()], 1.0 - mu)
+                torch._foreach_lerp_(dst, [p.detach().to(dst[0].device) for p in model.parameters()], 1.0 - mu_prev)
         draws = torch.multinomial(probs, max(1, min(groups, B)), replacement=True, generator=gen)
         n = draws[torch.arange(B) * len(draws) // B]
         x0 = data.draw(B, gen)
