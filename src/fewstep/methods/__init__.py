@@ -3,7 +3,7 @@
 A method module defines ``DEFAULTS`` (its own options, on top of
 :data:`fewstep.methods.common.COMMON_DEFAULTS`), ``HELP`` (one line per option) and
 ``run(cfg, out, resume, progress) -> str`` (the student run folder). Adding a method is a
-file and a line in :data:`METHODS`.
+file: every public module of this package that defines ``run`` is discovered by name.
 
     knowledge    Luhman & Luhman 2021: one-step student on (x_T, teacher sampler(x_T)) pairs
     progressive  Salimans & Ho 2022: rounds N -> N/2 -> ... -> 1 of two-step DDIM targets
@@ -16,11 +16,24 @@ from typing import Optional
 
 from ..errors import UserError, unknown_name
 
-METHODS = {
-    "knowledge": "fewstep.methods.knowledge",
-    "progressive": "fewstep.methods.progressive",
-    "consistency": "fewstep.methods.consistency",
-}
+
+def _discover() -> dict:
+    """``{name: module path}`` of the public modules here that define ``run`` (found by
+    reading the source, so listing the methods imports none of them)."""
+    import pkgutil
+    from pathlib import Path
+
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.ispkg:
+            continue
+        src = Path(__path__[0], info.name + ".py")
+        if src.is_file() and "\ndef run(" in src.read_text(encoding="utf-8"):
+            found[info.name] = f"{__name__}.{info.name}"
+    return dict(sorted(found.items()))
+
+
+METHODS = _discover()
 
 
 def names() -> list[str]:
