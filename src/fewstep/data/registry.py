@@ -4,6 +4,8 @@
 - a toy name (``moons``, ``swiss_roll``, ``8gaussians``, ``checkerboard``, ``rings``,
   ``pinwheel``): ``n`` points drawn with ``seed`` (default 20000);
 - ``digits`` (scikit-learn 8x8), ``shapes16`` / ``shapes32`` (procedural, default 10000);
+- ``pointclouds[:points=N,classes=a+b,pose=so3|yaw|none]``: procedural 3-D point clouds
+  ``[n, N, 3]`` (:mod:`fewstep.data.pointclouds`, default 2000 clouds);
 - ``mnist:DIR`` (``train-images-idx3-ubyte[.gz]`` and, if present, the train labels),
   ``cifar10:DIR`` (the binary batches);
 - a path to a ``.npy`` / ``.npz`` file or a folder of images.
@@ -20,13 +22,13 @@ from typing import Optional
 import torch
 
 from ..errors import UserError, unknown_name
-from . import images
+from . import images, pointclouds
 from .toys import TOYS, make_toy
 
 DEFAULT_TOY_N = 20000
 DEFAULT_SHAPES_N = 10000
 _SHAPES = {"shapes16": 16, "shapes32": 32}
-_PREFIXES = ("mnist:DIR", "cifar10:DIR")
+_PREFIXES = ("mnist:DIR", "cifar10:DIR", "pointclouds:points=N,classes=a+b")
 _MNIST_NAMES = {
     "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
     "labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
@@ -38,7 +40,8 @@ class Dataset:
     """Samples ``x`` ``[n, *shape]`` with optional long ``labels`` ``[n]``.
 
     ``num_classes`` is 0 for an unconditional set; ``kind`` is ``'points'`` (``x`` is
-    ``[n, d]``) or ``'image'`` (``x`` is ``[n, C, H, W]`` in ``[-1, 1]``).
+    ``[n, d]``), ``'clouds'`` (``x`` is ``[n, N, 3]``: sets of points) or ``'image'``
+    (``x`` is ``[n, C, H, W]`` in ``[-1, 1]``).
     """
 
     x: torch.Tensor
@@ -63,7 +66,7 @@ class Dataset:
 
 def dataset_names() -> list[str]:
     """The built-in dataset names (files and ``mnist:DIR`` / ``cifar10:DIR`` come on top)."""
-    return [*TOYS, "digits", *_SHAPES]
+    return [*TOYS, "digits", *_SHAPES, "pointclouds"]
 
 
 def _find_mnist(folder: Path, role: str) -> Optional[Path]:
@@ -120,6 +123,8 @@ def _load(spec: str, n: Optional[int], seed: int) -> tuple[images.ImageSet, bool
         return images.shapes(count, _SHAPES[spec], gen), True
     if spec == "digits":
         return images.digits(), False
+    if pointclouds.is_spec(spec):
+        return pointclouds.load(spec, n, gen), True
     if spec.startswith("mnist:"):
         return _read_mnist(spec[len("mnist:"):]), False
     if spec.startswith("cifar10:"):
@@ -135,6 +140,6 @@ def load_dataset(spec: str, n: Optional[int] = None, seed: int = 0) -> Dataset:
         raise UserError(f"dataset '{spec}': n must be a positive count, got {n}")
     triple, exact = _load(str(spec), None if n is None else int(n), seed)
     x, labels, k = triple if exact else _subset(triple, n, seed)
-    kind = "points" if x.ndim == 2 else "image"
+    kind = {2: "points", 3: "clouds"}.get(x.ndim, "image")
     name = Path(spec).stem if _looks_like_path(spec) and ":" not in spec else spec
     return Dataset(x=x, labels=labels, num_classes=k, kind=kind, name=name)

@@ -1,4 +1,4 @@
-"""Networks: MLP for low-dimensional data, a small UNet for images.
+"""Networks: MLP for low-dimensional data, a small UNet for images, a point-cloud net.
 
 Every net is called as ``net(x, c_noise, labels=None, cond=None)`` and returns a tensor
 shaped like ``x``; it carries ``net.config``, a JSON-serialisable dict with which
@@ -14,13 +14,14 @@ from torch import nn
 from ..errors import UserError, unknown_name
 from .embed import ConditionEmbedding, SinusoidalEmbedding
 from .mlp import MLP
+from .pointnet import PointNet
 from .unet import UNet
 
-NETS = {"mlp": MLP, "unet": UNet}
+NETS = {"mlp": MLP, "unet": UNet, "pointnet": PointNet}
 
 
 def build_net(config: dict) -> nn.Module:
-    """Build the net described by ``config = {"kind": "mlp" | "unet", **kwargs}``."""
+    """Build the net described by ``config = {"kind": "mlp" | "unet" | "pointnet", **kwargs}``."""
     config = dict(config)
     kind = config.pop("kind", None)
     if kind not in NETS:
@@ -57,22 +58,25 @@ def _unet_defaults(shape: Sequence[int]) -> dict:
 
 def net_config_defaults(kind: str, shape: Sequence[int], num_classes: int = 0,
                         use_cond: bool = False) -> dict:
-    """A sensible default config for data of ``kind`` ('points' or 'image') and per-sample
-    ``shape``: an MLP (hidden 256, depth 4) for points, a small UNet for images."""
+    """A sensible default config for data of ``kind`` ('points', 'clouds' or 'image') and
+    per-sample ``shape``: an MLP (hidden 256, depth 4) for points, a permutation-equivariant
+    PointNet for clouds [N, D], a small UNet for images."""
     if kind == "points":
         dim = 1
         for s in shape:
             dim *= int(s)
         cfg = dict(kind="mlp", dim=dim, hidden=256 if dim <= 64 else 512, depth=4, emb_dim=128)
+    elif kind == "clouds":
+        cfg = dict(kind="pointnet", dim=int(shape[-1]), hidden=128, depth=4, emb_dim=128)
     elif kind == "image":
         if len(shape) != 3:
             raise UserError(f"image data must have per-sample shape [C, H, W], got {tuple(shape)}")
         cfg = _unet_defaults(shape)
     else:
-        raise unknown_name("data kind", kind, ["points", "image"])
+        raise unknown_name("data kind", kind, ["points", "clouds", "image"])
     cfg.update(num_classes=int(num_classes), use_cond=bool(use_cond))
     return cfg
 
 
-__all__ = ["MLP", "UNet", "NETS", "build_net", "net_config_defaults",
+__all__ = ["MLP", "UNet", "PointNet", "NETS", "build_net", "net_config_defaults",
            "ConditionEmbedding", "SinusoidalEmbedding"]
