@@ -1,4 +1,5 @@
-"""Pictures of samples: a scatter for 2-D points, a grid for images (matplotlib, Agg)."""
+"""Pictures of samples: a scatter for 2-D points, a grid for images, 3-D scatters for
+point clouds (matplotlib, Agg)."""
 from __future__ import annotations
 
 import math
@@ -50,8 +51,38 @@ def draw_samples(ax, x: torch.Tensor, labels: Optional[torch.Tensor] = None, tit
         ax.set_title(title, fontsize=9)
 
 
+def save_clouds_png(rows: dict, path, n: int = 4) -> Path:
+    """One row per entry of ``rows`` ({title: clouds [k, N, 3]}), the first ``n`` clouds
+    of each as 3-D scatters on shared axes."""
+    plt = _plt()
+    rows = {k: v.detach().float().cpu()[:n] for k, v in rows.items()}
+    lim = max(float(v.abs().max()) for v in rows.values()) or 1.0
+    cols = max(len(v) for v in rows.values())
+    fig = plt.figure(figsize=(2.4 * cols, 2.4 * len(rows)), dpi=100)
+    for r, (title, clouds) in enumerate(rows.items()):
+        for c, cloud in enumerate(clouds):
+            ax = fig.add_subplot(len(rows), cols, r * cols + c + 1, projection="3d")
+            ax.scatter(cloud[:, 0].numpy(), cloud[:, 1].numpy(), cloud[:, 2].numpy(), s=1.5, c=cloud[:, 2].numpy(),
+                       cmap="viridis")
+            for set_lim in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
+                set_lim(-lim, lim)
+            ax.set_box_aspect((1, 1, 1), zoom=1.5)
+            ax.set_axis_off()
+            if c == 0:
+                ax.set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def save_samples_png(x: torch.Tensor, path, labels=None, title: str = "") -> Path:
-    """Write a PNG of samples (scatter for points, grid for images)."""
+    """Write a PNG of samples (scatter for points, grid for images, 3-D scatters of the
+    first clouds for point clouds [n, N, 3])."""
+    if x.ndim == 3 and x.shape[-1] == 3:
+        return save_clouds_png({title or "samples": x}, path)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     draw_samples(ax, x, labels, title)

@@ -15,7 +15,19 @@ Between a generated set S_g and a reference set S_r, with CD as the ground dista
     1-NNA-CD = leave-one-out accuracy of the 1-nearest-neighbour classifier telling S_g
                from S_r in S_g U S_r                                       (50% is ideal)
 
-All pairwise CDs are computed in float64, one block of cloud pairs at a time.
+The Earth Mover's distance between clouds of equal size N (PointFlow's convention: the
+mean Euclidean length of the optimal one-to-one matching),
+
+    EMD(a, b) = min over permutations pi of 1/N sum_i |a_i - b_pi(i)|,
+
+is solved exactly by the Hungarian algorithm (``scipy.optimize.linear_sum_assignment``,
+O(N^3), already a dependency; Sinkhorn libraries such as geomloss or POT give only an
+entropic approximation). ``*_loss`` are the differentiable forms used for training: for
+EMD the matching is found without gradient and the matched lengths carry it (the
+gradient of a minimum over a finite set of permutations, valid wherever the optimum is
+unique). The set metrics take either ground distance (``distance="emd"``: MMD-EMD, ...).
+
+All pairwise distances are computed in float64, one block of cloud pairs at a time.
 """
 from __future__ import annotations
 
@@ -36,6 +48,24 @@ def _clouds(x: Tensor, name: str) -> Tensor:
     return x.detach().to(torch.float64)
 
 
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """|a_i - b_j|^2 for clouds a [B, N, D], b [B, M, D]: [B, N, M], differentiable (no
+    square root, so no infinite gradient at coinciding points)."""
+    d2 = a.square().sum(-1)[:, :, None] + b.square().sum(-1)[:, None, :] - 2 * a @ b.transpose(1, 2)
+    return d2.clamp_min(0)
+
+
+def _cd_of(d2: Tensor) -> Tensor:
+    """Chamfer distances from squared distances [B, N, M]: [B]."""
+    return d2.min(2).values.mean(1) + d2.min(1).values.mean(1)
+
+
+def chamfer_loss(a: Tensor, b: Tensor) -> Tensor:
+    """CD(a_k, b_k) of paired clouds a [B, N, D], b [B, M, D] in their own dtype; [B],
+    differentiable (the training form of :func:`chamfer`)."""
+    return _cd_of(squared_distances(a, b))
+
+
 def chamfer(a: Tensor, b: Tensor) -> Tensor:
     """CD(a_k, b_k) for paired clouds a [B, N, D], b [B, M, D] (or single clouds [N, D]); [B]."""
     single = torch.as_tensor(a).ndim == 2
@@ -43,8 +73,7 @@ def chamfer(a: Tensor, b: Tensor) -> Tensor:
     b = _clouds(b[None] if single else b, "b")
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise UserError(f"chamfer: clouds {list(a.shape)} and {list(b.shape)} do not pair up")
-    d2 = torch.cdist(a, b).square()  # [B, N, M]
-    cd = d2.min(2).values.mean(1) + d2.min(1).values.mean(1)
+    cd = _cd_of(torch.cdist(a, b).square())  # [B, N, M] -> [B]
     return cd[0] if single else cd
 
 
@@ -60,24 +89,69 @@ def pairwise_chamfer(x: Tensor, y: Tensor) -> Tensor:
     for i in range(n):
         for j0 in range(0, m, cols):
             yb = y[j0:j0 + cols]
-            d2 = torch.cdist(x[i].expand(len(yb), -1, -1), yb).square()
-            out[i, j0:j0 + cols] = d2.min(2).values.mean(1) + d2.min(1).values.mean(1)
+            out[i, j0:j0 + cols] = _cd_of(torch.cdist(x[i].expand(len(yb), -1, -1), yb).square())
     return out
 
 
-def cloud_set_metrics(fake: Tensor, real: Tensor) -> dict[str, float]:
-    """MMD-CD, COV-CD and 1-NNA-CD of generated clouds ``fake`` against ``real``."""
+# ------------------------------------------------------------------------------- EMD
+def emd_matching(a: Tensor, b: Tensor) -> Tensor:
+    """The optimal matching pi [B, N] (b[k, pi[k, i]] goes with a[k, i]) of paired clouds
+    of equal size, by the Hungarian algorithm on the Euclidean lengths (no gradient)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if a.shape != b.shape or a.ndim != 3:
+        raise UserError(f"EMD: clouds {list(a.shape)} and {list(b.shape)} must be [B, N, D] of the same size")
+    cost = torch.cdist(a.detach().double(), b.detach().double()).cpu().numpy()
+    return torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost]).to(a.device)
+
+
+def emd_loss(a: Tensor, b: Tensor) -> Tensor:
+    """EMD(a_k, b_k) of paired clouds [B, N, D] in their own dtype; [B], differentiable
+    through the matched lengths (module docstring)."""
+    pi = emd_matching(a, b)
+    matched = b.gather(1, pi[..., None].expand_as(b))
+    return ((a - matched).square().sum(-1) + 1e-20).sqrt().mean(1)
+
+
+def emd(a: Tensor, b: Tensor) -> Tensor:
+    """Exact EMD of paired clouds a, b [B, N, D] (or single clouds [N, D]); float64."""
+    single = torch.as_tensor(a).ndim == 2
+    a = _clouds(a[None] if single else a, "a")
+    b = _clouds(b[None] if single else b, "b")
+    out = emd_loss(a, b)
+    return out[0] if single else out
+
+
+def pairwise_emd(x: Tensor, y: Tensor) -> Tensor:
+    """EMD(x_i, y_j) for all pairs of clouds x [n, N, D], y [m, N, D]; [n, m] float64."""
+    x, y = _clouds(x, "x"), _clouds(y, "y")
+    if x.shape[1:] != y.shape[1:]:
+        raise UserError(f"pairwise_emd: clouds {list(x.shape[1:])} and {list(y.shape[1:])} must have the same size")
+    return torch.stack([emd_loss(x[i].expand_as(y), y) for i in range(len(x))])
+
+
+PAIRWISE = {"chamfer": (pairwise_chamfer, "cd"), "emd": (pairwise_emd, "emd")}
+
+
+def cloud_set_metrics(fake: Tensor, real: Tensor, distance: str = "chamfer") -> dict[str, float]:
+    """MMD, COV and 1-NNA of generated clouds ``fake`` against ``real`` with the Chamfer
+    (keys ``mmd_cd``, ``cov_cd``, ``nna_cd``) or EMD (``mmd_emd``, ...) ground distance."""
+    if distance not in PAIRWISE:
+        from fewstep.errors import unknown_name
+
+        raise unknown_name("point-cloud distance", distance, PAIRWISE)
+    pairwise, tag = PAIRWISE[distance]
     fake, real = _clouds(fake, "fake"), _clouds(real, "real")
     if len(fake) < 2 or len(real) < 2:
         raise UserError("point-cloud set metrics need at least 2 clouds in each set")
-    d_fr = pairwise_chamfer(fake, real)
+    d_fr = pairwise(fake, real)
     mmd_cd = float(d_fr.min(0).values.mean())
     cov_cd = len(set(d_fr.argmin(1).tolist())) / len(real)
-    d_ff, d_rr = pairwise_chamfer(fake, fake), pairwise_chamfer(real, real)
+    d_ff, d_rr = pairwise(fake, fake), pairwise(real, real)
     d_ff.fill_diagonal_(float("inf"))
     d_rr.fill_diagonal_(float("inf"))
     # a sample is classified correctly when its nearest other cloud comes from its own set
     fake_ok = d_ff.min(1).values < d_fr.min(1).values
     real_ok = d_rr.min(1).values < d_fr.min(0).values
     nna = float(torch.cat([fake_ok, real_ok]).double().mean())
-    return {"mmd_cd": mmd_cd, "cov_cd": cov_cd, "nna_cd": nna}
+    return {f"mmd_{tag}": mmd_cd, f"cov_{tag}": cov_cd, f"nna_{tag}": nna}
