@@ -1,0 +1,137 @@
+"""Direct optimisation of the levels: the grid as parameters, the sampler's final error
+against the reference solution as the loss (the idea of learning the sampler's time steps
+end to end; Watson et al. 2022b "DDSS" learn more than the steps, here only they are).
+
+Parametrisation (monotone, end points fixed): with logits theta in R^P, w = softmax(theta)
+and the log range Lambda = log sigma_max - log sigma_min,
+
+    log sigma_k = log sigma_max - Lambda * sum_{m < k} w_m ,   k = 0 .. n,
+
+so every grid is strictly decreasing inside [sigma_min, sigma_max] and starts at sigma_max.
+Ending at 0 (``final_zero``), the n = K - 1 free positive levels use P = K logits (the last
+weight is the slack between sigma_{K-1} and sigma_min) and 0 is appended; otherwise
+n = K, P = K and the grid ends at sigma_min.
+
+Loss: l(theta) = mean ||sampler(x_T; sigma(theta)) - x*(end)||^2 / d on the training
+starts, minimised by Adam. The gradient comes from autograd where the sampler computes
+with the levels as tensors (``euler``: checked by :func:`differentiable`); the other
+samplers compute their step coefficients in Python floats (numpy for the exponential
+integrators), which autograd does not see, so there the gradient is a central difference
+in each logit (2P sampler runs per Adam step; P <= 11 at NFE <= 10). The best theta seen
+is kept.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .problem import Problem
+
+
+def to_sigmas(theta: Tensor, sigma_min: float, sigma_max: float, final_zero: bool) -> Tensor:
+    """The grid of the module docstring from logits ``theta`` (differentiable)."""
+    w = torch.softmax(theta, 0)
+    span = math.log(sigma_max) - math.log(sigma_min)
+    n = len(theta) - 1 if final_zero else len(theta)
+    csum = torch.cat([theta.new_zeros(1), torch.cumsum(w, 0)[:n]])
+    log_s = math.log(sigma_max) - span * csum
+    if not final_zero:  # the last weight is exactly the remainder: end at sigma_min
+        log_s = torch.cat([log_s[:-1], log_s.new_full((1,), math.log(sigma_min))])
+    sig = torch.exp(log_s)
+    return torch.cat([sig, sig.new_zeros(1)]) if final_zero else sig
+
+
+def from_sigmas(sigmas: Tensor, sigma_min: float, sigma_max: float, final_zero: bool, floor: float = 1e-3) -> Tensor:
+    """Logits whose grid is ``sigmas`` (its first level taken as sigma_max; positive levels
+    clamped into [sigma_min, sigma_max]; gaps below ``floor`` of the range raised to it)."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64)
+    pos = s[s > 0].clamp(sigma_min, sigma_max)
+    logs = torch.log(pos)
+    logs[0] = math.log(sigma_max)
+    if final_zero:
+        logs = torch.cat([logs, logs.new_full((1,), math.log(sigma_min))])
+    else:
+        logs[-1] = math.log(sigma_min)
+    gaps = (logs[:-1] - logs[1:]).clamp_min(0)
+    span = math.log(sigma_max) - math.log(sigma_min)
+    gaps = torch.maximum(gaps / span, torch.full_like(gaps, floor))
+    return torch.log(gaps / gaps.sum())
+
+
+def differentiable(problem: Problem, theta: Tensor, rel_tol: float = 1e-3) -> bool:
+    """Whether autograd's gradient of the loss agrees with central differences at theta
+    (samplers that turn the levels into Python floats give no or partial gradients)."""
+    try:
+        g = _grad_autograd(problem, theta)[1]
+    except Exception:
+        return False
+    fd = _grad_fd(problem, theta, 1e-5)[1]
+    return bool(torch.isfinite(g).all()) and float((g - fd).norm()) <= rel_tol * max(float(fd.norm()), 1e-12)
+
+
+def _loss(problem: Problem, sigmas: Tensor, grad: bool = False) -> Tensor:
+    out = problem.run(sigmas, grad=grad)
+    return (out.to(torch.float64) - problem.target.to(torch.float64)).pow(2).mean()
+
+
+def _grad_autograd(problem: Problem, theta: Tensor):
+    th = theta.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = _loss(problem, to_sigmas(th, problem.sigma_min, problem.sigma_max, problem.final_zero), grad=True)
+        if not loss.requires_grad:
+            raise RuntimeError("no gradient reaches the levels")
+        (g,) = torch.autograd.grad(loss, th)
+    return float(loss), g
+
+
+def _grad_fd(problem: Problem, theta: Tensor, h: float = 1e-4):
+    f = lambda t: float(_loss(problem, to_sigmas(t, problem.sigma_min, problem.sigma_max,  # noqa: E731
+                                                 problem.final_zero)))
+    with torch.no_grad():
+        base = f(theta)
+        g = torch.zeros_like(theta)
+        for k in range(len(theta)):
+            e = torch.zeros_like(theta)
+            e[k] = h
+            g[k] = (f(theta + e) - f(theta - e)) / (2 * h)
+    return base, g
+
+
+def optimize_grid(problem: Problem, init: Tensor, iters: int = 150, lr: float = 0.05, grad: str = "auto",
+                  log=None) -> tuple[Tensor, dict]:
+    """Adam on the logits from the grid ``init`` (``problem.steps`` steps); returns the
+    best grid seen and info (initial / final training loss as RMS, gradient used)."""
+    say = log or (lambda *_: None)
+    if len(init) - 1 != problem.steps:
+        raise UserError(f"the initial grid has {len(init) - 1} steps, the budget buys {problem.steps}")
+    theta = from_sigmas(init, problem.sigma_min, problem.sigma_max, problem.final_zero)
+    if grad == "auto":
+        grad = "autograd" if differentiable(problem, theta) else "fd"
+    if grad not in ("autograd", "fd"):
+        raise UserError(f"unknown gradient '{grad}'; valid: auto, autograd, fd")
+    step = _grad_autograd if grad == "autograd" else _grad_fd
+    theta = theta.clone()
+    opt = torch.optim.Adam([theta], lr=lr)
+    best_loss, best_theta, first = math.inf, theta.clone(), None
+    for it in range(iters):
+        loss, g = step(problem, theta)
+        if first is None:
+            first = loss
+        if math.isfinite(loss) and loss < best_loss:
+            best_loss, best_theta = loss, theta.detach().clone()
+        if not bool(torch.isfinite(g).all()):
+            break
+        theta.grad = g
+        opt.step()
+        if it % 25 == 0:
+            say(f"[schedule] optimise {it}/{iters}: training RMS {math.sqrt(loss):.4g}")
+    final = float(_loss(problem, to_sigmas(best_theta, problem.sigma_min, problem.sigma_max, problem.final_zero)))
+    if final < best_loss:
+        best_loss = final
+    sig = to_sigmas(best_theta, problem.sigma_min, problem.sigma_max, problem.final_zero).detach()
+    return sig, {"gradient": grad, "iters": iters, "lr": lr, "rms_init": math.sqrt(first),
+                 "rms_train": math.sqrt(best_loss)}
