@@ -122,8 +122,13 @@ def cmd_sample(a) -> int:
     labels = torch.full((a.n,), a.label, dtype=torch.long) if a.label is not None else None
     if labels is not None and not (0 <= a.label < max(model.num_classes, 1)) and model.num_classes:
         raise UserError(f"--label {a.label}: the model has classes 0..{model.num_classes - 1}")
+    x_T = None
+    if str(a.grid).endswith(".json"):  # a grid file (e.g. from fewstep schedule): start as noise at its first level
+        from .grids import load as load_grid
+
+        x_T = model.noise(a.n, a.seed) * (float(load_grid(a.grid)[0]) / model.sigma_max)
     x, labels = model.sample(a.n, a.nfe, sampler=a.sampler, seed=a.seed, labels=labels, grid=a.grid,
-                             guidance=a.guidance)
+                             x=x_T, guidance=a.guidance)
     arrays = {"samples": x.float().cpu().numpy()}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()

@@ -42,6 +42,7 @@ def to_sigmas(theta: Tensor, sigma_min: float, sigma_max: float, final_zero: boo
     if not final_zero:  # the last weight is exactly the remainder: end at sigma_min
         log_s = torch.cat([log_s[:-1], log_s.new_full((1,), math.log(sigma_min))])
     sig = torch.exp(log_s)
+    sig = torch.cat([sig.new_full((1,), sigma_max), sig[1:]])  # exactly sigma_max, not exp(log(sigma_max))
     return torch.cat([sig, sig.new_zeros(1)]) if final_zero else sig
 
 

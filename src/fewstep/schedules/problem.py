@@ -30,6 +30,7 @@ def candidates(m: int, sigma_min: float, sigma_max: float, final_zero: bool = Tr
     if m < 2:
         raise UserError(f"a candidate set needs at least 2 levels, got {m}")
     lv = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), m, dtype=torch.float64))
+    lv[0], lv[-1] = sigma_max, sigma_min
     return torch.cat([lv, lv.new_zeros(1)]) if final_zero else lv
 
 
