@@ -106,20 +106,30 @@ class ModelDenoiser(nn.Module):
         if prediction not in PREDICTIONS:
             raise unknown_name("prediction", prediction, PREDICTIONS)
         self.net, self.process, self.prediction, self.sigma_data = net, process, prediction, sigma_data
+        self._memo: dict = {}  # per-level quantities and the net's first parameter (see forward)
 
-    def net_input(self, y: Tensor, sigma: Tensor):
-        """(x_in, c_noise, coefficients) the network is called with at level sigma."""
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): cached tensors are stale
+        self._memo = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _coefficients(self, y: Tensor, sigma: Tensor):
+        """(in_scale, c_noise, coefficients) at level sigma: the net sees in_scale * y."""
         sigma = sigma.to(y.dtype)
         if self.prediction == "edm":
             _, _, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-            return _bcast(c_in, y) * y, c_noise, None
+            return _bcast(c_in, y), c_noise, None
         t = self.process.t_of_sigma(sigma)
         if self.prediction == "flow":
             c = Coefficients.at(self.process, t, y, derivatives=True)
         else:  # alpha from sigma directly (closed forms), std = alpha * sigma
             a = _bcast(self.process.scale_of_sigma(sigma), y)
             c = Coefficients(a, a * _bcast(sigma, y))
-        return c.alpha * y, self.process.c_noise(t), c
+        return c.alpha, self.process.c_noise(t), c
+
+    def net_input(self, y: Tensor, sigma: Tensor):
+        """(x_in, c_noise, coefficients) the network is called with at level sigma."""
+        scale, c_noise, c = self._coefficients(y, sigma)
+        return scale * y, c_noise, c
 
     def output_to_x0(self, out: Tensor, y: Tensor, sigma: Tensor, x_in: Tensor, c) -> Tensor:
         if self.prediction == "edm":
@@ -135,13 +145,49 @@ class ModelDenoiser(nn.Module):
         x_in, _, c = self.net_input(y, sigma)
         return from_x0(x0, x_t=x_in, c=c, prediction=self.prediction)
 
+    def _net_dtype(self, y: Tensor) -> torch.dtype:
+        """The dtype the net runs in: its first floating parameter's (else y's)."""
+        net = self.net
+        if self._memo.get("net") is not net:  # first call, or a new net assigned
+            self._memo = {"net": net, "param": next(net.parameters(), None) if isinstance(net, nn.Module) else None}
+        p = self._memo["param"]
+        return p.dtype if p is not None and p.is_floating_point() else y.dtype
+
+    def _level(self, y: Tensor, sigma: Tensor, dt: torch.dtype):
+        """(in_scale, c_noise, c) of level ``sigma``: the factor the net's input is y times,
+        its noise input in dtype ``dt``, and what :meth:`output_to_x0` needs.
+
+        Samplers call the denoiser again and again with the same level tensor (the
+        samplers' ``batch_sigma`` hands out one tensor per level), so these are cached per
+        sigma tensor (identity and in-place version, so a sigma changed in place is seen;
+        no value is read back from the device). The arithmetic is that of :meth:`net_input`
+        and :meth:`output_to_x0`, so results are bit-identical with and without the cache.
+        """
+        key = (id(sigma), sigma._version, y.dtype, y.ndim, y.device, dt)
+        levels = self._memo.setdefault("levels", {})
+        hit = levels.get(key)
+        if hit is not None and hit[0] is sigma:
+            return hit[1]
+        scale, c_noise, c = self._coefficients(y, sigma)
+        if self.prediction == "edm":
+            c_skip, c_out, _, _ = edm_precond(sigma.to(y.dtype), self.sigma_data)
+            c = (_bcast(c_skip, y), _bcast(c_out, y))
+        entry = (scale, c_noise.to(dt), c)
+        if not sigma.requires_grad:
+            if len(levels) >= 256:  # bounded: per-sample levels (adaptive samplers) never hit
+                levels.clear()
+            levels[key] = (sigma, entry)
+        return entry
+
     def forward(self, y: Tensor, sigma: Tensor, **cond) -> Tensor:
         sigma = _batch_sigma(sigma, y)
-        x_in, c_noise, c = self.net_input(y, sigma)
-        p = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
-        dt = p.dtype if p is not None and p.is_floating_point() else y.dtype  # the net runs in its own dtype
-        out = self.net(x_in.to(dt), c_noise.to(dt), **cond)
-        return self.output_to_x0(out.to(y.dtype), y, sigma, x_in, c)
+        dt = self._net_dtype(y)  # the net runs in its own dtype
+        scale, c_noise, c = self._level(y, sigma, dt)
+        x_in = scale * y
+        out = self.net(x_in.to(dt), c_noise, **cond).to(y.dtype)
+        if self.prediction == "edm":
+            return c[0] * y + c[1] * out
+        return to_x0(out, x_t=x_in, c=c, prediction=self.prediction)
 
 
 def _batch_sigma(sigma, y: Tensor) -> Tensor:

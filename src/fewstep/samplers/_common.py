@@ -7,9 +7,26 @@ import torch
 from torch import Tensor
 
 
+_LEVELS: dict = {}
+
+
 def batch_sigma(sigma, x: Tensor) -> Tensor:
-    """A scalar level as a [batch] tensor in x's dtype and device."""
-    return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    """A scalar level as a [batch] tensor in x's dtype and device.
+
+    For a python number the tensor is made once per (level, dtype, device, batch) and
+    handed out again (no per-step tensor creation or host-to-device copy), so a denoiser
+    may cache what it derives from a level by the tensor's identity (``ModelDenoiser``
+    does). A tensor changed in place (its version moved) is replaced.
+    """
+    if isinstance(sigma, Tensor):
+        return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    key = (float(sigma), x.dtype, x.device, x.shape[0])
+    t = _LEVELS.get(key)
+    if t is None or t._version != 0:
+        if len(_LEVELS) >= 1024:
+            _LEVELS.clear()
+        t = _LEVELS[key] = torch.full((), float(sigma), dtype=x.dtype, device=x.device).expand(x.shape[0])
+    return t
 
 
 def denoise(denoiser, x: Tensor, sigma, extra: Optional[dict] = None) -> Tensor:

@@ -88,8 +88,8 @@ def multistep(denoiser, x, sigmas, *, order, form, solver_type="midpoint", third
     plan = multistep_coeffs(form, sig, orders, solver_type, third_order)
     hist: list = []  # model outputs, newest first
     for i, (a, c, std) in enumerate(plan):
-        den = denoise(denoiser, x, sigmas[i], extra_args)
-        report(callback, i, x, sigmas[i], sigmas[i + 1], den)
+        den = denoise(denoiser, x, sig[i], extra_args)
+        report(callback, i, x, sig[i], sig[i + 1], den)
         hist = [model_output(form, x, den, sig[i])] + hist[:order - 1]
         x = _combine(x, a, c, hist)
         if std > 0:

@@ -16,8 +16,9 @@ from ._common import denoise, report, to_d
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, callback=None, extra_args=None):
     """Euler / DDIM(eta=0): one evaluation per step."""
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
+    sig = sigmas.tolist()
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
         den = denoise(denoiser, x, s, extra_args)
         report(callback, i, x, s, s_next, den)
         x = x + (s_next - s) * to_d(x, s, den)

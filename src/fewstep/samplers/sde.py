@@ -24,26 +24,49 @@ from ._common import denoise, noise_like, report
 @torch.no_grad()
 def sample_euler_maruyama(denoiser, x, sigmas, *, generator=None, process=None, callback=None, extra_args=None):
     """Reverse-SDE Euler-Maruyama: one evaluation per step."""
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
+    sig = sigmas.tolist()
+    coeffs = _x_space_coeffs(process, sigmas) if process is not None else None
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
         den = denoise(denoiser, x, s, extra_args)
         report(callback, i, x, s, s_next, den)
         if s_next == 0:
             x = den
-        elif process is None:
+        elif coeffs is None:
             score = (den - x) / s**2
-            x = x + (s**2 - s_next**2) * score + (s**2 - s_next**2).sqrt() * noise_like(x, generator)
+            x = x + (s**2 - s_next**2) * score + (s**2 - s_next**2) ** 0.5 * noise_like(x, generator)
         else:
-            x = _x_space_step(process, x, s, s_next, den, generator)
+            x = _x_space_step(coeffs[i], x, s, den, generator)
     return x
 
 
-def _x_space_step(process, y, s, s_next, den, generator):
-    """One Euler-Maruyama step of the process's reverse SDE in x-space, mapped back."""
-    t, t_next = process.t_of_sigma(s), process.t_of_sigma(s_next)
-    a, a_next = process.scale(t), process.scale(t_next)
+def _x_space_coeffs(process, sigmas):
+    """Per step (a, a_next, f, g, dt) of the process's reverse SDE as python floats,
+    computed once per grid (one vectorised t_of_sigma / scale / drift / diffusion call):
+    a = scale(t_i), f = d log scale / dt at t_i, g = g(t_i), dt = t_i - t_{i+1}. Steps that
+    land on sigma = 0 get None (they return D)."""
+    pos = sigmas[sigmas > 0].to(torch.float64)
+    t = process.t_of_sigma(pos)
+    a = process.scale(t)
+    f = process.drift(torch.ones_like(t), t)  # f(t) * 1
+    g = process.diffusion(t)
+    rows = list(zip(a.tolist(), f.tolist(), g.tolist(), t.tolist()))
+    out = []
+    for i in range(len(sigmas) - 1):
+        if i + 1 >= len(rows):
+            out.append(None)
+            continue
+        (a_i, f_i, g_i, t_i), (a_n, _, _, t_n) = rows[i], rows[i + 1]
+        out.append((a_i, a_n, f_i, g_i, t_i - t_n))
+    return out
+
+
+def _x_space_step(coeff, y, s, den, generator):
+    """One Euler-Maruyama step of the process's reverse SDE in x-space, mapped back:
+    x = a y,  x' = x - (f x - g^2 score_x) dt + g sqrt(dt) z,  score_x = (a D - x) / (a s)^2,
+    y' = x' / a_next."""
+    a, a_next, f, g, dt = coeff
     x = a * y
     score_x = (a * den - x) / (a * s) ** 2
-    g, dt = process.diffusion(t), t - t_next
-    x = x - (process.drift(x, t) - g**2 * score_x) * dt + g * dt.sqrt() * noise_like(x, generator)
+    x = x - (f * x - g**2 * score_x) * dt + g * dt**0.5 * noise_like(x, generator)
     return x / a_next

@@ -100,8 +100,8 @@ def sample_unipc(denoiser, x, sigmas, *, order=2, solver_type="bh2", predict_x0=
     hist: list = []  # model outputs, newest first
     x_last = None
     for i, (a, c_pred, _) in enumerate(plan):
-        den = denoise(denoiser, x, sigmas[i], extra_args)
-        report(callback, i, x, sigmas[i], sigmas[i + 1], den)
+        den = denoise(denoiser, x, sig[i], extra_args)
+        report(callback, i, x, sig[i], sig[i + 1], den)
         m = model_output(form, x, den, sig[i])
         if i > 0 and use_corrector and (i - 1) not in skip:  # UniC on the previous step
             a_prev, _, c_corr = plan[i - 1]
