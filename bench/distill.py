@@ -4,6 +4,7 @@ tables for docs/BENCHMARKS.md ("Distillation (issue 4)").
     .venv/bin/python bench/distill.py --part gmm2     # exact 2-D teacher, 8 separated modes
     .venv/bin/python bench/distill.py --part gmm16    # exact d = 16 teacher (4 full-covariance modes)
     .venv/bin/python bench/distill.py --part moons    # a trained 2-D toy teacher (fewstep train --data moons)
+    .venv/bin/python bench/distill.py --part digits   # a trained 8x8 digits teacher (MLP), classifier FD
 
 Exact parts: each student (knowledge distillation, progressive distillation, consistency
 distillation, consistency training with the iCT schedule) at NFE 1, 2, 4 (the ones it has):
@@ -30,7 +31,7 @@ import torch
 
 from fewstep.data.gmm import GaussianMixture
 from fewstep.methods import distill
-from fewstep.metrics import rms, sliced_w2
+from fewstep.metrics import frechet_distance, rms, sliced_w2
 from fewstep.model import load
 
 N_EVAL = 4000
@@ -121,29 +122,43 @@ def run_exact(part: str, steps: int, folder: Path) -> dict:
     return {"teacher": part, "rows": rows, "costs": costs, "data_floor_sliced_w2": floor, "n": N_EVAL}
 
 
-def run_moons(steps: int, teacher_steps: int, folder: Path) -> dict:
+# trained teachers: (dataset, teacher training options, metric name, metric(x, data))
+TRAINED = {
+    "moons": ({}, "sliced-W2", lambda x, data: sliced_w2(x, data)),
+    # an MLP on the 64 flattened pixels keeps the CPU bench to minutes (a UNet teacher is ~10x slower)
+    "digits": ({"net": {"kind": "mlp", "dim": 64, "hidden": 512, "depth": 4, "emb_dim": 128}},
+               "FD (digits classifier)", lambda x, data: frechet_distance(x.float(), data.float(), "digits")),
+}
+
+
+def run_trained(part: str, steps: int, teacher_steps: int, folder: Path) -> dict:
+    """A teacher trained by ``fewstep train --data PART`` and its 1-step KD / CD and 4-step PD students,
+    against the teacher at 63 NFE (Heun) on the part's metric."""
     from fewstep.data.registry import load_dataset
     from fewstep.train.teacher import train_teacher
 
+    extra, metric_name, metric = TRAINED[part]
     t0 = time.time()
-    teacher_dir = train_teacher({"data": "moons", "steps": teacher_steps, "device": "cpu", "seed": 0},
+    teacher_dir = train_teacher({"data": part, "steps": teacher_steps, "device": "cpu", "seed": 0, **extra},
                                 str(folder / "teacher"), progress=False, evaluate=False)
     teacher_seconds = time.time() - t0
-    held = load_dataset("moons", n=2 * N_EVAL, seed=123).x
-    data, floor = held[:N_EVAL], sliced_w2(held[N_EVAL:], held[:N_EVAL])
+    full = load_dataset(part, seed=123).x
+    n_eval = min(N_EVAL, len(full) // 2)
+    held = load_dataset(part, n=2 * n_eval, seed=123).x
+    data, floor = held[:n_eval], metric(held[n_eval:], held[:n_eval])
     teacher = load(teacher_dir, device="cpu")
-    x_T = teacher.noise(N_EVAL, seed=100)
+    x_T = teacher.noise(n_eval, seed=100)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t_x = teacher.sample(N_EVAL, 64, "heun", x=x_T)[0]
-    base = sliced_w2(t_x, data)
-    rows = [{"model": "teacher Heun", "nfe": 63, "sliced_w2": base, "ratio": 1.0}]
+        t_x = teacher.sample(n_eval, 64, "heun", x=x_T)[0]
+    base = metric(t_x, data)
+    rows = [{"model": "teacher Heun", "nfe": 63, "metric": base, "ratio": 1.0}]
     for k in (1, 4):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            x = teacher.sample(N_EVAL, k, "euler", x=x_T)[0]
-        rows.append({"model": "teacher Euler/DDIM", "nfe": k, "sliced_w2": sliced_w2(x, data),
-                     "ratio": sliced_w2(x, data) / base})
+            x = teacher.sample(n_eval, k, "euler", x=x_T)[0]
+        rows.append({"model": "teacher Euler/DDIM", "nfe": k, "metric": metric(x, data),
+                     "ratio": metric(x, data) / base})
     runs = {"KD": ("knowledge", {"steps": steps}, 1),
             "CD": ("consistency", {"steps": steps, "tune_levels": 1000}, 1),
             "CD (N = 40)": ("consistency", {"steps": steps, "tune_levels": 1000, "n": 40}, 1),
@@ -155,12 +170,12 @@ def run_moons(steps: int, teacher_steps: int, folder: Path) -> dict:
                       str(folder / name.split()[0] / str(len(costs))), progress=False)
         costs[name] = {**cost(run), "wall_seconds": time.time() - t0}
         student = load(run, device="cpu")
-        x = student.sample(N_EVAL, k, x=x_T * (student.sigma_max / teacher.sigma_max), seed=101)[0]
-        sw = sliced_w2(x, data)
-        rows.append({"model": name, "nfe": k, "sliced_w2": sw, "ratio": sw / base})
-        print(json.dumps({"method": name, **costs[name], "sliced_w2": sw, "ratio": sw / base}), flush=True)
-    return {"teacher": "moons (trained, EDM, MLP)", "teacher_steps": teacher_steps, "teacher_seconds": teacher_seconds,
-            "rows": rows, "costs": costs, "data_floor_sliced_w2": floor, "n": N_EVAL}
+        x = student.sample(n_eval, k, x=x_T * (student.sigma_max / teacher.sigma_max), seed=101)[0]
+        m = metric(x, data)
+        rows.append({"model": name, "nfe": k, "metric": m, "ratio": m / base})
+        print(json.dumps({"method": name, **costs[name], "metric": m, "ratio": m / base}), flush=True)
+    return {"teacher": f"{part} (trained, EDM, MLP)", "teacher_steps": teacher_steps, "teacher_seconds": teacher_seconds,
+            "metric": metric_name, "rows": rows, "costs": costs, "data_floor": floor, "n": n_eval}
 
 
 def table(result: dict) -> str:
@@ -171,29 +186,31 @@ def table(result: dict) -> str:
             e = "-" if r["rms_flow"] is None else f"{r['rms_flow']:.4f}"
             lines.append(f"| {r['model']} | {r['nfe'] or '-'} | {e} | {r['sliced_w2']:.4f} |")
     else:
-        lines += ["| model | NFE | sliced-W2 to data | ratio to teacher (Heun 63) |", "|---|---|---|---|"]
+        lines += [f"| model | NFE | {result['metric']} to data | ratio to teacher (Heun 63) |", "|---|---|---|---|"]
         for r in result["rows"]:
-            lines.append(f"| {r['model']} | {r['nfe']} | {r['sliced_w2']:.4f} | {r['ratio']:.2f} |")
+            lines.append(f"| {r['model']} | {r['nfe']} | {r['metric']:.4g} | {r['ratio']:.2f} |")
     lines += ["", "| method | wall s | teacher evaluations |", "|---|---|---|"]
     for name, c in result["costs"].items():
         lines.append(f"| {name} | {c['wall_seconds']:.0f} | {c.get('teacher_evals', 0):.3g} |")
-    lines.append(f"\ndata floor (sliced-W2 of {result['n']} fresh samples to the data): {result['data_floor_sliced_w2']:.4f}")
+    floor = result.get("data_floor", result.get("data_floor_sliced_w2"))
+    lines.append(f"\ndata floor ({result.get('metric', 'sliced-W2')} of {result['n']} fresh samples to the data): {floor:.4g}")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["gmm2", "gmm16", "moons"], required=True)
+    ap.add_argument("--part", choices=["gmm2", "gmm16", *TRAINED], required=True)
     ap.add_argument("--steps", type=int, default=2000, help="training steps per method (PD rounds: half "
                     "each; 64 -> 1 is 7 rounds on exact teachers, 64 -> 4 is 4 rounds on moons)")
-    ap.add_argument("--teacher-steps", type=int, default=3000, help="moons teacher training steps")
+    ap.add_argument("--teacher-steps", type=int, default=3000, help="trained teachers' training steps")
     ap.add_argument("--out", default=None, help="result JSON (default bench/out/distill_<part>.json)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix=f"distill_{a.part}_"))
     t0 = time.time()
     try:
-        res = run_moons(a.steps, a.teacher_steps, folder) if a.part == "moons" else run_exact(a.part, a.steps, folder)
+        res = (run_trained(a.part, a.steps, a.teacher_steps, folder) if a.part in TRAINED
+               else run_exact(a.part, a.steps, folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     res.update({"command": "python bench/distill.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),

@@ -44,6 +44,7 @@ from ..errors import UserError, unknown_name
 from ..grids import karras
 from ..process import EDM, _bcast
 from ..train.loop import Task, fit, make_accelerator
+from ..train.runfolder import open_run
 from .common import (StepCounter, StudentRun, Timer, batch_slice, bcast, call_denoiser, data_source, fit_config,
                      fixed_grids, is_exact, load_teacher, net_config, solve_rows, student_meta, teacher_net_state,
                      write_student)
@@ -312,12 +313,12 @@ def tune_levels(f, data, cfg: dict, n: int, max_k: int = 4) -> dict:
     """Greedy search of the multistep levels (as the CM paper does on FID): for k = 2..max_k
     steps, one pass of coordinate descent over the k - 1 levels on a log-spaced candidate
     set in [0.02 sd, 4 sd], minimising sliced-W2 of n samples to n data samples (the same
-    noise for every candidate). Starts from the k - 1 step optimum plus a lower level."""
+    noise for every candidate). Starts from the k - 1 step optimum plus a lower level.
+    Images are compared as flattened pixel vectors (sliced-W2 is defined in any dimension;
+    the paper searched on FID, which needs a feature network we do not have for every set)."""
     from ..metrics import sliced_w2
     from ..samplers import get
 
-    if data.kind != "points":
-        raise UserError("--tune-levels searches on sliced-W2 of points; leave it 0 for images")
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 99)
     ref = data.draw(n, gen)
     dev = next(f.parameters()).device
@@ -365,17 +366,17 @@ def sampling_rule(cfg: dict, sigma_data: float, tuned: Optional[dict] = None) ->
 
 
 def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
-    teacher = load_teacher(cfg["teacher"], cfg["device"], required=cfg["mode"] == "distillation")
+    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
+    teacher = load_teacher(cfg["teacher"], acc.device, required=cfg["mode"] == "distillation")
     cfg = resolve(cfg, teacher)
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
     D, net_cfg = build_student(teacher, cfg, data)
     sampling = sampling_rule(cfg, D.sigma_data)
-    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
     _, mu0 = curriculum(cfg)(0)
     target = copy.deepcopy(D.net).requires_grad_(False) if cfg["schedule"] != "ict" and mu0 > 0 else None
     counter = StepCounter()
     timer = Timer()
-    with StudentRun.create(out, cfg, resume=resume) as run_:
+    with open_run(acc, out, cfg, resume, StudentRun) as run_:
         run_.extra_modules = {"target": target} if target is not None else {}
         run_.counter = counter
         frozen = {"target": target} if target is not None else {}
@@ -400,4 +401,5 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
                                 cost={"teacher_evals": int(cfg["steps"]) * int(cfg["batch_size"]) * per,
                                       "seconds": timer.seconds})
             write_student(run_.root, ema.module, meta)
+        acc.wait_for_everyone()
     return str(run_.root)
