@@ -18,9 +18,13 @@ code; a proposal evaluates the denoiser once for all still-running samples (2 ev
 per proposal). The last level is followed by the denoising step x = D(x, sigma_lo) when
 the grid ends at 0 (the paper's final denoising).
 
-``max_nfe`` is never exceeded: when k proposals are left in the budget, each running
-sample's step is at least its remaining time / k, and the last proposal is accepted
-whatever its error (so the budget, not the tolerance, decides the final steps).
+``max_nfe`` is never exceeded, and it never changes the steps: the tolerance alone
+decides them, and a run that would need more than the budget stops with a ``UserError``
+(as :mod:`.rk45` does). Forcing larger steps to fit a small budget is not an option:
+the Euler-Maruyama proposal's deterministic part multiplies x by 1 - 2 h log(sigma_hi /
+sigma_lo), which leaves [-1, 1] (the step diverges) once h > 1 / log(sigma_hi / sigma_lo),
+and accepting a proposal whatever its error returns garbage. Without ``max_nfe`` the
+solver stops only at ``max_iters`` proposals.
 """
 from __future__ import annotations
 
@@ -81,14 +85,16 @@ def sample_gotta_go_fast(denoiser, x, sigmas, *, eps_rel=0.05, eps_abs=0.0078, h
 
     while bool((t > 0).any()):
         act = (t > 0).nonzero().flatten()
-        left = None if max_nfe is None else (max_nfe - final - calls) // 2
         it += 1
-        if (left is not None and left < 1) or it > max_iters:
-            raise UserError(f"gotta_go_fast: the step-size control did not finish within {calls} evaluations")
+        if max_nfe is not None and calls + 2 > max_nfe - final:
+            raise UserError(f"gotta_go_fast needs more than max_nfe={max_nfe} evaluations at eps_rel={eps_rel}, "
+                            f"eps_abs={eps_abs} ({len(act)} of {b} samples unfinished, at sigma up to "
+                            f"{float(sigma_of(t[act]).max()):.3g}); raise the budget or loosen the tolerances")
+        if it > max_iters:
+            raise UserError(f"gotta_go_fast: the step-size control did not finish within max_iters={max_iters} "
+                            f"proposals ({calls} evaluations); loosen eps_rel/eps_abs")
         ta, xa = t[act], x[act]
         ha = torch.minimum(h[act], ta)
-        if left is not None:
-            ha = torch.maximum(ha, ta / left)
         z = noise_like(xa, generator)
         den1 = denoiser(xa, sigma_of(ta).to(x.dtype), **extra)
         f1, g1 = drift(xa, ta, den1)
@@ -104,7 +110,7 @@ def sample_gotta_go_fast(denoiser, x, sigmas, *, eps_rel=0.05, eps_abs=0.0078, h
         err = ratio.abs().amax(1) if norm == "linf" else ratio.square().mean(1).sqrt()
         if not bool(torch.isfinite(err).all()):
             raise UserError("gotta_go_fast: the solution is not finite; check the denoiser")
-        accept = err <= 1 if left is None or left > 1 else torch.ones_like(err, dtype=torch.bool)
+        accept = err <= 1
         report(callback, it - 1, xa, sigma_of(ta), sigma_of(t2), den1)
         acc = act[accept]
         x[acc] = (x2 if extrapolate else x1)[accept]
