@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..process import EDM
 from ..train.checkpoint import read_json, save_checkpoint, write_json
 from ..train.loop import Task, fit, make_accelerator
+from ..train.runfolder import open_run
 from .common import (EvalCounter, StudentRun, Timer, batch_slice, call_denoiser, fit_config, fixed_grids,
                      gmm_sigma_data, is_exact, load_teacher, net_config, quiet_sample, student_meta,
                      teacher_net_state, write_student)
@@ -92,11 +93,13 @@ def _pair_spec(cfg: dict, teacher) -> dict:
             "seed": int(cfg["seed"]), "latent_dim": cfg["latent_dim"], "sigma_max": teacher.sigma_max}
 
 
-def make_pairs(teacher, cfg: dict, run: StudentRun, progress: bool = True):
+def make_pairs(teacher, cfg: dict, run: StudentRun, progress: bool = True, acc=None):
     """Pairs (latent, x_0 = teacher sampler(x_T)) in ``<run>/pairs/chunk_*.safetensors``.
 
     Each chunk is drawn from its own seed and written atomically, so an interrupted job
-    resumes at the first missing chunk. Returns (latents, x0, info)."""
+    resumes at the first missing chunk. Under ``accelerate`` (``acc``) process r of W makes
+    chunks r, r + W, ...; after a barrier every process reads all of them, so the pairs
+    do not depend on the process count. Returns (latents, x0, info)."""
     from tqdm.auto import tqdm
 
     from ..samplers import info
@@ -104,11 +107,12 @@ def make_pairs(teacher, cfg: dict, run: StudentRun, progress: bool = True):
 
     spec = _pair_spec(cfg, teacher)
     folder = run.path("pairs/pairs.json").parent
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     if (folder / "pairs.json").is_file():
         stored = read_json(folder / "pairs.json")
         if stored != spec:
             raise UserError(f"{folder} holds pairs made with {stored}; this run asks for {spec}")
-    else:
+    elif rank == 0:
         write_json(folder / "pairs.json", spec)
     n, b = spec["pairs"], spec["batch"]
     chunks = math.ceil(n / b)
@@ -117,7 +121,8 @@ def make_pairs(teacher, cfg: dict, run: StudentRun, progress: bool = True):
     if m is not None and m < 1:
         raise UserError(f"--latent-dim must be at least 1, got {m}")
     stochastic = info(spec["sampler"]).stochastic
-    for i in tqdm(range(chunks), disable=not progress, desc="pairs", dynamic_ncols=True, mininterval=1.0):
+    for i in tqdm(range(rank, chunks, world), disable=not progress, desc="pairs", dynamic_ncols=True,
+                  mininterval=1.0):
         name = f"chunk_{i:05d}"
         if (folder / f"{name}.json").is_file():
             continue
@@ -139,6 +144,8 @@ def make_pairs(teacher, cfg: dict, run: StudentRun, progress: bool = True):
         save_checkpoint(folder, {"latent": (teacher.sigma_max * latent).float(), "x0": x0.float().cpu()},
                         {"pairs": k, "teacher_evals": counter.evals, "seconds": timer.seconds}, name=name)
         run.commit()  # pairs on disk are worth resuming
+    if acc is not None:
+        acc.wait_for_everyone()  # every process's chunks are on disk
     lat, x0, evals, secs = [], [], 0, 0.0
     for i in range(chunks):
         w = load_weights(folder / f"chunk_{i:05d}.safetensors")
@@ -182,13 +189,13 @@ def build_student(teacher, cfg: dict):
 
 
 def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
-    teacher = load_teacher(cfg["teacher"], cfg["device"])
     acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
+    teacher = load_teacher(cfg["teacher"], acc.device)
     timer = Timer()
     D, module, net_cfg = build_student(teacher, cfg)  # bad options fail before any work
     _pair_spec(cfg, teacher)
-    with StudentRun.create(out, cfg, resume=resume) as run_:
-        latents, targets, pinfo = make_pairs(teacher, cfg, run_, progress and acc.is_main_process)
+    with open_run(acc, out, cfg, resume, StudentRun) as run_:
+        latents, targets, pinfo = make_pairs(teacher, cfg, run_, progress and acc.is_main_process, acc)
         generator = isinstance(D, Generator)
         B, n = int(cfg["batch_size"]), len(latents)
         sigma_T = float(teacher.sigma_max)
@@ -214,4 +221,5 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
             if generator:
                 meta["latent_shape"] = [int(cfg["latent_dim"])]
             write_student(run_.root, ema.module, meta)
+        acc.wait_for_everyone()
     return str(run_.root)

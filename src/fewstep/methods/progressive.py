@@ -34,7 +34,7 @@ import torch
 
 from ..errors import UserError
 from ..train.loop import Task, fit, make_accelerator
-from ..train.runfolder import RunFolder
+from ..train.runfolder import open_run
 from .common import (Timer, batch_slice, bcast, call_denoiser, data_source, fit_config, fixed_grids, is_exact,
                      load_teacher, log2_int, net_config, solve_rows, student_meta, write_student)
 
@@ -126,23 +126,23 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
     from ..train.losses import x0_weight
     from ..train.teacher import process_from_config
 
-    teacher = load_teacher(cfg["teacher"], cfg["device"])
+    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
+    teacher = load_teacher(cfg["teacher"], acc.device)
     n0, n_end, prediction, copy = _check(cfg, teacher)
     process = process_from_config(cfg["process"])
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
     base = level_grid(process, n0, teacher.sigma_max)
     net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
-    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
     B, G = int(cfg["batch_size"]), int(cfg["level_groups"])
     rounds = _rounds(n0, n_end, copy)
-    with RunFolder.create(out, cfg, resume=resume) as top:
+    with open_run(acc, out, cfg, resume) as top:
         prev, done = teacher, []
         try:
             for r, (N, k) in enumerate(rounds):
                 folder = top.root / "rounds" / f"steps_{N:04d}"
                 rel = str(folder.relative_to(top.root))
                 if (folder / "model.json").is_file():
-                    prev = load(str(folder), device=cfg["device"])
+                    prev = load(str(folder), device=acc.device)
                     done.append((N, rel, prev.meta))
                     continue
                 grid_s = base[:: n0 // N]             # the student's N + 1 levels
@@ -174,7 +174,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
                         "teacher_steps": k, "method": "progressive"}
                 timer = Timer()
                 frozen = {"teacher": T} if isinstance(T, torch.nn.Module) else {}
-                with RunFolder.create(folder, rcfg, resume=(folder / "config.json").is_file()) as rf:
+                with open_run(acc, folder, rcfg, (folder / "config.json").is_file()) as rf:
                     ema = fit(Task(student=D.net, loss=loss, frozen=frozen), rf, rcfg, accelerator=acc,
                               progress=progress)
                     if acc.is_main_process:
@@ -186,7 +186,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
                                                   "seconds": timer.seconds})
                         write_student(folder, ema.module, meta)
                 acc.wait_for_everyone()
-                prev = load(str(folder), device=cfg["device"])
+                prev = load(str(folder), device=acc.device)
                 done.append((N, rel, prev.meta))
         except BaseException:
             if (top.root / "rounds").is_dir() and any((top.root / "rounds").glob("*/checkpoints")):
@@ -194,6 +194,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
             raise
         if acc.is_main_process:
             _write_top(top.root, done)
+        acc.wait_for_everyone()
     return str(top.root)
 
 

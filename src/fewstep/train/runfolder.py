@@ -199,4 +199,15 @@ class RunFolder:
         return f"RunFolder({str(self.root)!r}, committed={self._committed})"
 
 
-__all__ = ["RunFolder", "CONFIG", "METRICS"]
+def open_run(acc, out: str | Path, config: dict, resume: bool = False, cls: type = RunFolder) -> RunFolder:
+    """The run folder of a job under ``accelerate`` (any number of processes): the main
+    process creates (or reopens) it, the others open it once it exists.
+
+    Only the main process may remove a new folder on failure, so the others get an
+    already-committed handle (``cls`` may be a subclass, e.g. a method's StudentRun)."""
+    run = cls.create(out, config, resume=resume) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    return run if run is not None else cls.open(out)
+
+
+__all__ = ["RunFolder", "CONFIG", "METRICS", "open_run"]

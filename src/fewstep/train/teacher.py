@@ -19,7 +19,7 @@ from .checkpoint import save_checkpoint, write_json
 from .config import PROCESS_ALIASES, resolve
 from .loop import Task, fit, make_accelerator
 from .losses import DenoisingLoss
-from .runfolder import RunFolder
+from .runfolder import RunFolder, open_run
 
 
 def process_from_config(spec):
@@ -112,16 +112,6 @@ def train_teacher(overrides: dict | None = None, out: str = "runs/teacher", conf
                 _evaluate(run, data, cfg, progress)
         acc.wait_for_everyone()
     return str(run.root)
-
-
-def open_run(acc, out: str, cfg: dict, resume: bool) -> RunFolder:
-    """The main process creates (or reopens) the run folder; the others open it after.
-
-    Only the main process may remove a new folder on failure, so the others get an
-    already-committed handle."""
-    run = RunFolder.create(out, cfg, resume=resume) if acc.is_main_process else None
-    acc.wait_for_everyone()
-    return run if run is not None else RunFolder.open(out)
 
 
 def _evaluate(run: RunFolder, data: Dataset, cfg: dict, progress: bool) -> None:
