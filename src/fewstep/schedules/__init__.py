@@ -22,11 +22,11 @@ from torch import Tensor
 from .. import grids as G
 from ..errors import UserError, unknown_name
 from .dp import dp_grid, elbo_costs, local_costs, shortest_path
-from .optimize import from_sigmas, optimize_grid, to_sigmas
+from .optimize import differentiable, from_sigmas, optimize_grid, to_sigmas
 from .problem import Problem, candidates
 
 __all__ = ["Problem", "learn", "fixed_grids", "best_fixed", "dp_grid", "optimize_grid", "shortest_path",
-           "local_costs", "elbo_costs", "candidates", "to_sigmas", "from_sigmas", "METHODS", "COSTS"]
+           "local_costs", "elbo_costs", "candidates", "to_sigmas", "from_sigmas", "differentiable", "METHODS", "COSTS"]
 
 METHODS = ("dp", "optimize", "dp+optimize")
 COSTS = ("local", "elbo")

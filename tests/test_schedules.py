@@ -1,0 +1,206 @@
+"""Learned step schedules: the DP against brute force, the budget, the JSON file, the
+learned grid against Karras on fresh noise (exact GMM), autograd against differences,
+and one clear line for bad input."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from fewstep import grids as G
+from fewstep import samplers as S
+from fewstep.cli import main
+from fewstep.data.gmm import GaussianMixture
+from fewstep.denoiser import NFECounter
+from fewstep.errors import UserError
+from fewstep.schedules import (Problem, candidates, differentiable, elbo_costs, from_sigmas, learn,
+                               local_costs, shortest_path, to_sigmas)
+
+SMAX, SMIN = 80.0, 0.002
+
+
+def gmm2():
+    """4 anisotropic 2-D modes (the regime where the grid matters)."""
+    ang = torch.arange(4, dtype=torch.float64) * math.pi / 2
+    means = 2.0 * torch.stack([ang.cos(), ang.sin()], 1)
+    covs = torch.stack([torch.diag(torch.tensor([0.3, 0.05], dtype=torch.float64)) ** 2 * 4] * 4)
+    return GaussianMixture(torch.tensor([1.0, 2.0, 1.0, 1.5]), means, covs)
+
+
+def starts(gmm, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x0 = gmm.sample(n, generator=g)
+    return x0 + SMAX * torch.randn(x0.shape, generator=g, dtype=torch.float64), x0
+
+
+def problem(gmm, sampler, nfe, n=32, seed=0, rtol=1e-6, **kw):
+    x_T, x0 = starts(gmm, n, seed)
+    return Problem(gmm, sampler, nfe, SMIN, SMAX, x_T, exact_flow=gmm.flow, x0=x0, rtol=rtol, **kw)
+
+
+def brute_force(C, steps):
+    """min over every choice of steps - 1 interior nodes of the path cost."""
+    M = C.shape[0]
+    best = (math.inf, None)
+    for mid in itertools.combinations(range(1, M - 1), steps - 1):
+        p = (0, *mid, M - 1)
+        c = sum(float(C[a, b]) for a, b in zip(p[:-1], p[1:]))
+        best = min(best, (c, p), key=lambda t: t[0])
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dp_is_the_brute_force_optimum_random_costs(seed):
+    g = torch.Generator().manual_seed(seed)
+    M = 9
+    C = torch.rand(M, M, generator=g, dtype=torch.float64)
+    C[torch.rand(M, M, generator=g) < 0.15] = math.inf  # some edges missing
+    for steps in range(1, M):
+        want, want_path = brute_force(C, steps)
+        if not math.isfinite(want):
+            with pytest.raises(UserError):
+                shortest_path(C, steps)
+            continue
+        path, got = shortest_path(C, steps)
+        assert got == pytest.approx(want, rel=1e-12) and len(path) == steps + 1
+        assert sum(float(C[a, b]) for a, b in zip(path[:-1], path[1:])) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("cost", ["local", "elbo"])
+def test_dp_is_the_brute_force_optimum_on_real_costs(cost):
+    gmm = gmm2()
+    prob = problem(gmm, "euler", 3, n=16)
+    lv = candidates(8, SMIN, SMAX)  # 8 levels + 0
+    C = local_costs(prob, lv, prob.path(lv)) if cost == "local" else elbo_costs(prob, lv)
+    want, want_path = brute_force(C, 3)
+    path, got = shortest_path(C, 3)
+    assert got == pytest.approx(want, rel=1e-10)
+    assert tuple(path) == want_path
+
+
+def test_local_cost_is_the_one_step_error():
+    gmm = gmm2()
+    prob = problem(gmm, "heun", 4, n=8)
+    lv = candidates(5, SMIN, SMAX)
+    ref = prob.path(lv)
+    C = local_costs(prob, lv, ref)
+    i, j = 1, 3
+    step = S.get("heun")(gmm, ref[i], lv[[i, j]])
+    assert C[i, j] == pytest.approx(float((step - ref[j]).pow(2).mean()), rel=1e-12)
+    assert torch.allclose(ref[-1], gmm.flow(prob.x_T, SMAX, 0.0, rtol=1e-6), atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2s", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m",
+                                     "unipc", "ipndm"])
+@pytest.mark.parametrize("method", ["dp", "optimize"])
+def test_learned_grid_never_spends_more_than_asked(sampler, method):
+    gmm = gmm2()
+    for nfe in (3, 4):  # the reference's accuracy does not matter here: a loose tolerance
+        prob = problem(gmm, sampler, nfe, n=8, rtol=1e-3)
+        sig, info = learn(prob, method=method, m=6, refine=1, iters=2)
+        counter = NFECounter(gmm)
+        S.sample(counter, prob.x_T.clone(), sampler, nfe, grid=sig)  # raises if over budget
+        assert counter.nfe <= nfe and counter.nfe == info["nfe_spent"]
+        assert len(sig) - 1 == S.steps_for_nfe(sampler, nfe) and float(sig[0]) == SMAX and float(sig[-1]) == 0
+
+
+def test_parametrisation_round_trip_and_monotone():
+    for fz in (True, False):  # ending at 0, the last positive level may lie above sigma_min
+        g = G.karras(6, 0.01 if fz else SMIN, SMAX, final_zero=fz)
+        back = to_sigmas(from_sigmas(g, SMIN, SMAX, fz), SMIN, SMAX, fz)
+        assert torch.allclose(back, g, rtol=1e-10, atol=0)
+        th = torch.randn(len(from_sigmas(g, SMIN, SMAX, fz)), dtype=torch.float64) * 3
+        s = to_sigmas(th, SMIN, SMAX, fz)
+        pos = s[s > 0]
+        assert bool((s[1:] < s[:-1]).all()) and float(s[0]) == SMAX and float(pos.min()) >= SMIN * (1 - 1e-12)
+
+
+def test_gradient_of_the_final_error():
+    """The central-difference gradient predicts the loss change along a random direction;
+    autograd is used only where it agrees with it (samplers whose coefficients are Python
+    floats give none)."""
+    from fewstep.schedules.optimize import _grad_fd, _loss
+
+    gmm = gmm2()
+    prob = problem(gmm, "dpmpp_2m", 5, n=8)
+    th = from_sigmas(G.karras(5, 0.01, SMAX), SMIN, SMAX, True)
+    _, g = _grad_fd(prob, th, 1e-5)
+    v = torch.randn(len(th), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    f = lambda t: float(_loss(prob, to_sigmas(t, SMIN, SMAX, True)))  # noqa: E731
+    h = 1e-4
+    assert float(g @ v) == pytest.approx((f(th + h * v) - f(th - h * v)) / (2 * h), rel=1e-4)
+    assert not differentiable(prob, th)
+
+
+def test_grid_json_round_trip(tmp_path):
+    g = G.karras(5, SMIN, SMAX)
+    G.save(tmp_path / "g.json", g, sampler="euler", nfe=5)
+    assert torch.equal(G.load(tmp_path / "g.json"), g)
+    assert json.loads((tmp_path / "g.json").read_text())["sampler"] == "euler"
+
+
+@pytest.mark.parametrize("sampler,nfe", [("euler", 4), ("dpmpp_2m", 5), ("dpmpp_2m", 6)])
+def test_learned_grid_beats_karras_on_fresh_noise(sampler, nfe):
+    gmm = gmm2()
+    prob = problem(gmm, sampler, nfe, n=128, seed=0)
+    sig, info = learn(prob, method="dp+optimize", m=30, refine=1, iters=25, lr=0.1)
+    assert info["rms_train"] <= info["rms_init"] + 1e-12
+    fresh = problem(gmm, sampler, nfe, n=256, seed=1)
+    learned, karras = fresh.error(sig), fresh.error(G.karras(prob.steps, SMIN, SMAX))
+    assert learned < 0.7 * karras, (learned, karras)
+
+
+def test_cli_schedule_then_sample(tmp_path, capsys):
+    spec = tmp_path / "g.npz"
+    gmm2().save(spec)
+    out = tmp_path / "grid.json"
+    code = main(["schedule", "--teacher", f"gmm:{spec}", "--sampler", "dpmpp_2m", "--nfe", "4", "--out", str(out),
+                 "--n", "16", "--candidates", "8", "--iters", "3", "--quiet"])
+    assert code == 0
+    meta = json.loads(out.read_text())
+    for k in ("teacher", "sampler", "nfe", "method", "cost", "seed", "rms_train", "rms_fresh", "nfe_spent"):
+        assert k in meta
+    assert meta["nfe_spent"] <= 4 and G.load(out)[0] == 80.0
+    assert main(["sample", f"gmm:{spec}", "--sampler", "dpmpp_2m", "--nfe", "4", "--grid", str(out), "--n", "8",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    # a grid asks for more evaluations than given: one line, exit 2
+    assert main(["sample", f"gmm:{spec}", "--sampler", "heun", "--nfe", "4", "--grid", str(out), "--n", "8",
+                 "--out", str(tmp_path / "t.npz")]) == 2
+    assert not (tmp_path / "t.npz").exists()
+
+
+def test_bad_input_is_a_user_error(tmp_path, capsys):
+    gmm = gmm2()
+    x_T, x0 = starts(gmm, 4, 0)
+    with pytest.raises(UserError):
+        Problem(gmm, "rk45", 10, SMIN, SMAX, x_T)  # adaptive: chooses its own steps
+    with pytest.raises(UserError):
+        Problem(gmm, "euler", 0, SMIN, SMAX, x_T)
+    with pytest.raises(UserError):
+        Problem(gmm, "euler", 4, SMAX, SMIN, x_T)  # range upside down
+    with pytest.raises(UserError):
+        Problem(gmm, "no_such_sampler", 4, SMIN, SMAX, x_T)
+    prob = Problem(gmm, "euler", 4, SMIN, SMAX, x_T, exact_flow=gmm.flow)
+    with pytest.raises(UserError):
+        learn(prob, method="annealing")
+    with pytest.raises(UserError):
+        learn(prob, cost="fid")
+    with pytest.raises(UserError):
+        learn(prob, method="optimize", cost="elbo")
+    with pytest.raises(UserError):
+        elbo_costs(prob, candidates(4, SMIN, SMAX))  # no data samples
+    with pytest.raises(UserError):
+        shortest_path(torch.rand(4, 4), 4)  # 4 steps through 4 levels
+    spec = tmp_path / "g.npz"
+    gmm.save(spec)
+    for bad in (["--out", str(tmp_path / "g.txt")], ["--nfe", "0"], ["--sampler", "rk45"], ["--n", "1"],
+                ["--method", "nope"]):
+        args = {"--teacher": f"gmm:{spec}", "--sampler": "euler", "--nfe": "4", "--out": str(tmp_path / "o.json")}
+        args.update(dict(zip(bad[::2], bad[1::2])))
+        try:
+            code = main(["schedule", *[v for kv in args.items() for v in kv], "--quiet"])
+        except SystemExit as e:  # argparse choices
+            code = e.code
+        assert code == 2, bad
+        assert not (tmp_path / "o.json").exists()
