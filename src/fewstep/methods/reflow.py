@@ -1,0 +1,427 @@
+"""Rectified flow and reflow (Liu et al. 2022; survey eq. 43), then a one-step student.
+
+A rectified flow is the ODE dx_t/dt = v(x_t, t) whose velocity field is fitted to the
+straight interpolation of a coupling (x0 data, x1 noise), time running from noise at
+t = 1 to data at t = 0 (the paper's time reversed, as every fewstep process):
+
+    x_t = (1 - t) x0 + t x1,     min_v  E_{t ~ U[0,1]} E_{(x0, x1)} || (x1 - x0) - v(x_t, t) ||^2    (eq. 43)
+
+That is the :class:`~fewstep.process.LinearFlow` process with the ``flow`` prediction: in
+sigma-space y = x_t / (1 - t), sigma = t / (1 - t), the denoiser is D(y, sigma) =
+x_t - t v(x_t, t), and the velocity of any denoiser is v = (y - D) / sigma - D. Euler in t
+on the flow is Euler (DDIM) in sigma on D, so every round is an ordinary flow model that
+``fewstep sample`` / :func:`fewstep.load` and every sampler can use; its own rule is Euler
+on the grid uniform in t (t_i = t_max - i (t_max - t_min) / k, then 0).
+
+Couplings of round 1 (``--couplings``):
+    independent   x0 ~ data, x1 ~ N(0, I), fresh every step: the 1-rectified flow
+    teacher       x1 = z ~ N(0, I), x0 = teacher sampler(sigma_max z): any fewstep model
+                  (run folder, gmm:FILE.npz, a reflow round) with any sampler / NFE / grid
+Round k > 1 (reflow) trains on (z, ODE_{k-1}(z)), the previous round's own ODE solution
+(``--reflow-sampler`` at ``--reflow-nfe`` on the uniform-t grid), starting from its weights.
+
+Measured per round (``roundK/round.json`` and ``reflow.json``), on fixed evaluation noise:
+    straightness       S = E_{t} E_{(x0,x1) ~ couplings} || (x1 - x0) - v(x_t, t) ||^2
+                       (squared norm, t at 16 midpoints of [0, 1]): the residual of eq. 43,
+                       0 iff the coupling's straight paths do not cross
+    flow_straightness  S(Z) = int_0^1 E || (Z_1 - Z_0) - v(Z_t, t) ||^2 dt / t_max on the
+                       flow's own Euler paths (Liu et al. 2022, Def. 3.5; 64 steps)
+    euler_error[k]     RMS of k Euler steps against the reference map z -> x0: the exact
+                       Gaussian-mixture flow when the teacher or data is a mixture, else the
+                       teacher's own sampler; euler_self_error[k] against the round's own
+                       accurate ODE; euler_sliced_w2[k] to fresh data (k = 1, 2, 4)
+
+Then (``--distill-steps`` > 0, default ``--steps``) the final flow is distilled into a
+one-step generator by knowledge distillation (:mod:`fewstep.methods.knowledge`) on its
+own couplings, the student starting from the flow's weights, i.e. as its one Euler step
+x0 = x1 - v(x1, 1) (Liu et al. 2022, sec. 2.3). The run folder's model is that student
+(or, without distillation, the final flow); other NFE sample the final round.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..grids import time_uniform
+from ..process import LinearFlow
+from ..train.checkpoint import load_weights, read_json, save_checkpoint, write_json
+from ..train.loop import Task, fit, make_accelerator
+from ..train.losses import DenoisingLoss
+from ..train.runfolder import RunFolder
+from .common import (Timer, batch_slice, bcast, data_source, fit_config, fixed_grids, is_exact, load_teacher,
+                     net_config, quiet_sample, student_meta, teacher_net_state, write_student)
+
+DEFAULTS = {
+    "couplings": None,        # independent | teacher (default: teacher when --teacher is given)
+    "rounds": 2,              # flows trained: round 1 on the couplings, then k - 1 reflows
+    "pairs": 20000,           # couplings per round made by a teacher or the previous round
+    "pair_batch": 1000,
+    "pair_sampler": None,     # the teacher's sampler for round 1 (default: its own)
+    "pair_nfe": 64,
+    "pair_grid": None,        # default: karras; time-trailing for a flow teacher
+    "reflow_sampler": "dpmpp_2m",  # a round's ODE solver for the next round's couplings
+    "reflow_nfe": 64,
+    "init": "auto",           # auto: the previous round's (or a flow teacher's) weights | random
+    "distill_steps": None,    # one-step student: knowledge-distillation steps (default: --steps; 0: none)
+    "eval_samples": 2000,
+}
+HELP = {
+    "couplings": "round 1 couplings: independent (data x noise, 1-rectified flow) or teacher (z, teacher(z))",
+    "rounds": "number of flows: round 1, then rounds - 1 reflows on the previous round's couplings",
+    "pairs": "couplings per round made by the teacher or the previous round (default 20000)",
+    "pair_batch": "couplings made per batch, one resumable chunk each (default 1000)",
+    "pair_sampler": "the teacher's sampler for round 1's couplings (default: its own)",
+    "pair_nfe": "teacher evaluations per coupling (default 64)",
+    "pair_grid": "sigma grid of the teacher's sampler (default karras; time-trailing for a flow teacher)",
+    "reflow_sampler": "sampler of a round's ODE for the next round's couplings (default dpmpp_2m, exact on straight paths)",
+    "reflow_nfe": "evaluations of that ODE per coupling (default 64)",
+    "init": "auto (previous round's weights; a flow teacher's for round 1) or random",
+    "distill_steps": "steps of the one-step student (knowledge distillation of the final flow); 0: none",
+    "eval_samples": "evaluation samples per round (default 2000)",
+}
+EVAL_NFES = (1, 2, 4)
+RULE_NFES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128)  # NFE of a round's own Euler rule
+FLOW_GRID = "time-trailing"
+
+
+# ------------------------------------------------------------------------ the flow
+def euler_grid(process, k: int) -> torch.Tensor:
+    """k Euler steps uniform in t: sigma(t_max - i (t_max - t_min) / k), i < k, then 0."""
+    return time_uniform(process, int(k), "trailing")
+
+
+def velocity(D, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """v(x_t, t) = eps^ - x0^ of any sigma-space denoiser, at y = x_t / (1 - t), sigma = t / (1 - t)."""
+    sigma = t / (1 - t)
+    y = x_t / bcast(1 - t, x_t)
+    den = D(y, sigma)
+    return (y - den) / bcast(sigma, y) - den
+
+
+@torch.no_grad()
+def coupling_straightness(D, x0: torch.Tensor, x1: torch.Tensor, levels: int = 16) -> float:
+    """E_t E || (x1 - x0) - v(x_t, t) ||^2, x_t = (1 - t) x0 + t x1, t at ``levels`` midpoints."""
+    total = 0.0
+    for j in range(levels):
+        t = torch.full((len(x0),), (j + 0.5) / levels, dtype=x0.dtype, device=x0.device)
+        x_t = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * x1
+        total += float(((x1 - x0) - velocity(D, x_t, t)).pow(2).flatten(1).sum(1).mean())
+    return total / levels
+
+
+@torch.no_grad()
+def flow_straightness(D, process, z: torch.Tensor, steps: int = 64) -> float:
+    """S(Z) on the flow's Euler path from Z_1 = z: the t-weighted mean of || chord - v_i ||^2,
+    chord = (Z_1 - Z_0) / t_max = sum_i dt_i v_i / sum_i dt_i."""
+    from ..samplers import get
+
+    sigmas = euler_grid(process, steps).to(z.device)
+    vs = []
+    get("euler")(D, float(sigmas[0]) * z, sigmas,
+                 callback=lambda s: vs.append((s["x"] - s["denoised"]) / s["sigma"] - s["denoised"]))
+    t = (sigmas / (1 + sigmas)).to(z.dtype)
+    dt = bcast(t[:-1] - t[1:], vs[0][None])  # [steps, 1, ...]
+    V = torch.stack(vs)
+    chord = (dt * V).sum(0) / dt.sum()
+    return float((dt * (V - chord).pow(2)).sum(0).flatten(1).sum(1).mean() / dt.sum())
+
+
+def flow_denoiser(net, sigma_data: float):
+    from ..denoiser import ModelDenoiser
+
+    return ModelDenoiser(net, LinearFlow(), "flow", sigma_data)
+
+
+# ------------------------------------------------------------------------ options
+def _check(cfg: dict, teacher) -> str:
+    """Validate the options before any work; returns the couplings of round 1."""
+    from ..samplers import info
+
+    couplings = cfg["couplings"] or ("teacher" if teacher is not None else "independent")
+    if couplings not in ("independent", "teacher"):
+        raise UserError(f"--couplings {couplings}: use independent or teacher")
+    if couplings == "teacher" and teacher is None:
+        raise UserError("--couplings teacher needs --teacher (a run folder or gmm:FILE.npz)")
+    for key in ("rounds", "pairs", "pair_batch", "pair_nfe", "reflow_nfe"):
+        if not isinstance(cfg[key], int) or int(cfg[key]) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be an integer >= 1, got {cfg[key]}")
+    if int(cfg["eval_samples"]) < 2:
+        raise UserError(f"--eval-samples must be at least 2, got {cfg['eval_samples']}")
+    if cfg["distill_steps"] is not None and int(cfg["distill_steps"]) < 0:
+        raise UserError(f"--distill-steps must be 0 (none) or more, got {cfg['distill_steps']}")
+    if cfg["init"] not in ("auto", "random"):
+        raise UserError(f"--init {cfg['init']}: use auto or random")
+    info(cfg["reflow_sampler"])  # unknown names fail here
+    if couplings == "teacher":
+        from .knowledge import _pair_spec
+
+        _pair_spec(_pair_cfg(cfg, teacher, cfg["teacher"], 1), teacher)
+    return couplings
+
+
+def _pair_cfg(cfg: dict, source, label: str, r: int) -> dict:
+    """Options of :func:`fewstep.methods.knowledge.make_pairs` for round r's couplings."""
+    if r == 1:
+        grid = cfg["pair_grid"] or (FLOW_GRID if isinstance(source.process, LinearFlow) else "karras")
+        sampler, nfe = cfg["pair_sampler"], cfg["pair_nfe"]
+    else:
+        grid, sampler, nfe = FLOW_GRID, cfg["reflow_sampler"], cfg["reflow_nfe"]
+    return {"teacher": label, "pair_sampler": sampler, "pair_nfe": int(nfe), "pair_grid": grid,
+            "pairs": int(cfg["pairs"]), "pair_batch": int(cfg["pair_batch"]), "seed": int(cfg["seed"]) + r,
+            "latent_dim": None}
+
+
+def _data_spec(cfg: dict, teacher):
+    """--data, else a mixture the teacher was trained on (e.g. a reflow round of gmm data)."""
+    name = teacher.meta.get("data", {}).get("name") if teacher is not None and not is_exact(teacher) else None
+    return cfg["data"] if cfg["data"] is not None or not str(name).startswith("gmm:") else name
+
+
+def _data(cfg: dict, teacher, couplings: str):
+    """The data (independent couplings need it; otherwise only sliced-W2 uses it)."""
+    try:
+        return data_source(_data_spec(cfg, teacher), teacher, int(cfg["seed"]))
+    except UserError:
+        if couplings == "independent" or cfg["data"] is not None:
+            raise
+        return None
+
+
+def _mixture(cfg: dict, teacher):
+    """The exact Gaussian mixture behind the teacher or the data, if there is one."""
+    from ..data.gmm import GaussianMixture
+
+    if teacher is not None and is_exact(teacher):
+        return teacher.denoiser
+    spec = _data_spec(cfg, teacher)
+    if spec is not None and str(spec).startswith("gmm:"):
+        return GaussianMixture.load(str(spec)[4:])
+    return None
+
+
+# ----------------------------------------------------------------------- evaluation
+class Evaluation:
+    """Fixed evaluation noise z, the reference map's x0 = ref(z) (exact mixture flow, else the
+    teacher's sampler, else none) and fresh data for sliced-W2."""
+
+    def __init__(self, cfg: dict, teacher, data, gmm, shape, device):
+        n, process = int(cfg["eval_samples"]), LinearFlow()
+        g = torch.Generator().manual_seed(int(cfg["seed"]) + 424242)
+        self.z = torch.randn((n,) + tuple(shape), generator=g).to(device)
+        self.data = data.draw(n, g).to(device) if data is not None else None
+        self.process, self.cfg = process, cfg
+        self.ref, self.reference = None, None
+        s_ref = teacher.sigma_max if teacher is not None else process.sigma_max
+        if gmm is not None:  # the exact probability-flow map from sigma_ref z (the 1-rectified flow's, too)
+            z64 = self.z.double().cpu()
+            self.ref, self.reference = gmm.flow(s_ref * z64, s_ref, 0.0, rtol=1e-7).float().to(device), "exact"
+        elif teacher is not None:
+            pc = _pair_cfg(cfg, teacher, "", 1)
+            x = teacher.sample(n, pc["pair_nfe"], sampler=pc["pair_sampler"] or teacher.default_sampler,
+                               grid=pc["pair_grid"], x=s_ref * self.z)[0]
+            self.ref, self.reference = x.float().to(device), "teacher"
+
+    @torch.no_grad()
+    def ode(self, D):
+        """The flow's accurate solution from sigma_max z (the next round's couplings' solver)."""
+        p = self.process
+        return quiet_sample(D, p.sigma_max * self.z, sampler=self.cfg["reflow_sampler"],
+                            nfe=int(self.cfg["reflow_nfe"]), grid=FLOW_GRID, sigma_min=p.sigma_min,
+                            sigma_max=p.sigma_max, process=p)
+
+    @torch.no_grad()
+    def round(self, D, x0, x1) -> dict:
+        """The measures of one round's flow D on its couplings (x0, x1)."""
+        from ..metrics import rms, sliced_w2
+        from ..samplers import get
+
+        p, z = self.process, self.z
+        x_T = p.sigma_max * z
+        ode = self.ode(D)
+        out = {"straightness": coupling_straightness(D, x0, x1), "flow_straightness": flow_straightness(D, p, z),
+               "reference": self.reference, "euler_error": {}, "euler_self_error": {}, "euler_sliced_w2": {},
+               "ode": {"sampler": self.cfg["reflow_sampler"], "nfe": int(self.cfg["reflow_nfe"])}}
+        for k in EVAL_NFES:
+            x = get("euler")(D, x_T, euler_grid(p, k).to(z.device))
+            out["euler_self_error"][str(k)] = rms(x, ode)
+            out["euler_error"][str(k)] = rms(x, self.ref) if self.ref is not None else None
+            out["euler_sliced_w2"][str(k)] = sliced_w2(x, self.data) if self.data is not None else None
+        out["ode"]["error"] = rms(ode, self.ref) if self.ref is not None else None
+        out["ode"]["sliced_w2"] = sliced_w2(ode, self.data) if self.data is not None else None
+        return out
+
+    @torch.no_grad()
+    def one_step(self, model, flow) -> dict:
+        """A one-step student from the same noise: error to the reference, sliced-W2, and
+        ``self_error`` to the ODE of the ``flow`` it distils."""
+        from ..metrics import rms, sliced_w2
+
+        x = model.sample(len(self.z), 1, x=model.sigma_max * self.z)[0]
+        return {"error": rms(x, self.ref) if self.ref is not None else None,
+                "sliced_w2": sliced_w2(x, self.data) if self.data is not None else None,
+                "self_error": rms(x, self.ode(flow.denoiser))}
+
+
+# ---------------------------------------------------------------------------- rounds
+def _round_net(r: int, prev, teacher, cfg: dict, net_cfg: dict):
+    """Round r's velocity net: the previous round's weights (auto), a flow teacher's for
+    round 1 when it has the student's architecture, else a fresh net."""
+    from ..nets import build_net
+
+    torch.manual_seed(int(cfg["seed"]) + r)
+    net = build_net(net_cfg)
+    state = None
+    if cfg["init"] == "auto":
+        src = prev if r > 1 else teacher
+        flow_src = src is not None and not is_exact(src) and getattr(src.denoiser, "prediction", None) == "flow" \
+            and isinstance(src.process, LinearFlow)
+        state = teacher_net_state(src, getattr(net, "config", net_cfg)) if flow_src else None
+    if state is not None:
+        net.load_state_dict(state)
+    return net
+
+
+def _train_round(r: int, top: RunFolder, prev, teacher, couplings: str, data, cfg: dict, net_cfg: dict, acc,
+                 ev: Evaluation, progress: bool):
+    """Train round r into ``top/roundr``: its couplings, eq. 43, its measures, its model."""
+    from .knowledge import make_pairs
+
+    folder = top.root / f"round{r}"
+    kind = couplings if r == 1 else "reflow"
+    rcfg = {**fit_config(cfg), "seed": int(cfg["seed"]) + 1000 * (r - 1), "method": "reflow", "round": r,
+            "couplings": kind}
+    timer, B, loss_fn = Timer(), int(cfg["batch_size"]), DenoisingLoss("simple")
+    with RunFolder.create(folder, rcfg, resume=(folder / "config.json").is_file()) as rf:
+        pinfo = {"teacher_evals": 0}
+        if kind == "independent":
+            x0_all = x1_all = None
+        else:
+            source = prev if r > 1 else teacher
+            label = f"round{r - 1}" if r > 1 else str(cfg["teacher"])
+            lat, x0_all, pinfo = make_pairs(source, _pair_cfg(cfg, source, label, r), rf, progress)
+            x1_all = lat / float(pinfo["sigma_max"])  # x_T = sigma_max z: the noise end is z
+        net = _round_net(r, prev, teacher, cfg, net_cfg)
+        sd = data.sigma_data if data is not None else 0.5
+        D = flow_denoiser(net, sd)
+
+        def couple(n, gen):
+            """n couplings (x0, x1) of this round."""
+            if x0_all is None:
+                x0 = data.draw(n, gen)
+                return x0, torch.randn(x0.shape, generator=gen)
+            idx = torch.randint(0, len(x0_all), (n,), generator=gen)
+            return x0_all[idx], x1_all[idx]
+
+        def loss(model, gen, rank, world, device):
+            """Eq. 43 per sample: || (x1 - x0) - v(x_t, t) ||^2 (mean over coordinates), t ~ U[t_min, t_max]."""
+            x0, x1 = couple(B, gen)
+            t = D.process.sample_t(B, generator=gen)
+            sl = batch_slice(B, rank, world)
+            return loss_fn(D, x0[sl].to(device), t[sl].to(device), x1[sl].to(device), net=model)
+
+        ema = fit(Task(student=net, loss=loss), rf, rcfg, accelerator=acc, progress=progress)
+        if acc.is_main_process:
+            x0c, x1c = couple(len(ev.z), torch.Generator().manual_seed(int(cfg["seed"]) + 77 * r))
+            D_ema = flow_denoiser(ema.module, sd).eval()
+            dev = ev.z.device
+            measures = {"round": r, "couplings": kind, **ev.round(D_ema, x0c.to(dev), x1c.to(dev)),
+                        "cost": {"teacher_evals": int(pinfo["teacher_evals"]), "seconds": timer.seconds}}
+            write_json(folder / "round.json", measures)  # before model.json: a finished round has both
+            p = D.process
+            sampling = {"sampler": "euler", "grids": fixed_grids({k: euler_grid(p, k) for k in RULE_NFES})}
+            meta = student_meta("reflow", D, getattr(net, "config", net_cfg), ev.z.shape[1:],
+                                data.kind if data is not None else teacher.kind,
+                                data.name if data is not None else teacher.name, p.sigma_min, p.sigma_max,
+                                sampling, cfg, round={"index": r, "couplings": kind}, cost=measures["cost"])
+            write_student(folder, ema.module, meta)
+    acc.wait_for_everyone()
+    return load_teacher(str(folder), cfg["device"])
+
+
+def _distill(final: str, cfg: dict, progress: bool) -> str:
+    """The one-step student: knowledge distillation of the final flow on its own couplings
+    (Euler on the uniform-t grid), starting from the flow's weights."""
+    from . import resolve
+    from .knowledge import run as knowledge_run
+
+    folder = Path(final).parent / "student"
+    if (folder / "model.json").is_file():
+        return str(folder)
+    keys = ("batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "device",
+            "mixed_precision", "checkpoint_every", "keep_checkpoints", "log_every", "pairs", "pair_batch")
+    kcfg = resolve("knowledge", {**{k: cfg[k] for k in keys}, "teacher": str(Path(final).resolve()), "init": "auto",
+                                 "steps": int(cfg["distill_steps"] or cfg["steps"]),
+                                 "pair_sampler": cfg["reflow_sampler"], "pair_nfe": int(cfg["reflow_nfe"]),
+                                 "pair_grid": FLOW_GRID})
+    return knowledge_run(kcfg, str(folder), resume=(folder / "config.json").is_file(), progress=progress)
+
+
+def _full_net_config(net_cfg: dict) -> dict:
+    """The net config as the built net states it (defaults filled in), so rounds compare equal."""
+    from ..nets import build_net
+
+    return dict(getattr(build_net(net_cfg), "config", net_cfg))
+
+
+def _worth_resuming(root: Path) -> bool:
+    return any(root.glob("round*/checkpoints")) or any(root.glob("round*/pairs/chunk_*.json")) \
+        or any(root.glob("student/pairs/chunk_*.json")) or any(root.glob("student/checkpoints"))
+
+
+def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
+    from ..model import load
+
+    teacher = load_teacher(cfg["teacher"], cfg["device"], required=False)
+    couplings = _check(cfg, teacher)
+    data = _data(cfg, teacher, couplings)
+    shape = tuple(data.shape) if data is not None else tuple(teacher.shape)
+    kind = data.kind if data is not None else teacher.kind
+    net_cfg = _full_net_config(net_config(cfg["net"], teacher, shape, kind))
+    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
+    ev = Evaluation(cfg, teacher, data, _mixture(cfg, teacher), shape, acc.device)
+    distill_on = cfg["distill_steps"] is None or int(cfg["distill_steps"]) > 0
+    with RunFolder.create(out, cfg, resume=resume) as top:
+        rounds, prev = [], None
+        try:
+            for r in range(1, int(cfg["rounds"]) + 1):
+                folder = top.root / f"round{r}"
+                if (folder / "model.json").is_file():
+                    prev = load_teacher(str(folder), cfg["device"])
+                else:
+                    prev = _train_round(r, top, prev, teacher, couplings, data, cfg, net_cfg, acc, ev, progress)
+                rounds.append(read_json(folder / "round.json"))
+            final = str(top.root / f"round{int(cfg['rounds'])}")
+            student = _distill(final, cfg, progress) if distill_on else None
+        except BaseException:
+            if _worth_resuming(top.root):
+                top.commit()  # finished or checkpointed rounds are worth resuming
+            raise
+        if acc.is_main_process:
+            _write_top(top.root, rounds, student, ev, lambda path: load(path, device=cfg["device"]))
+    return str(top.root)
+
+
+def _write_top(root: Path, rounds: list, student, ev: Evaluation, load) -> None:
+    """``reflow.json`` (every round's measures, the student's) and the run's model: the
+    one-step student (other NFE: Euler on the final round) or the final flow."""
+    last = f"round{len(rounds)}"
+    summary = {"rounds": rounds}
+    src = root / last
+    meta = read_json(src / "model.json")
+    if student is not None:
+        st = ev.one_step(load(student), load(str(src)))
+        init = {f"init_{key}": rounds[-1][f"euler_{key}"]["1"] for key in ("error", "sliced_w2", "self_error")}
+        summary["student"] = {**st, **init}  # init: the flow's one Euler step, where the student starts
+        src = Path(student)
+        meta = read_json(src / "model.json")
+        meta["sampling"] = {**meta["sampling"], "variants": {str(k): last for k in RULE_NFES if k > 1}}
+    cost = [r["cost"] for r in rounds] + ([meta["cost"]] if student is not None else [])
+    meta["cost"] = {"teacher_evals": sum(int(c.get("teacher_evals", 0)) for c in cost),
+                    "seconds": sum(float(c.get("seconds", 0.0)) for c in cost)}
+    meta.update(method="reflow", rounds=[{"folder": f"round{r['round']}", "couplings": r["couplings"],
+                                          "straightness": r["straightness"]} for r in rounds])
+    write_json(root / "reflow.json", summary)
+    save_checkpoint(root, load_weights(src / "model.safetensors"), meta, name="model")
