@@ -125,6 +125,34 @@ def test_adaptive_tracks_tolerance_and_budget():
     assert counter.nfe <= 400
 
 
+def test_adaptive_below_its_need_finishes_within_the_budget():
+    """Any budget: every sample reaches the last positive level (the callback's steps chain
+    sigma_max -> sigma_min), at most max_nfe evaluations, and an error against the exact
+    flow no larger than the one-evaluation sampler's (D(x, sigma_max)), where the old
+    last step of order 3 blew up to 100-200. A budget the tolerance fits in changes nothing."""
+    for which, g in (("gmm2", gmm2), ("gmm16", gmm16)):
+        x, ref = reference(which, 128, 80.0, 0.0)
+        sig = grids.karras(2, 0.002, 80.0)
+        counter = NFECounter(g())
+        free = get("dpm_solver_adaptive")(counter, x.clone(), sig)
+        need = counter.nfe
+        assert 30 < need < 80 and rms(free, ref) < 0.01
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback when the budget suffices
+            assert torch.equal(get("dpm_solver_adaptive")(g(), x.clone(), sig, max_nfe=need), free)
+        one_step = rms(g().denoise(x, torch.full((len(x),), 80.0, dtype=torch.float64)), ref)
+        for max_nfe in (2, 3, 4, 6, 8, 10, 15, 20, 30, need - 1):
+            counter, seen = NFECounter(g()), []
+            with pytest.warns(UserWarning, match="finish with fixed steps"):
+                out = get("dpm_solver_adaptive")(counter, x.clone(), sig, max_nfe=max_nfe, callback=seen.append)
+            assert counter.nfe == max_nfe
+            assert seen[0]["sigma"] == 80.0 and seen[-1]["sigma_next"] == pytest.approx(0.002, rel=1e-12)
+            assert all(a["sigma_next"] == b["sigma"] for a, b in zip(seen, seen[1:]))
+            assert rms(out, ref) < one_step, (which, max_nfe, rms(out, ref), one_step)
+    with pytest.raises(UserError, match="at least 1 evaluations"):
+        get("dpm_solver_adaptive")(gmm2(), x.clone(), torch.tensor([80.0, 0.002], dtype=torch.float64), max_nfe=0)
+
+
 @pytest.mark.parametrize("name", [n for n in MINE if n != "dpm_solver_adaptive"])
 def test_budget_sampling_and_callback_and_float32(name):
     """fewstep.sample spends at most the budget; callbacks see each step; float32 runs."""
