@@ -50,7 +50,7 @@ from ..process import LinearFlow
 from ..train.checkpoint import load_weights, read_json, save_checkpoint, write_json
 from ..train.loop import Task, fit, make_accelerator
 from ..train.losses import DenoisingLoss
-from ..train.runfolder import RunFolder
+from ..train.runfolder import RunFolder, open_run
 from .common import (Timer, batch_slice, bcast, data_source, fit_config, fixed_grids, is_exact, load_teacher,
                      net_config, quiet_sample, student_meta, teacher_net_state, write_student)
 
@@ -293,15 +293,16 @@ def _train_round(r: int, top: RunFolder, prev, teacher, couplings: str, data, cf
     kind = couplings if r == 1 else "reflow"
     rcfg = {**fit_config(cfg), "seed": int(cfg["seed"]) + 1000 * (r - 1), "method": "reflow", "round": r,
             "couplings": kind}
-    timer, B, loss_fn = Timer(), int(cfg["batch_size"]), DenoisingLoss("simple")
-    with RunFolder.create(folder, rcfg, resume=(folder / "config.json").is_file()) as rf:
+    timer, B, loss_fn, dev = Timer(), int(cfg["batch_size"]), DenoisingLoss("simple"), acc.device
+    with open_run(acc, folder, rcfg, (folder / "config.json").is_file()) as rf:
         pinfo = {"teacher_evals": 0}
         if kind == "independent":
             x0_all = x1_all = None
         else:
             source = prev if r > 1 else teacher
             label = f"round{r - 1}" if r > 1 else str(cfg["teacher"])
-            lat, x0_all, pinfo = make_pairs(source, _pair_cfg(cfg, source, label, r), rf, progress)
+            lat, x0_all, pinfo = make_pairs(source, _pair_cfg(cfg, source, label, r), rf,
+                                            progress and acc.is_main_process, acc)
             x1_all = lat / float(pinfo["sigma_max"])  # x_T = sigma_max z: the noise end is z
         net = _round_net(r, prev, teacher, cfg, net_cfg)
         sd = data.sigma_data if data is not None else 0.5
@@ -326,7 +327,6 @@ def _train_round(r: int, top: RunFolder, prev, teacher, couplings: str, data, cf
         if acc.is_main_process:
             x0c, x1c = couple(len(ev.z), torch.Generator().manual_seed(int(cfg["seed"]) + 77 * r))
             D_ema = flow_denoiser(ema.module, sd).eval()
-            dev = ev.z.device
             measures = {"round": r, "couplings": kind, **ev.round(D_ema, x0c.to(dev), x1c.to(dev)),
                         "cost": {"teacher_evals": int(pinfo["teacher_evals"]), "seconds": timer.seconds}}
             write_json(folder / "round.json", measures)  # before model.json: a finished round has both
@@ -338,7 +338,7 @@ def _train_round(r: int, top: RunFolder, prev, teacher, couplings: str, data, cf
                                 sampling, cfg, round={"index": r, "couplings": kind}, cost=measures["cost"])
             write_student(folder, ema.module, meta)
     acc.wait_for_everyone()
-    return load_teacher(str(folder), cfg["device"])
+    return load_teacher(str(folder), dev)
 
 
 def _distill(final: str, cfg: dict, progress: bool) -> str:
@@ -374,22 +374,22 @@ def _worth_resuming(root: Path) -> bool:
 def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
     from ..model import load
 
-    teacher = load_teacher(cfg["teacher"], cfg["device"], required=False)
+    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
+    teacher = load_teacher(cfg["teacher"], acc.device, required=False)
     couplings = _check(cfg, teacher)
     data = _data(cfg, teacher, couplings)
     shape = tuple(data.shape) if data is not None else tuple(teacher.shape)
     kind = data.kind if data is not None else teacher.kind
     net_cfg = _full_net_config(net_config(cfg["net"], teacher, shape, kind))
-    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
     ev = Evaluation(cfg, teacher, data, _mixture(cfg, teacher), shape, acc.device)
     distill_on = cfg["distill_steps"] is None or int(cfg["distill_steps"]) > 0
-    with RunFolder.create(out, cfg, resume=resume) as top:
+    with open_run(acc, out, cfg, resume) as top:
         rounds, prev = [], None
         try:
             for r in range(1, int(cfg["rounds"]) + 1):
                 folder = top.root / f"round{r}"
                 if (folder / "model.json").is_file():
-                    prev = load_teacher(str(folder), cfg["device"])
+                    prev = load_teacher(str(folder), acc.device)
                 else:
                     prev = _train_round(r, top, prev, teacher, couplings, data, cfg, net_cfg, acc, ev, progress)
                 rounds.append(read_json(folder / "round.json"))
@@ -400,7 +400,8 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
                 top.commit()  # finished or checkpointed rounds are worth resuming
             raise
         if acc.is_main_process:
-            _write_top(top.root, rounds, student, ev, lambda path: load(path, device=cfg["device"]))
+            _write_top(top.root, rounds, student, ev, lambda path: load(path, device=acc.device))
+        acc.wait_for_everyone()
     return str(top.root)
 
 
