@@ -168,6 +168,13 @@ def test_cli_schedule_then_sample(tmp_path, capsys):
     assert main(["sample", f"gmm:{spec}", "--sampler", "heun", "--nfe", "4", "--grid", str(out), "--n", "8",
                  "--out", str(tmp_path / "t.npz")]) == 2
     assert not (tmp_path / "t.npz").exists()
+    # fewstep bench --grids: the learned grid is a method beside the fixed-grid samplers
+    from fewstep.report.bench import run_bench
+
+    res, _ = run_bench(f"gmm:{spec}", samplers="dpmpp_2m", students="none", nfe=[4], out=str(tmp_path / "b"), n=20,
+                       nll_n=0, progress=False, grids=[str(out)])
+    row = next(r for r in res.rows if r["method"] == "dpmpp_2m @ grid.json")
+    assert row["nfe_used"] <= 4 and math.isfinite(row["flow_error"])
 
 
 def test_bad_input_is_a_user_error(tmp_path, capsys):

@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
                         "siblings and students/*) or 'none' (default auto)")
     p.add_argument("--nfe", default=",".join(map(str, DEFAULT_NFE)),
                    help=f"comma-separated NFE budgets (default {','.join(map(str, DEFAULT_NFE))})")
+    p.add_argument("--grids", default="", help="comma-separated grid files from 'fewstep schedule', each run with "
+                                               "its sampler at its NFE as the method 'SAMPLER @ FILE'")
     p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     p.add_argument("--n", type=int, help="samples per method (default 2000 for points, 500 for images)")
     p.add_argument("--data", help="the teacher's dataset, if its run folder does not say")
@@ -57,7 +59,7 @@ def cmd_bench(a) -> int:
         raise UserError(f"--nll {a.nll}: give a count >= 0")
     _, path = run_bench(a.teacher, samplers=a.samplers, students=a.students, nfe=_ints(a.nfe), out=a.out, n=a.n,
                         seed=a.seed, data=a.data, nll_n=a.nll, reference=not a.no_reference, device=a.device,
-                        progress=not a.quiet,
+                        progress=not a.quiet, grids=[g for g in a.grids.split(",") if g],
                         command="fewstep " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None)
     print(f"report: {path}")
     return 0

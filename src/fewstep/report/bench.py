@@ -241,12 +241,15 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
               students: Union[None, str, Sequence[str]] = "auto", nfe: Sequence[int] = DEFAULT_NFE,
               out: str = "runs/bench", n: Optional[int] = None, seed: int = 0, data: Optional[str] = None,
               nll_n: Optional[int] = None, reference: bool = True, device: Optional[str] = None,
-              progress: bool = True, command: Optional[str] = None) -> tuple[Results, Path]:
+              progress: bool = True, command: Optional[str] = None,
+              grids: Sequence[str] = ()) -> tuple[Results, Path]:
     """Run the benchmark (see the module docstring); returns (results, report.html path).
 
     ``samplers``: names, ``'default'`` (None), ``'all'`` (every deterministic sampler) or
     ``'none'``; ``students``: run folders, ``'auto'`` (:func:`discover_students`) or
-    ``'none'``; ``nll_n``: held-out samples for the teacher NLL (0 skips it).
+    ``'none'``; ``nll_n``: held-out samples for the teacher NLL (0 skips it); ``grids``:
+    grid files written by ``fewstep schedule``, each run as the method "SAMPLER @ FILE" with
+    its sampler at its NFE (learned grids beside the fixed ones).
     """
     from tqdm.auto import tqdm
 
@@ -258,6 +261,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     samplers = _sampler_list(samplers)
     for s in samplers:
         info(s)  # unknown names fail before any work
+    learned = _grid_jobs(grids)
     nfes = sorted({int(k) for k in nfe})
     if not nfes or nfes[0] < 1:
         raise UserError(f"--nfe {','.join(map(str, nfe))}: give positive integers, e.g. 1,2,4,8")
@@ -305,6 +309,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         panels["reference"] = {"data": _panel(real_a, evaluate.kind), label: _panel(ref, evaluate.kind)}
 
     jobs = [(s, "sampler", model, k) for s in samplers for k in nfes]
+    jobs += [(name, "sampler", model, k) for name, (_, _, k) in learned.items()]  # learned grids
     for spec, st in studs:
         name = _student_name(spec, st)
         rule = st.rule_nfes() if hasattr(st, "rule_nfes") else []
@@ -319,7 +324,12 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         bar.set_postfix_str(f"{method} @ {k}")
         t0 = time.time()
         try:
-            x, used = _sample_counted(m, k, method if kind == "sampler" else None, _start(m, eps, seed), seed)
+            if method in learned:  # a learned grid: its sampler, from noise at its first level
+                sname, gpath, _ = learned[method]
+                first = float(json.loads(Path(gpath).read_text())["sigmas"][0])
+                x, used = _sample_counted(m, k, sname, _start(m, eps, seed) * (first / m.sigma_max), seed, grid=gpath)
+            else:
+                x, used = _sample_counted(m, k, method if kind == "sampler" else None, _start(m, eps, seed), seed)
         except UserError as e:
             skipped.append({"method": method, "nfe": k, "reason": str(e)})
             continue
@@ -383,6 +393,20 @@ def _panel(x: Tensor, kind: str) -> Tensor:
 def _plot_limit(panels: dict) -> float:
     x = next(iter(panels.values()))
     return float(x.detach().float().abs().quantile(0.99)) * 1.3 + 1e-3 if x.numel() else 3.0
+
+
+def _grid_jobs(grids) -> dict:
+    """method name -> (sampler, grid file, NFE) for grid files written by ``fewstep schedule``."""
+    from fewstep.grids import load as load_grid
+
+    out = {}
+    for g in grids or ():
+        load_grid(g)  # missing or broken files fail before any work
+        meta = json.loads(Path(g).read_text())
+        if not isinstance(meta, dict) or "sampler" not in meta or "nfe" not in meta:
+            raise UserError(f"grid file {g} names no sampler and NFE; write it with 'fewstep schedule'")
+        out[f"{meta['sampler']} @ {Path(g).name}"] = (meta["sampler"], str(g), int(meta["nfe"]))
+    return out
 
 
 def _sampler_list(samplers) -> list[str]:
