@@ -129,10 +129,22 @@ def _load_gmm(path: str, device) -> Model:
                  kind="points", name=f"gmm:{path}", meta={"role": "exact"}, device="cpu", dtype=torch.float64)
 
 
-def _load_run(path: Path, device) -> Model:
+def denoiser_from_meta(meta: dict):
+    """(denoiser, the module its weights load into) of a ``model.json``, with fresh weights:
+    a student's own parametrization (``"denoiser"``) or ``ModelDenoiser`` of its process."""
     from .denoiser import ModelDenoiser
     from .nets import build_net
     from .process import make_process
+
+    net = build_net(meta["net"])
+    if isinstance(meta.get("denoiser"), dict):  # a distilled student's own parametrization
+        from .methods import build_denoiser
+
+        return build_denoiser(meta["denoiser"], net, meta)
+    return ModelDenoiser(net, make_process(**meta["process"]), meta["prediction"], meta.get("sigma_data", 0.5)), net
+
+
+def _load_run(path: Path, device) -> Model:
     from .train.checkpoint import load_weights, read_json
 
     meta_path = path / "model.json"
@@ -141,21 +153,13 @@ def _load_run(path: Path, device) -> Model:
                         f"'fewstep train --resume --out {path}'" if (path / "config.json").is_file()
                         else f"{path} is not a fewstep run folder (no model.json); give a run folder or gmm:FILE.npz")
     meta = read_json(meta_path)
-    net = build_net(meta["net"])
-    if isinstance(meta.get("denoiser"), dict):  # a distilled student's own parametrization
-        from .methods import build_denoiser
-
-        D, into = build_denoiser(meta["denoiser"], net, meta)
-    else:
-        D, into = None, net
+    D, into = denoiser_from_meta(meta)
     state = load_weights(path / "model.safetensors")
     try:
         into.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{path / 'model.safetensors'} does not fit the network in model.json ({str(e).splitlines()[0]})") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if D is None:
-        D = ModelDenoiser(net, make_process(**meta["process"]), meta["prediction"], meta.get("sigma_data", 0.5))
     D.to(dev).eval()
     data = meta["data"]
     return Model(D, D.process, data["shape"], meta["sigma_min"], meta["sigma_max"], data.get("num_classes", 0),

@@ -1,0 +1,30 @@
+"""``fewstep export --format diffusers STUDENT_DIR OUT_DIR``: a distilled student for diffusers
+users (see :mod:`fewstep.interop.diffusers_export`)."""
+from __future__ import annotations
+
+FORMATS = ("diffusers",)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a distilled student (e.g. for diffusers' from_pretrained)",
+        description="Write a distilled student as a diffusers model folder: FewstepUNet (config.json + "
+                    "safetensors weights, loadable with FewstepUNet.from_pretrained), scheduler/ (an "
+                    "EulerDiscreteScheduler config) and fewstep_sampling.json (the student's sigma grids and "
+                    "sampling rule). See the README for the sampling loop.")
+    p.add_argument("--format", choices=FORMATS, default="diffusers", help="output format (default diffusers)")
+    p.add_argument("student", metavar="STUDENT_DIR", help="run folder written by 'fewstep distill'")
+    p.add_argument("out", metavar="OUT_DIR", help="folder to create (absent or empty)")
+    p.add_argument("--nfe", type=int, help="progressive students: the round of this many steps (default: the fewest)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(a) -> int:
+    from fewstep.errors import UserError
+
+    try:
+        from fewstep.interop.diffusers_export import export_diffusers
+    except ImportError:
+        raise UserError("diffusers is not installed: pip install diffusers to export for it") from None
+    print(f"diffusers folder written to {export_diffusers(a.student, a.out, a.nfe)}")
+    return 0
