@@ -12,6 +12,21 @@ several eps estimates (Liu et al. 2022, eq. 12-13):
   y' = y + (s' - s) e'. The constant Adams-Bashforth coefficients assume equal steps: the
   method is 4th order on a grid uniform in sigma and 2nd order on other smooth grids.
 
+PRK in the data form (``prk_form``): the eps form above feeds e4, an eps evaluated at s'
+at a point reached with e3, into y' with weight (s' - s) / 6; an error delta in that point
+changes e4 by (I - dD/dy) delta / s', so y' by (s - s') / (6 s') times it: for s / s' > 7
+the stage errors are amplified (one PRK step from sigma 80 to 0.002 multiplies them by
+~7000, the PNDM blow-ups at 5-10 NFE on Karras grids). The same ODE written for
+w = y / sigma in tau = 1 / sigma is dw/dtau = D(sigma w, sigma) (its Euler step is again
+the DDIM step), and classical RK4 on it averages x0 predictions instead:
+  D1 = D(y, s); D2 = D(m (w + (tm - ts) D1), m); D3 = D(m (w + (tm - ts) D2), m);
+  D4 = D(s' (w + (ts' - ts) D3), s');  y' = s' (w + (ts' - ts)(D1 + 2 D2 + 2 D3 + D4) / 6),
+with w = y / s, ts = 1 / s, tm = (ts + ts') / 2, m = 1 / tm: fourth order, and D values
+enter y' with weight (1 - s'/s) / 6 < 1/6, whatever the step. ``prk_form="auto"`` (the
+default) takes the eps form with ``process=`` (diffusers' PNDMScheduler: midpoints in
+its time, its numbers on its grids) for steps with s / s' <= 7, and the data form
+otherwise (no process to copy, or a step where the eps form amplifies errors).
+
 Warm starts: PNDM takes its first 3 steps with PRK (4 evaluations each); PLMS (diffusers'
 ``skip_prk_steps=True``, after crowsonkb's PLMS) takes a Heun step, then Adams-Bashforth of
 orders 2, 3, 4; iPNDM (DEIS paper, Zhang & Chen 2022, App.) takes Adams-Bashforth of orders
@@ -25,6 +40,7 @@ import torch
 from ..errors import UserError
 from . import register
 from ._common import denoise, lagrange_integral_weights, lincomb, report, to_d
+from ._expint import check_choice
 
 # Adams-Bashforth coefficients for equal steps, newest first (Liu et al. 2022 eq. 12; DEIS App.)
 AB_COEFFS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -37,16 +53,36 @@ def adams_bashforth(history, coeffs=None):
     return lincomb(coeffs, history[::-1][:len(coeffs)])
 
 
-def _prk_step(denoiser, x, s, s_mid, s_next, e1, extra_args):
-    """PNDM's pseudo Runge-Kutta step (module docstring); 3 evaluations after e1."""
+PRK_FORMS = ("auto", "eps", "data")
+EPS_FORM_MAX_RATIO = 7.0  # s / s' beyond which the eps form amplifies stage errors
 
-    def slope(x_at, level):
-        return to_d(x_at, level, denoise(denoiser, x_at, level, extra_args))
 
-    e2 = slope(x + (s_mid - s) * e1, s_mid)
-    e3 = slope(x + (s_mid - s) * e2, s_mid)
-    e4 = slope(x + (s_next - s) * e3, s_next)
-    return x + (s_next - s) * lincomb((1 / 6, 1 / 3, 1 / 3, 1 / 6), [e1, e2, e3, e4])
+def _prk_form(prk_form: str, s: float, s_next: float, process) -> str:
+    if prk_form != "auto":
+        return prk_form
+    return "eps" if process is not None and s <= EPS_FORM_MAX_RATIO * s_next else "data"
+
+
+def _prk_step(denoiser, x, s, s_mid, s_next, den1, e1, form, extra_args):
+    """PNDM's pseudo Runge-Kutta step (module docstring) in ``form`` "eps" (midpoint
+    ``s_mid``) or "data" (midpoint half-way in 1 / sigma); 3 evaluations after the one at s."""
+    w4 = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
+    if form == "eps":
+        def slope(x_at, level):
+            return to_d(x_at, level, denoise(denoiser, x_at, level, extra_args))
+
+        e2 = slope(x + (s_mid - s) * e1, s_mid)
+        e3 = slope(x + (s_mid - s) * e2, s_mid)
+        e4 = slope(x + (s_next - s) * e3, s_next)
+        return x + (s_next - s) * lincomb(w4, [e1, e2, e3, e4])
+    ts, tn = 1 / s, 1 / s_next
+    tm = 0.5 * (ts + tn)
+    m = 1 / tm
+    w = x / s
+    d2 = denoise(denoiser, m * (w + (tm - ts) * den1), m, extra_args)
+    d3 = denoise(denoiser, m * (w + (tm - ts) * d2), m, extra_args)
+    d4 = denoise(denoiser, s_next * (w + (tn - ts) * d3), s_next, extra_args)
+    return s_next * (w + (tn - ts) * lincomb(w4, [den1, d2, d3, d4]))
 
 
 def _n_prk(steps, final_zero, prk_steps=3):
@@ -79,12 +115,16 @@ def _midpoints(sig, process):
 
 @register("pndm", order=4, cost=_pndm_cost)
 @torch.no_grad()
-def sample_pndm(denoiser, x, sigmas, *, skip_prk_steps=False, process=None, callback=None, extra_args=None):
+def sample_pndm(denoiser, x, sigmas, *, skip_prk_steps=False, prk_form="auto", process=None, callback=None,
+                extra_args=None):
     """PNDM (Liu et al. 2022, Alg. 2): 3 pseudo Runge-Kutta steps, then pseudo linear
     multistep (PLMS). Defaults as diffusers' ``PNDMScheduler`` (``skip_prk_steps=False``);
-    ``skip_prk_steps=True`` is :func:`sample_plms`. The PRK midpoints are half-way in sigma,
-    or, with ``process=``, half-way in the process's time (as diffusers on its timesteps).
-    A step that lands on sigma = 0 is never a PRK step (it would evaluate at 0)."""
+    ``skip_prk_steps=True`` is :func:`sample_plms`. The eps-form PRK midpoints are half-way
+    in sigma, or, with ``process=``, half-way in the process's time (as diffusers on its
+    timesteps). ``prk_form``: "eps" (the paper's, diffusers'), "data" (RK4 on
+    dw/dtau = D, stable for any step) or "auto" (eps with ``process=`` where s / s' <= 7,
+    else data; module docstring). A step that lands on sigma = 0 is never a PRK step (it would evaluate at 0)."""
+    check_choice("prk_form", prk_form, PRK_FORMS)
     if skip_prk_steps:
         return sample_plms(denoiser, x, sigmas, callback=callback, extra_args=extra_args)
     sig = sigmas.tolist()
@@ -98,7 +138,8 @@ def sample_pndm(denoiser, x, sigmas, *, skip_prk_steps=False, process=None, call
         report(callback, i, x, s, s_next, den)
         hist = (hist + [to_d(x, s, den)])[-4:]
         if i < n_prk:
-            x = _prk_step(denoiser, x, s, mids[i], s_next, hist[-1], extra_args)
+            x = _prk_step(denoiser, x, s, mids[i], s_next, den, hist[-1], _prk_form(prk_form, s, s_next, process),
+                          extra_args)
         else:
             x = x + (s_next - s) * adams_bashforth(hist)
     return x
