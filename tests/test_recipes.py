@@ -1,5 +1,6 @@
-"""The GPU recipes run end to end at toy size on CPU, from local MNIST IDX / CIFAR-10 binary
-files (written here with random content in the real formats)."""
+"""The GPU recipes (teachers and their distillation) run end to end at toy size on CPU, from
+local MNIST IDX / CIFAR-10 binary files (written here with random content in the real formats):
+the same options, only the width, steps, batch and number of rounds/pairs made small."""
 import gzip
 import json
 import struct
@@ -31,15 +32,75 @@ def _cifar(folder: Path, n=32):
     (folder / "data_batch_1.bin").write_bytes(rec.tobytes())
 
 
+def _toy_teacher(recipe: str, data: str, folder: Path, evaluate: bool = True) -> str:
+    cfg = read_config_file(RECIPES / recipe)
+    cfg["net"] = {**cfg["net"], "base_channels": 16, "attn_resolutions": []}  # toy width, same structure
+    cfg.update(data=f"{data}:{folder}", steps=2, batch_size=4, checkpoint_every=1, eval_samples=2, eval_nfe=2,
+               device="cpu", warmup=1)
+    return train_teacher(cfg, str(folder / "run"), progress=False, evaluate=evaluate)
+
+
 @pytest.mark.parametrize("recipe,data,make", [("mnist_teacher.json", "mnist", _mnist),
+                                             ("mnist_teacher_uncond.json", "mnist", _mnist),
                                              ("cifar10_teacher.json", "cifar10", _cifar)])
 def test_recipe_runs_at_toy_size(tmp_path, recipe, data, make):
     make(tmp_path)
-    cfg = read_config_file(RECIPES / recipe)
-    cfg["net"] = {**cfg["net"], "base_channels": 16, "attn_resolutions": []}  # toy width, same structure
-    cfg.update(data=f"{data}:{tmp_path}", steps=2, batch_size=4, checkpoint_every=1, eval_samples=2, eval_nfe=2,
-               device="cpu", warmup=1)
-    out = train_teacher(cfg, str(tmp_path / "run"), progress=False)
+    out = _toy_teacher(recipe, data, tmp_path)
     m = load(out, device="cpu")
     shape = (1, 28, 28) if data == "mnist" else (3, 32, 32)
     assert m.shape == shape and json.loads((Path(out) / "model.json").read_text())["data"]["kind"] == "image"
+
+
+# ------------------------------------------------------------------------- distillation
+DISTILL = sorted(p.name for p in RECIPES.glob("*_distill_*.json"))
+TEACHER_OF = {"mnist": ("mnist_teacher_uncond.json", _mnist), "cifar10": ("cifar10_teacher.json", _cifar)}
+TOY = {"progressive": {"start_steps": 4},                       # rounds 2 -> 1 instead of 64 -> ... -> 1
+       "consistency": {},
+       "knowledge": {"pairs": 8, "pair_batch": 4, "pair_nfe": 2}}
+
+
+@pytest.fixture(scope="module")
+def toy_teachers(tmp_path_factory):
+    """One toy teacher per data set, made by its teacher recipe (lazily)."""
+    made = {}
+
+    def get(data):
+        if data not in made:
+            folder = tmp_path_factory.mktemp(data)
+            recipe, make = TEACHER_OF[data]
+            make(folder)
+            made[data] = _toy_teacher(recipe, data, folder, evaluate=False)
+        return made[data]
+
+    return get
+
+
+def test_distill_recipes_are_complete():
+    """Progressive and consistency for both sizes; every option valid for its method; the
+    comment names the teacher recipe, the network, the GPU time and the command."""
+    from fewstep.methods import resolve
+
+    assert {"mnist_distill_progressive.json", "mnist_distill_consistency.json",
+            "cifar10_distill_progressive.json", "cifar10_distill_consistency.json"} <= set(DISTILL)
+    for name in DISTILL:
+        data, _, method = name[:-5].split("_", 2)
+        about = json.loads((RECIPES / name).read_text())["_about"]
+        assert TEACHER_OF[data][0] in about and "GPU" in about and "param UNet" in about, name
+        assert f"fewstep distill {method} --config recipes/{name}" in about, name
+        resolve(method, None, str(RECIPES / name))  # unknown or invalid options fail here
+
+
+@pytest.mark.parametrize("recipe", DISTILL)
+def test_distill_recipe_runs_at_toy_size(toy_teachers, tmp_path, recipe):
+    from fewstep.methods import distill
+
+    data, _, method = recipe[:-5].split("_", 2)
+    teacher = toy_teachers(data)
+    toy = {"teacher": teacher, "steps": 2, "batch_size": 4, "checkpoint_every": 1, "warmup": 1, "device": "cpu",
+           **TOY[method]}
+    out = distill(method, toy, str(tmp_path / "student"), config_file=str(RECIPES / recipe), progress=False)
+    student, t = load(out, device="cpu"), load(teacher, device="cpu")
+    meta = json.loads((Path(out) / "model.json").read_text())
+    assert meta["role"] == "student" and meta["method"] == method and meta["net"] == t.meta["net"]
+    x, _ = student.sample(3, nfe=1, seed=0)
+    assert x.shape == (3, *t.shape) and bool(x.isfinite().all())
