@@ -61,10 +61,14 @@ def time_uniform(process, n: int, spacing: str = "linspace", steps_offset: int =
     """Uniform in the process's own time t, then mapped to sigma.
 
     For a discrete process (t = diffusers' timestep index 0..N-1) the spacings follow
-    diffusers' DDIM / Euler schedulers:
-      ``linspace``: t_i = linspace(N-1, 0, n) (rounded, as DDIM does);
+    diffusers' DDIM / Euler schedulers (their ``timesteps``, tested against diffusers):
+      ``linspace``: t_i = round(linspace(0, N-1, n))[::-1] (numpy's linspace, half to even);
       ``leading``:  t_i = (n-1-i) * (N // n) + steps_offset;
       ``trailing``: t_i = round(N - i N / n) - 1.
+    Deliberate differences: n = 1 with ``linspace`` gives t = N-1 (diffusers: t = 0, a
+    one-step grid at the end of the trajectory), and a ``leading`` grid whose first step
+    would lie beyond t = N-1 (n = N with steps_offset = 1; diffusers indexes past its
+    table) is refused.
     For continuous processes ``linspace`` gives t_i = linspace(t_max, t_min, n) and
     ``trailing`` t_i = t_max - i (t_max - t_min)/n (the grid without its t_min end).
     """
@@ -78,10 +82,15 @@ def time_uniform(process, n: int, spacing: str = "linspace", steps_offset: int =
     if discrete:
         N = int(round(hi)) + 1
         i = torch.arange(n, dtype=torch.float64)
-        if spacing == "linspace":
-            t = torch.linspace(N - 1, 0, n, dtype=torch.float64).round()
+        if spacing == "linspace":  # numpy's linspace: i * step, the last point exactly N - 1
+            t = i * ((N - 1) / (n - 1)) if n > 1 else torch.full((1,), float(N - 1), dtype=torch.float64)
+            t[-1] = N - 1
+            t = t.round().flip(0)
         elif spacing == "leading":
             t = (n - 1 - i) * (N // n) + steps_offset
+            if float(t[0]) > N - 1:
+                raise UserError(f"time-leading grid: {n} steps with steps_offset={steps_offset} start at t={int(t[0])}, "
+                                f"beyond the process's last timestep {N - 1}; use fewer steps or steps_offset=0")
         else:
             t = torch.round(N - i * N / n) - 1
     else:
@@ -114,12 +123,22 @@ GRIDS = {
 }
 
 
-def make_grid(name, n: int, sigma_min: float, sigma_max: float, process=None, **kw) -> Tensor:
+def make_grid(name, n: int, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, process=None,
+              **kw) -> Tensor:
     """A grid by name: ``karras``, ``logsnr``, ``polyexponential``, ``time`` (process time,
-    linspace), ``time-leading``/``time-trailing``, a path to a grid JSON file, or a tensor."""
+    linspace), ``time-leading``/``time-trailing``, a path to a grid JSON file, or a tensor.
+
+    The sigma-range grids take ``sigma_min``/``sigma_max``, by default the process's range
+    (``process.sigma_min``, ``process.sigma_max``); the time grids need only the process
+    (``kw`` go to the grid function, e.g. ``steps_offset`` of ``time-leading``)."""
     if isinstance(name, (Tensor, list, tuple)):
         return as_sigmas(name)
     if name in GRIDS:
+        if process is not None:
+            sigma_min = process.sigma_min if sigma_min is None else sigma_min
+            sigma_max = process.sigma_max if sigma_max is None else sigma_max
+        if sigma_min is None or sigma_max is None:
+            raise UserError(f"grid '{name}' needs sigma_min and sigma_max (or a process that sets them)")
         return GRIDS[name](n, sigma_min, sigma_max, **kw)
     if name in ("time", "time-linspace", "time-leading", "time-trailing"):
         if process is None:

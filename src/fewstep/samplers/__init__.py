@@ -93,20 +93,28 @@ def steps_for_nfe(name: str, nfe: int, **options) -> int:
 
 def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, grid="karras",
            sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, process=None,
-           **options) -> torch.Tensor:
+           grid_options: Optional[dict] = None, **options) -> torch.Tensor:
     """Run ``sampler`` with as many steps as ``nfe`` network evaluations allow.
 
     ``grid`` is a grid name of :mod:`fewstep.grids`, a path to a grid JSON file, or a
-    tensor of sigmas (then ``nfe`` only checks the budget). ``x`` is at ``sigma_max`` scale.
-    Spends exactly ``nfe`` evaluations where the sampler's cost allows, else fewer, with
-    a warning; never more. Adaptive samplers get ``max_nfe=nfe``.
+    tensor of sigmas (then ``nfe`` only checks the budget). ``x`` is at the grid's first
+    level. The sigma range of a named grid is ``sigma_min``/``sigma_max``, else that of
+    ``process=``, else the denoiser's (its ``sigma_min``/``sigma_max`` attributes, else
+    its ``process``'s); the time grids (``time``,
+    ``time-leading``, ``time-trailing``) need only the process. ``grid_options`` go to the
+    grid function (e.g. ``{"steps_offset": 1}`` for ``time-leading``, ``{"rho": 5}``).
+    ``process=`` is also handed to samplers that take it. Spends exactly ``nfe``
+    evaluations where the sampler's cost allows, else fewer, with a warning; never more.
+    Adaptive samplers get ``max_nfe=nfe``.
     """
     from .. import grids as G
 
     si = info(sampler)
     opts = {**si.defaults, **options}
-    sigma_min = sigma_min if sigma_min is not None else getattr(denoiser, "sigma_min", None)
-    sigma_max = sigma_max if sigma_max is not None else getattr(denoiser, "sigma_max", None)
+    if process is None:  # else make_grid takes the range of the process given
+        sigma_min = sigma_min if sigma_min is not None else getattr(denoiser, "sigma_min", None)
+        sigma_max = sigma_max if sigma_max is not None else getattr(denoiser, "sigma_max", None)
+    grid_process = process if process is not None else getattr(denoiser, "process", None)
     user_grid = isinstance(grid, (torch.Tensor, list, tuple)) or str(grid).endswith(".json")
     if user_grid:  # the grid fixes the steps; nfe is only a budget check
         sigmas = G.make_grid(grid, 0, 0, 0)
@@ -117,8 +125,6 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
         if si.adaptive:
             opts.setdefault("max_nfe", nfe)
     else:
-        if sigma_min is None or sigma_max is None:
-            raise UserError("fewstep.sample: give sigma_min and sigma_max (or a denoiser that has them)")
         if si.adaptive:
             opts.setdefault("max_nfe", nfe)
             steps = 2  # the grid gives only the end points sigma_max, sigma_min (then 0)
@@ -126,7 +132,7 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
             steps = steps_for_nfe(sampler, nfe, **opts)
             if steps == 0:
                 raise UserError(f"sampler '{sampler}' needs more than {nfe} evaluations for one step; raise --nfe")
-        sigmas = G.make_grid(grid, steps, sigma_min, sigma_max, process=process)
+        sigmas = G.make_grid(grid, steps, sigma_min, sigma_max, process=grid_process, **(grid_options or {}))
         spent = si.cost(steps, **opts)
         if not si.adaptive and spent < nfe:
             warnings.warn(f"sampler '{sampler}' spends {spent} evaluations ({steps} steps), not {nfe}: "
