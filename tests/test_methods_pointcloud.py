@@ -11,7 +11,8 @@ import torch
 import fewstep.train.loop as loop
 from fewstep.errors import UserError
 from fewstep.methods import distill
-from fewstep.metrics.pointcloud import chamfer, chamfer_loss, cloud_set_metrics, emd, emd_loss
+from fewstep.metrics.pointcloud import (chamfer, chamfer_loss, cloud_set_metrics, emd, emd_loss, pairwise_chamfer,
+                                        pairwise_emd)
 from fewstep.model import load
 
 DATA = "pointclouds:points=32,classes=sphere+cube,pose=none"
@@ -48,7 +49,10 @@ def test_training_distances_equal_brute_force():
     for k in range(2):
         assert float(e[k]) == pytest.approx(brute_emd(a6[k], b6[k]), rel=1e-12)
     assert float(emd(a6[0], a6[0, torch.randperm(6, generator=g)])) == pytest.approx(0.0, abs=1e-9)
-    assert float(emd(a6[0], b6[0])) >= 0.5 * float(chamfer(a6[0], b6[0])) ** 0.5 - 1e-12  # EMD >= sqrt(CD/2) bound
+    # the set metrics with the reference set's own distances given are the same
+    x, y = torch.randn(5, 6, 3, generator=g), torch.randn(4, 6, 3, generator=g)
+    for d, pairwise in (("chamfer", pairwise_chamfer), ("emd", pairwise_emd)):
+        assert cloud_set_metrics(x, y, d, real_pairwise=pairwise(y, y)) == cloud_set_metrics(x, y, d)
 
 
 def test_training_distances_have_the_right_gradients():
@@ -105,7 +109,8 @@ def test_stages_are_models_and_the_student_beats_its_initialisation(psf):
 
 def test_interrupted_pipeline_resumes_identically(tmp_path, monkeypatch):
     cfg = _cfg(n_data=64, teacher_steps=20, reflow_steps=20, steps=20, pairs=32, pair_batch=16, pair_nfe=4,
-               eval_clouds=4, checkpoint_every=10, net={**NET, "hidden": 16, "emb_dim": 16})
+               eval_clouds=4, checkpoint_every=10, eval_emd=True, distance="emd",
+               net={**NET, "hidden": 16, "emb_dim": 16})
     full = distill("pointcloud", cfg, str(tmp_path / "full"), progress=False)
     real = loop.step_generator
 
@@ -124,7 +129,9 @@ def test_interrupted_pipeline_resumes_identically(tmp_path, monkeypatch):
     cut = distill("pointcloud", {}, str(tmp_path / "cut"), resume=True, progress=False)
     a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "cut" / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
+    ev = json.loads((tmp_path / "full" / "eval.json").read_text())
+    assert json.loads((tmp_path / "cut" / "eval.json").read_text()) == ev
+    assert {"mmd_cd", "mmd_emd", "cov_emd", "nna_emd"} <= set(ev["models"]["student_1"])
 
 
 @pytest.mark.parametrize("over, match", [

@@ -302,7 +302,7 @@ def evaluate(cfg: dict, data, teacher, reflowed, student) -> tuple[dict, dict]:
     ``eval_clouds`` held-out clouds (a fresh draw of the data spec), all models from the
     same noise. Returns (eval dict, {row title: clouds} for the renders)."""
     from ..data.registry import load_dataset
-    from ..metrics.pointcloud import cloud_set_metrics
+    from ..metrics.pointcloud import PAIRWISE, cloud_set_metrics
 
     n, k, seed = int(cfg["eval_clouds"]), int(cfg["eval_nfe"]), int(cfg["seed"])
     real = load_dataset(data.name, n=n, seed=seed + 7919).x
@@ -315,14 +315,14 @@ def evaluate(cfg: dict, data, teacher, reflowed, student) -> tuple[dict, dict]:
         "student_1": (student, 1, None),
     }
     results, clouds = {}, {"data": real}
+    among = {d: PAIRWISE[d][0](real, real) for d in (("chamfer", "emd") if cfg["eval_emd"] else ("chamfer",))}
     for key, (model, nfe, sampler) in runs.items():
         x, _ = model.sample(n, nfe, sampler=sampler, grid="time" if sampler else "karras", x=noise)
         x = x.float().cpu()
         m = {"nfe": nfe, "sampler": sampler or "euler"}
         if torch.isfinite(x).all():
-            m.update(cloud_set_metrics(x, real))
-            if cfg["eval_emd"]:
-                m.update(cloud_set_metrics(x, real, distance="emd"))
+            for d, d_rr in among.items():
+                m.update(cloud_set_metrics(x, real, distance=d, real_pairwise=d_rr))
         results[key] = m
         clouds[f"{key.split('_')[0]}, {nfe} NFE"] = x
     ratios = {}

@@ -133,9 +133,13 @@ def pairwise_emd(x: Tensor, y: Tensor) -> Tensor:
 PAIRWISE = {"chamfer": (pairwise_chamfer, "cd"), "emd": (pairwise_emd, "emd")}
 
 
-def cloud_set_metrics(fake: Tensor, real: Tensor, distance: str = "chamfer") -> dict[str, float]:
+def cloud_set_metrics(fake: Tensor, real: Tensor, distance: str = "chamfer",
+                      real_pairwise: Tensor | None = None) -> dict[str, float]:
     """MMD, COV and 1-NNA of generated clouds ``fake`` against ``real`` with the Chamfer
-    (keys ``mmd_cd``, ``cov_cd``, ``nna_cd``) or EMD (``mmd_emd``, ...) ground distance."""
+    (keys ``mmd_cd``, ``cov_cd``, ``nna_cd``) or EMD (``mmd_emd``, ...) ground distance.
+
+    ``real_pairwise``: the [n, n] distances among ``real`` when already known (scoring
+    several models against one reference set computes them once)."""
     if distance not in PAIRWISE:
         from fewstep.errors import unknown_name
 
@@ -147,7 +151,8 @@ def cloud_set_metrics(fake: Tensor, real: Tensor, distance: str = "chamfer") -> 
     d_fr = pairwise(fake, real)
     mmd_cd = float(d_fr.min(0).values.mean())
     cov_cd = len(set(d_fr.argmin(1).tolist())) / len(real)
-    d_ff, d_rr = pairwise(fake, fake), pairwise(real, real)
+    d_ff = pairwise(fake, fake)
+    d_rr = (pairwise(real, real) if real_pairwise is None else real_pairwise).clone()
     d_ff.fill_diagonal_(float("inf"))
     d_rr.fill_diagonal_(float("inf"))
     # a sample is classified correctly when its nearest other cloud comes from its own set
