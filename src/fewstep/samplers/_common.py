@@ -36,7 +36,7 @@ def denoise(denoiser, x: Tensor, sigma, extra: Optional[dict] = None) -> Tensor:
 
 def to_d(x: Tensor, sigma, denoised: Tensor) -> Tensor:
     """Probability-flow ODE slope in sigma-space: dx/dsigma = (x - D(x, sigma)) / sigma."""
-    return (x - denoised) / sigma
+    return (x - denoised).div_(sigma)
 
 
 def ancestral_levels(sigma_from, sigma_to, eta: float = 1.0):

@@ -21,5 +21,5 @@ def sample_euler(denoiser, x, sigmas, *, callback=None, extra_args=None):
         s, s_next = sig[i], sig[i + 1]
         den = denoise(denoiser, x, s, extra_args)
         report(callback, i, x, s, s_next, den)
-        x = x + (s_next - s) * to_d(x, s, den)
+        x = x.add(to_d(x, s, den), alpha=s_next - s)
     return x

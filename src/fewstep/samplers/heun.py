@@ -24,11 +24,11 @@ def heun_step(denoiser, x, sigma, sigma_next, denoised, extra_args=None):
     to ``sigma_next``, then (unless sigma_next = 0) the trapezoidal correction
     x_next = x + (sigma_next - sigma) (d + d') / 2 with d' the slope at the Euler point."""
     d = to_d(x, sigma, denoised)
-    x_euler = x + (sigma_next - sigma) * d
+    x_euler = x.add(d, alpha=sigma_next - sigma)
     if sigma_next == 0:
         return x_euler
     d_next = to_d(x_euler, sigma_next, denoise(denoiser, x_euler, sigma_next, extra_args))
-    return x + (sigma_next - sigma) * 0.5 * (d + d_next)
+    return x.add(d.add_(d_next), alpha=(sigma_next - sigma) * 0.5)
 
 
 @register("heun", order=2, cost=_heun_cost)

@@ -74,7 +74,7 @@ def _prk_step(denoiser, x, s, s_mid, s_next, den1, e1, form, extra_args):
         e2 = slope(x + (s_mid - s) * e1, s_mid)
         e3 = slope(x + (s_mid - s) * e2, s_mid)
         e4 = slope(x + (s_next - s) * e3, s_next)
-        return x + (s_next - s) * lincomb(w4, [e1, e2, e3, e4])
+        return x.add(lincomb(w4, [e1, e2, e3, e4]), alpha=s_next - s)
     ts, tn = 1 / s, 1 / s_next
     tm = 0.5 * (ts + tn)
     m = 1 / tm
@@ -141,7 +141,7 @@ def sample_pndm(denoiser, x, sigmas, *, skip_prk_steps=False, prk_form="auto", p
             x = _prk_step(denoiser, x, s, mids[i], s_next, den, hist[-1], _prk_form(prk_form, s, s_next, process),
                           extra_args)
         else:
-            x = x + (s_next - s) * adams_bashforth(hist)
+            x = x.add(adams_bashforth(hist), alpha=s_next - s)
     return x
 
 
@@ -159,11 +159,11 @@ def sample_plms(denoiser, x, sigmas, *, callback=None, extra_args=None):
         report(callback, i, x, s, s_next, den)
         hist = (hist + [to_d(x, s, den)])[-4:]
         if i == 0 and s_next > 0:  # Heun warm start
-            x_pred = x + (s_next - s) * hist[0]
+            x_pred = x.add(hist[0], alpha=s_next - s)
             e_pred = to_d(x_pred, s_next, denoise(denoiser, x_pred, s_next, extra_args))
-            x = x + (s_next - s) * 0.5 * (hist[0] + e_pred)
+            x = x.add(e_pred.add_(hist[0]), alpha=(s_next - s) * 0.5)
         else:
-            x = x + (s_next - s) * adams_bashforth(hist)
+            x = x.add(adams_bashforth(hist), alpha=s_next - s)
     return x
 
 
@@ -198,5 +198,5 @@ def sample_ipndm(denoiser, x, sigmas, *, max_order=4, variable_step=False, callb
         den = denoise(denoiser, x, s, extra_args)
         report(callback, i, x, s, s_next, den)
         hist = (hist + [to_d(x, s, den)])[-4:]
-        x = x + (s_next - s) * adams_bashforth(hist, coeffs)
+        x = x.add(adams_bashforth(hist, coeffs), alpha=s_next - s)
     return x
