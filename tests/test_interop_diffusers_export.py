@@ -29,6 +29,13 @@ def readme_loop() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def assert_same(a, b, x_T):
+    """Equal to 1e-5, plus float32 rounding at the noise's scale: an Euler step that ends at 0
+    from a large level, x + (x - D)(0 - s)/s, rounds at the scale of x (both loops do)."""
+    tol = 1e-5 + 4 * torch.finfo(torch.float32).eps * float(x_T.abs().max())
+    assert float((a - b).abs().max()) <= tol, (float((a - b).abs().max()), tol)
+
+
 @pytest.fixture(scope="module")
 def students(tmp_path_factory):
     root = tmp_path_factory.mktemp("students")
@@ -59,12 +66,40 @@ def test_readme_loop_equals_fewstep_sampling(students, tmp_path, name, nfe, roun
     opts = {} if name == "pd" else {"generator": g}  # consistency sampling re-noises from g
     ours, _ = model.sample(16, nfe, x=x_T, **opts)
     assert ns["x"].shape == ours.shape
-    assert torch.allclose(ns["x"], ours, rtol=1e-5, atol=1e-5), float((ns["x"] - ours).abs().max())
+    assert_same(ns["x"], ours, x_T)
     assert float(ours.std()) > 0.01  # samples, not a constant (the students are barely trained)
     rule = json.loads((tmp_path / "exported" / "fewstep_sampling.json").read_text())
     assert rule["sampler"] == ("euler" if name == "pd" else "consistency")
     assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors", "fewstep_sampling.json", "scheduler"]
+
+
+def test_student_of_a_diffusers_teacher_round_trips(tmp_path):
+    """diffusers in, diffusers out: a UNet2DModel teacher (diffusers:PATH), its progressive
+    student (a fewstep UNet on 8x8 images), exported and run by the README loop."""
+    import diffusers
+    import numpy as np
+
+    torch.manual_seed(0)
+    diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                          block_out_channels=(16, 32), norm_num_groups=8, down_block_types=("DownBlock2D",) * 2,
+                          up_block_types=("UpBlock2D",) * 2).save_pretrained(tmp_path / "pipe" / "unet")
+    diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False).save_pretrained(tmp_path / "pipe" / "scheduler")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(-1, 1, (32, 1, 8, 8)).astype(np.float32))
+    net = {"kind": "unet", "in_channels": 1, "image_size": 8, "base_channels": 8, "channel_mult": [1, 2],
+           "num_res_blocks": 1, "attn_resolutions": []}
+    student = distill("progressive", {"teacher": f"diffusers:{tmp_path / 'pipe'}", "data": str(tmp_path / "x.npy"),
+                                      "net": net, "start_steps": 2, "steps": 2, "batch_size": 4, "device": "cpu"},
+                      str(tmp_path / "pd"), progress=False)
+    out = export_diffusers(student, str(tmp_path / "pd-diffusers"), nfe=2)  # the 2-step round
+    code = re.sub(r'folder, nfe = .*\n', f'folder, nfe = {out!r}, "2"\n', readme_loop())
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    g = torch.Generator().manual_seed(0)
+    x_T = ns["sigmas"][0] * torch.randn(16, 1, 8, 8, generator=g)
+    ours, _ = load(student, device="cpu").sample(16, 2, x=x_T)
+    assert ns["x"].shape == (16, 1, 8, 8)
+    assert_same(ns["x"], ours, x_T)
 
 
 @pytest.mark.parametrize("net,shape", [

@@ -13,10 +13,11 @@ levels (``scheduler.set_timesteps(sigmas=grid)``, the standard diffusers loop).
 
 Why a fewstep class, not a ``UNet2DModel``: our students are MLPs (points) or fewstep's UNet,
 with their own parametrization (a process x eps/x0/v/EDM prediction, or a consistency
-function with c_skip/c_out); no diffusers model class holds them, and a student of a
-``diffusers:PATH`` teacher is not supported by the methods yet. FewstepUNet keeps the
-network's weights as they are and exposes the student in one calling convention that a
-stock diffusers scheduler understands, which serves users better than a lossy conversion.
+function with c_skip/c_out); no diffusers model class holds them. A student of a
+``diffusers:PATH`` teacher is a fewstep network too (the methods build students from
+fewstep's nets), so one export serves every student. FewstepUNet keeps the network's
+weights as they are and exposes the student in one calling convention that a stock
+diffusers scheduler understands, which serves users better than a lossy conversion.
 
 The calling convention (diffusers' Euler schedulers with ``prediction_type="v_prediction"``
 and ``timestep_type="continuous"``): with y the sigma-space sample (y = x0 + sigma eps),
