@@ -132,15 +132,15 @@ def _check_teacher(teacher) -> None:
 
 
 # ------------------------------------------------------------------------------ stages
-def _flow_denoiser(net_cfg: dict, sigma_data: float, state=None):
-    """A velocity net under LinearFlow with the ``flow`` prediction (optionally with weights)."""
+def _flow_denoiser(net_cfg: dict, sigma_data: float, process: LinearFlow, state=None):
+    """A velocity net under ``process`` with the ``flow`` prediction (optionally with weights)."""
     from ..denoiser import ModelDenoiser
     from ..nets import build_net
 
     net = build_net(net_cfg)
     if state is not None:
         net.load_state_dict(state)
-    return ModelDenoiser(net, LinearFlow(), "flow", sigma_data)
+    return ModelDenoiser(net, process, "flow", sigma_data)
 
 
 def _net_state(model) -> dict:
@@ -212,6 +212,8 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
 
     _check(cfg)
     acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
+    if acc.num_processes > 1:
+        raise UserError("distill pointcloud runs in one process (one device); start it without accelerate launch")
     teacher = load_teacher(cfg["teacher"], str(acc.device), required=False)
     if teacher is not None:
         _check_teacher(teacher)
@@ -229,7 +231,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
             # 1. flow teacher (eq. 44)
             if teacher is None:
                 torch.manual_seed(seed)
-                D1 = _flow_denoiser(net_cfg, sd)
+                D1 = _flow_denoiser(net_cfg, sd, LinearFlow())
                 teacher = _stage(root, "teacher", cfg, cfg["teacher_steps"], seed, D1,
                                  lambda rf: _flow_loss(D1, B, data.x, None),
                                  lambda folder, ema, timer: save_checkpoint(
@@ -239,7 +241,8 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
             teacher.denoiser.eval().requires_grad_(False)
 
             # 2. reflow on the teacher's couplings (eq. 43)
-            D2 = _flow_denoiser(net_cfg, sd, _net_state(teacher))
+            process = teacher.denoiser.process  # every stage on the teacher's interpolation
+            D2 = _flow_denoiser(net_cfg, sd, process, _net_state(teacher))
             pinfo = {}
 
             def reflow_loss(rf):
@@ -259,7 +262,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
             reflowed.denoiser.eval().requires_grad_(False)
 
             # 3. one-step student with a point-set distance (eq. 45)
-            D3 = _flow_denoiser(net_cfg, sd, _net_state(reflowed))
+            D3 = _flow_denoiser(net_cfg, sd, process, _net_state(reflowed))
             dist = cloud_distance(cfg["distance"])
             sigma_T = float(reflowed.sigma_max)
             sinfo = {}
