@@ -91,6 +91,20 @@ def test_local_cost_is_the_one_step_error():
     assert torch.allclose(ref[-1], gmm.flow(prob.x_T, SMAX, 0.0, rtol=1e-6), atol=1e-4)
 
 
+def test_reference_without_exact_flow_is_accurate():
+    """A network teacher's reference (Heun on a fine grid, down to sigma_min, then to 0)
+    matches the exact flow when the 'network' is the exact GMM denoiser."""
+    gmm = gmm2()
+    x_T, _ = starts(gmm, 16, 3)
+    prob = Problem(gmm, "dpmpp_2m", 6, SMIN, SMAX, x_T)
+    lv = torch.tensor([SMAX, 3.0, 0.5, 0.0], dtype=torch.float64)
+    path = prob.path(lv)
+    exact = gmm.flow(x_T, SMAX, 3.0, rtol=1e-8)
+    assert torch.allclose(path[1], exact, atol=2e-3)
+    assert float((path[-1] - gmm.flow(x_T, SMAX, 0.0, rtol=1e-8)).pow(2).mean().sqrt()) < 5e-3
+    assert torch.allclose(prob.target, path[-1])
+
+
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2s", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m",
                                      "unipc", "ipndm"])
 @pytest.mark.parametrize("method", ["dp", "optimize"])

@@ -8,8 +8,8 @@ dy/dsigma = (y - D(y, sigma)) / sigma of the same teacher, solved accurately:
   ``flow`` (adaptive Dormand-Prince to ``rtol``), chained level to level;
 - a network teacher through Heun's method (Karras et al. 2022, Alg. 1) on a fine grid
   through the requested levels, refined until consecutive levels are at most
-  ``max_log_step`` apart in log sigma (about 2 * 10.6 / 0.03 ~ 700 evaluations for
-  sigma 80 -> 0.002).
+  ``max_log_step`` apart in log sigma, down to sigma_min before a step to 0 (about
+  2 * 10.6 / 0.03 ~ 700 evaluations for sigma 80 -> 0.002 -> 0).
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class Problem:
                 for a, b in zip(lv[:-1], lv[1:]):
                     out.append(self.exact_flow(out[-1], a, b, rtol=self.rtol).to(x.dtype))
                 return torch.stack(out)
-            fine, keep = _refine(lv, self.max_log_step)
+            fine, keep = _refine(lv, self.max_log_step, self.sigma_min)
             seen = {}
 
             def grab(info):
@@ -130,15 +130,22 @@ class Problem:
         return float((out.to(torch.float64) - target.to(torch.float64)).pow(2).mean().sqrt())
 
 
-def _refine(levels: list, max_log_step: float):
-    """A fine grid through ``levels`` (log-spaced in between, at most ``max_log_step`` apart;
-    the step to 0 stays one step) and the indices of the original levels in it."""
+def _refine(levels: list, max_log_step: float, sigma_floor: float):
+    """A fine grid through ``levels`` (log-spaced in between, at most ``max_log_step`` apart)
+    and the indices of the original levels in it. A step to 0 first descends log-spaced to
+    ``sigma_floor`` (the teacher's sigma_min), then takes one step to 0."""
     fine, keep = [levels[0]], [0]
+
+    def descend(a, b):
+        n = max(1, math.ceil(abs(math.log(a / b)) / max_log_step))
+        fine.extend(a * (b / a) ** (k / n) for k in range(1, n + 1))
+
     for a, b in zip(levels[:-1], levels[1:]):
         if b > 0:
-            n = max(1, math.ceil(abs(math.log(a / b)) / max_log_step))
-            fine += [a * (b / a) ** (k / n) for k in range(1, n + 1)]
+            descend(a, b)
         else:
-            fine.append(b)
+            if a > sigma_floor:
+                descend(a, sigma_floor)
+            fine.append(0.0)
         keep.append(len(fine) - 1)
     return fine, keep
