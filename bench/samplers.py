@@ -706,7 +706,8 @@ def tables(res) -> str:
               "RMS error of the final sample against the exact flow map (lower is better); ratio = ours / diffusers "
               "(target <= 0.5). Tuned: also our Karras grids with (rho, sigma_min) chosen on held-out starts "
               f"(rho in {TUNE_RHO}, sigma_min in {{sigma(t=0)}} + {TUNE_SIGMA_MIN[1:]}, 256 other samples), "
-              "measured here. SW2: best sliced-W2 to fresh data over all samplers incl. stochastic.\n")
+              "measured here; with `--learned` also the grids learned by `fewstep.schedules` (grid 'learned (...)'; "
+              "section Learned schedules). SW2: best sliced-W2 to fresh data over all samplers incl. stochastic.\n")
         else:
             P("### Same x_T, any start level (diffusers' \"leading\" spacing allowed)\n")
             P("As above, but runs may start lower: diffusers' leading spacing (t = 900, 800, ... for 10 steps) "
@@ -1030,6 +1031,11 @@ def run_all(a, log) -> dict:
         if not a.no_tune:
             res["tuned"] += run_tuned(setup, mine, [m for m in ANCHOR_NFES if m in nfes], log,
                                       max_cands=3 if a.quick else 100)
+        if a.learned:  # grids learned by fewstep.schedules (bench/schedules.py), measured on the same starts
+            from schedules import learned_rows
+
+            res["tuned"] += learned_rows(setup, [m for m in ANCHOR_NFES if m in nfes],
+                                         ["unipc", "ipndm"] if a.quick else ["unipc", "dpmpp_3m", "ipndm"], log=log)
         res["diffusers"] += run_diffusers_rows(setup, nfes, configs, log)
     if not a.no_speed:
         res["speed"] = run_speed(10, 1 if a.quick else 3, log, names)
@@ -1045,6 +1051,9 @@ def main() -> None:
     ap.add_argument("--samplers", default="all", help="comma-separated registry names, or all")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-tune", action="store_true", help="skip the held-out tuned Karras grids")
+    ap.add_argument("--learned", action="store_true", help="also grids learned on other starts by fewstep.schedules "
+                                                           "(DP / direct optimisation, bench/schedules.py) in the "
+                                                           "'incl. tuned grids' columns")
     ap.add_argument("--out", default="bench/out/samplers.json")
     ap.add_argument("--doc", default=None, help="also write the section of this markdown file (docs/BENCHMARKS.md)")
     ap.add_argument("--from-json", default=None, help="skip the runs: tables, plot and doc from a samplers.json")

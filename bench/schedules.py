@@ -1,0 +1,330 @@
+"""Learned step schedules (issue 7) -> bench/out/schedules.json, bench/out/schedules.md and
+the section "## Learned schedules (issue 7)" of docs/BENCHMARKS.md (``--doc``).
+
+    .venv/bin/python bench/schedules.py --doc docs/BENCHMARKS.md         # exact + trained teachers
+    .venv/bin/python bench/schedules.py --quick                          # a few minutes
+
+1. Exact Gaussian-mixture teachers of bench/samplers.py (gmm2d: 8 anisotropic 2-D modes;
+   gmm16d), from sigma(t=999) = 157.4 of diffusers' linear-beta VP schedule, at NFE 4, 6, 8, 10.
+   For each sampler: the best fixed grid (chosen on the training starts among Karras, log-SNR,
+   poly2, time-trailing, time-linspace), the DP grid (Watson et al., local-error cost), the
+   directly optimised grid (from the best fixed grid) and DP + optimise, all learned on
+   ``--n-train`` training starts (seed 101) and measured on the 1000 fresh starts of
+   bench/samplers.py (seed 1) against the exact flow. The best learned grid (sampler and method
+   chosen on the training starts) is compared with the best deterministic diffusers scheduler
+   configuration from the same y and sigma (bench/samplers.py's configurations; run here).
+   Also ddpm with the ELBO-DP grid against its fixed grids (sliced-W2 to fresh data).
+2. Trained teachers (a moons MLP and an 8x8 digits MLP, run folders given by ``--moons`` and
+   ``--digits``): learned grids (reference: Heun on a fine grid) against the best fixed grid
+   at the same NFE, by sliced-W2 (moons) / classifier Frechet distance (digits) to held-out data
+   on fresh noise; the best fixed grid is the best of the fixed grids *on the evaluation
+   itself* (a bar the learned grid, chosen blind, has to clear).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import samplers as SB  # noqa: E402  (bench/samplers.py: teachers, starts, diffusers runs)
+from _common import machine  # noqa: E402
+
+from fewstep import samplers as S  # noqa: E402
+from fewstep.metrics import sliced_w2  # noqa: E402
+from fewstep.schedules import Problem, dp_grid, fixed_grids, optimize_grid  # noqa: E402
+
+DOC_HEADING = "## Learned schedules (issue 7)"
+NFES = [4, 6, 8, 10]
+SAMPLERS = ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
+SIGMA_MIN = 0.002  # the lowest candidate level (the grids end at 0 after their last positive level)
+TRAIN_SEED = 101
+
+
+def _train_starts(gmm, n: int, smax: float):
+    g = torch.Generator().manual_seed(TRAIN_SEED)
+    x0 = gmm.sample(n, generator=g)
+    return x0 + smax * torch.randn(x0.shape, generator=g, dtype=torch.float64), x0
+
+
+def learned_grids(prob: Problem, process, iters: int, m: int, log) -> dict:
+    """method -> (sigmas, training RMS, seconds): best fixed, dp, optimize, dp+optimize."""
+    out = {}
+    scored = [(prob.error(g), name, g) for name, g in fixed_grids(prob, process).items()]
+    scored = [(e if math.isfinite(e) else math.inf, n, g) for e, n, g in scored]
+    e, name, fixed = min(scored, key=lambda t: t[0])
+    out[f"fixed ({name})"] = (fixed, e, 0.0)
+    t0 = time.process_time()
+    dp, _ = dp_grid(prob, "local", m=m, refine=3)
+    out["dp"] = (dp, prob.error(dp), time.process_time() - t0)
+    t0 = time.process_time()
+    opt, info = optimize_grid(prob, fixed, iters=iters)
+    out["optimize"] = (opt, info["rms_train"], time.process_time() - t0)
+    t0 = time.process_time()
+    start = dp if out["dp"][1] <= e else fixed
+    both, info = optimize_grid(prob, start, iters=iters)
+    out["dp+optimize"] = (both, info["rms_train"], out["dp"][2] + time.process_time() - t0)
+    return out
+
+
+def learned_rows(setup, nfes, labels, n_train: int = 256, iters: int = 80, m: int = 50, log=print) -> list:
+    """Fixed, DP, optimised and DP + optimised grids per (sampler, NFE) on ``setup`` (a
+    bench/samplers.py Setup), learned on n_train other starts from sigma(t=999), measured on
+    ``setup``'s starts; rows in bench/samplers.py's format (``kind`` "ours-learned")."""
+    smax = SB.STARTS["vp"]["sigma_max"]
+    x_T, x0 = _train_starts(setup.gmm, n_train, smax)
+    rows = []
+    for label in labels:
+        reg, opts = SB.resolve(label)
+        for nfe in nfes:
+            prob = Problem(setup.gmm, reg, nfe, SIGMA_MIN, smax, x_T, options=opts, exact_flow=setup.gmm.flow,
+                           x0=x0, rtol=1e-8, seed=TRAIN_SEED)
+            for method, (sig, train_rms, cpu) in learned_grids(prob, SB.VP, iters, m, log).items():
+                def run(den, sig=sig, reg=reg, opts=opts, nfe=nfe):
+                    return S.sample(den, setup.y["vp"].clone(), reg, nfe, grid=sig, **opts)
+
+                r = SB.measure(setup, "vp", run)
+                rows.append(dict(kind="ours-learned", teacher=setup.name, start="vp", sigma_max=smax, start_sigma=smax,
+                                 sampler=label, nfe=nfe, grid=f"learned ({method})", method=method,
+                                 stochastic=False, adaptive=False, steps=prob.steps, sigmas=[float(v) for v in sig],
+                                 rms_train=train_rms, learn_cpu_s=cpu,
+                                 **{k: r.get(k) for k in ("rms", "nfe_spent", "sliced_w2", "mmd", "finite")}))
+            log(f"  {setup.name} {label} NFE {nfe}: " + ", ".join(
+                f"{r['method']} {r['rms']:.3g}" for r in rows if r["sampler"] == label and r["nfe"] == nfe))
+    return rows
+
+
+def exact_part(teacher: str, nfes, labels, n_train: int, n: int, iters: int, m: int, log) -> dict:
+    setup = SB.Setup(teacher, n, n_mmd=min(n, 500))
+    smax = SB.STARTS["vp"]["sigma_max"]
+    log(f"{teacher}: references ready")
+    configs = [c for c in SB.diffusers_configs() if not c[4]]  # deterministic configurations
+    theirs = [r for r in SB.run_diffusers_rows(setup, nfes, configs, log) if SB.same_sigma(r)]
+    rows = learned_rows(setup, nfes, labels, n_train, iters, m, log)
+    x_T, x0 = _train_starts(setup.gmm, n_train, smax)
+    # ddpm with the ELBO DP grid against its fixed grids: sliced-W2 to fresh data
+    elbo = []
+    for nfe in nfes:
+        prob = Problem(setup.gmm, "ddpm", nfe, SIGMA_MIN, smax, x_T, exact_flow=setup.gmm.flow, x0=x0,
+                       seed=TRAIN_SEED)
+        grids = {k: v for k, v in fixed_grids(prob, SB.VP).items()}
+        grids["elbo-dp"] = dp_grid(prob, "elbo", m=200, refine=5)[0]
+        for name, sig in grids.items():
+            def run(den, sig=sig, nfe=nfe):
+                return S.sample(den, setup.y["vp"].clone(), "ddpm", nfe, grid=sig,
+                                generator=torch.Generator().manual_seed(SB.SEED))
+
+            r = SB.measure(setup, "vp", run)
+            elbo.append(dict(teacher=teacher, nfe=nfe, grid=name, sliced_w2=r.get("sliced_w2"), mmd=r.get("mmd"),
+                             sigmas=[float(s) for s in sig]))
+    return {"rows": rows, "diffusers": theirs, "elbo": elbo, "floor": setup.floor,
+            "description": SB.TEACHERS[teacher][1]}
+
+
+def trained_part(spec: str, nfes, labels, n_train: int, n_eval: int, iters: int, log) -> dict:
+    """Learned (optimise from the training-best fixed grid) vs fixed grids on a run folder."""
+    from fewstep.model import load
+    from fewstep.report.bench import real_sets
+
+    model = load(spec, device="cpu")
+    real, floor_set, dspec = real_sets(model, spec, n_eval, 0)
+    image = model.kind == "image"
+    if image:
+        from fewstep.metrics import frechet_distance
+
+        metric_name = "classifier FD (digits)"
+        metric = lambda x: frechet_distance(x, real, "digits")  # noqa: E731
+    else:
+        metric_name = "sliced-W2"
+        metric = lambda x: sliced_w2(x, real, n_projections=256,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(0))
+    floor = metric(floor_set)
+    x_T = model.noise(n_train, seed=TRAIN_SEED)
+    x_f = model.noise(n_eval, seed=1)
+    rows = []
+    for label in labels:
+        reg, opts = SB.resolve(label)
+        for nfe in nfes:
+            prob = Problem(model.denoiser, reg, nfe, model.sigma_min, model.sigma_max, x_T, options=opts,
+                           seed=TRAIN_SEED)
+            fresh = Problem(model.denoiser, reg, nfe, model.sigma_min, model.sigma_max, x_f, options=opts)
+            scored = [(prob.error(g), n, g) for n, g in fixed_grids(prob, model.process).items()]
+            e, name, fixed = min(scored, key=lambda t: t[0] if math.isfinite(t[0]) else math.inf)
+            t0 = time.process_time()
+            opt, info = optimize_grid(prob, fixed, iters=iters)
+            cpu = time.process_time() - t0
+            for method, sig in [*((f"fixed ({n})", g) for _, n, g in scored), ("optimize", opt)]:
+                with torch.no_grad():
+                    out = fresh.run(sig)
+                rows.append(dict(teacher=spec, sampler=label, nfe=nfe, method=method, metric=metric(out),
+                                 rms_fresh=fresh.error(sig), train_best_fixed=name,
+                                 rms_train=info["rms_train"] if method == "optimize" else None,
+                                 learn_cpu_s=cpu if method == "optimize" else None,
+                                 sigmas=[float(s) for s in sig]))
+            log(f"  {spec} {label} NFE {nfe}: " + ", ".join(
+                f"{r['method']} {r['metric']:.4g}" for r in rows if r["sampler"] == label and r["nfe"] == nfe))
+    return {"rows": rows, "metric": metric_name, "floor": floor, "data": dspec, "n_eval": len(real)}
+
+
+# ----------------------------------------------------------------------------- tables
+def _best(rows, key="rms", **where):
+    c = [r for r in rows if all(r.get(k) == v for k, v in where.items()) and r.get(key) is not None
+         and math.isfinite(r[key])]
+    return min(c, key=lambda r: r[key]) if c else None
+
+
+def tables(res) -> str:
+    out = []
+    for t, part in res["exact"].items():
+        rows, theirs = part["rows"], part["diffusers"]
+        out += [f"### {t}: best learned grid vs best diffusers configuration, same start sigma "
+                f"({SB.STARTS['vp']['sigma_max']:.1f})", "",
+                f"{part['description']}. RMS error against the exact flow on 1000 fresh starts (bench/samplers.py's, "
+                f"seed 1); grids learned on {res['n_train']} other starts. *Chosen on training*: the (sampler, method) "
+                "with the lowest training RMS among the learned grids; ratio = its fresh RMS / the best diffusers "
+                "configuration's (target <= 0.5).", "",
+                "| NFE | best learned (sampler, method), chosen on training | RMS fresh | NFE spent | best diffusers "
+                "config | RMS | ratio | best fixed grid of ours (fresh) | RMS | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for nfe in res["nfes"]:
+            learned = [r for r in rows if r["nfe"] == nfe and not r["method"].startswith("fixed") and r.get("finite")]
+            pick = min(learned, key=lambda r: r["rms_train"]) if learned else None
+            d = _best(theirs, nfe=nfe)
+            fx = _best([r for r in rows if r["method"].startswith("fixed")], nfe=nfe)
+            if not (pick and d):
+                continue
+            out.append(f"| {nfe} | {pick['sampler']}, {pick['method']} | {pick['rms']:.3e} | {pick['nfe_spent']} | "
+                       f"{d['config']} | {d['rms']:.3e} | **{pick['rms'] / d['rms']:.3f}** | "
+                       f"{fx['sampler']}, {fx['method']} | {fx['rms']:.3e} | {fx['rms'] / d['rms']:.3f} |")
+        out += ["", f"### {t}: DP vs direct optimisation, per sampler (RMS on fresh starts; training RMS in brackets)",
+                "", "| sampler | NFE | best fixed grid (on training) | DP (local cost) | optimise (from fixed) | "
+                "DP + optimise | learning CPU s (DP / opt / both) |", "|---|---|---|---|---|---|---|"]
+        for label in res["samplers"]:
+            for nfe in res["nfes"]:
+                cell = {r["method"].split(" ")[0]: r for r in rows if r["sampler"] == label and r["nfe"] == nfe}
+                if "dp" not in cell:
+                    continue
+                fx = cell["fixed"]
+                f = lambda r: f"{r['rms']:.3e} ({r['rms_train']:.3e})"  # noqa: E731
+                out.append(f"| {label} | {nfe} | {fx['method'][7:-1]}: {f(fx)} | {f(cell['dp'])} | "
+                           f"{f(cell['optimize'])} | {f(cell['dp+optimize'])} | {cell['dp']['learn_cpu_s']:.0f} / "
+                           f"{cell['optimize']['learn_cpu_s']:.0f} / {cell['dp+optimize']['learn_cpu_s']:.0f} |")
+        el = part["elbo"]
+        if el:
+            names = list(dict.fromkeys(r["grid"] for r in el))
+            out += ["", f"### {t}: ddpm (ancestral) with the ELBO-DP grid, sliced-W2 to fresh data "
+                    f"(floor {part['floor']['sliced_w2']:.3e})", "",
+                    "| NFE | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+            for nfe in res["nfes"]:
+                vals = {r["grid"]: r["sliced_w2"] for r in el if r["nfe"] == nfe}
+                lo = min(v for v in vals.values() if v is not None)
+                out.append(f"| {nfe} | " + " | ".join(
+                    (f"**{vals[n]:.3e}**" if vals[n] == lo else f"{vals[n]:.3e}") if vals.get(n) is not None else "–"
+                    for n in names) + " |")
+        out.append("")
+    for spec, part in res.get("trained", {}).items():
+        rows = part["rows"]
+        out += [f"### Trained teacher `{spec}`: learned vs best fixed grid, {part['metric']} to held-out "
+                f"{part['data']} ({part['n_eval']} fresh samples; data-to-data floor {part['floor']:.4g})", "",
+                "Learned: direct optimisation of the final error against the teacher's own ODE solution (Heun on a "
+                f"fine grid) on {res['n_train_trained']} training starts, from the fixed grid best on them. Best "
+                "fixed: the best of the fixed grids on this very evaluation.", "",
+                "| sampler | NFE | best fixed grid | metric | learned | metric | RMS to teacher ODE: fixed / learned | "
+                "better? |", "|---|---|---|---|---|---|---|---|"]
+        for label in dict.fromkeys(r["sampler"] for r in rows):
+            for nfe in res["nfes"]:
+                cell = [r for r in rows if r["sampler"] == label and r["nfe"] == nfe]
+                if not cell:
+                    continue
+                fx = _best([r for r in cell if r["method"].startswith("fixed")], key="metric")
+                le = next(r for r in cell if r["method"] == "optimize")
+                out.append(f"| {label} | {nfe} | {fx['method'][7:-1]} | {fx['metric']:.4g} | optimised | "
+                           f"{le['metric']:.4g} | {fx['rms_fresh']:.3g} / {le['rms_fresh']:.3g} | "
+                           f"{'yes' if le['metric'] < fx['metric'] else 'no'} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_doc(res, md: str, doc: Path, notes: str) -> None:
+    """Replace (or append) the section under DOC_HEADING; other sections stay."""
+    m = res["machine"]
+    head = [DOC_HEADING, "", "Generated by `bench/schedules.py` (`fewstep.schedules`, `fewstep schedule`).", "",
+            f"Command: `{res['command']}` ({res['seconds']:.0f} s)  ",
+            f"Machine: {m['nproc']} cores, {m['cpu']}, torch {m['torch']} with {m['torch_threads']} thread(s), shared "
+            f"with other jobs (load average {m['load_average'][0]:.1f} at the start); date {m['date']}; commit "
+            f"{m['commit']}.", ""]
+    section = "\n".join(head) + (notes.strip() + "\n\n" if notes else "") + md.rstrip() + "\n"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
+    start = text.find(DOC_HEADING)
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        nxt = text.find("\n## ", start + len(DOC_HEADING))
+        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+    doc.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="NFE 4 and 8, two samplers, fewer iterations")
+    ap.add_argument("--teachers", default=",".join(SB.TEACHERS), help="exact teachers (bench/samplers.py)")
+    ap.add_argument("--samplers", default=",".join(SAMPLERS))
+    ap.add_argument("--n", type=int, default=1000, help="fresh starts (default 1000, as bench/samplers.py)")
+    ap.add_argument("--n-train", type=int, default=512, help="training starts (default 512)")
+    ap.add_argument("--iters", type=int, default=100, help="Adam steps (default 100)")
+    ap.add_argument("--candidates", type=int, default=60, help="DP candidates before refining (default 60)")
+    ap.add_argument("--moons", default=None, help="trained 2-D teacher run folder")
+    ap.add_argument("--digits", default=None, help="trained digits teacher run folder")
+    ap.add_argument("--trained-samplers", default="dpmpp_2m,unipc")
+    ap.add_argument("--only", choices=["exact", "trained"], default=None)
+    ap.add_argument("--out", default="bench/out/schedules.json")
+    ap.add_argument("--merge", nargs="*", default=[], help="schedules.json files to merge (parallel runs)")
+    ap.add_argument("--doc", default=None, help="write the section of this markdown file")
+    ap.add_argument("--notes", default="", help="a file whose text goes under the section heading")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+    t_start = time.time()
+    log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)  # noqa: E731
+    nfes = [4, 8] if a.quick else NFES
+    labels = a.samplers.split(",")[: 2 if a.quick else None]
+    iters = 30 if a.quick else a.iters
+    res = {"command": "python bench/schedules.py " + " ".join(sys.argv[1:]), "machine": machine(), "nfes": nfes,
+           "samplers": labels, "n": a.n, "n_train": a.n_train, "n_train_trained": 256, "iters": iters,
+           "exact": {}, "trained": {}}
+    if a.merge:
+        for f in a.merge:
+            other = json.loads(Path(f).read_text())
+            res["exact"].update(other.get("exact", {}))
+            res["trained"].update(other.get("trained", {}))
+            res["machine"] = other["machine"]
+            res["samplers"] = other["samplers"]
+    if a.only != "trained" and not a.merge:
+        for t in [t for t in a.teachers.split(",") if t]:
+            res["exact"][t] = exact_part(t, nfes, labels, a.n_train, a.n, iters, a.candidates, log)
+    if a.only != "exact" and not a.merge:
+        for spec in [s for s in (a.moons, a.digits) if s]:
+            n_eval = 500 if spec == a.digits else 2000
+            res["trained"][spec] = trained_part(spec, nfes, a.trained_samplers.split(","), 256, n_eval, iters, log)
+    res["seconds"] = time.time() - t_start
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=float))
+    md = tables(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    if a.doc:
+        write_doc(res, md, Path(a.doc), Path(a.notes).read_text() if a.notes else "")
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
