@@ -50,6 +50,7 @@ def test_two_processes_match_one_for_every_method(tmp_path):
     two = subprocess.run([_torchrun(), "--nproc_per_node", "2", "--master_port", "29547", __file__, spec,
                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "processes.txt").read_text() == "2"  # really two processes (not one, see notes)
     distill_all(spec, tmp_path / "one")  # one process, here
     for name in METHODS:
         a = load_file(tmp_path / "one" / name / "model.safetensors")
@@ -72,5 +73,10 @@ def test_two_processes_match_one_for_every_method(tmp_path):
 
 
 if __name__ == "__main__":
+    from accelerate import PartialState
+
     torch.set_num_threads(1)
     distill_all(sys.argv[1], Path(sys.argv[2]))
+    state = PartialState()
+    if state.is_main_process:
+        (Path(sys.argv[2]) / "processes.txt").write_text(str(state.num_processes))
