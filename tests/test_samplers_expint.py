@@ -129,7 +129,8 @@ def test_adaptive_below_its_need_finishes_within_the_budget():
     """Any budget: every sample reaches the last positive level (the callback's steps chain
     sigma_max -> sigma_min), at most max_nfe evaluations, and an error against the exact
     flow no larger than the one-evaluation sampler's (D(x, sigma_max)), where the old
-    last step of order 3 blew up to 100-200. A budget the tolerance fits in changes nothing."""
+    last step of order 3 blew up to 100-200. A budget of the evaluations the tolerance
+    needs plus order + 1 (the finish's reserve) changes nothing."""
     for which, g in (("gmm2", gmm2), ("gmm16", gmm16)):
         x, ref = reference(which, 128, 80.0, 0.0)
         sig = grids.karras(2, 0.002, 80.0)
@@ -139,12 +140,14 @@ def test_adaptive_below_its_need_finishes_within_the_budget():
         assert 30 < need < 80 and rms(free, ref) < 0.01
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback when the budget suffices
-            assert torch.equal(get("dpm_solver_adaptive")(g(), x.clone(), sig, max_nfe=need), free)
+            assert torch.equal(get("dpm_solver_adaptive")(g(), x.clone(), sig, max_nfe=need + 4), free)
         one_step = rms(g().denoise(x, torch.full((len(x),), 80.0, dtype=torch.float64)), ref)
-        for max_nfe in (2, 3, 4, 6, 8, 10, 15, 20, 30, need - 1):
+        for max_nfe in (2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, need - 1, need):
             counter, seen = NFECounter(g()), []
-            with pytest.warns(UserWarning, match="finish with fixed steps"):
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
                 out = get("dpm_solver_adaptive")(counter, x.clone(), sig, max_nfe=max_nfe, callback=seen.append)
+            assert any("finish with fixed steps" in str(m.message) for m in w) or max_nfe == need
             assert counter.nfe == max_nfe
             assert seen[0]["sigma"] == 80.0 and seen[-1]["sigma_next"] == pytest.approx(0.002, rel=1e-12)
             assert all(a["sigma_next"] == b["sigma"] for a, b in zip(seen, seen[1:]))

@@ -259,9 +259,11 @@ def sample_dpm_solver_adaptive(denoiser, x, sigmas, *, order=3, rtol=0.05, atol=
     Tolerances apply to sigma-space values y (the paper's x-space values are alpha y).
     The evaluation at s is reused when a trial is rejected (the paper recomputes it).
 
-    ``max_nfe`` is never exceeded and every sample reaches the end of the grid: a trial is
-    taken only if one evaluation is left after it (to go on from its end point); when
-    none fits, the evaluations left (the one at s included, if known) finish the way
+    ``max_nfe`` is never exceeded and every sample reaches the end of the grid: a trial
+    that does not end the run is taken only if ``order + 1`` evaluations are left after it
+    (one more trial and a step on; a last lonely trial would spend them on a short step
+    and leave one DPM-Solver-1 step for the rest); when none fits, the evaluations left
+    (the one at s included, if known) finish the way
     from the current level to the end with fixed DPM-Solver-2 steps uniform in lambda (a
     DPM-Solver-1 step for an odd one; :func:`_finish_plan`), with a warning that the
     tolerance was not met. The finishing steps are DPM-Solver++(2S) steps (data form,
@@ -272,7 +274,8 @@ def sample_dpm_solver_adaptive(denoiser, x, sigmas, *, order=3, rtol=0.05, atol=
     on a grid ending at a positive level that case is refused. Below the evaluations the
     tolerance needs, the error is not monotone in the budget (the adaptive steps spent
     before the finish are small ones at high sigma): for a fixed small budget, a
-    fixed-step sampler is the better choice.
+    fixed-step sampler is the better choice. A budget of at least the evaluations the
+    tolerance needs plus ``order + 1`` gives the unbudgeted result exactly.
     """
     check_choice("dpm_solver_adaptive order", order, (2, 3))
     check_choice("solver_type", solver_type, SOLVER_TYPES)
@@ -296,7 +299,7 @@ def sample_dpm_solver_adaptive(denoiser, x, sigmas, *, order=3, rtol=0.05, atol=
     while sigma_s > sigma_end:
         h = min(h, lam_end - lam_s)
         last = h >= lam_end - lam_s
-        if used + order - (cached is not None) + (0 if last else 1) > budget:
+        if used + order - (cached is not None) + (0 if last else order + 1) > budget:
             avail = int(budget - used) + (cached is not None)
             warnings.warn(f"dpm_solver_adaptive: max_nfe={max_nfe} reached at sigma={sigma_s:.4g} before the "
                           f"tolerance was met; {avail} evaluation(s) finish with fixed steps to "
