@@ -19,18 +19,20 @@ import torch
 NET = {"kind": "mlp", "dim": 2, "hidden": 32, "depth": 2, "emb_dim": 16}
 COMMON = {"net": NET, "batch_size": 16, "lr": 3e-3, "warmup": 2, "ema_decay": 0.9, "device": "cpu",
           "checkpoint_every": 3, "seed": 3}
-METHODS = {
-    "knowledge": {"steps": 6, "pairs": 64, "pair_batch": 16, "pair_nfe": 4, "pair_sampler": "heun"},
-    "progressive": {"steps": 3, "start_steps": 4, "end_steps": 2, "level_groups": 4},
-    "consistency": {"steps": 6, "n": 6, "mu": 0.9, "level_groups": 4, "solver": "heun"},
+METHODS = {  # run folder: (method, options)
+    "knowledge": ("knowledge", {"steps": 6, "pairs": 64, "pair_batch": 16, "pair_nfe": 4, "pair_sampler": "heun"}),
+    "progressive": ("progressive", {"steps": 3, "start_steps": 4, "end_steps": 2, "level_groups": 4}),
+    "consistency": ("consistency", {"steps": 6, "n": 6, "mu": 0.9, "level_groups": 4, "solver": "heun"}),
+    # iCT: no target network, the DDP-wrapped student is also called (without gradients) for the target
+    "ict": ("consistency", {"steps": 6, "mode": "training", "schedule": "ict", "s0": 4, "s1": 16}),
 }
 
 
 def distill_all(spec: str, out: Path) -> None:
     from fewstep.methods import distill
 
-    for name, opts in METHODS.items():
-        distill(name, {"teacher": spec, **COMMON, **opts}, str(out / name), progress=False)
+    for folder, (method, opts) in METHODS.items():
+        distill(method, {"teacher": spec, **COMMON, **opts}, str(out / folder), progress=False)
 
 
 def _torchrun():
