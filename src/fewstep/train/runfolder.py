@@ -204,7 +204,9 @@ def open_run(acc, out: str | Path, config: dict, resume: bool = False, cls: type
     process creates (or reopens) it, the others open it once it exists.
 
     Only the main process may remove a new folder on failure, so the others get an
-    already-committed handle (``cls`` may be a subclass, e.g. a method's StudentRun)."""
+    already-committed handle (``cls`` may be a subclass, e.g. a method's StudentRun).
+    Every process must see the folder: one machine, or a shared file system across nodes
+    (the others read it, e.g. knowledge distillation's pairs, progressive rounds)."""
     run = cls.create(out, config, resume=resume) if acc.is_main_process else None
     acc.wait_for_everyone()
     return run if run is not None else cls.open(out)
