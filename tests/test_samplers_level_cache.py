@@ -68,6 +68,12 @@ def test_cache_sees_in_place_changes_new_batches_and_dtype_moves():
     # per-sample levels are fine too (no scalar assumption)
     s2 = torch.tensor([0.1, 1.0, 3.0, 20.0], dtype=torch.float64)
     assert torch.allclose(D(y, s2), GMM.denoise(y, s2), rtol=1e-6, atol=1e-6)
+    # numbers and 0-dim levels make a new tensor per call: computed, not cached
+    n = len(D._memo["levels"])
+    for _ in range(3):
+        assert torch.allclose(D(y, 0.7), GMM.denoise(y, torch.full((4,), 0.7, dtype=torch.float64)), rtol=1e-6)
+        D(y, torch.tensor(0.7, dtype=torch.float64))
+    assert len(D._memo["levels"]) == n
     # a level tensor from batch_sigma is shared, and replaced once changed in place
     a = batch_sigma(1.5, y)
     assert batch_sigma(1.5, y) is a

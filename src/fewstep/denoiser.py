@@ -153,7 +153,7 @@ class ModelDenoiser(nn.Module):
         p = self._memo["param"]
         return p.dtype if p is not None and p.is_floating_point() else y.dtype
 
-    def _level(self, y: Tensor, sigma: Tensor, dt: torch.dtype):
+    def _level(self, y: Tensor, sigma: Tensor, dt: torch.dtype, cache: bool = True):
         """(in_scale, c_noise, c) of level ``sigma``: the factor the net's input is y times,
         its noise input in dtype ``dt``, and what :meth:`output_to_x0` needs.
 
@@ -173,16 +173,17 @@ class ModelDenoiser(nn.Module):
             c_skip, c_out, _, _ = edm_precond(sigma.to(y.dtype), self.sigma_data)
             c = (_bcast(c_skip, y), _bcast(c_out, y))
         entry = (scale, c_noise.to(dt), c)
-        if not sigma.requires_grad:
+        if cache and not sigma.requires_grad:
             if len(levels) >= 256:  # bounded: per-sample levels (adaptive samplers) never hit
                 levels.clear()
             levels[key] = (sigma, entry)
         return entry
 
     def forward(self, y: Tensor, sigma: Tensor, **cond) -> Tensor:
+        given = sigma  # a number or 0-dim tensor becomes a new [batch] tensor: nothing to reuse
         sigma = _batch_sigma(sigma, y)
         dt = self._net_dtype(y)  # the net runs in its own dtype
-        scale, c_noise, c = self._level(y, sigma, dt)
+        scale, c_noise, c = self._level(y, sigma, dt, cache=sigma is given)
         x_in = scale * y
         out = self.net(x_in.to(dt), c_noise, **cond).to(y.dtype)
         if self.prediction == "edm":
