@@ -184,7 +184,8 @@ def test_command_line(spec, two_rounds, tmp_path, capsys):
         assert main(["sample", two_rounds, "--nfe", str(nfe), "--n", "16", "--out", str(tmp_path / f"s{nfe}.npz")]) == 0
     out = tmp_path / "cli"
     assert main(["distill", "reflow", "--data", spec, "--rounds", "1", "--steps", "3", "--distill-steps", "0",
-                 "--net", json.dumps(NET), "--eval-samples", "20", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+                 "--net", json.dumps(NET), "--eval-samples", "20", "--out", str(out), "--quiet",
+                 "--device", "cpu"]) == 0
     assert main(["sample", str(out), "--nfe", "3", "--n", "8", "--out", str(tmp_path / "c.npz")]) == 0
     assert main(["distill", "reflow", "--out", str(tmp_path / "x"), "--quiet"]) == 2  # no data, no teacher
     assert main(["distill", "reflow", "--data", spec, "--pair-batch", "0", "--out", str(tmp_path / "y")]) == 2

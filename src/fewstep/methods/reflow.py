@@ -23,18 +23,19 @@ Round k > 1 (reflow) trains on (z, ODE_{k-1}(z)), the previous round's own ODE s
 Measured per round (``roundK/round.json`` and ``reflow.json``), on fixed evaluation noise:
     straightness       S = E_{t} E_{(x0,x1) ~ couplings} || (x1 - x0) - v(x_t, t) ||^2
                        (squared norm, t at 16 midpoints of [0, 1]): the residual of eq. 43,
-                       0 iff the coupling's straight paths do not cross
-    flow_straightness  S(Z) = int_0^1 E || (Z_1 - Z_0) - v(Z_t, t) ||^2 dt / t_max on the
-                       flow's own Euler paths (Liu et al. 2022, Def. 3.5; 64 steps)
+                       whose minimum over v is 0 iff the coupling's straight paths do not cross
+    flow_straightness  S(Z) = int_0^1 E || (Z_1 - Z_0) - v(Z_t, t) ||^2 dt, Liu et al.'s
+                       straightness, on the flow's own paths (64 Euler steps from Z_1 = z)
     euler_error[k]     RMS of k Euler steps against the reference map z -> x0: the exact
                        Gaussian-mixture flow when the teacher or data is a mixture, else the
                        teacher's own sampler; euler_self_error[k] against the round's own
-                       accurate ODE; euler_sliced_w2[k] to fresh data (k = 1, 2, 4)
+                       accurate ODE; euler_sliced_w2[k] to data (fresh samples of a mixture,
+                       else drawn from the training set) (k = 1, 2, 4)
 
 Then (``--distill-steps`` > 0, default ``--steps``) the final flow is distilled into a
 one-step generator by knowledge distillation (:mod:`fewstep.methods.knowledge`) on its
 own couplings, the student starting from the flow's weights, i.e. as its one Euler step
-x0 = x1 - v(x1, 1) (Liu et al. 2022, sec. 2.3). The run folder's model is that student
+x0 = x1 - v(x1, 1) (Liu et al.'s "k-rectified flow + distillation"). The run's model is that student
 (or, without distillation, the final flow); other NFE sample the final round.
 """
 from __future__ import annotations
@@ -76,7 +77,8 @@ HELP = {
     "pair_sampler": "the teacher's sampler for round 1's couplings (default: its own)",
     "pair_nfe": "teacher evaluations per coupling (default 64)",
     "pair_grid": "sigma grid of the teacher's sampler (default karras; time-trailing for a flow teacher)",
-    "reflow_sampler": "sampler of a round's ODE for the next round's couplings (default dpmpp_2m, exact on straight paths)",
+    "reflow_sampler": "sampler of a round's ODE for the next round's couplings (default dpmpp_2m: exact on "
+                      "straight paths)",
     "reflow_nfe": "evaluations of that ODE per coupling (default 64)",
     "init": "auto (previous round's weights; a flow teacher's for round 1) or random",
     "distill_steps": "steps of the one-step student (knowledge distillation of the final flow); 0: none",
