@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--eval-clouds", type=int, default=100)
     ap.add_argument("--eval-nfe", type=int, default=32)
     ap.add_argument("--heun-nfe", type=int, default=63, help="extra teacher row: Heun at this NFE (0: none)")
+    ap.add_argument("--teacher", default=None, help="a trained flow teacher (e.g. another run's teacher/): skips stage 1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--run", default="bench/out/pointcloud_run", help="the PSF run folder (resumed if present)")
@@ -57,7 +58,7 @@ def main() -> None:
     cfg = {"data": a.data, "n_data": a.n_data, "net": net, "teacher_steps": a.teacher_steps,
            "reflow_steps": a.reflow_steps, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
            "pairs": a.pairs, "pair_nfe": a.pair_nfe, "distance": a.distance, "eval_clouds": a.eval_clouds,
-           "eval_nfe": a.eval_nfe, "seed": a.seed, "device": a.device}
+           "eval_nfe": a.eval_nfe, "seed": a.seed, "device": a.device, "teacher": a.teacher}
     run = Path(a.run)
     with Clock() as clock:
         distill("pointcloud", cfg, str(run), resume=(run / "config.json").is_file(), progress=False)
@@ -67,11 +68,12 @@ def main() -> None:
     rows["data"] = {"nfe": 0, "sampler": "fresh draw", **cloud_set_metrics(
         load_dataset(a.data, n=a.eval_clouds, seed=a.seed + 31337).x, real)}
     if a.heun_nfe:
-        teacher = load(str(run / "teacher"), device=a.device)
+        teacher = load(a.teacher or str(run / "teacher"), device=a.device)
         x = teacher.sample(a.eval_clouds, a.heun_nfe, sampler="heun", grid="time",
                            x=teacher.noise(a.eval_clouds, seed=a.seed + 104729))[0]
         rows["teacher_heun"] = {"nfe": a.heun_nfe, "sampler": "heun", **cloud_set_metrics(x.float().cpu(), real)}
-    cost = {s: json.loads((run / s / "model.json").read_text()).get("cost", {}) for s in ("teacher", "reflow", "student")}
+    cost = {s: json.loads((run / s / "model.json").read_text()).get("cost", {}) for s in ("teacher", "reflow", "student")
+            if (run / s / "model.json").is_file()}
     ratio = {m: rows["student_1"][m] / rows["teacher"][m] for m in ("mmd_cd", "nna_cd")}
     result = {"command": "OMP_NUM_THREADS=1 .venv/bin/python bench/pointcloud.py " + " ".join(sys.argv[1:]),
               "machine": machine(), "config": cfg, "rows": rows, "student_over_teacher": ratio,
