@@ -16,7 +16,8 @@ Euler step from t to 0).
    paths straighten, so few Euler steps suffice. Starts from the teacher's weights.
 
 3. ``student/`` -- the one-step student (eq. 45): starting from the reflowed weights, one
-   Euler step from the noise, G(z) = z - v_phi(z, 1) (D(sigma_max z, sigma_max) here),
+   Euler step from the noise, G(z) = x_T - T v_phi(x_T, T) with T = t_max, x_T = T z
+   (= D(sigma_max z, sigma_max) in sigma-space; PSF's x_T + f_phi(x_T, T) in its time),
    trained on the reflowed model's couplings (z, x = ODE_reflow(z)) with a distance
    between point sets, since the order of the points carries no meaning:
 
