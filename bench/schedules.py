@@ -100,7 +100,7 @@ def learned_rows(setup, nfes, labels, n_train: int = 256, iters: int = 80, m: in
     return rows
 
 
-def exact_part(teacher: str, nfes, labels, n_train: int, n: int, iters: int, m: int, log) -> dict:
+def exact_part(teacher: str, nfes, labels, n_train: int, n: int, iters: int, m: int, log, with_elbo: bool = True) -> dict:
     setup = SB.Setup(teacher, n, n_mmd=min(n, 500))
     smax = SB.STARTS["vp"]["sigma_max"]
     log(f"{teacher}: references ready")
@@ -110,7 +110,7 @@ def exact_part(teacher: str, nfes, labels, n_train: int, n: int, iters: int, m: 
     x_T, x0 = _train_starts(setup.gmm, n_train, smax)
     # ddpm with the ELBO DP grid against its fixed grids: sliced-W2 to fresh data
     elbo = []
-    for nfe in nfes:
+    for nfe in nfes if with_elbo else []:
         prob = Problem(setup.gmm, "ddpm", nfe, SIGMA_MIN, smax, x_T, exact_flow=setup.gmm.flow, x0=x0,
                        seed=TRAIN_SEED)
         grids = {k: v for k, v in fixed_grids(prob, SB.VP).items()}
@@ -123,8 +123,8 @@ def exact_part(teacher: str, nfes, labels, n_train: int, n: int, iters: int, m: 
             r = SB.measure(setup, "vp", run)
             elbo.append(dict(teacher=teacher, nfe=nfe, grid=name, sliced_w2=r.get("sliced_w2"), mmd=r.get("mmd"),
                              sigmas=[float(s) for s in sig]))
-    return {"rows": rows, "diffusers": theirs, "elbo": elbo, "floor": setup.floor,
-            "description": SB.TEACHERS[teacher][1]}
+    return {"rows": rows, "diffusers": theirs, "elbo": elbo, "floor": setup.floor, "n_train": n_train,
+            "iters": iters, "candidates": m, "description": SB.TEACHERS[teacher][1]}
 
 
 def trained_part(spec: str, nfes, labels, n_train: int, n_eval: int, iters: int, log) -> dict:
@@ -147,13 +147,16 @@ def trained_part(spec: str, nfes, labels, n_train: int, n_eval: int, iters: int,
     floor = metric(floor_set)
     x_T = model.noise(n_train, seed=TRAIN_SEED)
     x_f = model.noise(n_eval, seed=1)
+    ends = {}  # the teacher's ODE solution from each set of starts, computed once
     rows = []
     for label in labels:
         reg, opts = SB.resolve(label)
         for nfe in nfes:
             prob = Problem(model.denoiser, reg, nfe, model.sigma_min, model.sigma_max, x_T, options=opts,
-                           seed=TRAIN_SEED)
-            fresh = Problem(model.denoiser, reg, nfe, model.sigma_min, model.sigma_max, x_f, options=opts)
+                           seed=TRAIN_SEED, target=ends.get("train"))
+            fresh = Problem(model.denoiser, reg, nfe, model.sigma_min, model.sigma_max, x_f, options=opts,
+                            target=ends.get("fresh"))
+            ends.update(train=prob.target, fresh=fresh.target)
             scored = [(prob.error(g), n, g) for n, g in fixed_grids(prob, model.process).items()]
             e, name, fixed = min(scored, key=lambda t: t[0] if math.isfinite(t[0]) else math.inf)
             t0 = time.process_time()
@@ -186,7 +189,8 @@ def tables(res) -> str:
         out += [f"### {t}: best learned grid vs best diffusers configuration, same start sigma "
                 f"({SB.STARTS['vp']['sigma_max']:.1f})", "",
                 f"{part['description']}. RMS error against the exact flow on 1000 fresh starts (bench/samplers.py's, "
-                f"seed 1); grids learned on {res['n_train']} other starts. *Chosen on training*: the (sampler, method) "
+                f"seed 1); grids learned on {part.get('n_train', res['n_train'])} other starts (seed {TRAIN_SEED}; DP on "
+                f"{part.get('candidates', '?')} candidates refined 3x, {part.get('iters', res['iters'])} Adam steps). *Chosen on training*: the (sampler, method) "
                 "with the lowest training RMS among the learned grids; ratio = its fresh RMS / the best diffusers "
                 "configuration's (target <= 0.5).", "",
                 "| NFE | best learned (sampler, method), chosen on training | RMS fresh | NFE spent | best diffusers "
@@ -204,7 +208,7 @@ def tables(res) -> str:
         out += ["", f"### {t}: DP vs direct optimisation, per sampler (RMS on fresh starts; training RMS in brackets)",
                 "", "| sampler | NFE | best fixed grid (on training) | DP (local cost) | optimise (from fixed) | "
                 "DP + optimise | learning CPU s (DP / opt / both) |", "|---|---|---|---|---|---|---|"]
-        for label in res["samplers"]:
+        for label in dict.fromkeys(r["sampler"] for r in rows):
             for nfe in res["nfes"]:
                 cell = {r["method"].split(" ")[0]: r for r in rows if r["sampler"] == label and r["nfe"] == nfe}
                 if "dp" not in cell:
@@ -282,6 +286,10 @@ def main() -> None:
     ap.add_argument("--digits", default=None, help="trained digits teacher run folder")
     ap.add_argument("--trained-samplers", default="dpmpp_2m,unipc")
     ap.add_argument("--only", choices=["exact", "trained"], default=None)
+    ap.add_argument("--nfes", default=None, help="comma-separated NFE budgets (default 4,6,8,10)")
+    ap.add_argument("--tag", default="", help="appended to each exact teacher's name in the results (a second "
+                                               "configuration of the same teacher)")
+    ap.add_argument("--no-elbo", action="store_true", help="skip the ddpm / ELBO-DP table")
     ap.add_argument("--out", default="bench/out/schedules.json")
     ap.add_argument("--merge", nargs="*", default=[], help="schedules.json files to merge (parallel runs)")
     ap.add_argument("--doc", default=None, help="write the section of this markdown file")
@@ -294,7 +302,7 @@ def main() -> None:
     dlog.set_verbosity_error()
     t_start = time.time()
     log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)  # noqa: E731
-    nfes = [4, 8] if a.quick else NFES
+    nfes = [int(v) for v in a.nfes.split(",")] if a.nfes else [4, 8] if a.quick else NFES
     labels = a.samplers.split(",")[: 2 if a.quick else None]
     iters = 30 if a.quick else a.iters
     res = {"command": "python bench/schedules.py " + " ".join(sys.argv[1:]), "machine": machine(), "nfes": nfes,
@@ -306,10 +314,13 @@ def main() -> None:
             res["exact"].update(other.get("exact", {}))
             res["trained"].update(other.get("trained", {}))
             res["machine"] = other["machine"]
-            res["samplers"] = other["samplers"]
+            res["nfes"] = sorted(set(res["nfes"]) | set(other["nfes"]))
+            for k in ("n_train", "n_train_trained", "iters", "n"):
+                res[k] = other.get(k, res[k])
     if a.only != "trained" and not a.merge:
         for t in [t for t in a.teachers.split(",") if t]:
-            res["exact"][t] = exact_part(t, nfes, labels, a.n_train, a.n, iters, a.candidates, log)
+            res["exact"][t + a.tag] = exact_part(t, nfes, labels, a.n_train, a.n, iters, a.candidates, log,
+                                                 with_elbo=not a.no_elbo)
     if a.only != "exact" and not a.merge:
         for spec in [s for s in (a.moons, a.digits) if s]:
             n_eval = 500 if spec == a.digits else 2000

@@ -42,13 +42,14 @@ class Problem:
     ``exact_flow(x, sigma_from, sigma_to)`` (optional) is the exact ODE map; ``x0``
     (optional) data samples for the ELBO cost; ``steps`` the number of steps the budget
     buys, from the registry's cost function, so a learned grid never spends more than
-    ``nfe`` evaluations.
+    ``nfe`` evaluations. ``target`` (optional) is the reference end point from ``x_T`` when
+    it is already known (it is shared by every sampler and budget on the same starts).
     """
 
     def __init__(self, denoiser: Callable, sampler: str, nfe: int, sigma_min: float, sigma_max: float,
                  x_T: Tensor, *, options: Optional[dict] = None, exact_flow: Optional[Callable] = None,
                  x0: Optional[Tensor] = None, final_zero: bool = True, extra_args: Optional[dict] = None,
-                 rtol: float = 1e-7, max_log_step: float = 0.03, seed: int = 0):
+                 rtol: float = 1e-7, max_log_step: float = 0.03, seed: int = 0, target: Optional[Tensor] = None):
         si = S.info(sampler)
         if si.adaptive:
             raise UserError(f"sampler '{sampler}' chooses its own steps (adaptive): a schedule cannot be learned for it")
@@ -66,7 +67,7 @@ class Problem:
         if self.steps == 0:
             raise UserError(f"sampler '{sampler}' needs more than {nfe} evaluations for one step; raise --nfe")
         self._cost_opts = cost_opts
-        self._target = None
+        self._target = target  # the reference end point from x_T, if already known
 
     # ------------------------------------------------------------------ budget
     def cost(self, sigmas: Tensor) -> int:
