@@ -23,7 +23,6 @@ is kept.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
