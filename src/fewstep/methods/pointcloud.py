@@ -31,6 +31,13 @@ stage 1 is skipped. The top folder's model is the student (``fewstep sample OUT 
 ``eval.json`` holds MMD-CD, COV-CD and 1-NNA-CD of the teacher (multistep), the reflowed
 flow and the student (one step) against held-out clouds, and ``samples.png`` renders a
 few clouds of each.
+
+Under ``accelerate launch --num_processes N`` (or torchrun) every stage trains on its
+process's slice of each step's global batch (DDP averages the gradients, so the weights
+and their EMA are those of one process with the same batch), the couplings are made shard
+by shard (:func:`~fewstep.methods.knowledge.make_pairs`), and the main process alone
+creates the run folders (:func:`~fewstep.train.runfolder.open_run`) and writes the
+checkpoints, the models, ``eval.json`` and ``samples.png``.
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ from ..errors import UserError
 from ..process import LinearFlow
 from ..train.checkpoint import save_checkpoint, write_json
 from ..train.loop import Task, fit, make_accelerator
-from ..train.runfolder import RunFolder
+from ..train.runfolder import RunFolder, open_run
 from .common import (Timer, batch_slice, call_denoiser, check_positive, fit_config, fixed_grids, load_teacher,
                      student_meta)
 
@@ -167,7 +174,7 @@ def _stage(root: Path, name: str, cfg: dict, steps: int, seed: int, D, make_loss
     if not (folder / "model.json").is_file():
         scfg = {**fit_config(cfg), "steps": int(steps), "seed": int(seed), "method": "pointcloud", "stage": name}
         timer = Timer()
-        with RunFolder.create(folder, scfg, resume=(folder / "config.json").is_file()) as rf:
+        with open_run(acc, folder, scfg, (folder / "config.json").is_file()) as rf:
             loss = make_loss(rf)
             ema = fit(Task(student=D.net, loss=loss), rf, scfg, accelerator=acc, progress=progress)
             if acc.is_main_process:
@@ -176,14 +183,15 @@ def _stage(root: Path, name: str, cfg: dict, steps: int, seed: int, D, make_loss
     return load(str(folder), device=str(acc.device))
 
 
-def _couplings(source, label: str, cfg: dict, rf: RunFolder, seed: int, progress: bool):
+def _couplings(source, label: str, cfg: dict, rf: RunFolder, seed: int, progress: bool, acc):
     """(z, x = ODE_source(z)) in ``rf/pairs``: z in sigma-space (sigma_max eps); ``label``
-    names the source in ``pairs.json`` (a stage name, so the run folder may move)."""
+    names the source in ``pairs.json`` (a stage name, so the run folder may move). Under
+    several processes each makes its share of the chunks, then all read every chunk."""
     from .knowledge import make_pairs
 
     pcfg = {k: cfg[k] for k in ("pair_sampler", "pair_nfe", "pair_grid", "pairs", "pair_batch")}
     pcfg.update(seed=int(seed), latent_dim=None, teacher=label)
-    z, x, info = make_pairs(source, pcfg, rf, progress)
+    z, x, info = make_pairs(source, pcfg, rf, progress, acc)
     return z, x, info
 
 
@@ -213,8 +221,6 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
 
     _check(cfg)
     acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
-    if acc.num_processes > 1:
-        raise UserError("distill pointcloud runs in one process (one device); start it without accelerate launch")
     teacher = load_teacher(cfg["teacher"], str(acc.device), required=False)
     if teacher is not None:
         _check_teacher(teacher)
@@ -226,7 +232,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
     sd = float(data.x.std())
     B, seed = int(cfg["batch_size"]), int(cfg["seed"])
     show = progress and acc.is_main_process
-    with RunFolder.create(out, cfg, resume=resume) as top:
+    with open_run(acc, out, cfg, resume) as top:
         root = top.root
         try:
             # 1. flow teacher (eq. 44)
@@ -248,7 +254,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
 
             def reflow_loss(rf):
                 label = "teacher" if cfg["teacher"] is None else str(cfg["teacher"])
-                z, x1, info = _couplings(teacher, label, cfg, rf, seed, show)
+                z, x1, info = _couplings(teacher, label, cfg, rf, seed, show, acc)
                 pinfo.update(info)
                 return _flow_loss(D2, B, x1, z / teacher.sigma_max)
 
@@ -269,7 +275,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
             sinfo = {}
 
             def student_loss(rf):
-                z, x, info = _couplings(reflowed, "reflow", cfg, rf, seed + 1, show)
+                z, x, info = _couplings(reflowed, "reflow", cfg, rf, seed + 1, show, acc)
                 sinfo.update(info)
 
                 def loss(model, gen, rank, world, device):
@@ -297,6 +303,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
             raise
         if acc.is_main_process:
             _write_top(root, cfg, data, teacher, reflowed, student)
+        acc.wait_for_everyone()
     return str(root)
 
 
