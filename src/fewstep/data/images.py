@@ -3,8 +3,8 @@
 Every function returns ``(x, labels, num_classes)``: ``x`` a float32 tensor
 ``[n, C, H, W]`` scaled to ``[-1, 1]`` (8-bit values ``v`` become ``v / 127.5 - 1``),
 ``labels`` a long tensor ``[n]`` or ``None``, and ``num_classes`` (0 without labels).
-:func:`read_array_file` may also return points ``[n, d]`` (the caller tells them apart by
-``x.ndim``).
+:func:`read_array_file` may also return points ``[n, d]`` or marked point clouds
+``[n, N, 3]`` (the caller tells them apart by ``x.ndim``).
 
 Files are parsed with numpy, struct and Pillow only; nothing is ever unpickled. A missing,
 truncated or malformed file raises :class:`~fewstep.errors.UserError` naming the path.
@@ -274,23 +274,27 @@ def read_png_folder(path: PathLike) -> ImageSet:
 
 # ----------------------------------------------------------------------------- arrays
 _X_KEYS = ("x", "samples", "data")
+_CLOUD_KEYS = ("clouds", "points")
 _Y_KEYS = ("labels", "y")
 
 
-def _load_arrays(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """``(x, labels)`` from a ``.npy`` (no labels) or ``.npz`` (keys x/samples/data and
-    labels/y), never unpickling."""
+def _load_arrays(path: Path) -> tuple[np.ndarray, Optional[np.ndarray], Optional[str]]:
+    """``(x, labels, key)`` from a ``.npy`` (no labels, key None) or ``.npz`` (keys
+    x/samples/data or clouds/points, and labels/y), never unpickling."""
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
-            return loaded, None
+            return loaded, None, None
         with loaded:
-            xkey = next((k for k in _X_KEYS if k in loaded.files), None)
-            if xkey is None:
-                raise UserError(f"{path}: no array named {' / '.join(_X_KEYS)} (found: "
-                                f"{', '.join(loaded.files) or 'none'}); save samples as 'x'")
+            found = [k for k in (*_X_KEYS, *_CLOUD_KEYS) if k in loaded.files]
+            if not found:
+                raise UserError(f"{path}: no array named {' / '.join(_X_KEYS + _CLOUD_KEYS)} (found: "
+                                f"{', '.join(loaded.files) or 'none'}); save samples as 'x' (clouds as 'clouds')")
+            if any(k in _CLOUD_KEYS for k in found) and len(found) > 1:
+                raise UserError(f"{path}: holds both {' and '.join(repr(k) for k in found)}, so it is unclear "
+                                f"which array is the data; keep only 'clouds' for point clouds or 'x' for the rest")
             ykey = next((k for k in _Y_KEYS if k in loaded.files), None)
-            return loaded[xkey], None if ykey is None else loaded[ykey]
+            return loaded[found[0]], None if ykey is None else loaded[ykey], found[0]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"{path}: cannot read as .npy/.npz without pickle ({err})")
 
@@ -306,18 +310,33 @@ def _to_channels_first(a: np.ndarray, path: Path) -> np.ndarray:
                     f"as [n, C, H, W] or [n, H, W, C] with C in 1, 3, 4")
 
 
-def read_array_file(path: PathLike) -> ImageSet:
+def read_array_file(path: PathLike, clouds: bool = False) -> ImageSet:
     """Samples from ``.npy``/``.npz``: ``[n, d]`` points (float32, unchanged), ``[n, H, W]``
-    grayscale, ``[n, C, H, W]`` or ``[n, H, W, C]`` images. uint8 images are rescaled to
-    ``[-1, 1]``; float images are taken as already in ``[-1, 1]``."""
+    grayscale, ``[n, C, H, W]`` or ``[n, H, W, C]`` images, or ``[n, N, 3]`` point clouds.
+    uint8 images are rescaled to ``[-1, 1]``; float images are taken as already in ``[-1, 1]``.
+
+    Point clouds (float32 coordinates, unchanged) are read only when marked, since
+    ``[n, N, 3]`` is also the shape of grayscale images 3 pixels wide: ``clouds=True``
+    (the registry's ``clouds:FILE`` spec) or an ``.npz`` array named ``clouds`` or
+    ``points``. A marked array must be ``[n, N, 3]``; an unmarked ``[n, H, 3]`` array is
+    refused as ambiguous (mark it, or save images as ``[n, 1, H, W]``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}; check the path")
-    a, labels = _load_arrays(path)
-    if a.dtype.kind not in "biuf" or a.ndim not in (2, 3, 4) or a.shape[0] == 0:
+    a, labels, key = _load_arrays(path)
+    if clouds or key in _CLOUD_KEYS:
+        where = f"array '{key}' of {path}" if key in _CLOUD_KEYS else f"clouds:{path}"
+        if a.dtype.kind not in "iuf" or a.ndim != 3 or a.shape[2] != 3 or a.shape[0] == 0 or a.shape[1] == 0:
+            raise UserError(f"{where}: expected point clouds [n, N, 3] (n clouds of N points in 3-D), "
+                            f"got {a.dtype} {a.shape}")
+    elif a.ndim == 3 and a.shape[2] == 3:
+        raise UserError(f"{path}: shape {a.shape} is ambiguous (point clouds [n, N, 3] or grayscale images "
+                        f"3 pixels wide); give clouds:{path} (or an .npz array named 'clouds') for clouds, "
+                        f"or save images as [n, 1, H, W]")
+    elif a.dtype.kind not in "biuf" or a.ndim not in (2, 3, 4) or a.shape[0] == 0:
         raise UserError(f"{path}: expected numbers of shape [n, d] (points) or [n, H, W], "
                         f"[n, C, H, W], [n, H, W, C] (images), got {a.dtype} {a.shape}")
-    if a.ndim == 3:
+    elif a.ndim == 3:
         a = a[:, None]
     if a.ndim == 4:
         a = _to_channels_first(a, path)

@@ -8,7 +8,14 @@
   ``[n, N, 3]`` (:mod:`fewstep.data.pointclouds`, default 2000 clouds);
 - ``mnist:DIR`` (``train-images-idx3-ubyte[.gz]`` and, if present, the train labels),
   ``cifar10:DIR`` (the binary batches);
-- a path to a ``.npy`` / ``.npz`` file or a folder of images.
+- a path to a ``.npy`` / ``.npz`` file or a folder of images;
+- ``clouds:FILE.npy`` / ``clouds:FILE.npz``: user point clouds ``[n, N, 3]``.
+An array file holds points ``[n, d]``, images (``[n, H, W]``, ``[n, C, H, W]``,
+``[n, H, W, C]``) or point clouds ``[n, N, 3]``. Clouds must be marked, because
+``[n, N, 3]`` is also grayscale images 3 pixels wide: the ``clouds:`` prefix, or an
+``.npz`` array named ``clouds`` or ``points`` (beside no ``x`` / ``samples`` / ``data``).
+A marked array of another shape, and an unmarked ``[n, H, 3]`` array, are refused with a
+:class:`~fewstep.errors.UserError` saying how to mark it.
 For finite sets (files, digits) ``n`` keeps at most ``n`` samples, a random subset drawn
 with ``seed``.
 """
@@ -28,7 +35,7 @@ from .toys import TOYS, make_toy
 DEFAULT_TOY_N = 20000
 DEFAULT_SHAPES_N = 10000
 _SHAPES = {"shapes16": 16, "shapes32": 32}
-_PREFIXES = ("mnist:DIR", "cifar10:DIR", "pointclouds:points=N,classes=a+b")
+_PREFIXES = ("mnist:DIR", "cifar10:DIR", "pointclouds:points=N,classes=a+b", "clouds:FILE.npy")
 _MNIST_NAMES = {
     "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
     "labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
@@ -129,6 +136,11 @@ def _load(spec: str, n: Optional[int], seed: int) -> tuple[images.ImageSet, bool
         return _read_mnist(spec[len("mnist:"):]), False
     if spec.startswith("cifar10:"):
         return images.read_cifar10_bin(spec[len("cifar10:"):]), False
+    if spec.startswith("clouds:"):
+        path = Path(spec[len("clouds:"):])
+        if path.suffix.lower() not in (".npy", ".npz"):
+            raise UserError(f"--data {spec}: clouds:FILE needs a .npy or .npz file of clouds [n, N, 3]")
+        return images.read_array_file(path, clouds=True), False
     if _looks_like_path(spec):
         return _read_path(spec), False
     raise unknown_name("dataset", spec, [*dataset_names(), *_PREFIXES, "PATH.npz"])
