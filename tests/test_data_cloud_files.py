@@ -88,3 +88,20 @@ def test_command_line_refuses_an_ambiguous_file_in_one_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "amb.npy"), "--steps", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ambiguous" in err and not out.exists()
+
+
+def test_psf_distils_clouds_from_a_file_and_scores_them_on_clouds_left_out(tmp_path):
+    from fewstep.methods import distill
+
+    c = load_dataset("pointclouds:points=12,classes=sphere+cube,pose=none", n=40, seed=4).x.numpy()
+    np.savez(tmp_path / "mine.npz", clouds=c)
+    cfg = {"data": str(tmp_path / "mine.npz"), "net": {"kind": "pointnet", "dim": 3, "hidden": 8, "depth": 1,
+                                                       "emb_dim": 8},
+           "n_data": 32, "teacher_steps": 2, "reflow_steps": 2, "steps": 2, "pairs": 8, "pair_batch": 8,
+           "pair_nfe": 2, "eval_clouds": 6, "eval_nfe": 2, "renders": 1, "batch_size": 4, "device": "cpu"}
+    out = distill("pointcloud", cfg, str(tmp_path / "run"), progress=False)
+    import json
+
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert out == str(tmp_path / "run") and ev["reference"] == "held-out" and ev["reference_clouds"] == 6
+    assert load_dataset(str(tmp_path / "mine.npz")).kind == "clouds" and "mmd_cd" in ev["models"]["student_1"]

@@ -146,12 +146,37 @@ def _load(spec: str, n: Optional[int], seed: int) -> tuple[images.ImageSet, bool
     raise unknown_name("dataset", spec, [*dataset_names(), *_PREFIXES, "PATH.npz"])
 
 
+def _dataset(spec: str, triple: images.ImageSet) -> Dataset:
+    x, labels, k = triple
+    kind = {2: "points", 3: "clouds"}.get(x.ndim, "image")
+    name = Path(spec).stem if _looks_like_path(spec) and ":" not in spec else spec
+    return Dataset(x=x, labels=labels, num_classes=k, kind=kind, name=name)
+
+
 def load_dataset(spec: str, n: Optional[int] = None, seed: int = 0) -> Dataset:
     """Load the dataset named by ``spec`` (see the module docstring) as a :class:`Dataset`."""
     if n is not None and int(n) < 1:
         raise UserError(f"dataset '{spec}': n must be a positive count, got {n}")
     triple, exact = _load(str(spec), None if n is None else int(n), seed)
-    x, labels, k = triple if exact else _subset(triple, n, seed)
-    kind = {2: "points", 3: "clouds"}.get(x.ndim, "image")
-    name = Path(spec).stem if _looks_like_path(spec) and ":" not in spec else spec
-    return Dataset(x=x, labels=labels, num_classes=k, kind=kind, name=name)
+    return _dataset(str(spec), triple if exact else _subset(triple, n, seed))
+
+
+def held_out(spec: str, n: int, seed: int, train_n: Optional[int] = None, train_seed: int = 0) -> tuple[Dataset, str]:
+    """Reference samples for evaluating a model trained on ``load_dataset(spec, train_n,
+    train_seed)``, and where they come from:
+
+    - ``"fresh"``: a generated set (toys, shapes, pointclouds) drawn anew with ``seed``;
+    - ``"held-out"``: a finite set (files, digits, ...) larger than ``train_n``: up to ``n``
+      of the samples after the training subset in the same random order (never trained on);
+    - ``"training"``: a finite set used whole for training: ``n`` of its samples."""
+    if int(n) < 1:
+        raise UserError(f"dataset '{spec}': n must be a positive count, got {n}")
+    triple, exact = _load(str(spec), int(n), seed)
+    if exact:
+        return _dataset(str(spec), triple), "fresh"
+    x, labels, k = triple
+    if train_n is None or int(train_n) >= len(x) - 1:
+        return _dataset(str(spec), _subset(triple, int(n), seed)), "training"
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(train_seed))  # as _subset's
+    keep = order[int(train_n):int(train_n) + int(n)]
+    return _dataset(str(spec), (x[keep], None if labels is None else labels[keep], k)), "held-out"

@@ -310,13 +310,15 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
 # ------------------------------------------------------------------------- evaluation
 def evaluate(cfg: dict, data, teacher, reflowed, student) -> tuple[dict, dict]:
     """MMD-CD, COV-CD, 1-NNA-CD (and the EMD ones with ``eval_emd``) of each model against
-    ``eval_clouds`` held-out clouds (a fresh draw of the data spec), all models from the
+    ``eval_clouds`` held-out clouds (:func:`~fewstep.data.registry.held_out`: a fresh draw of
+    a generated set, the clouds left out of training of a file), all models from the
     same noise. Returns (eval dict, {row title: clouds} for the renders)."""
-    from ..data.registry import load_dataset
+    from ..data.registry import held_out
     from ..metrics.pointcloud import PAIRWISE, cloud_set_metrics
 
     n, k, seed = int(cfg["eval_clouds"]), int(cfg["eval_nfe"]), int(cfg["seed"])
-    real = load_dataset(data.name, n=n, seed=seed + 7919).x
+    ref, source = held_out(cfg["data"] or data.name, n, seed + 7919, int(cfg["n_data"]), seed)
+    real = ref.x
     noise = teacher.noise(n, seed=seed + 104729)
     runs = {
         "teacher": (teacher, k, cfg["eval_sampler"]),
@@ -340,7 +342,8 @@ def evaluate(cfg: dict, data, teacher, reflowed, student) -> tuple[dict, dict]:
     for metric in ("mmd_cd", "nna_cd"):
         if metric in results["student_1"] and metric in results["teacher"]:
             ratios[metric] = results["student_1"][metric] / results["teacher"][metric]
-    out = {"clouds": n, "data": data.name, "reference_seed": seed + 7919, "models": results,
+    out = {"clouds": n, "data": data.name, "reference": source, "reference_clouds": len(real),
+           "reference_seed": seed + 7919, "models": results,
            "student_over_teacher": ratios, "student_over_init": {
                m: results["student_1"][m] / results["reflow_1"][m] for m in ("mmd_cd", "nna_cd")
                if m in results["student_1"] and m in results["reflow_1"]}}
