@@ -127,7 +127,8 @@ def exact_part(teacher: str, nfes, labels, n_train: int, n: int, iters: int, m: 
             "iters": iters, "candidates": m, "description": SB.TEACHERS[teacher][1]}
 
 
-def trained_part(spec: str, nfes, labels, n_train: int, n_eval: int, iters: int, log) -> dict:
+def trained_part(spec: str, nfes, labels, n_train: int, n_eval: int, iters: int, log,
+                 max_log_step: float = 0.03) -> dict:
     """Learned (optimise from the training-best fixed grid) vs fixed grids on a run folder."""
     from fewstep.model import load
     from fewstep.report.bench import real_sets
@@ -153,9 +154,9 @@ def trained_part(spec: str, nfes, labels, n_train: int, n_eval: int, iters: int,
         reg, opts = SB.resolve(label)
         for nfe in nfes:
             prob = Problem(model.denoiser, reg, nfe, model.sigma_min, model.sigma_max, x_T, options=opts,
-                           seed=TRAIN_SEED, target=ends.get("train"))
+                           seed=TRAIN_SEED, target=ends.get("train"), max_log_step=max_log_step)
             fresh = Problem(model.denoiser, reg, nfe, model.sigma_min, model.sigma_max, x_f, options=opts,
-                            target=ends.get("fresh"))
+                            target=ends.get("fresh"), max_log_step=max_log_step)
             ends.update(train=prob.target, fresh=fresh.target)
             scored = [(prob.error(g), n, g) for n, g in fixed_grids(prob, model.process).items()]
             e, name, fixed = min(scored, key=lambda t: t[0] if math.isfinite(t[0]) else math.inf)
@@ -236,7 +237,8 @@ def tables(res) -> str:
         out += [f"### Trained teacher `{spec}`: learned vs best fixed grid, {part['metric']} to held-out "
                 f"{part['data']} ({part['n_eval']} fresh samples; data-to-data floor {part['floor']:.4g})", "",
                 "Learned: direct optimisation of the final error against the teacher's own ODE solution (Heun on a "
-                f"fine grid) on {res['n_train_trained']} training starts, from the fixed grid best on them. Best "
+                f"fine grid, steps <= {part.get('ref_step', 0.03)} in log sigma) on {part.get('n_train', 256)} training "
+                f"starts, {part.get('iters', res['iters'])} Adam steps, from the fixed grid best on them. Best "
                 "fixed: the best of the fixed grids on this very evaluation.", "",
                 "| sampler | NFE | best fixed grid | metric | learned | metric | RMS to teacher ODE: fixed / learned | "
                 "better? |", "|---|---|---|---|---|---|---|---|"]
@@ -285,6 +287,9 @@ def main() -> None:
     ap.add_argument("--moons", default=None, help="trained 2-D teacher run folder")
     ap.add_argument("--digits", default=None, help="trained digits teacher run folder")
     ap.add_argument("--trained-samplers", default="dpmpp_2m,unipc")
+    ap.add_argument("--n-train-trained", type=int, default=256, help="training starts for trained teachers")
+    ap.add_argument("--ref-step", type=float, default=0.03, help="the trained teachers' reference: Heun steps of at "
+                                                                  "most this in log sigma (default 0.03)")
     ap.add_argument("--only", choices=["exact", "trained"], default=None)
     ap.add_argument("--nfes", default=None, help="comma-separated NFE budgets (default 4,6,8,10)")
     ap.add_argument("--tag", default="", help="appended to each exact teacher's name in the results (a second "
@@ -324,7 +329,9 @@ def main() -> None:
     if a.only != "exact" and not a.merge:
         for spec in [s for s in (a.moons, a.digits) if s]:
             n_eval = 500 if spec == a.digits else 2000
-            res["trained"][spec] = trained_part(spec, nfes, a.trained_samplers.split(","), 256, n_eval, iters, log)
+            res["trained"][spec] = trained_part(spec, nfes, a.trained_samplers.split(","), a.n_train_trained, n_eval,
+                                                iters, log, a.ref_step)
+            res["trained"][spec].update(n_train=a.n_train_trained, iters=iters, ref_step=a.ref_step)
     res["seconds"] = time.time() - t_start
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
