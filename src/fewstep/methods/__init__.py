@@ -8,6 +8,7 @@ file: every public module of this package that defines ``run`` is discovered by 
     knowledge    Luhman & Luhman 2021: one-step student on (x_T, teacher sampler(x_T)) pairs
     progressive  Salimans & Ho 2022: rounds N -> N/2 -> ... -> 1 of two-step DDIM targets
     consistency  Song et al. 2023: consistency distillation / training (CM, iCT schedules)
+    reflow       Liu et al. 2022: rectified flow, k reflow rounds (each a flow model), one-step student
     pointcloud   Wu et al. 2022 (PSF): point-cloud flow -> reflow -> one-step student (Chamfer / EMD)
 """
 from __future__ import annotations
