@@ -14,11 +14,11 @@ n = K, P = K and the grid ends at sigma_min.
 
 Loss: l(theta) = mean ||sampler(x_T; sigma(theta)) - x*(end)||^2 / d on the training
 starts, minimised by Adam. The gradient comes from autograd where the sampler computes
-with the levels as tensors (``euler``: checked by :func:`differentiable`); the other
-samplers compute their step coefficients in Python floats (numpy for the exponential
-integrators), which autograd does not see, so there the gradient is a central difference
-in each logit (2P sampler runs per Adam step; P <= 11 at NFE <= 10). The best theta seen
-is kept.
+with the levels as tensors (checked against central differences by :func:`differentiable`);
+the registered samplers compute their step coefficients in Python floats (``sigmas.tolist()``,
+numpy for the exponential integrators), which autograd does not see, so for them the
+gradient is a central difference in each logit (2P sampler runs per Adam step; P <= 11 at
+NFE <= 10). The best theta seen is kept.
 """
 from __future__ import annotations
 
