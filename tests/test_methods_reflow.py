@@ -4,6 +4,8 @@ one Euler step close to the exact flow map, the one-step student improves on its
 initialisation, rounds load as flow teachers, runs resume, bad options fail cleanly."""
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,7 +133,16 @@ def test_a_round_is_a_flow_teacher(two_rounds, tmp_path):
     pairs = json.loads(open(f"{out}/round1/pairs/pairs.json").read())
     assert (pairs["sampler"], pairs["grid"]) == ("euler", "time-trailing")  # the round's own rule
     assert r["euler_self_error"]["1"] < 0.05 and r["straightness"] < 0.01
-    assert json.loads(open(f"{out}/model.json").read())["sampling"]["sampler"] == "euler"
+    top = json.loads(open(f"{out}/model.json").read())
+    assert top["sampling"]["sampler"] == "euler"
+    # the run names its own teacher (so `fewstep bench` finds it beside that teacher) and its final round
+    assert (top["teacher"], top["flow"]) == (f"{two_rounds}/round2", "round1")
+    assert json.loads(open(f"{two_rounds}/model.json").read())["teacher"] is None  # data couplings
+    from fewstep.report.bench import discover_students
+
+    moved = Path(two_rounds) / "students" / "more"
+    shutil.copytree(out, moved)
+    assert str(moved) in [str(Path(p).resolve()) for p in discover_students(f"{two_rounds}/round2")]
 
 
 def test_interrupted_run_resumes_identically(spec, tmp_path, monkeypatch):

@@ -402,14 +402,16 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
                 top.commit()  # finished or checkpointed rounds are worth resuming
             raise
         if acc.is_main_process:
-            _write_top(top.root, rounds, student, ev, lambda path: load(path, device=acc.device))
+            _write_top(top.root, rounds, student, ev, lambda path: load(path, device=acc.device), cfg["teacher"])
         acc.wait_for_everyone()
     return str(top.root)
 
 
-def _write_top(root: Path, rounds: list, student, ev: Evaluation, load) -> None:
+def _write_top(root: Path, rounds: list, student, ev: Evaluation, load, teacher=None) -> None:
     """``reflow.json`` (every round's measures, the student's) and the run's model: the
-    one-step student (other NFE: Euler on the final round) or the final flow."""
+    one-step student (other NFE: Euler on the final round) or the final flow. Its
+    ``teacher`` is the run's own (None for independent couplings), so ``fewstep bench``
+    finds the run beside that teacher; ``flow`` names the round it was distilled from."""
     last = f"round{len(rounds)}"
     summary = {"rounds": rounds}
     src = root / last
@@ -424,7 +426,8 @@ def _write_top(root: Path, rounds: list, student, ev: Evaluation, load) -> None:
     cost = [r["cost"] for r in rounds] + ([meta["cost"]] if student is not None else [])
     meta["cost"] = {"teacher_evals": sum(int(c.get("teacher_evals", 0)) for c in cost),
                     "seconds": sum(float(c.get("seconds", 0.0)) for c in cost)}
-    meta.update(method="reflow", rounds=[{"folder": f"round{r['round']}", "couplings": r["couplings"],
-                                          "straightness": r["straightness"]} for r in rounds])
+    meta.update(method="reflow", teacher=str(teacher) if teacher else None, flow=last,
+                rounds=[{"folder": f"round{r['round']}", "couplings": r["couplings"],
+                         "straightness": r["straightness"]} for r in rounds])
     write_json(root / "reflow.json", summary)
     save_checkpoint(root, load_weights(src / "model.safetensors"), meta, name="model")
