@@ -60,3 +60,7 @@ def errors(sampler, which: str, steps, sigma_min: float = 0.02, sigma_max: float
 def orders(errs):
     """Observed orders log2(e_n / e_2n) for step counts that double."""
     return [math.log2(a / b) for a, b in zip(errs[:-1], errs[1:])]
+
+
+# the small student/teacher MLP of the method tests (2-D data)
+SMALL_MLP = {"kind": "mlp", "dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32}

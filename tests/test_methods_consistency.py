@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fewstep.train.loop as loop
+from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.denoiser import NFECounter
 from fewstep.methods import distill, resolve
@@ -19,15 +20,6 @@ from fewstep.metrics import rms, sliced_w2
 from fewstep.model import load
 from fewstep.nets import build_net
 from fewstep.samplers import get
-
-NET = {"kind": "mlp", "dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32}
-
-
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gmm") / "ring.npz"
-    gmm2().save(path)
-    return f"gmm:{path}"
 
 
 def _cfg(spec, **kw):

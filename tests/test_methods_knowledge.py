@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fewstep.train.loop as loop
+from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.errors import UserError
 from fewstep.methods import distill, resolve
@@ -14,15 +15,6 @@ from fewstep.methods.common import load_teacher
 from fewstep.methods.knowledge import build_student
 from fewstep.metrics import rms, sliced_w2
 from fewstep.model import load
-
-NET = {"kind": "mlp", "dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32}
-
-
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gmm") / "ring.npz"
-    gmm2().save(path)
-    return f"gmm:{path}"
 
 
 def _cfg(spec, **kw):

@@ -7,21 +7,13 @@ import pytest
 import torch
 
 import fewstep.train.loop as loop
+from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.methods import distill
 from fewstep.methods.progressive import level_grid, target
 from fewstep.metrics import rms
 from fewstep.model import load
 from fewstep.process import VP
-
-NET = {"kind": "mlp", "dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32}
-
-
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gmm") / "ring.npz"
-    gmm2().save(path)
-    return f"gmm:{path}"
 
 
 def _cfg(spec, **kw):

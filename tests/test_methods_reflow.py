@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fewstep.train.loop as loop
+from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.data.gmm import GaussianMixture
 from fewstep.errors import UserError
@@ -20,15 +21,6 @@ from fewstep.methods.reflow import coupling_straightness, flow_straightness, vel
 from fewstep.metrics import rms, sliced_w2
 from fewstep.model import load
 from fewstep.process import LinearFlow
-
-NET = {"kind": "mlp", "dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32}
-
-
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gmm") / "ring.npz"
-    gmm2().save(path)
-    return f"gmm:{path}"
 
 
 def _cfg(**kw):
