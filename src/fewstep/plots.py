@@ -18,6 +18,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """Lay out, write (making the folder) and close a figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def image_grid(x: torch.Tensor, nrow: Optional[int] = None) -> torch.Tensor:
     """[n, C, H, W] in [-1, 1] -> one [H', W', C] image in [0, 1] with 1-pixel gaps."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
@@ -70,12 +80,7 @@ def save_clouds_png(rows: dict, path, n: int = 4) -> Path:
             ax.set_axis_off()
             if c == 0:
                 ax.set_title(title, fontsize=8, loc="left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def save_samples_png(x: torch.Tensor, path, labels=None, title: str = "") -> Path:
@@ -86,9 +91,4 @@ def save_samples_png(x: torch.Tensor, path, labels=None, title: str = "") -> Pat
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     draw_samples(ax, x, labels, title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -124,13 +124,9 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, algorithm_type="dpmsolver++", solver
     """DPM-Solver++(3M): y_{i+1} = a y_i + w_1 M_i + w_2 D_1 + 2 w_3 D_2 (module docstring).
 
     ``third_order="diffusers"`` uses w_3 D_2 as the official code and diffusers do (second
-    order only; same numbers as diffusers' ``solver_order=3``).
-
-    ``algorithm_type``: "dpmsolver++" (data prediction, default) or "dpmsolver" (the noise
-    prediction of DPM-Solver); ``solver_type``: "midpoint" (default) or "heun" for the
-    order-2 steps; ``lower_order_final=True`` and ``euler_at_final=False`` as diffusers
-    (module docstring). Defaults equal diffusers' ``DPMSolverMultistepScheduler``; one
-    evaluation per step.
+    order only; same numbers as diffusers' ``solver_order=3``). The other options and their
+    defaults are those of :func:`sample_dpmpp_2m` (diffusers' ``DPMSolverMultistepScheduler``);
+    one evaluation per step.
     """
     check_choice("algorithm_type", algorithm_type, ("dpmsolver++", "dpmsolver"))
     return multistep(denoiser, x, sigmas, order=3, form=form_of(algorithm_type), solver_type=solver_type,
