@@ -880,20 +880,23 @@ tuned on held-out starts reaches 0.85 (gmm16d, NFE 10) and nothing at NFE 4-8. *
 spacing starts the multistep solvers at t = 800-900 (sigma 26-36) and beats its own trailing grids by 10-35% at
 NFE 4-10 on these teachers (skipping the top of the trajectory costs less than the steps it frees); our tuned
 grids that also start lower (sigma 40) reach 0.84-1.00 at NFE 6-10 (0.61 on gmm16d at NFE 10) and 1.17-1.19
-at NFE 4. The gains left are in the grid (learned/optimised time steps), not in the solver formulas.
+at NFE 4. The gains left are in the grid (learned/optimised time steps), not in the solver formulas: the
+learned grids of `fewstep schedule` reach 0.31-0.74x (section "Learned schedules (issue 7)").
 *Speed*: the sampler functions cost 0.05-0.17 ms per call (free denoiser) and their loops on the exact teacher
-are 1.8-5x cheaper (CPU) than diffusers' step() loops; with a network, ~0.6 ms per call goes to the parametrization
-adapter (`ModelDenoiser` on `VPDiscrete`: `t_of_sigma`, then `scale(t)`/`std(t)` each re-interpolating log-sigma),
-which makes our loop 1.1-2.3x diffusers' for the same algorithm (UniPC 0.8x) while staying at 2.3-3.0% of a
-~30 ms UNet call (euler_maruyama with `process=`: 6%).
+are 1.8-5x cheaper (CPU) than diffusers' step() loops. With a network, this run still spent ~0.6 ms per call in
+the parametrization adapter (our loop 1.1-2.3x diffusers'); since commits 16a4c87/a76e98e/1b8726c
+`ModelDenoiser` caches each level's coefficients and the loops fuse their updates, and the re-measured speed
+block of the speed subsection shows every paired sampler's loop at 0.37-0.90x diffusers' and 0.7-1.4% of a
+~35 ms UNet call.
 *Errors*: RMS over the starts is dominated by the few starts near a basin boundary between modes (the flow map is
 steep there; their errors are O(1) at NFE 20 and fall late), which is why observed orders on the sigma-80 start
 of gmm16d are low for every solver. Stochastic samplers (s) are judged by sliced-W2/MMD, not by RMS to the ODE map.
-*Looks wrong in this run (for the samplers' authors)*: `gotta_go_fast` diverges at every budget up to 50 NFE (RMS
-~790 from sigma 80, ~1350 from 157: outputs ~10x sigma_max; the forced budget steps make its Euler-Maruyama step
-unstable) instead of refusing the budget as `rk45` does; `dpm_solver_adaptive` below the ~64-73 NFE it needs
-returns unconverged samples (RMS 0.9-2.1, blow-ups of 70-270 at max_nfe 3, 6, 8); `pndm`'s PRK warm start blows up
-at 5-10 NFE on Karras/log-SNR/poly grids (RMS up to 3e4; diffusers refuses PRK below 13 NFE);
+*Looked wrong in this run, fixed since (2026-11-26; the tables above predate the fixes)*: `gotta_go_fast`
+diverged at every budget up to 50 NFE (forced budget steps) — it now refuses a budget its tolerance cannot meet,
+as `rk45` does (c4ceead); `dpm_solver_adaptive` below the ~64-73 NFE it needs returned unconverged samples — it
+now finishes to sigma_min with fixed DPM-Solver++(2S) steps (1eb3aaa, 37b40fa); `pndm`'s PRK warm start blew up
+at 5-10 NFE on Karras/log-SNR/poly grids (RMS up to 3e4) — the warm-up now runs RK4 in the data form where the
+eps form amplifies stage errors (88dbc0d). *Still as measured*:
 `dpmpp_3m`, `deis[order=3]` and `unipc[bh1]` jump 3-4x in error from NFE 10 to 15 on the time-linspace/leading
 grids that evaluate at sigma(t=0) = 0.01 before the last step to 0 (lower_order_final switches off at 15 steps,
 as in diffusers, whose DEIS-3/linspace shows the same jump). Heun-type samplers (`heun`, `edm_stochastic`,
