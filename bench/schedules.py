@@ -38,7 +38,7 @@ from _common import machine  # noqa: E402
 
 from fewstep import samplers as S  # noqa: E402
 from fewstep.metrics import sliced_w2  # noqa: E402
-from fewstep.schedules import Problem, dp_grid, fixed_grids, optimize_grid  # noqa: E402
+from fewstep.schedules import EvalLevels, Problem, dp_grid, fixed_grids, optimize_grid, optimize_levels  # noqa: E402
 
 DOC_HEADING = "## Learned schedules (issue 7)"
 NOTES = """Runs (each writes its own JSON; the last command merges them and writes this section):
@@ -109,27 +109,36 @@ def _train_starts(gmm, n: int, smax: float):
     return x0 + smax * torch.randn(x0.shape, generator=g, dtype=torch.float64), x0
 
 
-def learned_grids(prob: Problem, process, iters: int, m: int, log) -> dict:
-    """method -> (sigmas, training RMS, seconds): best fixed, dp, optimize, dp+optimize."""
+def learned_grids(prob: Problem, process, iters: int, m: int, log, levels: bool = False) -> dict:
+    """method -> (sigmas, training RMS, seconds, evaluation levels or None): best fixed, dp,
+    optimize, dp+optimize, and with ``levels`` "levels": the grid and decoupled evaluation
+    levels optimised jointly from the better (on training) of optimize and dp+optimize, its
+    CPU time including that grid's."""
     out = {}
     scored = [(prob.error(g), name, g) for name, g in fixed_grids(prob, process).items()]
     scored = [(e if math.isfinite(e) else math.inf, n, g) for e, n, g in scored]
     e, name, fixed = min(scored, key=lambda t: t[0])
-    out[f"fixed ({name})"] = (fixed, e, 0.0)
+    out[f"fixed ({name})"] = (fixed, e, 0.0, None)
     t0 = time.process_time()
     dp, _ = dp_grid(prob, "local", m=m, refine=3)
-    out["dp"] = (dp, prob.error(dp), time.process_time() - t0)
+    out["dp"] = (dp, prob.error(dp), time.process_time() - t0, None)
     t0 = time.process_time()
     opt, info = optimize_grid(prob, fixed, iters=iters)
-    out["optimize"] = (opt, info["rms_train"], time.process_time() - t0)
+    out["optimize"] = (opt, info["rms_train"], time.process_time() - t0, None)
     t0 = time.process_time()
     start = dp if out["dp"][1] <= e else fixed
     both, info = optimize_grid(prob, start, iters=iters)
-    out["dp+optimize"] = (both, info["rms_train"], out["dp"][2] + time.process_time() - t0)
+    out["dp+optimize"] = (both, info["rms_train"], out["dp"][2] + time.process_time() - t0, None)
+    if levels:
+        start = min(("optimize", "dp+optimize"), key=lambda k: out[k][1])
+        t0 = time.process_time()
+        sig, ev, info = optimize_levels(prob, out[start][0], iters=iters)
+        out["levels"] = (sig, info["rms_train"], out[start][2] + time.process_time() - t0, ev)
     return out
 
 
-def learned_rows(setup, nfes, labels, n_train: int = 256, iters: int = 80, m: int = 50, log=print) -> list:
+def learned_rows(setup, nfes, labels, n_train: int = 256, iters: int = 80, m: int = 50, log=print,
+                 levels: bool = False) -> list:
     """Fixed, DP, optimised and DP + optimised grids per (sampler, NFE) on ``setup`` (a
     bench/samplers.py Setup), learned on n_train other starts from sigma(t=999), measured on
     ``setup``'s starts; rows in bench/samplers.py's format (``kind`` "ours-learned")."""
@@ -141,14 +150,16 @@ def learned_rows(setup, nfes, labels, n_train: int = 256, iters: int = 80, m: in
         for nfe in nfes:
             prob = Problem(setup.gmm, reg, nfe, SIGMA_MIN, smax, x_T, options=opts, exact_flow=setup.gmm.flow,
                            x0=x0, rtol=1e-8, seed=TRAIN_SEED)
-            for method, (sig, train_rms, cpu) in learned_grids(prob, SB.VP, iters, m, log).items():
-                def run(den, sig=sig, reg=reg, opts=opts, nfe=nfe):
+            for method, (sig, train_rms, cpu, ev) in learned_grids(prob, SB.VP, iters, m, log, levels).items():
+                def run(den, sig=sig, reg=reg, opts=opts, nfe=nfe, ev=ev):
+                    den = den if ev is None else EvalLevels(den, sig, ev)  # one look-up per call: same NFE
                     return S.sample(den, setup.y["vp"].clone(), reg, nfe, grid=sig, **opts)
 
                 r = SB.measure(setup, "vp", run)
                 rows.append(dict(kind="ours-learned", teacher=setup.name, start="vp", sigma_max=smax, start_sigma=smax,
                                  sampler=label, nfe=nfe, grid=f"learned ({method})", method=method,
                                  stochastic=False, adaptive=False, steps=prob.steps, sigmas=[float(v) for v in sig],
+                                 eval_sigmas=None if ev is None else [float(v) for v in ev],
                                  rms_train=train_rms, learn_cpu_s=cpu,
                                  **{k: r.get(k) for k in ("rms", "nfe_spent", "sliced_w2", "mmd", "finite")}))
             log(f"  {setup.name} {label} NFE {nfe}: " + ", ".join(
@@ -156,13 +167,14 @@ def learned_rows(setup, nfes, labels, n_train: int = 256, iters: int = 80, m: in
     return rows
 
 
-def exact_part(teacher: str, nfes, labels, n_train: int, n: int, iters: int, m: int, log, with_elbo: bool = True) -> dict:
+def exact_part(teacher: str, nfes, labels, n_train: int, n: int, iters: int, m: int, log, with_elbo: bool = True,
+               levels: bool = False) -> dict:
     setup = SB.Setup(teacher, n, n_mmd=min(n, 500))
     smax = SB.STARTS["vp"]["sigma_max"]
     log(f"{teacher}: references ready")
     configs = [c for c in SB.diffusers_configs() if not c[4]]  # deterministic configurations
     theirs = [r for r in SB.run_diffusers_rows(setup, nfes, configs, log) if SB.same_sigma(r)]
-    rows = learned_rows(setup, nfes, labels, n_train, iters, m, log)
+    rows = learned_rows(setup, nfes, labels, n_train, iters, m, log, levels)
     x_T, x0 = _train_starts(setup.gmm, n_train, smax)
     # ddpm with the ELBO DP grid against its fixed grids: sliced-W2 to fresh data
     elbo = []
@@ -243,6 +255,7 @@ def tables(res) -> str:
     out = []
     for t, part in res["exact"].items():
         rows, theirs = part["rows"], part["diffusers"]
+        has_lv = any(r["method"] == "levels" for r in rows)
         out += [f"### {t}: best learned grid vs best diffusers configuration, same start sigma "
                 f"({SB.STARTS['vp']['sigma_max']:.1f})", "",
                 f"{part['description']}. RMS error against the exact flow on 1000 fresh starts (bench/samplers.py's, "
@@ -251,7 +264,9 @@ def tables(res) -> str:
                 "with the lowest training RMS among the learned grids; ratio = its fresh RMS / the best diffusers "
                 "configuration's (target <= 0.5).", "",
                 "| NFE | best learned (sampler, method), chosen on training | RMS fresh | NFE spent | best diffusers "
-                "config | RMS | ratio | best fixed grid of ours (fresh) | RMS | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "config | RMS | ratio | best fixed grid of ours (fresh) | RMS | ratio |"
+                + (" best grid-only learned (no eval levels), chosen on training | RMS | ratio |" if has_lv else ""),
+                "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if has_lv else "")]
         for nfe in res["nfes"]:
             learned = [r for r in rows if r["nfe"] == nfe and not r["method"].startswith("fixed") and r.get("finite")]
             pick = min(learned, key=lambda r: r["rms_train"]) if learned else None
@@ -259,12 +274,18 @@ def tables(res) -> str:
             fx = _best([r for r in rows if r["method"].startswith("fixed")], nfe=nfe)
             if not (pick and d):
                 continue
-            out.append(f"| {nfe} | {pick['sampler']}, {pick['method']} | {pick['rms']:.3e} | {pick['nfe_spent']} | "
-                       f"{d['config']} | {d['rms']:.3e} | **{pick['rms'] / d['rms']:.3f}** | "
-                       f"{fx['sampler']}, {fx['method']} | {fx['rms']:.3e} | {fx['rms'] / d['rms']:.3f} |")
+            line = (f"| {nfe} | {pick['sampler']}, {pick['method']} | {pick['rms']:.3e} | {pick['nfe_spent']} | "
+                    f"{d['config']} | {d['rms']:.3e} | **{pick['rms'] / d['rms']:.3f}** | "
+                    f"{fx['sampler']}, {fx['method']} | {fx['rms']:.3e} | {fx['rms'] / d['rms']:.3f} |")
+            if has_lv:
+                go = min((r for r in learned if r["method"] != "levels"), key=lambda r: r["rms_train"])
+                line += f" {go['sampler']}, {go['method']} | {go['rms']:.3e} | {go['rms'] / d['rms']:.3f} |"
+            out.append(line)
         out += ["", f"### {t}: DP vs direct optimisation, per sampler (RMS on fresh starts; training RMS in brackets)",
                 "", "| sampler | NFE | best fixed grid (on training) | DP (local cost) | optimise (from fixed) | "
-                "DP + optimise | learning CPU s (DP / opt / both) |", "|---|---|---|---|---|---|---|"]
+                "DP + optimise | " + ("grid + eval levels | " if has_lv else "")
+                + "learning CPU s (DP / opt / both" + (" / levels" if has_lv else "") + ") |",
+                "|---|---|---|---|---|---|---|" + ("---|" if has_lv else "")]
         for label in dict.fromkeys(r["sampler"] for r in rows):
             for nfe in res["nfes"]:
                 cell = {r["method"].split(" ")[0]: r for r in rows if r["sampler"] == label and r["nfe"] == nfe}
@@ -272,9 +293,12 @@ def tables(res) -> str:
                     continue
                 fx = cell["fixed"]
                 f = lambda r: f"{r['rms']:.3e} ({r['rms_train']:.3e})"  # noqa: E731
+                lv = cell.get("levels")
                 out.append(f"| {label} | {nfe} | {fx['method'][7:-1]}: {f(fx)} | {f(cell['dp'])} | "
-                           f"{f(cell['optimize'])} | {f(cell['dp+optimize'])} | {cell['dp']['learn_cpu_s']:.0f} / "
-                           f"{cell['optimize']['learn_cpu_s']:.0f} / {cell['dp+optimize']['learn_cpu_s']:.0f} |")
+                           f"{f(cell['optimize'])} | {f(cell['dp+optimize'])} | " + (f"{f(lv)} | " if lv else "")
+                           + f"{cell['dp']['learn_cpu_s']:.0f} / {cell['optimize']['learn_cpu_s']:.0f} / "
+                           f"{cell['dp+optimize']['learn_cpu_s']:.0f}" + (f" / {lv['learn_cpu_s']:.0f}" if lv else "")
+                           + " |")
         el = part["elbo"]
         if el:
             names = list(dict.fromkeys(r["grid"] for r in el))
@@ -352,6 +376,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="appended to each exact teacher's name in the results (a second "
                                                "configuration of the same teacher)")
     ap.add_argument("--no-elbo", action="store_true", help="skip the ddpm / ELBO-DP table")
+    ap.add_argument("--eval-levels", action="store_true", help="also learn decoupled evaluation levels jointly with "
+                                                               "the grid (method 'levels', fewstep.schedules.levels)")
     ap.add_argument("--out", default="bench/out/schedules.json")
     ap.add_argument("--merge", nargs="*", default=[], help="schedules.json files to merge (parallel runs)")
     ap.add_argument("--doc", default=None, help="write the section of this markdown file")
@@ -384,7 +410,7 @@ def main() -> None:
     if a.only != "trained" and not a.merge:
         for t in [t for t in a.teachers.split(",") if t]:
             res["exact"][t + a.tag] = exact_part(t, nfes, labels, a.n_train, a.n, iters, a.candidates, log,
-                                                 with_elbo=not a.no_elbo)
+                                                 with_elbo=not a.no_elbo, levels=a.eval_levels)
     if a.only != "exact" and not a.merge:
         for spec in [s for s in (a.moons, a.digits) if s]:
             n_eval = 500 if spec == a.digits else 2000

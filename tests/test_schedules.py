@@ -1,5 +1,7 @@
 """Learned step schedules: the DP against brute force, the budget, the JSON file, the
 learned grid against Karras on fresh noise (exact GMM), autograd against differences,
+decoupled evaluation levels (identity = the plain sampler bit for bit, the level map at
+grid levels and midpoints, same budget, JSON, better than the grid alone on fresh noise),
 and one clear line for bad input."""
 import itertools
 import json
@@ -14,8 +16,8 @@ from fewstep.cli import main
 from fewstep.data.gmm import GaussianMixture
 from fewstep.denoiser import NFECounter
 from fewstep.errors import UserError
-from fewstep.schedules import (Problem, candidates, differentiable, elbo_costs, from_sigmas, learn,
-                               local_costs, shortest_path, to_sigmas)
+from fewstep.schedules import (EvalLevels, Problem, candidates, differentiable, elbo_costs, from_sigmas, learn,
+                               load_schedule, local_costs, optimize_levels, save_schedule, shortest_path, to_sigmas)
 
 SMAX, SMIN = 80.0, 0.002
 
@@ -225,3 +227,119 @@ def test_bad_input_is_a_user_error(tmp_path, capsys):
             code = e.code
         assert code == 2, bad
         assert not (tmp_path / "o.json").exists()
+
+
+# ----------------------------------------------------------------------------- evaluation levels
+class Recorder:
+    """The exact teacher, recording the levels it is asked at (one entry per call)."""
+
+    def __init__(self, gmm):
+        self.gmm, self.levels = gmm, []
+
+    def __call__(self, x, sigma, **kw):
+        s = torch.as_tensor(sigma)
+        assert bool((s == s.flatten()[0]).all())
+        self.levels.append(float(s.flatten()[0]))
+        return self.gmm(x, sigma, **kw)
+
+
+LEVEL_SAMPLERS = ["euler", "heun", "dpm_solver_2", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis"]
+
+
+@pytest.mark.parametrize("sampler", LEVEL_SAMPLERS)
+def test_identity_evaluation_levels_are_the_plain_sampler_bit_for_bit(sampler):
+    gmm = gmm2()
+    x_T, _ = starts(gmm, 16, 0)
+    sig = G.karras(S.steps_for_nfe(sampler, 6), 0.01, SMAX)
+    plain = S.sample(gmm, x_T.clone(), sampler, 6, grid=sig)
+    wrapped = S.sample(EvalLevels(gmm, sig, sig[sig > 0].clone()), x_T.clone(), sampler, 6, grid=sig)
+    assert torch.equal(plain, wrapped)
+
+
+def _expected_level(sig, ev, s):
+    """s exp(delta(log s)), delta linear in log sigma between the positive grid levels."""
+    if s == 0:
+        return 0.0
+    pos = [float(v) for v in sig if v > 0]
+    d = [math.log(float(e)) - math.log(p) for e, p in zip(ev, pos)]
+    if s >= pos[0]:
+        return s * math.exp(d[0])
+    if s <= pos[-1]:
+        return s * math.exp(d[-1])
+    k = next(i for i in range(len(pos) - 1) if pos[i] >= s >= pos[i + 1])
+    w = (math.log(s) - math.log(pos[k])) / (math.log(pos[k + 1]) - math.log(pos[k]))
+    return s * math.exp(d[k] + w * (d[k + 1] - d[k]))
+
+
+@pytest.mark.parametrize("sampler", LEVEL_SAMPLERS)
+def test_evaluation_levels_map_every_call_and_keep_the_budget(sampler):
+    """Each call of the plain sampler at s becomes one call at s exp(delta(log s)): the
+    learned level at a grid level, the log-interpolated shift at midpoints (heun's corrector,
+    dpm_solver_2's and dpmpp_2s's intermediate levels); the NFE is unchanged."""
+    gmm = gmm2()
+    x_T, _ = starts(gmm, 8, 0)
+    sig = G.karras(S.steps_for_nfe(sampler, 6), 0.01, SMAX)
+    ev = sig[sig > 0] * torch.exp(torch.linspace(-0.6, 0.4, int((sig > 0).sum()), dtype=torch.float64))
+    a, b = Recorder(gmm), Recorder(gmm)
+    S.sample(a, x_T.clone(), sampler, 6, grid=sig)
+    S.sample(EvalLevels(b, sig, ev), x_T.clone(), sampler, 6, grid=sig)
+    assert len(a.levels) == len(b.levels) <= 6
+    for s, s_new in zip(a.levels, b.levels):
+        assert s_new == pytest.approx(_expected_level(sig, ev, s), rel=1e-12)
+    pos = [float(v) for v in sig if v > 0]
+    for s, s_new in zip(a.levels, b.levels):  # at a grid level: exactly the table's level
+        if s in pos:
+            assert s_new == pytest.approx(float(ev[pos.index(s)]), rel=1e-12)
+
+
+def test_schedule_json_round_trip_with_evaluation_levels(tmp_path):
+    gmm = gmm2()
+    x_T, _ = starts(gmm, 8, 0)
+    sig = G.karras(4, 0.01, SMAX)
+    ev = sig[sig > 0] * torch.tensor([0.3, 0.8, 1.1, 1.5], dtype=torch.float64)
+    save_schedule(tmp_path / "s.json", sig, ev, sampler="dpmpp_2m", nfe=4)
+    s2, wrap = load_schedule(tmp_path / "s.json")
+    assert torch.equal(s2, sig) and torch.equal(G.load(tmp_path / "s.json"), sig)
+    assert torch.equal(wrap(gmm).eval_sigmas, ev)
+    # fewstep.sample with the file applies the levels (as sample --grid and bench --grids do)
+    want = S.sample(EvalLevels(gmm, sig, ev), x_T.clone(), "dpmpp_2m", 4, grid=sig)
+    assert torch.equal(S.sample(gmm, x_T.clone(), "dpmpp_2m", 4, grid=str(tmp_path / "s.json")), want)
+    assert not torch.equal(S.sample(gmm, x_T.clone(), "dpmpp_2m", 4, grid=sig), want)
+    # a file without them behaves as before
+    G.save(tmp_path / "g.json", sig)
+    s3, wrap = load_schedule(tmp_path / "g.json")
+    assert torch.equal(s3, sig) and wrap(gmm) is gmm
+    # a wrong table: one clear line
+    bad = json.loads((tmp_path / "s.json").read_text())
+    bad["eval_sigmas"] = bad["eval_sigmas"][:-1]
+    (tmp_path / "b.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match="eval_sigmas"):
+        load_schedule(tmp_path / "b.json")
+
+
+def test_learned_evaluation_levels_beat_the_learned_grid_on_fresh_noise():
+    """Learning the levels jointly with the grid (from the learned grid) lowers the exact-flow
+    error on fresh noise well below the grid-only optimum, at the same NFE."""
+    gmm = gmm2()
+    prob = problem(gmm, "dpmpp_2m", 4, n=128, seed=0)
+    sig, info = learn(prob, method="optimize", iters=25, lr=0.1)
+    sig2, ev, li = optimize_levels(prob, sig, iters=25, lr=0.1)
+    assert li["rms_init"] == pytest.approx(info["rms_train"], rel=1e-4)  # starts at the grid-only optimum
+    fresh = problem(gmm, "dpmpp_2m", 4, n=256, seed=1)
+    grid_only, both = fresh.error(sig), fresh.error(sig2, levels=ev)
+    assert both < 0.75 * grid_only, (both, grid_only)
+    counter = NFECounter(gmm)
+    S.sample(EvalLevels(counter, sig2, ev), fresh.x_T.clone(), "dpmpp_2m", 4, grid=sig2)
+    assert counter.nfe == 4
+
+
+def test_cli_schedule_with_evaluation_levels(tmp_path):
+    spec = tmp_path / "g.npz"
+    gmm2().save(spec)
+    out = tmp_path / "lv.json"
+    assert main(["schedule", "--teacher", f"gmm:{spec}", "--sampler", "dpmpp_2m", "--nfe", "4", "--out", str(out),
+                 "--n", "16", "--method", "optimize", "--iters", "3", "--eval-levels", "--quiet"]) == 0
+    meta = json.loads(out.read_text())
+    assert len(meta["eval_sigmas"]) == 4 and meta["nfe_spent"] == 4
+    assert main(["sample", f"gmm:{spec}", "--sampler", "dpmpp_2m", "--nfe", "4", "--grid", str(out), "--n", "8",
+                 "--out", str(tmp_path / "s.npz")]) == 0

@@ -3,7 +3,6 @@
 ``fewstep bench --grids`` and ``fewstep.grids.load`` read."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -29,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=int, default=256, help="training starts (default 256); as many fresh ones measure it")
     p.add_argument("--candidates", type=int, default=100, help="DP candidate levels before refining (default 100)")
     p.add_argument("--iters", type=int, default=150, help="Adam steps of the direct optimisation (default 150)")
+    p.add_argument("--eval-levels", action="store_true",
+                   help="also learn decoupled evaluation levels (the teacher at step i asked at a learned sigma'_i, "
+                        "LD3-style), jointly with the grid; stored in the file as eval_sigmas, same NFE")
     p.add_argument("--data", help="the teacher's dataset (for --cost elbo), if its run folder does not say")
     p.add_argument("--seed", type=int, default=0, help="training-noise seed (default 0); fresh noise uses seed + 1")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -56,10 +58,9 @@ def _starts(model, spec: str, n: int, seed: int, with_data: bool, data=None):
 
 
 def cmd_schedule(a) -> int:
-    from fewstep import grids as G
     from fewstep.model import load
     from fewstep.samplers import info
-    from fewstep.schedules import Problem, best_fixed, learn
+    from fewstep.schedules import Problem, best_fixed, learn, save_schedule
 
     out = Path(a.out)
     if out.suffix != ".json":
@@ -79,19 +80,20 @@ def cmd_schedule(a) -> int:
                    x0=x0, seed=a.seed)
     say(f"[schedule] {a.teacher}: {a.sampler}, {a.nfe} NFE = {prob.steps} steps, {a.method} ({a.cost}), n = {a.n}")
     sigmas, meta = learn(prob, method=a.method, cost=a.cost, m=a.candidates, iters=a.iters, process=model.process,
-                         log=say)
+                         log=say, levels=a.eval_levels)
+    ev = meta.pop("eval_sigmas", None)
     # fresh noise: the learned grid and the best fixed grid (chosen on the training starts)
     xf, _, _ = _starts(model, a.teacher, a.n, a.seed + 1, False)
     fresh = Problem(model.denoiser, a.sampler, a.nfe, model.sigma_min, model.sigma_max, xf, exact_flow=flow)
     fixed_name, fixed, _ = best_fixed(prob, model.process)
-    meta.update(rms_fresh=fresh.error(sigmas), rms_fresh_best_fixed=fresh.error(fixed))
+    meta.update(rms_fresh=fresh.error(sigmas, levels=ev), rms_fresh_best_fixed=fresh.error(fixed))
     say(f"[schedule] RMS to the teacher's ODE solution on fresh noise: learned {meta['rms_fresh']:.4g}, "
         f"best fixed grid ({fixed_name}) {meta['rms_fresh_best_fixed']:.4g}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}
-    G.save(out, sigmas, teacher=a.teacher, sampler=a.sampler, nfe=a.nfe, seed=a.seed, n=a.n,
+    save_schedule(out, sigmas, ev, teacher=a.teacher, sampler=a.sampler, nfe=a.nfe, seed=a.seed, n=a.n,
            sigma_min=model.sigma_min, sigma_max=model.sigma_max, seconds=time.time() - t0,
-           reference="exact flow" if flow is not None else "Heun on a fine grid", **clean)
+           reference="exact flow" if flow is not None else "Heun on a fine grid", **meta)
     print(f"wrote {out}: {len(sigmas) - 1} steps, {meta['nfe_spent']} evaluations, "
-          f"sigmas {', '.join(f'{float(s):.4g}' for s in sigmas)}")
+          f"sigmas {', '.join(f'{float(s):.4g}' for s in sigmas)}"
+          + (f"; evaluation levels {', '.join(f'{float(s):.4g}' for s in ev)}" if ev is not None else ""))
     return 0

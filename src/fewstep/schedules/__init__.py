@@ -8,7 +8,10 @@
 Methods: ``dp`` (Watson et al. 2022: dynamic programming over candidate levels with a cost
 that decomposes over steps, :mod:`.dp`), ``optimize`` (the levels as parameters, the
 final error as the loss, Adam, :mod:`.optimize`; from the best fixed grid) and
-``dp+optimize`` (from the better of the DP grid and the best fixed grid). The grid has
+``dp+optimize`` (from the better of the DP grid and the best fixed grid). With
+``levels=True`` the grid and decoupled evaluation levels (:mod:`.levels`, LD3-style: the
+teacher at step i asked at a learned sigma'_i) are then optimised jointly from the learned
+grid (:func:`optimize_levels`); ``info["eval_sigmas"]`` holds them. The grid has
 ``problem.steps`` steps, the most the registry's cost function allows in ``nfe``
 evaluations, so it never spends more. Learn on one batch of noise, measure on another.
 """
@@ -21,11 +24,13 @@ from torch import Tensor
 from .. import grids as G
 from ..errors import UserError, unknown_name
 from .dp import dp_grid, elbo_costs, local_costs, shortest_path
-from .optimize import differentiable, from_sigmas, optimize_grid, to_sigmas
+from .levels import EvalLevels, load_schedule, save_schedule
+from .optimize import differentiable, from_sigmas, optimize_grid, optimize_levels, to_sigmas
 from .problem import Problem, candidates
 
 __all__ = ["Problem", "learn", "fixed_grids", "best_fixed", "dp_grid", "optimize_grid", "shortest_path",
-           "local_costs", "elbo_costs", "candidates", "to_sigmas", "from_sigmas", "differentiable", "METHODS", "COSTS"]
+           "local_costs", "elbo_costs", "candidates", "to_sigmas", "from_sigmas", "differentiable", "METHODS", "COSTS",
+           "EvalLevels", "load_schedule", "save_schedule", "optimize_levels"]
 
 METHODS = ("dp", "optimize", "dp+optimize")
 COSTS = ("local", "elbo")
@@ -56,7 +61,8 @@ def best_fixed(problem: Problem, process=None) -> tuple[str, Tensor, float]:
 
 
 def learn(problem: Problem, method: str = "dp+optimize", cost: str = "local", m: int = 100, refine: int = 5,
-          iters: int = 150, lr: float = 0.05, grad: str = "auto", process=None, log=None) -> tuple[Tensor, dict]:
+          iters: int = 150, lr: float = 0.05, grad: str = "auto", process=None, log=None,
+          levels: bool = False) -> tuple[Tensor, dict]:
     """The learned grid and what it took (module docstring). ``info`` holds the training
     RMS of the grid (``rms_train``), of the best fixed grid and the evaluations spent."""
     if method not in METHODS:
@@ -79,7 +85,11 @@ def learn(problem: Problem, method: str = "dp+optimize", cost: str = "local", m:
         info["optimize_from"] = "dp" if start is sig else fixed_name
         sig, oi = optimize_grid(problem, start, iters=iters, lr=lr, grad=grad, log=log)
         info.update(oi)
-    info["rms_train"] = problem.error(sig)
+    if levels:
+        info["rms_train_grid_only"] = problem.error(sig)
+        sig, ev, li = optimize_levels(problem, sig, iters=iters, lr=lr, log=log)
+        info.update(eval_sigmas=ev.tolist(), rms_train_levels_init=li["rms_init"])
+    info["rms_train"] = problem.error(sig, levels=ev if levels else None)
     info["nfe_spent"] = problem.cost(sig)
     if info["nfe_spent"] > problem.nfe:  # the parametrisation keeps the step count; this never happens
         raise RuntimeError(f"learned grid spends {info['nfe_spent']} > {problem.nfe} evaluations")

@@ -73,8 +73,8 @@ def differentiable(problem: Problem, theta: Tensor, rel_tol: float = 1e-3) -> bo
     return bool(torch.isfinite(g).all()) and float((g - fd).norm()) <= rel_tol * max(float(fd.norm()), 1e-12)
 
 
-def _loss(problem: Problem, sigmas: Tensor, grad: bool = False) -> Tensor:
-    out = problem.run(sigmas, grad=grad)
+def _loss(problem: Problem, sigmas: Tensor, grad: bool = False, levels=None) -> Tensor:
+    out = problem.run(sigmas, grad=grad, levels=levels)
     return (out.to(torch.float64) - problem.target.to(torch.float64)).pow(2).mean()
 
 
@@ -88,17 +88,21 @@ def _grad_autograd(problem: Problem, theta: Tensor):
     return float(loss), g
 
 
-def _grad_fd(problem: Problem, theta: Tensor, h: float = 1e-4):
-    f = lambda t: float(_loss(problem, to_sigmas(t, problem.sigma_min, problem.sigma_max,  # noqa: E731
-                                                 problem.final_zero)))
+def _fd(f, v: Tensor, h: float):
+    """(f(v), central-difference gradient of f at v)."""
     with torch.no_grad():
-        base = f(theta)
-        g = torch.zeros_like(theta)
-        for k in range(len(theta)):
-            e = torch.zeros_like(theta)
+        base = f(v)
+        g = torch.zeros_like(v)
+        for k in range(len(v)):
+            e = torch.zeros_like(v)
             e[k] = h
-            g[k] = (f(theta + e) - f(theta - e)) / (2 * h)
+            g[k] = (f(v + e) - f(v - e)) / (2 * h)
     return base, g
+
+
+def _grad_fd(problem: Problem, theta: Tensor, h: float = 1e-4):
+    return _fd(lambda t: float(_loss(problem, to_sigmas(t, problem.sigma_min, problem.sigma_max,
+                                                        problem.final_zero))), theta, h)
 
 
 def optimize_grid(problem: Problem, init: Tensor, iters: int = 150, lr: float = 0.05, grad: str = "auto",
@@ -135,3 +139,63 @@ def optimize_grid(problem: Problem, init: Tensor, iters: int = 150, lr: float = 
     sig = to_sigmas(best_theta, problem.sigma_min, problem.sigma_max, problem.final_zero).detach()
     return sig, {"gradient": grad, "iters": iters, "lr": lr, "rms_init": math.sqrt(first),
                  "rms_train": math.sqrt(best_loss)}
+
+
+def _adam(f, v: Tensor, iters: int, lr: float, h: float, say, what: str):
+    """Adam with central-difference gradients on f (a mean squared error); the best v seen
+    and (first, best) losses."""
+    v = v.clone()
+    opt = torch.optim.Adam([v], lr=lr)
+    best_loss, best_v, first = math.inf, v.clone(), None
+    for it in range(iters):
+        loss, g = _fd(f, v, h)
+        first = loss if first is None else first
+        if math.isfinite(loss) and loss < best_loss:
+            best_loss, best_v = loss, v.detach().clone()
+        if not bool(torch.isfinite(g).all()):
+            break
+        v.grad = g
+        opt.step()
+        if it % 25 == 0:
+            say(f"[schedule] {what} {it}/{iters}: training RMS {math.sqrt(loss):.4g}")
+    final = f(best_v)
+    return best_v, first, min(best_loss, final)
+
+
+def levels_of(problem: Problem, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(sigmas, eval_sigmas) of the joint parameters v = [grid logits theta, shifts delta]
+    (:func:`optimize_levels`)."""
+    p = problem.steps  # the grid's logits come first
+    sig = to_sigmas(v[:p], problem.sigma_min, problem.sigma_max, problem.final_zero)
+    pos = sig[sig > 0]
+    return sig, pos * torch.exp(v[p:])
+
+
+def optimize_levels(problem: Problem, init: Tensor, init_levels=None, iters: int = 150, lr: float = 0.05,
+                    h: float = 1e-4, log=None) -> tuple[Tensor, Tensor, dict]:
+    """The grid and decoupled evaluation levels (:mod:`.levels`) learned jointly: parameters
+    v = [theta, delta], the grid sigma(theta) of the module docstring and the evaluation
+    levels sigma'_k = sigma_k exp(delta_k) at its positive levels, the loss the final error
+    l(v) = mean ||sampler(D o sigma'; x_T; sigma(theta)) - x*(end)||^2 / d, Adam with
+    central-difference gradients (2 (K + #positive levels) sampler runs per step). From
+    ``init`` (a grid with ``problem.steps`` steps) and ``init_levels`` (default: the grid's
+    own levels, delta = 0, i.e. the plain sampler). Returns the best (sigmas, eval_sigmas)
+    seen and info."""
+    say = log or (lambda *_: None)
+    if len(init) - 1 != problem.steps:
+        raise UserError(f"the initial grid has {len(init) - 1} steps, the budget buys {problem.steps}")
+    theta = from_sigmas(init, problem.sigma_min, problem.sigma_max, problem.final_zero)
+    sig0 = to_sigmas(theta, problem.sigma_min, problem.sigma_max, problem.final_zero)
+    pos = sig0[sig0 > 0]
+    delta = torch.zeros_like(pos) if init_levels is None else \
+        torch.log(torch.as_tensor(init_levels, dtype=torch.float64)) - torch.log(pos)
+    v0 = torch.cat([theta, delta])
+
+    def f(v):
+        sig, ev = levels_of(problem, v)
+        return float(_loss(problem, sig, levels=ev))
+
+    best, first, loss = _adam(f, v0, iters, lr, h, say, "optimise grid + evaluation levels")
+    sig, ev = levels_of(problem, best)
+    return sig.detach(), ev.detach(), {"gradient": "fd", "iters": iters, "lr": lr, "rms_init": math.sqrt(first),
+                                       "rms_train": math.sqrt(loss)}

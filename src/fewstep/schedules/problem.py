@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import samplers as S
 from ..errors import UserError
+from .levels import EvalLevels
 
 
 def candidates(m: int, sigma_min: float, sigma_max: float, final_zero: bool = True) -> Tensor:
@@ -79,18 +80,22 @@ class Problem:
         return 0.0 if self.final_zero else self.sigma_min
 
     # ------------------------------------------------------------------ sampler
-    def run(self, sigmas: Tensor, x: Optional[Tensor] = None, grad: bool = False) -> Tensor:
+    def run(self, sigmas: Tensor, x: Optional[Tensor] = None, grad: bool = False,
+            levels: Optional[Tensor] = None) -> Tensor:
         """The sampler on ``sigmas`` from ``x`` (default: the training starts). With
         ``grad`` the function runs without its ``no_grad`` wrapper, so autograd reaches the
-        levels wherever the sampler computes with them as tensors (:func:`differentiable`)."""
+        levels wherever the sampler computes with them as tensors (:func:`differentiable`).
+        ``levels``: decoupled evaluation levels, one per positive level of ``sigmas``
+        (:class:`~fewstep.schedules.levels.EvalLevels`)."""
         fn = self.info.fn
+        den = self.denoiser if levels is None else EvalLevels(self.denoiser, sigmas, levels)
         opts = dict(self.options)
         if self.info.stochastic:
             opts.setdefault("generator", torch.Generator().manual_seed(self.seed + 7))
         if grad:
             fn = getattr(fn, "__wrapped__", fn)
         x = self.x_T if x is None else x
-        return fn(self.denoiser, x, sigmas, extra_args=self.extra_args, **opts)
+        return fn(den, x, sigmas, extra_args=self.extra_args, **opts)
 
     # ------------------------------------------------------------------ reference
     def path(self, levels: Tensor, x: Optional[Tensor] = None) -> Tensor:
@@ -123,10 +128,12 @@ class Problem:
             self._target = self.path(torch.tensor([self.sigma_max, self.end], dtype=torch.float64))[-1]
         return self._target
 
-    def error(self, sigmas: Tensor, x: Optional[Tensor] = None, target: Optional[Tensor] = None) -> float:
-        """RMS error of the sampler on ``sigmas`` against the reference end point."""
+    def error(self, sigmas: Tensor, x: Optional[Tensor] = None, target: Optional[Tensor] = None,
+              levels: Optional[Tensor] = None) -> float:
+        """RMS error of the sampler on ``sigmas`` (evaluation ``levels``, if given) against the
+        reference end point."""
         with torch.no_grad():
-            out = self.run(sigmas, x)
+            out = self.run(sigmas, x, levels=levels)
         target = self.target if target is None else target
         return float((out.to(torch.float64) - target.to(torch.float64)).pow(2).mean().sqrt())
 
