@@ -290,6 +290,11 @@ def test_evaluation_levels_map_every_call_and_keep_the_budget(sampler):
     for s, s_new in zip(a.levels, b.levels):  # at a grid level: exactly the table's level
         if s in pos:
             assert s_new == pytest.approx(float(ev[pos.index(s)]), rel=1e-12)
+    # per-sample levels (not one per batch): each mapped on its own; 0 stays 0
+    q = torch.tensor([0.0, 200.0, *pos, 0.5 * (pos[0] + pos[1]), pos[-1] / 3], dtype=torch.float64)
+    got = EvalLevels(gmm, sig, ev).level(q)
+    assert torch.allclose(got, torch.tensor([_expected_level(sig, ev, float(v)) for v in q], dtype=torch.float64),
+                          rtol=1e-12, atol=0)
 
 
 def test_schedule_json_round_trip_with_evaluation_levels(tmp_path):

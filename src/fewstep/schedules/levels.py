@@ -79,18 +79,18 @@ class EvalLevels:
             return s
         if s.dim() == 1 and s.numel() > 1 and s.stride(0) == 0:  # one level for the batch (batch_sigma)
             return self.level(s[:1]).expand(s.shape)
-        u = torch.log(s.detach().to(torch.float64).cpu().clamp_min(1e-300))
-        L, d = self._log, self._delta
-        j = torch.searchsorted(L, u).clamp(1, len(L) - 1) if len(L) > 1 else torch.zeros_like(u, dtype=torch.long)
+        s64 = s.detach().to(torch.float64)
+        u = torch.log(s64.clamp_min(1e-300))
+        L, d = self._log.to(s.device), self._delta.to(s.device)
         if len(L) > 1:
+            j = torch.searchsorted(L, u.contiguous()).clamp(1, len(L) - 1)
             lo, hi = L[j - 1], L[j]
             w = ((u - lo) / (hi - lo)).clamp(0, 1)
             delta = d[j - 1] + w * (d[j] - d[j - 1])
         else:
             delta = d[0].expand_as(u)
-        delta = torch.where(s.detach().cpu() > 0, delta, torch.zeros_like(delta))
-        moved = (s.detach().to(torch.float64).cpu() * torch.exp(delta)).to(s.dtype).to(s.device)
-        return torch.where((delta != 0).to(s.device), moved, s)
+        delta = torch.where(s64 > 0, delta, torch.zeros_like(delta))
+        return torch.where(delta != 0, (s64 * torch.exp(delta)).to(s.dtype), s)
 
     def __call__(self, x: Tensor, sigma, **kw):
         if self.identity:
