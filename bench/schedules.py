@@ -62,8 +62,9 @@ python bench/schedules.py --only exact --teachers gmm2d --samplers unipc --nfes 
 python bench/schedules.py --merge bench/out/schedules_{gmm2d_levels,gmm16d_levels,levels_1024,levels_1024_gmm16d_46,levels_1024_gmm2d_46,gmm2d,gmm16d,gmm2d_long,gmm16d_long,gmm16d_more,moons,digits}.json --doc docs/BENCHMARKS.md
 ```
 
-The eval-levels runs (first three; then the NFE 4,6 runs of the 1024-start configuration with the same tag) ran
-two or three at a time, the grid-only runs after them as before. The first five grid-only runs were made at the same time on the shared 2-core VM (load average 5-10 from other jobs), one torch
+The eval-levels runs (the first five commands) ran on 2026-11-26 from 02:57, two or three at a time on the same
+shared 2-core VM (load average 2.3-5), with the code of commit e18bd5e (their JSON's commit field is the HEAD before
+it was committed). The first five grid-only runs were made at the same time on the shared 2-core VM (load average 5-10 from other jobs), one torch
 thread each; "learning CPU s" is this process's CPU time, not wall time. Every learned grid has exactly the
 steps the registry's cost function allows in the budget; the NFE spent (counted) equals the budget.
 
@@ -76,12 +77,17 @@ teacher below, chosen on training): gmm2d NFE 4 **0.289**, 6 **0.288**, 8 **0.20
 **0.458**, 6 **0.429**, 8 0.515 (**miss**: the levels over-fit, training RMS 0.012 vs fresh 0.061; the grid-only
 unipc[order=3] grid in the same run gives 0.499 but was not the one chosen on training), 10 **0.446** (over-fit too:
 grid only 0.255). With 1024 training starts (UniPC only, 80 Adam steps; tables "(eval levels, 1024 starts)"):
-gmm16d NFE 8 **0.381**, 10 **0.310**; gmm2d NFE 8 **0.213**, 10 **0.214**; NFE 4/6: RESULTS_4_6. So the
-target is met in every (teacher, NFE) cell with 1024 training starts, and in 7 of 8 with 256. The grid-only
-ratios of the same runs (last columns of the headline tables) are 0.32-0.56 on gmm2d and 0.26-0.74 on gmm16d,
-i.e. the evaluation levels roughly halve the error at NFE 4-8. What they learn: the first step asks the teacher
-at 0.17-0.4 x sigma_0 (a look-ahead: at sigma 157 the denoiser's output is nearly the data mean) and the last step
-to 0 at 0.6-0.75 x the last positive level; the levels in between stay within about 10-25% of the grid's.
+gmm2d NFE 4 **0.274**, 6 **0.260**, 8 **0.213**, 10 **0.214**; gmm16d NFE 4 **0.393**, 6 0.549 (**miss**; training
+RMS 0.050 vs fresh 0.084: still over-fitting in 16-D, and the 256-start run's 0.429 shows the optimum found is
+noisy), 8 **0.381**, 10 **0.310**. So each configuration meets the target in 7 of the 8 (teacher, NFE) cells and
+every cell is met by at least one of them, but no single configuration meets all 8: the remaining misses are gmm16d
+NFE 8 with 256 starts (0.515) and gmm16d NFE 6 with 1024 starts (0.549). The grid-only
+ratios of the same runs (last columns of the headline tables) are 0.32-0.63 on gmm2d and 0.26-0.74 on gmm16d;
+so the evaluation levels lower the error 1.3-2.5x at NFE 4-8 (no gain in the gmm16d NFE 8 cell with 256 starts)
+and at NFE 10 they over-fit with 256 starts (gmm2d 0.381 vs 0.324 grid only, gmm16d 0.446 vs 0.255) but not with
+1024. What they learn (UniPC): the first step asks the teacher at 0.17-0.7 x sigma_0 (at sigma 157 the denoiser's
+output is nearly the data mean; a lower level looks ahead) and the last step to 0 at 0.53-0.75 x the last positive
+level; the levels in between stay within about 30% of the grid's.
 Cost: 2(2K) sampler runs per Adam step (5-55 CPU s per schedule at 256 starts). The older grid-only runs and their
 reading follow (unchanged).
 
