@@ -60,10 +60,12 @@ python bench/schedules.py --only exact --teachers gmm16d,gmm2d --samplers unipc 
 python bench/schedules.py --only exact --teachers gmm16d --samplers unipc --nfes 4,6 --n-train 1024 --iters 80 --candidates 40 --no-elbo --eval-levels --tag " (eval levels, 1024 starts)" --out bench/out/schedules_levels_1024_gmm16d_46.json
 python bench/schedules.py --only exact --teachers gmm2d --samplers unipc --nfes 4,6 --n-train 1024 --iters 80 --candidates 40 --no-elbo --eval-levels --tag " (eval levels, 1024 starts)" --out bench/out/schedules_levels_1024_gmm2d_46.json
 python bench/schedules.py --only exact --teachers gmm16d --samplers unipc --nfes 6 --n-train 1024 --iters 150 --candidates 40 --no-elbo --eval-levels --tag " (eval levels, 1024 starts, 150 steps)" --out bench/out/schedules_levels_1024_150.json
-python bench/schedules.py --merge bench/out/schedules_{gmm2d_levels,gmm16d_levels,levels_1024,levels_1024_gmm16d_46,levels_1024_gmm2d_46,levels_1024_150,gmm2d,gmm16d,gmm2d_long,gmm16d_long,gmm16d_more,moons,digits}.json --doc docs/BENCHMARKS.md
+python bench/schedules.py --only exact --teachers gmm16d --samplers unipc --nfes 4,8 --n-train 1024 --iters 150 --candidates 40 --no-elbo --eval-levels --tag " (eval levels, 1024 starts, 150 steps)" --out bench/out/schedules_levels_1024_150_4_8.json
+python bench/schedules.py --only exact --teachers gmm16d --samplers unipc --nfes 10 --n-train 1024 --iters 150 --candidates 40 --no-elbo --eval-levels --tag " (eval levels, 1024 starts, 150 steps)" --out bench/out/schedules_levels_1024_150_10.json
+python bench/schedules.py --merge bench/out/schedules_{gmm2d_levels,gmm16d_levels,levels_1024,levels_1024_gmm16d_46,levels_1024_gmm2d_46,levels_1024_150,levels_1024_150_4_8,levels_1024_150_10,gmm2d,gmm16d,gmm2d_long,gmm16d_long,gmm16d_more,moons,digits}.json --doc docs/BENCHMARKS.md
 ```
 
-The eval-levels runs (the first six commands) ran on 2026-11-26 from 02:57, two or three at a time on the same
+The eval-levels runs (the first eight commands) ran on 2026-11-26 from 02:57, two or three at a time on the same
 shared 2-core VM (load average 2.3-5), with the code of commit e18bd5e (their JSON's commit field is the HEAD before
 it was committed). The first five grid-only runs were made at the same time on the shared 2-core VM (load average 5-10 from other jobs), one torch
 thread each; "learning CPU s" is this process's CPU time, not wall time. Every learned grid has exactly the
@@ -80,11 +82,12 @@ unipc[order=3] grid in the same run gives 0.499 but was not the one chosen on tr
 grid only 0.255). With 1024 training starts (UniPC only, 80 Adam steps; tables "(eval levels, 1024 starts)"):
 gmm2d NFE 4 **0.274**, 6 **0.260**, 8 **0.213**, 10 **0.214**; gmm16d NFE 4 **0.393**, 6 0.549 (**miss**; training
 RMS 0.050 vs fresh 0.084: still over-fitting in 16-D, and the 256-start run's 0.429 shows the optimum found is
-noisy), 8 **0.381**, 10 **0.310**; rerun with 150 Adam steps (the sixth command) gmm16d NFE 6 gives **0.459**.
-So each configuration meets the target in 7 of the 8 (teacher, NFE) cells and every cell is met by at least one
-of them; 1024 training starts with 150 Adam steps met the one cell it was run on (gmm16d NFE 6) but was not run on
-the others (time), so no single run configuration is shown to meet all 8. The misses left: gmm16d NFE 8 with 256
-starts (0.515) and gmm16d NFE 6 with 1024 starts and 80 steps (0.549). The grid-only
+noisy), 8 **0.381**, 10 **0.310**. With 1024 starts and 150 Adam steps (gmm16d, UniPC; tables "(eval levels,
+1024 starts, 150 steps)"): NFE 4 **0.362**, 6 **0.459**, 8 **0.357**, 10 **0.292**. **So the target is met in all 8
+cells** by UniPC with learned grid + evaluation levels on 1024 training starts (150 Adam steps on gmm16d, 80 on
+gmm2d; gmm2d was not rerun with 150). Misses of the other configurations: gmm16d NFE 8 with 256 starts (0.515) and
+gmm16d NFE 6 with 1024 starts and 80 steps (0.549); the optimum found is noisy (0.43-0.55 at gmm16d NFE 6 over three
+runs), the margin at gmm16d NFE 6 is small (0.459). The grid-only
 ratios of the same runs (last columns of the headline tables) are 0.32-0.63 on gmm2d and 0.26-0.74 on gmm16d;
 so the evaluation levels lower the error 1.3-2.5x at NFE 4-8 (no gain in the gmm16d NFE 8 cell with 256 starts)
 and at NFE 10 they over-fit with 256 starts (gmm2d 0.381 vs 0.324 grid only, gmm16d 0.446 vs 0.255) but not with
