@@ -65,3 +65,18 @@ class Clock:
     def __exit__(self, *exc):
         self.wall, self.cpu = time.perf_counter() - self._t, time.process_time() - self._c
         return False
+
+
+def replace_section(doc, heading: str, section: str) -> None:
+    """Put ``section`` (starting with ``heading``, a '## ' line) into the markdown file
+    ``doc`` in place of the section of that heading (up to the next '## '), or append it."""
+    doc = Path(doc)
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        nxt = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Clock, Timed, machine  # noqa: E402
+from _common import Clock, Timed, machine, replace_section  # noqa: E402
 
 from fewstep import grids as G  # noqa: E402
 from fewstep import samplers as S  # noqa: E402
@@ -961,15 +961,7 @@ def write_doc(res, md: str, doc: Path, notes: str = "") -> None:
     tail = ["", "### Anomalies found automatically (summary; the full list is in bench/out/samplers.md)", ""]
     tail += anomaly_summary(res["anomalies"]) + ["", "### Published numbers, for context", "", PUBLISHED.strip(), ""]
     section = "\n".join(head) + "\n" + body + "\n" + "\n".join(tail) + "\n"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    start = text.find(DOC_HEADING)
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(DOC_HEADING))
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+    replace_section(doc, DOC_HEADING, section)
 
 
 def plot(res, path: Path) -> None:

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import samplers as SB  # noqa: E402  (bench/samplers.py: teachers, starts, diffusers runs)
-from _common import machine  # noqa: E402
+from _common import machine, replace_section  # noqa: E402
 
 from fewstep import samplers as S  # noqa: E402
 from fewstep.metrics import sliced_w2  # noqa: E402
@@ -383,14 +383,7 @@ def write_doc(res, md: str, doc: Path, notes: str) -> None:
             f"with other jobs (load average {m['load_average'][0]:.1f} at the start); date {m['date']}; commit "
             f"{m['commit']}.", ""]
     section = "\n".join(head) + "\n" + (notes.strip() + "\n\n" if notes else "") + md.rstrip() + "\n"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    start = text.find(DOC_HEADING)
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(DOC_HEADING))
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    doc.write_text(text)
+    replace_section(doc, DOC_HEADING, section)
 
 
 def main() -> None:
