@@ -100,9 +100,13 @@ def _fd(f, v: Tensor, h: float):
     return base, g
 
 
+def _grid_loss(problem: Problem):
+    """theta -> the training loss (a float) of the grid sigma(theta)."""
+    return lambda t: float(_loss(problem, to_sigmas(t, problem.sigma_min, problem.sigma_max, problem.final_zero)))
+
+
 def _grad_fd(problem: Problem, theta: Tensor, h: float = 1e-4):
-    return _fd(lambda t: float(_loss(problem, to_sigmas(t, problem.sigma_min, problem.sigma_max,
-                                                        problem.final_zero))), theta, h)
+    return _fd(_grid_loss(problem), theta, h)
 
 
 def optimize_grid(problem: Problem, init: Tensor, iters: int = 150, lr: float = 0.05, grad: str = "auto",
@@ -118,37 +122,21 @@ def optimize_grid(problem: Problem, init: Tensor, iters: int = 150, lr: float = 
     if grad not in ("autograd", "fd"):
         raise UserError(f"unknown gradient '{grad}'; valid: auto, autograd, fd")
     step = _grad_autograd if grad == "autograd" else _grad_fd
-    theta = theta.clone()
-    opt = torch.optim.Adam([theta], lr=lr)
-    best_loss, best_theta, first = math.inf, theta.clone(), None
-    for it in range(iters):
-        loss, g = step(problem, theta)
-        if first is None:
-            first = loss
-        if math.isfinite(loss) and loss < best_loss:
-            best_loss, best_theta = loss, theta.detach().clone()
-        if not bool(torch.isfinite(g).all()):
-            break
-        theta.grad = g
-        opt.step()
-        if it % 25 == 0:
-            say(f"[schedule] optimise {it}/{iters}: training RMS {math.sqrt(loss):.4g}")
-    final = float(_loss(problem, to_sigmas(best_theta, problem.sigma_min, problem.sigma_max, problem.final_zero)))
-    if final < best_loss:
-        best_loss = final
+    best_theta, first, best_loss = _adam(lambda t: step(problem, t), _grid_loss(problem), theta, iters, lr, say,
+                                         "optimise")
     sig = to_sigmas(best_theta, problem.sigma_min, problem.sigma_max, problem.final_zero).detach()
     return sig, {"gradient": grad, "iters": iters, "lr": lr, "rms_init": math.sqrt(first),
                  "rms_train": math.sqrt(best_loss)}
 
 
-def _adam(f, v: Tensor, iters: int, lr: float, h: float, say, what: str):
-    """Adam with central-difference gradients on f (a mean squared error); the best v seen
-    and (first, best) losses."""
+def _adam(value_and_grad, loss_of, v: Tensor, iters: int, lr: float, say, what: str):
+    """Adam on a mean squared error from ``value_and_grad(v) -> (loss, gradient)``; stops at
+    a non-finite gradient. Returns the best v seen and the (first, best) losses."""
     v = v.clone()
     opt = torch.optim.Adam([v], lr=lr)
     best_loss, best_v, first = math.inf, v.clone(), None
     for it in range(iters):
-        loss, g = _fd(f, v, h)
+        loss, g = value_and_grad(v)
         first = loss if first is None else first
         if math.isfinite(loss) and loss < best_loss:
             best_loss, best_v = loss, v.detach().clone()
@@ -158,8 +146,7 @@ def _adam(f, v: Tensor, iters: int, lr: float, h: float, say, what: str):
         opt.step()
         if it % 25 == 0:
             say(f"[schedule] {what} {it}/{iters}: training RMS {math.sqrt(loss):.4g}")
-    final = f(best_v)
-    return best_v, first, min(best_loss, final)
+    return best_v, first, min(best_loss, loss_of(best_v))
 
 
 def levels_of(problem: Problem, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -195,7 +182,7 @@ def optimize_levels(problem: Problem, init: Tensor, init_levels=None, iters: int
         sig, ev = levels_of(problem, v)
         return float(_loss(problem, sig, levels=ev))
 
-    best, first, loss = _adam(f, v0, iters, lr, h, say, "optimise grid + evaluation levels")
+    best, first, loss = _adam(lambda v: _fd(f, v, h), f, v0, iters, lr, say, "optimise grid + evaluation levels")
     sig, ev = levels_of(problem, best)
     return sig.detach(), ev.detach(), {"gradient": "fd", "iters": iters, "lr": lr, "rms_init": math.sqrt(first),
                                        "rms_train": math.sqrt(loss)}
