@@ -113,11 +113,12 @@ class ModelDenoiser(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _coefficients(self, y: Tensor, sigma: Tensor):
-        """(in_scale, c_noise, coefficients) at level sigma: the net sees in_scale * y."""
+        """(in_scale, c_noise, coefficients) at level sigma: the net sees in_scale * y; the
+        coefficients are (c_skip, c_out) for EDM preconditioning, else a :class:`Coefficients`."""
         sigma = sigma.to(y.dtype)
         if self.prediction == "edm":
-            _, _, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-            return _bcast(c_in, y), c_noise, None
+            c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+            return _bcast(c_in, y), c_noise, (_bcast(c_skip, y), _bcast(c_out, y))
         t = self.process.t_of_sigma(sigma)
         if self.prediction == "flow":
             c = Coefficients.at(self.process, t, y, derivatives=True)
@@ -133,8 +134,8 @@ class ModelDenoiser(nn.Module):
 
     def output_to_x0(self, out: Tensor, y: Tensor, sigma: Tensor, x_in: Tensor, c) -> Tensor:
         if self.prediction == "edm":
-            c_skip, c_out, _, _ = edm_precond(sigma.to(y.dtype), self.sigma_data)
-            return _bcast(c_skip, y) * y + _bcast(c_out, y) * out
+            c_skip, c_out = c if c is not None else self._coefficients(y, sigma)[2]
+            return c_skip * y + c_out * out
         return to_x0(out, x_t=x_in, c=c, prediction=self.prediction)
 
     def target(self, x0: Tensor, y: Tensor, sigma: Tensor) -> Tensor:
@@ -169,9 +170,6 @@ class ModelDenoiser(nn.Module):
         if hit is not None and hit[0] is sigma:
             return hit[1]
         scale, c_noise, c = self._coefficients(y, sigma)
-        if self.prediction == "edm":
-            c_skip, c_out, _, _ = edm_precond(sigma.to(y.dtype), self.sigma_data)
-            c = (_bcast(c_skip, y), _bcast(c_out, y))
         entry = (scale, c_noise.to(dt), c)
         if cache and not sigma.requires_grad:
             if len(levels) >= 256:  # bounded: per-sample levels (adaptive samplers) never hit
@@ -186,9 +184,7 @@ class ModelDenoiser(nn.Module):
         scale, c_noise, c = self._level(y, sigma, dt, cache=sigma is given)
         x_in = scale * y
         out = self.net(x_in.to(dt), c_noise, **cond).to(y.dtype)
-        if self.prediction == "edm":
-            return c[0] * y + c[1] * out
-        return to_x0(out, x_t=x_in, c=c, prediction=self.prediction)
+        return self.output_to_x0(out, y, sigma, x_in, c)
 
 
 def _batch_sigma(sigma, y: Tensor) -> Tensor:
