@@ -77,7 +77,7 @@ class Generator(nn.Module):
         return self.net(h, torch.zeros(x.shape[0], device=x.device, dtype=x.dtype), **cond)
 
 
-def _pair_spec(cfg: dict, teacher) -> dict:
+def pair_spec(cfg: dict, teacher) -> dict:
     from ..samplers import info
 
     sampler = cfg["pair_sampler"] or teacher.default_sampler
@@ -105,7 +105,7 @@ def make_pairs(teacher, cfg: dict, run: StudentRun, progress: bool = True, acc=N
     from ..samplers import info
     from ..train.checkpoint import load_weights
 
-    spec = _pair_spec(cfg, teacher)
+    spec = pair_spec(cfg, teacher)
     folder = run.path("pairs/pairs.json").parent
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     if (folder / "pairs.json").is_file():
@@ -193,7 +193,7 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
     teacher = load_teacher(cfg["teacher"], acc.device)
     timer = Timer()
     D, module, net_cfg = build_student(teacher, cfg)  # bad options fail before any work
-    _pair_spec(cfg, teacher)
+    pair_spec(cfg, teacher)
     with open_run(acc, out, cfg, resume, StudentRun) as run_:
         latents, targets, pinfo = make_pairs(teacher, cfg, run_, progress and acc.is_main_process, acc)
         generator = isinstance(D, Generator)

@@ -158,9 +158,9 @@ def _check(cfg: dict, teacher) -> str:
         raise UserError(f"--init {cfg['init']}: use auto or random")
     info(cfg["reflow_sampler"])  # unknown names fail here
     if couplings == "teacher":
-        from .knowledge import _pair_spec
+        from .knowledge import pair_spec
 
-        _pair_spec(_pair_cfg(cfg, teacher, cfg["teacher"], 1), teacher)
+        pair_spec(_pair_cfg(cfg, teacher, cfg["teacher"], 1), teacher)
     return couplings
 
 
