@@ -91,11 +91,20 @@ def gmm_sigma_data(gmm) -> float:
     return float(((second - (mean**2).sum()) / gmm.dim).sqrt())
 
 
+def data_spec(spec: Optional[str], teacher=None) -> Optional[str]:
+    """``spec``, else the data set a run-folder teacher names (a dataset spec or gmm:FILE.npz,
+    e.g. a reflow round trained on a mixture); None when neither says."""
+    if spec is None and teacher is not None and not is_exact(teacher):
+        return teacher.meta.get("data", {}).get("name") or None
+    return spec
+
+
 def data_source(spec: Optional[str], teacher=None, seed: int = 0) -> DataSource:
     """``spec`` (a dataset spec or gmm:FILE.npz) or, when None, the teacher's own data: its
-    mixture for an exact teacher, its training set (by name) for a run folder."""
+    mixture for an exact teacher, its training set (by name, :func:`data_spec`) for a run folder."""
     from ..data.gmm import GaussianMixture
 
+    spec = data_spec(spec, teacher)
     if spec is None and teacher is not None and is_exact(teacher):
         gmm, name = teacher.denoiser, teacher.name
     elif spec is not None and str(spec).startswith("gmm:"):
@@ -108,9 +117,7 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0) -> DataSource:
     if spec is None:
         if teacher is None:
             raise UserError("give --data (a dataset or gmm:FILE.npz) or --teacher")
-        spec = teacher.meta.get("data", {}).get("name")
-        if not spec:
-            raise UserError(f"teacher {teacher.name} does not name its data set; give --data")
+        raise UserError(f"teacher {teacher.name} does not name its data set; give --data")
     from ..data.registry import load_dataset
 
     try:

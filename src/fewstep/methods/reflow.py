@@ -52,8 +52,8 @@ from ..train.checkpoint import load_weights, read_json, save_checkpoint, write_j
 from ..train.loop import Task, fit, make_accelerator
 from ..train.losses import DenoisingLoss
 from ..train.runfolder import RunFolder, open_run
-from .common import (Timer, batch_slice, bcast, data_source, fit_config, fixed_grids, is_exact, load_teacher,
-                     net_config, quiet_sample, student_meta, teacher_net_state, write_student)
+from .common import (Timer, batch_slice, bcast, data_source, data_spec, fit_config, fixed_grids, is_exact,
+                     load_teacher, net_config, quiet_sample, student_meta, teacher_net_state, write_student)
 
 DEFAULTS = {
     "couplings": None,        # independent | teacher (default: teacher when --teacher is given)
@@ -176,16 +176,10 @@ def _pair_cfg(cfg: dict, source, label: str, r: int) -> dict:
             "latent_dim": None}
 
 
-def _data_spec(cfg: dict, teacher):
-    """--data, else a mixture the teacher was trained on (e.g. a reflow round of gmm data)."""
-    name = teacher.meta.get("data", {}).get("name") if teacher is not None and not is_exact(teacher) else None
-    return cfg["data"] if cfg["data"] is not None or not str(name).startswith("gmm:") else name
-
-
 def _data(cfg: dict, teacher, couplings: str):
     """The data (independent couplings need it; otherwise only sliced-W2 uses it)."""
     try:
-        return data_source(_data_spec(cfg, teacher), teacher, int(cfg["seed"]))
+        return data_source(cfg["data"], teacher, int(cfg["seed"]))
     except UserError:
         if couplings == "independent" or cfg["data"] is not None:
             raise
@@ -198,7 +192,7 @@ def _mixture(cfg: dict, teacher):
 
     if teacher is not None and is_exact(teacher):
         return teacher.denoiser
-    spec = _data_spec(cfg, teacher)
+    spec = data_spec(cfg["data"], teacher)
     if spec is not None and str(spec).startswith("gmm:"):
         return GaussianMixture.load(str(spec)[4:])
     return None
