@@ -130,19 +130,22 @@ def train_cfm(matcher, spec: str, steps: int, batch: int, lr: float, seed: int) 
     np.random.seed(seed)  # the OT plan is sampled with numpy
     net = build_net(NET)
 
-    def loss(model, gen, rank, world, device):
+    def draw(gen, step):
         x1 = data.draw(batch, gen)
         x0 = torch.randn(x1.shape, generator=gen)
         s = torch.rand(batch, generator=gen)
         s, xs, ut = matcher.sample_location_and_conditional_flow(x0, x1, s)
-        return (model(xs, 1000.0 * s) - ut).pow(2).mean(1)
+        return {"xs": xs, "s": s, "ut": ut}
 
-    cfg = {"steps": steps, "lr": lr, "warmup": 100, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
+    def loss(model, b):
+        return (model(b["xs"], 1000.0 * b["s"]) - b["ut"]).pow(2).mean(1)
+
+    cfg = {"steps": steps, "batch_size": batch, "lr": lr, "warmup": 100, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.995,
            "seed": seed, "device": "cpu", "mixed_precision": "no", "checkpoint_every": steps, "keep_checkpoints": 1,
            "log_every": 100}
     with tempfile.TemporaryDirectory() as tmp:
         run = RunFolder.create(Path(tmp) / "cfm", cfg)
-        ema = fit(Task(student=net, loss=loss), run, cfg, progress=False)
+        ema = fit(Task(student=net, draw=draw, loss=loss), run, cfg, progress=False)
     return ema.module.eval()
 
 

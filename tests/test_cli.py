@@ -40,6 +40,19 @@ def test_help_for_every_command():
         assert r.returncode == 0 and "usage: fewstep" in r.stdout
 
 
+def test_every_command_lives_in_fewstep_commands():
+    """cli.py is only the entry point: each command is a module of fewstep.commands, listed
+    by `fewstep --help` in the old order (train, sample, demo, samplers first)."""
+    from fewstep.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    names = list(sub.choices)
+    assert names[:4] == ["train", "sample", "demo", "samplers"]
+    assert {"distill", "bench", "schedule", "export"} <= set(names)
+    for name, p in sub.choices.items():
+        assert p.get_default("func").__module__ == f"fewstep.commands.{name}", name
+
+
 def test_sample_gmm_writes_npz_and_png(tmp_path, gmm_spec, capsys):
     out = tmp_path / "s.npz"
     code, _, err = run(["sample", gmm_spec, "--sampler", "euler", "--nfe", "8", "--n", "50", "--out", str(out)], capsys)
@@ -69,7 +82,7 @@ def test_python_load_matches_cli(tmp_path, teacher, capsys):
     (["train", "--data", "moons", "--process", "vq", "--steps", "5", "--out", "{tmp}/r"], "unknown process 'vq'"),
     (["train", "--data", "moons", "--prediction", "epsilon", "--steps", "5", "--out", "{tmp}/r"], "unknown prediction 'epsilon'"),
     (["train", "--data", "{tmp}/missing.npz", "--steps", "5", "--out", "{tmp}/r"], "missing.npz"),
-    (["train", "--data", "moons", "--steps", "0", "--out", "{tmp}/r"], "--steps must be at least 1"),
+    (["train", "--data", "moons", "--steps", "0", "--out", "{tmp}/r"], "--steps must be a whole number of at least 1, got 0"),
     (["train", "--data", "moons", "--steps", "5", "--config", "{tmp}/nope.json", "--out", "{tmp}/r"], "nope.json not found"),
     (["train", "--resume", "--out", "{tmp}/nothing"], "is not a fewstep run folder"),
     (["sample", "{tmp}/norun", "--nfe", "4", "--out", "{tmp}/x.npz"], "not found"),

@@ -3,16 +3,29 @@
 Each diffusers scheduler (``beta_schedule="linear"``, 1000 training steps, epsilon
 prediction) is driven by the exact Gaussian mixture through tests/_diffusers_oracle.py;
 our sampler runs on the scheduler's own sigma grid (``s.sigmas``, with its trailing 0 or
-sigma_min) from the same start, y = x_T sqrt(1 + sigma_0^2). Final samples must agree to
-1e-5 relative (float64 teacher; diffusers keeps sigma in float32, and DPMSolverMultistep
-casts the sample to float32, so ~1e-7 is the floor) and the evaluation counts must match.
+sigma_min, converted exactly to float64) from the same start, y = x_T sqrt(1 + sigma_0^2).
+The evaluation counts must match and the final samples must agree within the error budget
+of the comparison (``_diffusers_oracle.parity``; its docstring has the derivation):
 
-Where a scheduler computes in the sample's dtype (UniPC, DEIS, DPMSolverSinglestep) the
-noise-prediction forms amplify the float32 sigma rounding (as-is differences up to 1e-4
-for UniPC order 3 with ``predict_x0=False`` and 6e-4 for the single-step order-3
-"dpmsolver"); those cases run with the scheduler's sigmas cast to float64
-(``float64_sigmas``) and must then agree to 1e-10 (measured 1e-12 .. 1e-14), which
-separates formula agreement from float32 rounding.
+* Our sampler and the teacher are float64 and run on the float32 grid values exactly, so
+  the grid is not a source of difference: what differs as shipped is diffusers' float32
+  arithmetic on its sigma table (all of these schedulers compute alpha, sigma, lambda and
+  the step coefficients from ``s.sigmas`` in float32), and in DPMSolverMultistep also the
+  rounding of the sample and the SDE noise to float32 in ``step``. As-is differences
+  measured on one machine: 1e-8 .. 1e-6 for the data-prediction forms, 8e-6 for DEIS order
+  3 at NFE 20 (1.0e-5 on another machine: float32 ``log`` differs between CPUs, which is
+  why a fixed 1e-5 failed), 1e-4 for UniPC order 3 with ``predict_x0=False`` and 6e-4 for
+  single-step order-3 "dpmsolver" at NFE 5 (noise-prediction forms cancel).
+* The reference is the same scheduler with its float32 tables cast to float64 after
+  ``set_timesteps``. UniPC, DEIS and DPMSolverSinglestep then compute entirely in float64:
+  budget 1000 u64 (nfe + kappa), kappa = (as-is difference) / u32 measured in the test;
+  that is 5e-13 .. 5e-9 here, against observed 2e-16 .. 2e-12.
+* DPMSolverMultistep still rounds its sample (and the SDE noise) to float32 each step;
+  their effect, measured by finite differences (the run's response to +-1e-5 relative
+  perturbations of what the cast rounds), adds 2 u32 S: 3e-7 .. 7e-6 here, against
+  observed differences of 2e-8 .. 7e-7.
+
+A wrong coefficient (1e-3 relative) moves the result by 1e-6 .. 1e-4, well outside these.
 """
 from __future__ import annotations
 
@@ -21,7 +34,7 @@ import math
 import pytest
 import torch
 
-from _diffusers_oracle import rel_diff, run_diffusers
+from _diffusers_oracle import parity, run_diffusers
 from _exact import gmm2, gmm16
 from fewstep.denoiser import NFECounter
 from fewstep.samplers import get
@@ -35,56 +48,55 @@ MS, SS = "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"
 UP, DE = "UniPCMultistepScheduler", "DEISMultistepScheduler"
 SM = {"final_sigmas_type": "sigma_min"}
 
-# (scheduler class, scheduler config, our sampler, our options, float64 sigmas)
+# (scheduler class, scheduler config, our sampler, our options)
 CASES = [
-    (MS, {}, "dpmpp_2m", {}, False),
-    (MS, SM, "dpmpp_2m", {}, False),
-    (MS, {"solver_type": "heun"}, "dpmpp_2m", {"solver_type": "heun"}, False),
-    (MS, {"algorithm_type": "dpmsolver", **SM}, "dpmpp_2m", {"algorithm_type": "dpmsolver"}, False),
+    (MS, {}, "dpmpp_2m", {}),
+    (MS, SM, "dpmpp_2m", {}),
+    (MS, {"solver_type": "heun"}, "dpmpp_2m", {"solver_type": "heun"}),
+    (MS, {"algorithm_type": "dpmsolver", **SM}, "dpmpp_2m", {"algorithm_type": "dpmsolver"}),
     (MS, {"algorithm_type": "dpmsolver", "solver_type": "heun", **SM}, "dpmpp_2m",
-     {"algorithm_type": "dpmsolver", "solver_type": "heun"}, False),
+     {"algorithm_type": "dpmsolver", "solver_type": "heun"}),
     (MS, {"euler_at_final": True, "lower_order_final": False, **SM}, "dpmpp_2m",
-     {"euler_at_final": True, "lower_order_final": False}, False),
-    (MS, {"solver_order": 3}, "dpmpp_3m", {"third_order": "diffusers"}, False),
-    (MS, {"solver_order": 3, **SM}, "dpmpp_3m", {"third_order": "diffusers"}, False),
+     {"euler_at_final": True, "lower_order_final": False}),
+    (MS, {"solver_order": 3}, "dpmpp_3m", {"third_order": "diffusers"}),
+    (MS, {"solver_order": 3, **SM}, "dpmpp_3m", {"third_order": "diffusers"}),
     (MS, {"solver_order": 3, "algorithm_type": "dpmsolver", **SM}, "dpmpp_3m",
-     {"third_order": "diffusers", "algorithm_type": "dpmsolver"}, False),
-    (MS, {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde", {}, False),
+     {"third_order": "diffusers", "algorithm_type": "dpmsolver"}),
+    (MS, {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde", {}),
     (MS, {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun", **SM}, "dpmpp_2m_sde",
-     {"solver_type": "heun"}, False),
-    (SS, {}, "dpm_solver_2", {"intermediates": "grid", "algorithm_type": "dpmsolver++"}, False),
-    (SS, {"solver_order": 3}, "dpm_solver_3", {"intermediates": "grid", "algorithm_type": "dpmsolver++"}, False),
+     {"solver_type": "heun"}),
+    (SS, {}, "dpm_solver_2", {"intermediates": "grid", "algorithm_type": "dpmsolver++"}),
+    (SS, {"solver_order": 3}, "dpm_solver_3", {"intermediates": "grid", "algorithm_type": "dpmsolver++"}),
     (SS, {"solver_order": 3, "solver_type": "heun", **SM}, "dpm_solver_3",
-     {"intermediates": "grid", "algorithm_type": "dpmsolver++", "solver_type": "heun"}, False),
+     {"intermediates": "grid", "algorithm_type": "dpmsolver++", "solver_type": "heun"}),
     (SS, {"algorithm_type": "dpmsolver", **SM}, "dpm_solver_2",
-     {"intermediates": "grid", "algorithm_type": "dpmsolver"}, True),
+     {"intermediates": "grid", "algorithm_type": "dpmsolver"}),
     (SS, {"solver_order": 3, "algorithm_type": "dpmsolver", "lower_order_final": True, **SM}, "dpm_solver_3",
-     {"intermediates": "grid", "algorithm_type": "dpmsolver", "lower_order_final": True}, True),
-    (UP, {}, "unipc", {}, False),
-    (UP, SM, "unipc", {}, False),
-    (UP, {"solver_type": "bh1", **SM}, "unipc", {"solver_type": "bh1"}, False),
-    (UP, {"solver_order": 1, "solver_type": "bh1", **SM}, "unipc", {"order": 1, "solver_type": "bh1"}, False),
-    (UP, {"solver_order": 3}, "unipc", {"order": 3}, False),
-    (UP, {"solver_order": 3, "predict_x0": False, **SM}, "unipc", {"order": 3, "predict_x0": False}, True),
-    (UP, {"predict_x0": False, "solver_type": "bh1", **SM}, "unipc", {"predict_x0": False, "solver_type": "bh1"}, True),
-    (UP, {"disable_corrector": list(range(20))}, "unipc", {"use_corrector": False}, False),
-    (UP, {"disable_corrector": [1, 3]}, "unipc", {"disable_corrector": [1, 3]}, False),
-    (UP, {"lower_order_final": False, **SM}, "unipc", {"lower_order_final": False}, False),
-    (DE, {}, "deis", {}, False),
-    (DE, {"solver_order": 3}, "deis", {"order": 3}, False),
-    (DE, {"solver_order": 1}, "deis", {"order": 1}, False),
-    (DE, {"solver_order": 3}, "deis", {"order": 3}, True),
+     {"intermediates": "grid", "algorithm_type": "dpmsolver", "lower_order_final": True}),
+    (UP, {}, "unipc", {}),
+    (UP, SM, "unipc", {}),
+    (UP, {"solver_type": "bh1", **SM}, "unipc", {"solver_type": "bh1"}),
+    (UP, {"solver_order": 1, "solver_type": "bh1", **SM}, "unipc", {"order": 1, "solver_type": "bh1"}),
+    (UP, {"solver_order": 3}, "unipc", {"order": 3}),
+    (UP, {"solver_order": 3, "predict_x0": False, **SM}, "unipc", {"order": 3, "predict_x0": False}),
+    (UP, {"predict_x0": False, "solver_type": "bh1", **SM}, "unipc", {"predict_x0": False, "solver_type": "bh1"}),
+    (UP, {"disable_corrector": list(range(20))}, "unipc", {"use_corrector": False}),
+    (UP, {"disable_corrector": [1, 3]}, "unipc", {"disable_corrector": [1, 3]}),
+    (UP, {"lower_order_final": False, **SM}, "unipc", {"lower_order_final": False}),
+    (DE, {}, "deis", {}),
+    (DE, {"solver_order": 3}, "deis", {"order": 3}),
+    (DE, {"solver_order": 1}, "deis", {"order": 1}),
 ]
 
 
 def _ids(case):
-    cls, cfg, name, opts, f64 = case
+    cls, cfg, name, opts = case
     short = {MS: "MS", SS: "SS", UP: "UniPC", DE: "DEIS"}[cls]
-    return f"{short}{cfg}-{name}{opts}{'-f64' if f64 else ''}".replace(" ", "")
+    return f"{short}{cfg}-{name}{opts}".replace(" ", "")
 
 
-def compare(cls, cfg, name, opts, f64, gmm, nfe, seed=0):
-    """(relative difference, diffusers' NFE, our NFE) for one configuration."""
+def compare(cls, cfg, name, opts, gmm, nfe, seed=0):
+    """(rel(ours, float64 reference), its budget, explanation, diffusers' NFE, our NFE)."""
     make = lambda: getattr(diffusers, cls)(num_train_timesteps=1000, beta_schedule="linear", **cfg)  # noqa: E731
     x_T = torch.randn(64, gmm.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     noises, opts = None, dict(opts)
@@ -95,10 +107,11 @@ def compare(cls, cfg, name, opts, f64, gmm, nfe, seed=0):
         noises = [torch.randn(x_T.shape, generator=gen, dtype=torch.float64) if s.sigmas[i + 1] > 0 else None
                   for i in range(len(s.sigmas) - 1)]
         opts["generator"] = torch.Generator().manual_seed(seed + 1)
-    y_ref, sigmas, nfe_ref = run_diffusers(make(), gmm, x_T, nfe, noises=noises, float64_sigmas=f64)
+    _, sigmas, nfe_ref = run_diffusers(make(), gmm, x_T, nfe, noises=noises)
     counter = NFECounter(gmm)
     y = get(name)(counter, x_T * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, **opts)
-    return rel_diff(y, y_ref), nfe_ref, counter.nfe
+    rel, tol, why = parity(make, lambda s: run_diffusers(s, gmm, x_T, nfe, noises=noises)[0], y, nfe_ref)
+    return rel, tol, why, nfe_ref, counter.nfe
 
 
 @pytest.fixture(autouse=True)
@@ -112,15 +125,15 @@ def _one_thread():
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_parity(case):
-    tol = 1e-10 if case[-1] else 1e-5
     for gmm in (gmm2(), gmm16()):
         for nfe in (5, 10, 20):
-            rel, nfe_ref, nfe_ours = compare(*case, gmm, nfe)
+            rel, tol, why, nfe_ref, nfe_ours = compare(*case, gmm, nfe)
             assert nfe_ours == nfe_ref == nfe
-            assert rel < tol, (case, gmm.dim, nfe, rel)
+            assert rel < tol, (case, gmm.dim, nfe, why)
 
 
 def test_exact_third_order_differs_from_diffusers_3m():
-    """Our default 3M integrates the quadratic exactly (2 w_3 D_2); diffusers uses w_3 D_2."""
-    rel, _, _ = compare(MS, {"solver_order": 3, **SM}, "dpmpp_3m", {}, False, gmm16(), 20)
-    assert rel > 1e-4
+    """Our default 3M integrates the quadratic exactly (2 w_3 D_2); diffusers uses w_3 D_2:
+    a formula difference far outside the comparison's budget (and the as-shipped floor)."""
+    rel, tol, why, _, _ = compare(MS, {"solver_order": 3, **SM}, "dpmpp_3m", {}, gmm16(), 20)
+    assert rel > 1e-4 and rel > 100 * tol, why

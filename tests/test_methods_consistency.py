@@ -13,7 +13,8 @@ from _exact import gmm2
 from fewstep.denoiser import NFECounter
 from fewstep.methods import distill, resolve
 from fewstep.methods.common import data_source, load_teacher
-from fewstep.methods.consistency import (ConsistencyDenoiser, build_student, consistency_precond, ct_schedule,
+from fewstep.students import ConsistencyDenoiser, consistency_precond
+from fewstep.methods.consistency import (build_student, ct_schedule,
                                          ict_schedule, levels)
 from fewstep.methods.consistency import resolve as resolve_cm
 from fewstep.metrics import rms, sliced_w2

@@ -74,6 +74,8 @@ def test_pairs_of_another_spec_are_refused(spec, tmp_path):
     stored = json.loads((tmp_path / "r" / "config.json").read_text())
     stored["pair_nfe"] = 8
     (tmp_path / "r" / "config.json").write_text(json.dumps(stored))
+    for f in ("model.json", "model.safetensors"):  # as if interrupted after the pairs: the stage is not done
+        (tmp_path / "r" / f).unlink()
     with pytest.raises(UserError, match="holds pairs made with"):
         distill("knowledge", {}, str(tmp_path / "r"), resume=True, progress=False)
 

@@ -126,7 +126,8 @@ def _load_gmm(path: str, device) -> Model:
 
     gmm = GaussianMixture.load(path)
     return Model(gmm, EDM(GMM_SIGMA_MIN, GMM_SIGMA_MAX), (gmm.dim,), GMM_SIGMA_MIN, GMM_SIGMA_MAX,
-                 kind="points", name=f"gmm:{path}", meta={"role": "exact"}, device="cpu", dtype=torch.float64)
+                 num_classes=gmm.num_classes, kind="points", name=f"gmm:{path}", meta={"role": "exact"},
+                 device="cpu", dtype=torch.float64)
 
 
 def denoiser_from_meta(meta: dict):
@@ -138,7 +139,7 @@ def denoiser_from_meta(meta: dict):
 
     net = build_net(meta["net"])
     if isinstance(meta.get("denoiser"), dict):  # a distilled student's own parametrization
-        from .methods import build_denoiser
+        from .students import build_denoiser
 
         return build_denoiser(meta["denoiser"], net, meta)
     return ModelDenoiser(net, make_process(**meta["process"]), meta["prediction"], meta.get("sigma_data", 0.5)), net

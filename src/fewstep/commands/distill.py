@@ -10,24 +10,14 @@ import argparse
 
 from ..errors import UserError
 
+# the options every method takes besides the loop's (those are declared once, in
+# fewstep.train.options, and shared with fewstep train)
 COMMON_HELP = {
     "teacher": (str, "teacher: a run folder or gmm:FILE.npz (an exact Gaussian mixture)"),
     "data": (str, "training data where the method needs it: a dataset or gmm:FILE.npz (default: the teacher's)"),
     "net": (str, "student network as JSON or a .json file (default: the teacher's; an MLP for gmm)"),
-    "steps": (int, "training steps (per round for progressive; default 2000)"),
-    "batch_size": (int, "global batch size (default 256)"),
-    "lr": (float, "AdamW learning rate"),
-    "warmup": (int, "linear warm-up steps"),
-    "weight_decay": (float, "AdamW weight decay"),
-    "grad_clip": (float, "gradient-norm clip, 0 for none"),
-    "ema_decay": (float, "EMA decay of the saved student"),
-    "seed": (int, "random seed (default 0)"),
-    "device": (str, "cpu, cuda or cuda:N (default: CUDA when present)"),
-    "mixed_precision": (str, "no, fp16 or bf16 (GPU)"),
-    "checkpoint_every": (int, "steps between checkpoints (default 500)"),
-    "keep_checkpoints": (int, "checkpoints kept (default 2)"),
-    "log_every": (int, "steps between metrics lines (default 50)"),
 }
+LOOP_NOTES = {"steps": "per round for progressive"}
 
 
 def _value(text: str):
@@ -47,6 +37,7 @@ def _value(text: str):
 
 def add_parser(sub) -> None:
     from ..methods import defaults, get, names
+    from ..train.options import LOOP_NAMES, add_loop_arguments
 
     p = sub.add_parser("distill", help="distil a teacher into a few-step student",
                        description="Distil a teacher (run folder or gmm:FILE.npz) into a few-step student run folder. "
@@ -60,6 +51,7 @@ def add_parser(sub) -> None:
         for key, (typ, text) in COMMON_HELP.items():
             mp.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None,
                             help=f"{text} [{dflt[key]}]" if dflt.get(key) is not None else text)
+        add_loop_arguments(mp, dflt, LOOP_NOTES)
         for key, text in mod.HELP.items():
             mp.add_argument("--" + key.replace("_", "-"), dest=key, type=_value, default=None,
                             help=f"{text} [{dflt[key]}]")
@@ -67,7 +59,7 @@ def add_parser(sub) -> None:
         mp.add_argument("--config", help="JSON file of options")
         mp.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
         mp.add_argument("--quiet", action="store_true", help="no progress bars")
-        mp.set_defaults(func=cmd_distill, method_options=list(COMMON_HELP) + list(mod.HELP))
+        mp.set_defaults(func=cmd_distill, method_options=list(COMMON_HELP) + list(LOOP_NAMES) + list(mod.HELP))
     p.set_defaults(func=_no_method)
 
 
@@ -79,10 +71,13 @@ def _no_method(a) -> int:
 
 def cmd_distill(a) -> int:
     from ..methods import distill
+    from ..train.options import validate_loop
 
     overrides = {k: getattr(a, k) for k in a.method_options}
     if a.resume and (a.config or any(v is not None for k, v in overrides.items() if k != "steps")):
         raise UserError("--resume continues the run with its stored config; give only --out (and optionally --steps)")
+    if a.resume and a.steps is not None:
+        overrides["steps"] = validate_loop({"steps": a.steps})["steps"]
     out = distill(a.method, overrides, a.out, a.config, resume=a.resume, progress=not a.quiet)
     print(f"student written to {out}")
     return 0

@@ -2,8 +2,9 @@
 
 A method module defines ``DEFAULTS`` (its own options, on top of
 :data:`fewstep.methods.common.COMMON_DEFAULTS`), ``HELP`` (one line per option) and
-``run(cfg, out, resume, progress) -> str`` (the student run folder). Adding a method is a
-file: every public module of this package that defines ``run`` is discovered by name.
+``stages(job)``: the paper's stages, run by the stage runner (:mod:`fewstep.train.job`, which
+owns the run folders, the loop, devices and checkpoints). Adding a method is a file: every
+public module of this package that defines ``stages`` is discovered by name.
 
     knowledge    Luhman & Luhman 2021: one-step student on (x_T, teacher sampler(x_T)) pairs
     progressive  Salimans & Ho 2022: rounds N -> N/2 -> ... -> 1 of two-step DDIM targets
@@ -20,7 +21,7 @@ from ..errors import UserError, unknown_name
 
 
 def _discover() -> dict:
-    """``{name: module path}`` of the public modules here that define ``run`` (found by
+    """``{name: module path}`` of the public modules here that define ``stages`` (found by
     reading the source, so listing the methods imports none of them)."""
     import pkgutil
     from pathlib import Path
@@ -30,7 +31,7 @@ def _discover() -> dict:
         if info.name.startswith("_") or info.ispkg:
             continue
         src = Path(__path__[0], info.name + ".py")
-        if src.is_file() and "\ndef run(" in src.read_text(encoding="utf-8"):
+        if src.is_file() and "\ndef stages(" in src.read_text(encoding="utf-8"):
             found[info.name] = f"{__name__}.{info.name}"
     return dict(sorted(found.items()))
 
@@ -57,21 +58,20 @@ def defaults(name: str) -> dict:
 
 
 def resolve(name: str, overrides: Optional[dict] = None, file: Optional[str] = None) -> dict:
-    """Defaults <- config file <- explicit overrides (None values ignored), validated."""
+    """Defaults <- config file <- explicit overrides (None values ignored), validated (the
+    loop options by :func:`fewstep.train.options.validate_loop`, as for ``fewstep train``)."""
     from ..train.config import read_config_file
+    from ..train.options import validate_loop
 
     cfg = defaults(name)
-    if file:
-        cfg.update(read_config_file(file))
-    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    from_file = read_config_file(file) if file else {}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg.update(from_file)
+    cfg.update(given)
     unknown = sorted(set(cfg) - set(defaults(name)) - {"method"})
     if unknown:
         raise UserError(f"unknown option(s) for '{name}': {', '.join(unknown)}; valid: {', '.join(defaults(name))}")
-    for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
-        if int(cfg[key]) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}")
-    if float(cfg["lr"]) <= 0:
-        raise UserError(f"--lr must be positive, got {cfg['lr']}")
+    validate_loop(cfg, file, set(from_file) - set(given))
     cfg["method"] = name
     return cfg
 
@@ -91,21 +91,6 @@ def distill(name: str, overrides: Optional[dict] = None, out: str = "runs/studen
             cfg["steps"] = int(overrides["steps"])
     else:
         cfg = resolve(name, overrides, config_file)
-    return get(name).run(cfg, out, resume=resume, progress=progress)
+    from ..train.job import run_job
 
-
-def build_denoiser(spec: dict, net, meta: dict):
-    """A student's own parametrization from ``model.json['denoiser']`` (used by
-    :func:`fewstep.load`): returns (denoiser, the module the weights load into)."""
-    kind = spec.get("kind")
-    if kind == "consistency":
-        from .consistency import ConsistencyDenoiser
-
-        D = ConsistencyDenoiser(net, float(spec["sigma_min"]), float(spec["sigma_data"]), float(spec["sigma_max"]))
-        return D, net
-    if kind == "generator":
-        from .knowledge import Generator
-
-        D = Generator(net, int(spec["latent_dim"]), tuple(meta["data"]["shape"]), float(spec["sigma_max"]))
-        return D, D
-    raise unknown_name("student denoiser kind", kind, ["consistency", "generator"])
+    return run_job(get(name), cfg, out, resume=resume, progress=progress)

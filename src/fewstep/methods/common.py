@@ -2,8 +2,8 @@
 
 Roles (DESIGN.md, lesson 6): the ``teacher`` is a frozen :class:`fewstep.model.Model` (a run
 folder or an exact ``gmm:FILE.npz``); the ``student`` is the network being trained (through
-the one loop, :func:`fewstep.train.loop.fit`); a ``target`` (EMA of the student, e.g. for
-consistency models) is kept in the same checkpoints by :class:`StudentRun`.
+the stage runner, :mod:`fewstep.train.job`); a ``target`` (EMA of the student, e.g. for
+consistency models) is kept in the same checkpoints as a task's ``extra`` module.
 
 The teacher's ODE steps go through the registered samplers (:func:`solve_rows`): a batch
 whose samples sit at different levels is grouped by level, each group one sampler call.
@@ -11,7 +11,6 @@ whose samples sit at different levels is grouped by level, each group one sample
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..train.checkpoint import save_checkpoint
-from ..train.runfolder import RunFolder
+from ..train.options import loop_defaults
 
-# options every method takes (the loop's, the student's net, the data); methods add theirs
+# options every method takes (the student's net, the data, and the loop's, declared once in
+# fewstep.train.options and shared with fewstep train); methods add theirs
 COMMON_DEFAULTS = {
     "teacher": None,         # run folder or gmm:FILE.npz
     "data": None,            # dataset spec or gmm:FILE.npz (default: the teacher's)
     "net": None,             # student net config (default: the teacher's, or an MLP)
-    "steps": 2000,           # training steps (per round for progressive distillation)
-    "batch_size": 256,
-    "lr": 1e-3,
-    "warmup": 100,
-    "weight_decay": 0.0,
-    "grad_clip": 1.0,
-    "ema_decay": 0.995,
-    "seed": 0,
-    "device": None,
-    "mixed_precision": "no",
-    "checkpoint_every": 500,
-    "keep_checkpoints": 2,
-    "log_every": 50,
+    **loop_defaults(),       # steps (per round for progressive), batch_size, lr, ...
 }
 
 
@@ -177,13 +164,6 @@ def bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)).to(like.dtype)
 
 
-def batch_slice(B: int, rank: int, world: int) -> slice:
-    """This process's share of a global batch of B (the loop's determinism contract)."""
-    if B % world:
-        raise UserError(f"--batch-size {B} is not divisible by the {world} processes")
-    return slice(rank * B // world, (rank + 1) * B // world)
-
-
 def group_levels(n_levels: int, B: int, groups: int, gen: torch.Generator, low: int = 0) -> Tensor:
     """Level indices for a batch of B in [low, n_levels): ``groups`` independent uniform
     draws, each shared by a contiguous B/groups of the batch (groups >= B: one per sample).
@@ -221,44 +201,6 @@ class EvalCounter:
         return self.inner(y, sigma, **cond)
 
 
-# ---------------------------------------------------------------------------- the run
-class StepCounter:
-    """The global step of the next loss call, for curricula ``step -> (N, mu)``; the run
-    sets it on resume and the loss advances it (the loop calls the loss once a step)."""
-
-    def __init__(self):
-        self.step = 0
-
-    def next(self) -> int:
-        k = self.step
-        self.step += 1
-        return k
-
-
-class StudentRun(RunFolder):
-    """A RunFolder whose checkpoints also hold the method's ``extra_modules`` (e.g. the
-    consistency target network) and which tells ``counter`` the step it resumes at."""
-
-    extra_modules: dict = {}
-    counter: Optional[StepCounter] = None
-
-    def save(self, step, modules, optimizers=None, extra=None, keep=None):
-        return super().save(step, {**modules, **self.extra_modules}, optimizers, extra, keep)
-
-    def load(self, modules, optimizers=None):
-        extra = super().load({**modules, **self.extra_modules}, optimizers)
-        if self.counter is not None:
-            self.counter.step = 0 if extra is None else int(extra["step"])
-        return extra
-
-
-def fit_config(cfg: dict) -> dict:
-    """The loop's options out of a method's config."""
-    keys = ("steps", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "device",
-            "mixed_precision", "checkpoint_every", "keep_checkpoints", "log_every")
-    return {k: cfg[k] for k in keys}
-
-
 def student_meta(method: str, D, net_cfg: dict, shape, kind: str, data_name: str, sigma_min: float,
                  sigma_max: float, sampling: dict, cfg: dict, denoiser: Optional[dict] = None, **extra) -> dict:
     """``model.json`` of a student: what :func:`fewstep.load` needs, plus its own sampling
@@ -284,23 +226,9 @@ def student_meta(method: str, D, net_cfg: dict, shape, kind: str, data_name: str
     return meta
 
 
-def write_student(root, module: nn.Module, meta: dict) -> None:
-    """``model.safetensors`` (the EMA weights) and ``model.json`` into ``root``."""
-    save_checkpoint(Path(root), module.state_dict(), meta, name="model")
-
-
 def fixed_grids(grids: dict) -> dict:
     """{nfe: sigmas} -> the JSON form of a sampling rule's fixed grids."""
     return {str(int(k)): [float(s) for s in v] for k, v in grids.items()}
-
-
-class Timer:
-    def __init__(self):
-        self.t0 = time.time()
-
-    @property
-    def seconds(self) -> float:
-        return time.time() - self.t0
 
 
 def quiet_sample(*args, **kwargs):

@@ -42,12 +42,10 @@ from torch import Tensor, nn
 
 from ..errors import UserError, unknown_name
 from ..grids import karras
-from ..process import EDM, _bcast
-from ..train.loop import Task, fit, make_accelerator
-from ..train.runfolder import open_run
-from .common import (StepCounter, StudentRun, Timer, batch_slice, bcast, call_denoiser, data_source, fit_config,
-                     fixed_grids, is_exact, load_teacher, net_config, solve_rows, student_meta, teacher_net_state,
-                     write_student)
+from ..students import ConsistencyDenoiser
+from ..train.job import Plan, Task
+from .common import (bcast, call_denoiser, data_source, fixed_grids, is_exact, load_teacher, net_config, solve_rows,
+                     student_meta, teacher_net_state)
 
 DEFAULTS = {
     "mode": "distillation",   # distillation (CD, needs --teacher) | training (CT, no teacher)
@@ -95,44 +93,6 @@ HELP = {
 }
 SCHEDULES = ("constant", "ct", "ict")
 MAX_RULE_NFE = 8
-
-
-# ------------------------------------------------------------------ parametrization
-def consistency_precond(sigma: Tensor, sigma_min: float, sigma_data: float):
-    """(c_skip, c_out, c_in, c_noise) of a consistency model (module docstring). The
-    constants are tensors of sigma's dtype, so at sigma = sigma_min the difference is an
-    exact 0 and c_skip = sd^2 / sd^2 = 1, c_out = 0 bit for bit."""
-    sd = torch.tensor(sigma_data, dtype=sigma.dtype, device=sigma.device)
-    delta = sigma - torch.tensor(sigma_min, dtype=sigma.dtype, device=sigma.device)
-    c_skip = sd * sd / (delta * delta + sd * sd)
-    c_out = sd * delta / torch.sqrt(sigma * sigma + sd * sd)
-    c_in = torch.rsqrt(sigma * sigma + sd * sd)
-    return c_skip, c_out, c_in, 0.25 * torch.log(sigma)
-
-
-class ConsistencyDenoiser(nn.Module):
-    """f(y, sigma) = c_skip y + c_out F(c_in y, ln(sigma)/4), exactly y at sigma_min."""
-
-    prediction = "consistency"
-
-    def __init__(self, net: nn.Module, sigma_min: float = 0.002, sigma_data: float = 0.5, sigma_max: float = 80.0):
-        super().__init__()
-        self.net, self.sigma_min, self.sigma_data = net, float(sigma_min), float(sigma_data)
-        self.process = EDM(self.sigma_min, float(sigma_max))
-
-    def net_input(self, y: Tensor, sigma: Tensor):
-        _, _, c_in, c_noise = consistency_precond(sigma.to(y.dtype), self.sigma_min, self.sigma_data)
-        return _bcast(c_in, y) * y, c_noise, None
-
-    def output_to_x0(self, out: Tensor, y: Tensor, sigma: Tensor, x_in: Tensor, c) -> Tensor:
-        c_skip, c_out, _, _ = consistency_precond(sigma.to(y.dtype), self.sigma_min, self.sigma_data)
-        return _bcast(c_skip, y) * y + _bcast(c_out, y) * out
-
-    def forward(self, y: Tensor, sigma, **cond) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
-        sigma = sigma.expand(y.shape[0]) if sigma.ndim == 0 else sigma
-        x_in, c_noise, _ = self.net_input(y, sigma)
-        return self.output_to_x0(self.net(x_in, c_noise, **cond).to(y.dtype), y, sigma, x_in, None)
 
 
 # ------------------------------------------------------------------------ curricula
@@ -267,45 +227,52 @@ def build_student(teacher, cfg: dict, data):
     return ConsistencyDenoiser(net, float(cfg["sigma_min"]), sd, float(cfg["sigma_max"])), net_cfg
 
 
-def consistency_loss(D: ConsistencyDenoiser, cfg: dict, data, teacher, target, counter: StepCounter):
-    """The per-sample loss of CD / CT at the step the counter gives (module docstring)."""
+def consistency_task(D: ConsistencyDenoiser, cfg: dict, data, teacher, target) -> Task:
+    """CD / CT (module docstring) as the loop's task: ``draw`` takes the curriculum's N at
+    the step, ``loss`` compares f_theta(x_{n+1}, sigma_{n+1}) with f_theta-(x^_n, sigma_n),
+    and after each update the target moves: theta- <- mu theta- + (1 - mu) theta."""
     schedule, B = curriculum(cfg), int(cfg["batch_size"])
     c = float(cfg["huber_c"]) if cfg["huber_c"] is not None else 0.00054 * math.sqrt(math.prod(data.shape))
     distil = cfg["mode"] == "distillation"
     groups = int(cfg["level_groups"]) if distil else B
     cache = {}
 
-    def loss(model, gen, rank, world, device):
-        k = counter.next()
-        N, _ = schedule(k)
+    def draw(gen, step):
+        N, _ = schedule(step)
         if N not in cache:
             sig = levels(N, cfg)
             cache[N] = (sig, level_probs(sig, cfg))
         sig, probs = cache[N]
-        if target is not None and k > 0:  # theta- <- mu theta- + (1 - mu) theta after update k - 1
-            mu_prev = schedule(k - 1)[1]
-            with torch.no_grad():
-                dst = list(target.parameters())
-                torch._foreach_lerp_(dst, [p.detach().to(dst[0].device) for p in model.parameters()], 1.0 - mu_prev)
         draws = torch.multinomial(probs, max(1, min(groups, B)), replacement=True, generator=gen)
         n = draws[torch.arange(B) * len(draws) // B]
         x0 = data.draw(B, gen)
         z = torch.randn(x0.shape, generator=gen)
-        sl = batch_slice(B, rank, world)
-        n, x0, z = n[sl], x0[sl].to(device), z[sl].to(device)
-        s_next, s_now = sig[n + 1], sig[n]
-        y_next = x0 + bcast(s_next.to(device), x0) * z
+        return {"x0": x0, "z": z, "s_next": sig[n + 1], "s_now": sig[n]}
+
+    def loss(model, b):
+        x0, z, s_next, s_now = b["x0"], b["z"], b["s_next"], b["s_now"]
+        y_next = x0 + bcast(s_next, x0) * z
         if distil:
             y_now = solve_rows(cfg["solver"], teacher.denoiser, y_next, torch.stack([s_next, s_now], 1))
         else:
-            y_now = x0 + bcast(s_now.to(device), x0) * z
-        pred = call_denoiser(D, model, y_next, s_next.to(device, x0.dtype))
+            y_now = x0 + bcast(s_now, x0) * z
+        pred = call_denoiser(D, model, y_next, s_next.to(x0.dtype))
         with torch.no_grad():
-            tgt = call_denoiser(D, target if target is not None else model, y_now, s_now.to(device, x0.dtype))
-        lam = (1.0 / (s_next - s_now)).to(device, x0.dtype) if cfg["weighting"] == "ict" else 1.0
+            tgt = call_denoiser(D, target if target is not None else model, y_now, s_now.to(x0.dtype))
+        lam = (1.0 / (s_next - s_now)).to(x0.dtype) if cfg["weighting"] == "ict" else 1.0
         return lam * distance(pred, tgt, cfg["loss"], c)
 
-    return loss
+    def after_step(model, step):
+        """theta- <- mu(k) theta- + (1 - mu(k)) theta after update k."""
+        with torch.no_grad():
+            dst = list(target.parameters())
+            torch._foreach_lerp_(dst, [p.detach().to(dst[0].device) for p in model.parameters()],
+                                 1.0 - schedule(step)[1])
+
+    frozen = {"teacher": teacher.denoiser} if distil and isinstance(teacher.denoiser, nn.Module) else {}
+    return Task(student=D.net, draw=draw, loss=loss, frozen=frozen,
+                extra={"target": target} if target is not None else {},
+                after_step=after_step if target is not None else None)
 
 
 @torch.no_grad()
@@ -365,41 +332,33 @@ def sampling_rule(cfg: dict, sigma_data: float, tuned: Optional[dict] = None) ->
     return {"sampler": "consistency", "grids": fixed_grids(grids), "options": {"epsilon": float(cfg["sigma_min"])}}
 
 
-def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
-    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
-    teacher = load_teacher(cfg["teacher"], acc.device, required=cfg["mode"] == "distillation")
-    cfg = resolve(cfg, teacher)
+def stages(job):
+    """One stage in the top folder: the curriculum's training, then the sampling rule."""
+    from ..samplers import info
+
+    teacher = load_teacher(job.cfg["teacher"], job.device, required=job.cfg["mode"] == "distillation")
+    cfg = resolve(job.cfg, teacher)
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
     D, net_cfg = build_student(teacher, cfg, data)
     sampling = sampling_rule(cfg, D.sigma_data)
     _, mu0 = curriculum(cfg)(0)
     target = copy.deepcopy(D.net).requires_grad_(False) if cfg["schedule"] != "ict" and mu0 > 0 else None
-    counter = StepCounter()
-    timer = Timer()
-    with open_run(acc, out, cfg, resume, StudentRun) as run_:
-        run_.extra_modules = {"target": target} if target is not None else {}
-        run_.counter = counter
-        frozen = {"target": target} if target is not None else {}
-        if teacher is not None and isinstance(teacher.denoiser, nn.Module) and cfg["mode"] == "distillation":
-            frozen["teacher"] = teacher.denoiser
-        loss = consistency_loss(D, cfg, data, teacher, target, counter)
-        ema = fit(Task(student=D.net, loss=loss, frozen=frozen), run_, fit_config(cfg), accelerator=acc,
-                  progress=progress)
-        if acc.is_main_process:
-            from ..samplers import info
 
+    def plan(st):
+        def describe(ema_module):
+            rule = sampling
             if int(cfg["tune_levels"]) > 0:
-                f = ConsistencyDenoiser(ema.module, D.sigma_min, D.sigma_data, float(cfg["sigma_max"]))
-                sampling = sampling_rule(cfg, D.sigma_data, tune_levels(f, data, cfg, int(cfg["tune_levels"])))
-
+                f = ConsistencyDenoiser(ema_module, D.sigma_min, D.sigma_data, float(cfg["sigma_max"]))
+                rule = sampling_rule(cfg, D.sigma_data, tune_levels(f, data, cfg, int(cfg["tune_levels"])))
             per = info(cfg["solver"]).cost(1, final_zero=False) if cfg["mode"] == "distillation" else 0
             den = {"kind": "consistency", "sigma_min": D.sigma_min, "sigma_data": D.sigma_data,
                    "sigma_max": float(cfg["sigma_max"])}
-            meta = student_meta("consistency", D, net_cfg, data.shape, data.kind, data.name, float(cfg["sigma_min"]),
-                                float(cfg["sigma_max"]), sampling, cfg, denoiser=den, mode=cfg["mode"],
+            return student_meta("consistency", D, net_cfg, data.shape, data.kind, data.name, float(cfg["sigma_min"]),
+                                float(cfg["sigma_max"]), rule, cfg, denoiser=den, mode=cfg["mode"],
                                 schedule=cfg["schedule"],
                                 cost={"teacher_evals": int(cfg["steps"]) * int(cfg["batch_size"]) * per,
-                                      "seconds": timer.seconds})
-            write_student(run_.root, ema.module, meta)
-        acc.wait_for_everyone()
-    return str(run_.root)
+                                      "seconds": st.seconds})
+
+        return Plan(consistency_task(D, cfg, data, teacher, target), describe)
+
+    job.stage("", plan)

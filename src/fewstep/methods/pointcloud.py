@@ -15,7 +15,9 @@ Euler step from t to 0).
    (z, x1 = ODE_teacher(z)), z ~ N(0, I), x_t = (1 - t) x1 + t z, target z - x1: the
    paths straighten, so few Euler steps suffice. Starts from the teacher's weights.
 
-3. ``student/`` -- the one-step student (eq. 45): starting from the reflowed weights, one
+3. ``student/`` -- the one-step student (eq. 45), knowledge distillation
+   (:mod:`fewstep.methods.knowledge` with ``--distance chamfer|emd``, run as a nested
+   stage): starting from the reflowed weights, one
    Euler step from the noise, G(z) = x_T - T v_phi(x_T, T) with T = t_max, x_T = T z
    (= D(sigma_max z, sigma_max) in sigma-space; PSF's x_T + f_phi(x_T, T) in its time),
    trained on the reflowed model's couplings (z, x = ODE_reflow(z)) with a distance
@@ -25,7 +27,7 @@ Euler step from t to 0).
 
 Each stage is a run folder holding a loadable model (``fewstep.load``), its own
 checkpoints (``--resume`` continues the stage it stopped in) and, for stages 2 and 3,
-the couplings (``pairs/``, made by :func:`fewstep.methods.knowledge.make_pairs`). A
+the couplings (``pairs/``, made by :func:`fewstep.methods.pairs.make_pairs`). A
 teacher may be given (``--teacher``: a flow-process, flow-prediction cloud model), then
 stage 1 is skipped. The top folder's model is the student (``fewstep sample OUT --nfe 1``);
 ``eval.json`` holds MMD-CD, COV-CD and 1-NNA-CD of the teacher (multistep), the reflowed
@@ -35,24 +37,20 @@ few clouds of each.
 Under ``accelerate launch --num_processes N`` (or torchrun) every stage trains on its
 process's slice of each step's global batch (DDP averages the gradients, so the weights
 and their EMA are those of one process with the same batch), the couplings are made shard
-by shard (:func:`~fewstep.methods.knowledge.make_pairs`), and the main process alone
-creates the run folders (:func:`~fewstep.train.runfolder.open_run`) and writes the
-checkpoints, the models, ``eval.json`` and ``samples.png``.
+by shard (:func:`~fewstep.methods.pairs.make_pairs`), and the main process alone
+creates the run folders and writes the checkpoints, the models, ``eval.json`` and
+``samples.png`` (the stage runner, :mod:`fewstep.train.job`).
 """
 from __future__ import annotations
-
-import shutil
-from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..process import LinearFlow
-from ..train.checkpoint import save_checkpoint, write_json
-from ..train.loop import Task, fit, make_accelerator
-from ..train.runfolder import RunFolder, open_run
-from .common import (Timer, batch_slice, call_denoiser, check_positive, fit_config, fixed_grids, load_teacher,
-                     student_meta)
+from ..train.checkpoint import write_json
+from ..train.job import LOOP_KEYS, Plan, Task, Top
+from .common import check_positive, load_teacher
+from .pairs import make_pairs
 
 DEFAULTS = {
     "n_data": 2000,            # training clouds
@@ -63,7 +61,7 @@ DEFAULTS = {
     "pair_grid": "time",
     "pairs": 2000,
     "pair_batch": 250,
-    "distance": "chamfer",     # stage 3 (eq. 45): chamfer | emd
+    "distance": "chamfer",     # stage 3 (eq. 45): chamfer | emd (knowledge distillation's --distance)
     "eval_clouds": 100,
     "eval_nfe": 32,
     "eval_sampler": "euler",
@@ -89,13 +87,6 @@ HELP = {
 }
 STAGES = ("teacher", "reflow", "student")
 DISTANCES = ("chamfer", "emd")
-
-
-def cloud_distance(name: str):
-    """The per-pair training distance of stage 3: [B, N, 3] x [B, N, 3] -> [B]."""
-    from ..metrics.pointcloud import chamfer_loss, emd_loss
-
-    return {"chamfer": chamfer_loss, "emd": emd_loss}[name]
 
 
 # ------------------------------------------------------------------------------ checks
@@ -155,73 +146,64 @@ def _net_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.denoiser.net.state_dict().items()}
 
 
-def _flow_meta(D, net_cfg: dict, data, stage: str, seconds: float, **extra) -> dict:
-    """model.json of a flow stage: a plain flow model (any sampler, any NFE)."""
-    from ..train.teacher import model_meta
-
-    meta = model_meta({"net": net_cfg, "conditional": False}, D, data)
-    meta.update(default_sampler="euler", method="pointcloud", stage=stage, cost={"seconds": seconds}, **extra)
-    return meta
-
-
-def _stage(root: Path, name: str, cfg: dict, steps: int, seed: int, D, make_loss, write_model, acc, progress):
-    """Run one stage in ``root/name`` (resumed if started): ``make_loss(run)`` prepares the
-    stage (e.g. its couplings) and returns the loss; ``write_model(folder, ema, timer)``
-    writes model.*. Returns the stage's loaded Model."""
-    from ..model import load
-
-    folder = root / name
-    if not (folder / "model.json").is_file():
-        scfg = {**fit_config(cfg), "steps": int(steps), "seed": int(seed), "method": "pointcloud", "stage": name}
-        timer = Timer()
-        with open_run(acc, folder, scfg, (folder / "config.json").is_file()) as rf:
-            loss = make_loss(rf)
-            ema = fit(Task(student=D.net, loss=loss), rf, scfg, accelerator=acc, progress=progress)
-            if acc.is_main_process:
-                write_model(folder, ema, timer)
-        acc.wait_for_everyone()
-    return load(str(folder), device=str(acc.device))
-
-
-def _couplings(source, label: str, cfg: dict, rf: RunFolder, seed: int, progress: bool, acc):
-    """(z, x = ODE_source(z)) in ``rf/pairs``: z in sigma-space (sigma_max eps); ``label``
-    names the source in ``pairs.json`` (a stage name, so the run folder may move). Under
-    several processes each makes its share of the chunks, then all read every chunk."""
-    from .knowledge import make_pairs
-
-    pcfg = {k: cfg[k] for k in ("pair_sampler", "pair_nfe", "pair_grid", "pairs", "pair_batch")}
-    pcfg.update(seed=int(seed), latent_dim=None, teacher=label)
-    z, x, info = make_pairs(source, pcfg, rf, progress, acc)
-    return z, x, info
-
-
-def _flow_loss(D, B: int, x0_all, eps_all):
-    """Eq. 43/44 per sample, || v(x_t, t) - (eps - x0) ||^2 (the ``simple`` DSM loss of the
-    ``flow`` prediction), on data/noise pairs: independent (``eps_all`` None: fresh
-    noise) or coupled (row k of ``x0_all`` with row k of ``eps_all``)."""
+def _flow_plan(D, B: int, net_cfg: dict, data, stage: str, couplings=None):
+    """A flow stage (eq. 43/44): || v(x_t, t) - (eps - x0) ||^2 per sample (the ``simple``
+    DSM loss of the ``flow`` prediction) on independent (data, fresh noise) pairs, or on
+    ``couplings(st) -> (x0 [n], eps [n], info)`` (row k with row k)."""
     from ..train.losses import DenoisingLoss
+    from ..train.teacher import model_meta
 
     dsm = DenoisingLoss("simple")
 
-    def loss(model, gen, rank, world, device):
-        idx = torch.randint(0, len(x0_all), (B,), generator=gen)
-        t = D.process.sample_t(B, generator=gen)
-        x0 = x0_all[idx]
-        eps = torch.randn(x0.shape, generator=gen) if eps_all is None else eps_all[idx]
-        sl = batch_slice(B, rank, world)
-        return dsm(D, x0[sl].to(device), t[sl].to(device), eps[sl].to(device), net=model)
+    def plan(st):
+        if couplings is None:
+            x0_all, eps_all, info = data.x, None, {}
+        else:
+            x0_all, eps_all, info = couplings(st)
 
-    return loss
+        def draw(gen, step):
+            idx = torch.randint(0, len(x0_all), (B,), generator=gen)
+            t = D.process.sample_t(B, generator=gen)
+            x0 = x0_all[idx]
+            eps = torch.randn(x0.shape, generator=gen) if eps_all is None else eps_all[idx]
+            return {"x0": x0, "t": t, "eps": eps}
+
+        def loss(model, b):
+            return dsm(D, b["x0"], b["t"], b["eps"], net=model)
+
+        def describe(ema_module):
+            """model.json of a flow stage: a plain flow model (any sampler, any NFE)."""
+            meta = model_meta({"net": net_cfg, "conditional": False}, D, data)
+            meta.update(default_sampler="euler", method="pointcloud", stage=stage, cost={"seconds": st.seconds})
+            if info:
+                meta.update(teacher=info["teacher"], pairs={k: info[k] for k in ("sampler", "nfe", "grid", "pairs")},
+                            teacher_evals=info["teacher_evals"])
+            return meta
+
+        return Plan(Task(student=D.net, draw=draw, loss=loss), describe)
+
+    return plan
 
 
-# -------------------------------------------------------------------------------- run
-def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
+def _student_config(cfg: dict, reflowed: str) -> dict:
+    """Stage 3's options: knowledge distillation of the reflowed flow with a point-set distance."""
+    from . import resolve
+
+    keys = tuple(k for k in LOOP_KEYS if k not in ("steps", "seed")) + (
+        "pair_sampler", "pair_nfe", "pair_grid", "pairs", "pair_batch", "distance")
+    return resolve("knowledge", {**{k: cfg[k] for k in keys}, "teacher": reflowed, "init": "teacher",
+                                 "steps": int(cfg["steps"]), "seed": int(cfg["seed"]) + 1})
+
+
+def stages(job):
+    """teacher (unless given) -> reflow on its couplings -> one-step student (nested KD)."""
     from ..nets import build_net, net_config_defaults
+    from . import get
     from .common import net_config
 
+    cfg = job.cfg
     _check(cfg)
-    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
-    teacher = load_teacher(cfg["teacher"], str(acc.device), required=False)
+    teacher = load_teacher(cfg["teacher"], str(job.device), required=False)
     if teacher is not None:
         _check_teacher(teacher)
     data = _dataset(cfg, teacher)
@@ -231,80 +213,30 @@ def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str
     net_cfg = getattr(build_net(net_cfg), "config", net_cfg)  # a bad --net fails before any work
     sd = float(data.x.std())
     B, seed = int(cfg["batch_size"]), int(cfg["seed"])
-    show = progress and acc.is_main_process
-    with open_run(acc, out, cfg, resume) as top:
-        root = top.root
-        try:
-            # 1. flow teacher (eq. 44)
-            if teacher is None:
-                torch.manual_seed(seed)
-                D1 = _flow_denoiser(net_cfg, sd, LinearFlow())
-                teacher = _stage(root, "teacher", cfg, cfg["teacher_steps"], seed, D1,
-                                 lambda rf: _flow_loss(D1, B, data.x, None),
-                                 lambda folder, ema, timer: save_checkpoint(
-                                     folder, ema.module.state_dict(),
-                                     _flow_meta(D1, net_cfg, data, "teacher", timer.seconds), name="model"),
-                                 acc, show)
-            teacher.denoiser.eval().requires_grad_(False)
 
-            # 2. reflow on the teacher's couplings (eq. 43)
-            process = teacher.denoiser.process  # every stage on the teacher's interpolation
-            D2 = _flow_denoiser(net_cfg, sd, process, _net_state(teacher))
-            pinfo = {}
+    # 1. flow teacher (eq. 44)
+    if teacher is None:
+        torch.manual_seed(seed)
+        D1 = _flow_denoiser(net_cfg, sd, LinearFlow())
+        teacher = job.stage("teacher", _flow_plan(D1, B, net_cfg, data, "teacher"), steps=int(cfg["teacher_steps"]),
+                            seed=seed, method="pointcloud", stage="teacher")
 
-            def reflow_loss(rf):
-                label = "teacher" if cfg["teacher"] is None else str(cfg["teacher"])
-                z, x1, info = _couplings(teacher, label, cfg, rf, seed, show, acc)
-                pinfo.update(info)
-                return _flow_loss(D2, B, x1, z / teacher.sigma_max)
+    # 2. reflow on the teacher's couplings (eq. 43)
+    process = teacher.denoiser.process  # every stage on the teacher's interpolation
+    D2 = _flow_denoiser(net_cfg, sd, process, _net_state(teacher))
+    label = "teacher" if cfg["teacher"] is None else str(cfg["teacher"])
 
-            def write_reflow(folder, ema, timer):
-                meta = _flow_meta(D2, net_cfg, data, "reflow", timer.seconds, teacher=str(teacher.name),
-                                  pairs={k: pinfo[k] for k in ("sampler", "nfe", "grid", "pairs")},
-                                  teacher_evals=pinfo["teacher_evals"])
-                save_checkpoint(folder, ema.module.state_dict(), meta, name="model")
+    def couplings(st):
+        pcfg = {k: cfg[k] for k in ("pair_sampler", "pair_nfe", "pair_grid", "pairs", "pair_batch")}
+        z, x1, info = make_pairs(teacher, {**pcfg, "seed": seed, "latent_dim": None, "teacher": label}, st)
+        return x1, z / teacher.sigma_max, info
 
-            reflowed = _stage(root, "reflow", cfg, cfg["reflow_steps"], seed + 1, D2, reflow_loss, write_reflow,
-                              acc, show)
-            reflowed.denoiser.eval().requires_grad_(False)
+    reflowed = job.stage("reflow", _flow_plan(D2, B, net_cfg, data, "reflow", couplings),
+                         steps=int(cfg["reflow_steps"]), seed=seed + 1, method="pointcloud", stage="reflow")
 
-            # 3. one-step student with a point-set distance (eq. 45)
-            D3 = _flow_denoiser(net_cfg, sd, process, _net_state(reflowed))
-            dist = cloud_distance(cfg["distance"])
-            sigma_T = float(reflowed.sigma_max)
-            sinfo = {}
-
-            def student_loss(rf):
-                z, x, info = _couplings(reflowed, "reflow", cfg, rf, seed + 1, show, acc)
-                sinfo.update(info)
-
-                def loss(model, gen, rank, world, device):
-                    """Dist(G(z), ODE_reflow(z)) with G(z) = D(z, sigma_max): one Euler step."""
-                    idx = torch.randint(0, len(z), (B,), generator=gen)[batch_slice(B, rank, world)]
-                    zb, xb = z[idx].to(device), x[idx].to(device)
-                    pred = call_denoiser(D3, model, zb, torch.full((len(zb),), sigma_T, device=device))
-                    return dist(pred, xb)
-
-                return loss
-
-            def write_student(folder, ema, timer):
-                sampling = {"sampler": "euler", "grids": fixed_grids({1: [sigma_T, 0.0]})}
-                meta = student_meta("pointcloud", D3, net_cfg, data.shape, data.kind, data.name,
-                                    float(reflowed.sigma_min), sigma_T, sampling, cfg, stage="student",
-                                    distance=cfg["distance"],
-                                    pairs={k: sinfo[k] for k in ("sampler", "nfe", "grid", "pairs")},
-                                    cost={"teacher_evals": sinfo["teacher_evals"], "seconds": timer.seconds})
-                save_checkpoint(folder, ema.module.state_dict(), meta, name="model")
-
-            student = _stage(root, "student", cfg, cfg["steps"], seed + 2, D3, student_loss, write_student, acc, show)
-        except BaseException:
-            if any((root / s / "checkpoints").is_dir() or (root / s / "pairs").is_dir() for s in STAGES):
-                top.commit()  # finished or checkpointed stages are worth resuming
-            raise
-        if acc.is_main_process:
-            _write_top(root, cfg, data, teacher, reflowed, student)
-        acc.wait_for_everyone()
-    return str(root)
+    # 3. one-step student with a point-set distance (eq. 45): knowledge distillation
+    student = job.nested(get("knowledge"), _student_config(cfg, str((job.root / "reflow").resolve())), "student")
+    return Top("student", lambda: _top_meta(job.root, cfg, data, teacher, reflowed, student))
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -350,18 +282,16 @@ def evaluate(cfg: dict, data, teacher, reflowed, student) -> tuple[dict, dict]:
     return out, clouds
 
 
-def _write_top(root: Path, cfg: dict, data, teacher, reflowed, student) -> None:
-    """The top folder: the student's model.*, eval.json and samples.png."""
+def _top_meta(root, cfg: dict, data, teacher, reflowed, student) -> dict:
+    """The top folder: eval.json, samples.png and the student's model.json naming the stages."""
     from ..plots import save_clouds_png
-    from ..train.checkpoint import read_json
 
     ev, clouds = evaluate(cfg, data, teacher, reflowed, student)
     write_json(root / "eval.json", ev)
     save_clouds_png(clouds, root / "samples.png", n=int(cfg["renders"]))
-    meta = read_json(root / "student" / "model.json")
+    meta = dict(student.meta)
+    meta.update(method="pointcloud", stage="student", distance=cfg["distance"])
     meta["stages"] = {s: s for s in STAGES if (root / s / "model.json").is_file()}
     if "teacher" not in meta["stages"]:
         meta["stages"]["teacher"] = str(teacher.name)
-    shutil.copyfile(root / "student" / "model.safetensors", root / ".model.safetensors.tmp")
-    (root / ".model.safetensors.tmp").replace(root / "model.safetensors")
-    write_json(root / "model.json", meta)
+    return meta

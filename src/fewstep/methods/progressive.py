@@ -27,16 +27,12 @@ the round that matches ``--nfe``.
 """
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import torch
 
 from ..errors import UserError
-from ..train.loop import Task, fit, make_accelerator
-from ..train.runfolder import open_run
-from .common import (Timer, batch_slice, bcast, call_denoiser, data_source, fit_config, fixed_grids, is_exact,
-                     load_teacher, log2_int, net_config, solve_rows, student_meta, write_student)
+from ..train.job import Plan, Task, Top
+from .common import (bcast, call_denoiser, data_source, fixed_grids, group_levels, is_exact, load_teacher, log2_int,
+                     net_config, solve_rows, student_meta)
 
 DEFAULTS = {
     "start_steps": 64,        # N of the first teacher (its DDIM steps)
@@ -121,93 +117,68 @@ def _check(cfg: dict, teacher):
     return n0, n_end, pred, copy
 
 
-def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
-    from ..model import load
-    from ..train.losses import x0_weight
+def stages(job):
+    """The rounds N -> N/2 -> ... -> end_steps, each a stage ``rounds/steps_NNNN`` whose
+    teacher is the round before; the top folder samples with the round matching --nfe."""
     from ..train.teacher import process_from_config
+    from ..train.losses import x0_weight
 
-    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
-    teacher = load_teacher(cfg["teacher"], acc.device)
+    cfg = job.cfg
+    teacher = load_teacher(cfg["teacher"], job.device)
     n0, n_end, prediction, copy = _check(cfg, teacher)
     process = process_from_config(cfg["process"])
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
     base = level_grid(process, n0, teacher.sigma_max)
     net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
     B, G = int(cfg["batch_size"]), int(cfg["level_groups"])
-    rounds = _rounds(n0, n_end, copy)
-    with open_run(acc, out, cfg, resume) as top:
-        prev, done = teacher, []
-        try:
-            for r, (N, k) in enumerate(rounds):
-                folder = top.root / "rounds" / f"steps_{N:04d}"
-                rel = str(folder.relative_to(top.root))
-                if (folder / "model.json").is_file():
-                    prev = load(str(folder), device=acc.device)
-                    done.append((N, rel, prev.meta))
-                    continue
-                grid_s = base[:: n0 // N]             # the student's N + 1 levels
-                grid_t = base[:: n0 // (N * k)]       # the teacher's k N + 1 levels
-                D, round_net_cfg = _student(prev, cfg, process, prediction, data, net_cfg, copy and r == 0)
-                T = prev.denoiser
-                if hasattr(T, "requires_grad_"):
-                    T.eval().requires_grad_(False)
+    prev, done = teacher, []
+    for r, (N, k) in enumerate(_rounds(n0, n_end, copy)):
+        grid_s = base[:: n0 // N]             # the student's N + 1 levels
+        grid_t = base[:: n0 // (N * k)]       # the teacher's k N + 1 levels
 
-                def loss(model, gen, rank, world, device, D=D, T=T, grid_s=grid_s, grid_t=grid_t, N=N, k=k):
-                    """Per sample: w(s) || x_student(y, s) - x~ ||^2 at a student level s."""
-                    from .common import group_levels
+        def plan(st, r=r, N=N, k=k, grid_s=grid_s, grid_t=grid_t, prev=prev):
+            D, round_net_cfg = _student(prev, cfg, process, prediction, data, net_cfg, copy and r == 0)
+            T = prev.denoiser
 
-                    i = group_levels(N, B, G, gen)
-                    x0 = data.draw(B, gen)
-                    eps = torch.randn(x0.shape, generator=gen)
-                    sl = batch_slice(B, rank, world)
-                    i, x0, eps = i[sl], x0[sl].to(device), eps[sl].to(device)
-                    sigma = grid_s[i]
-                    rows = torch.stack([grid_t[k * i + j] for j in range(k + 1)], 1)
-                    y = x0 + bcast(sigma.to(device), x0) * eps
-                    x_tilde = target(T, y, rows)
-                    s = sigma.to(device, x0.dtype)
-                    pred = call_denoiser(D, model, y, s)
-                    w = x0_weight(cfg["weighting"], s.double()).to(x0.dtype)
-                    return w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+            def draw(gen, step):
+                i = group_levels(N, B, G, gen)
+                x0 = data.draw(B, gen)
+                eps = torch.randn(x0.shape, generator=gen)
+                rows = torch.stack([grid_t[k * i + j] for j in range(k + 1)], 1)
+                return {"x0": x0, "eps": eps, "sigma": grid_s[i], "rows": rows}
 
-                rcfg = {**fit_config(cfg), "seed": int(cfg["seed"]) + 1000 * r, "round": r, "student_steps": N,
-                        "teacher_steps": k, "method": "progressive"}
-                timer = Timer()
-                frozen = {"teacher": T} if isinstance(T, torch.nn.Module) else {}
-                with open_run(acc, folder, rcfg, (folder / "config.json").is_file()) as rf:
-                    ema = fit(Task(student=D.net, loss=loss, frozen=frozen), rf, rcfg, accelerator=acc,
-                              progress=progress)
-                    if acc.is_main_process:
-                        sampling = {"sampler": "euler", "grids": fixed_grids({N: grid_s.tolist()})}
-                        meta = student_meta("progressive", D, round_net_cfg, teacher.shape, teacher.kind, data.name,
-                                            float(grid_s[-2]), float(grid_s[0]), sampling, cfg,
-                                            round={"index": r, "student_steps": N, "teacher_steps": k},
-                                            cost={"teacher_evals": int(cfg["steps"]) * B * k,
-                                                  "seconds": timer.seconds})
-                        write_student(folder, ema.module, meta)
-                acc.wait_for_everyone()
-                prev = load(str(folder), device=acc.device)
-                done.append((N, rel, prev.meta))
-        except BaseException:
-            if (top.root / "rounds").is_dir() and any((top.root / "rounds").glob("*/checkpoints")):
-                top.commit()  # finished or checkpointed rounds are worth resuming
-            raise
-        if acc.is_main_process:
-            _write_top(top.root, done)
-        acc.wait_for_everyone()
-    return str(top.root)
+            def loss(model, b):
+                """Per sample: w(s) || x_student(y, s) - x~ ||^2 at a student level s."""
+                x0 = b["x0"]
+                y = x0 + bcast(b["sigma"], x0) * b["eps"]
+                x_tilde = target(T, y, b["rows"])
+                s = b["sigma"].to(x0.dtype)
+                pred = call_denoiser(D, model, y, s)
+                w = x0_weight(cfg["weighting"], s.double()).to(x0.dtype)
+                return w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+
+            def describe(ema_module):
+                sampling = {"sampler": "euler", "grids": fixed_grids({N: grid_s.tolist()})}
+                return student_meta("progressive", D, round_net_cfg, teacher.shape, teacher.kind, data.name,
+                                    float(grid_s[-2]), float(grid_s[0]), sampling, cfg,
+                                    round={"index": r, "student_steps": N, "teacher_steps": k},
+                                    cost={"teacher_evals": int(cfg["steps"]) * B * k, "seconds": st.seconds})
+
+            frozen = {"teacher": T} if isinstance(T, torch.nn.Module) else {}
+            return Plan(Task(student=D.net, draw=draw, loss=loss, frozen=frozen), describe)
+
+        name = f"rounds/steps_{N:04d}"
+        prev = job.stage(name, plan, seed=int(cfg["seed"]) + 1000 * r, round=r, student_steps=N, teacher_steps=k,
+                         method="progressive")
+        done.append((N, name, prev.meta))
+    return Top(done[-1][1], lambda: _top_meta(done))
 
 
-def _write_top(root: Path, done: list) -> None:
-    """The top folder: the last round's student (model.*) plus every round as a variant."""
-    from ..train.checkpoint import write_json
-
-    N_last, rel_last, meta_last = done[-1]
-    meta = dict(meta_last)
+def _top_meta(done: list) -> dict:
+    """The top folder: the last round's student plus every round as a variant."""
+    meta = dict(done[-1][2])
     meta["sampling"] = {"sampler": "euler", "variants": {str(N): rel for N, rel, _ in done}}
     meta["rounds"] = [{"student_steps": N, "folder": rel, "cost": m.get("cost", {})} for N, rel, m in done]
     meta["cost"] = {"teacher_evals": sum(m.get("cost", {}).get("teacher_evals", 0) for _, _, m in done),
                     "seconds": sum(m.get("cost", {}).get("seconds", 0.0) for _, _, m in done)}
-    shutil.copyfile(root / rel_last / "model.safetensors", root / ".model.safetensors.tmp")
-    (root / ".model.safetensors.tmp").replace(root / "model.safetensors")
-    write_json(root / "model.json", meta)
+    return meta

@@ -41,19 +41,18 @@ x0 = x1 - v(x1, 1) (Liu et al.'s "k-rectified flow + distillation"). The run's m
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..grids import time_uniform
 from ..process import LinearFlow
-from ..train.checkpoint import load_weights, read_json, save_checkpoint, write_json
-from ..train.loop import Task, fit, make_accelerator
+from ..train.checkpoint import read_json, write_json
+from ..train.job import LOOP_KEYS, Plan, Task, Top
 from ..train.losses import DenoisingLoss
-from ..train.runfolder import RunFolder, open_run
-from .common import (Timer, batch_slice, bcast, data_source, data_spec, fit_config, fixed_grids, is_exact,
-                     load_teacher, net_config, quiet_sample, student_meta, teacher_net_state, write_student)
+from .common import (bcast, data_source, data_spec, fixed_grids, is_exact, load_teacher, net_config, quiet_sample,
+                     student_meta, teacher_net_state)
+from .pairs import make_pairs, pair_spec
 
 DEFAULTS = {
     "couplings": None,        # independent | teacher (default: teacher when --teacher is given)
@@ -158,14 +157,12 @@ def _check(cfg: dict, teacher) -> str:
         raise UserError(f"--init {cfg['init']}: use auto or random")
     info(cfg["reflow_sampler"])  # unknown names fail here
     if couplings == "teacher":
-        from .knowledge import pair_spec
-
         pair_spec(_pair_cfg(cfg, teacher, cfg["teacher"], 1), teacher)
     return couplings
 
 
 def _pair_cfg(cfg: dict, source, label: str, r: int) -> dict:
-    """Options of :func:`fewstep.methods.knowledge.make_pairs` for round r's couplings."""
+    """Options of :func:`fewstep.methods.pairs.make_pairs` for round r's couplings."""
     if r == 1:
         grid = cfg["pair_grid"] or (FLOW_GRID if isinstance(source.process, LinearFlow) else "karras")
         sampler, nfe = cfg["pair_sampler"], cfg["pair_nfe"]
@@ -280,25 +277,20 @@ def _round_net(r: int, prev, teacher, cfg: dict, net_cfg: dict):
     return net
 
 
-def _train_round(r: int, top: RunFolder, prev, teacher, couplings: str, data, cfg: dict, net_cfg: dict, acc,
-                 ev: Evaluation, progress: bool):
-    """Train round r into ``top/roundr``: its couplings, eq. 43, its measures, its model."""
-    from .knowledge import make_pairs
-
-    folder = top.root / f"round{r}"
+def _round_plan(r: int, prev, teacher, couplings: str, data, cfg: dict, net_cfg: dict, ev: "Evaluation"):
+    """Round r's stage: its couplings, eq. 43, its measures (``round.json``), its model."""
     kind = couplings if r == 1 else "reflow"
-    rcfg = {**fit_config(cfg), "seed": int(cfg["seed"]) + 1000 * (r - 1), "method": "reflow", "round": r,
-            "couplings": kind}
-    timer, B, loss_fn, dev = Timer(), int(cfg["batch_size"]), DenoisingLoss("simple"), acc.device
-    with open_run(acc, folder, rcfg, (folder / "config.json").is_file()) as rf:
+    B, loss_fn = int(cfg["batch_size"]), DenoisingLoss("simple")
+
+    def plan(st):
+        dev = st.job.device
         pinfo = {"teacher_evals": 0}
         if kind == "independent":
             x0_all = x1_all = None
         else:
             source = prev if r > 1 else teacher
             label = f"round{r - 1}" if r > 1 else str(cfg["teacher"])
-            lat, x0_all, pinfo = make_pairs(source, _pair_cfg(cfg, source, label, r), rf,
-                                            progress and acc.is_main_process, acc)
+            lat, x0_all, pinfo = make_pairs(source, _pair_cfg(cfg, source, label, r), st)
             x1_all = lat / float(pinfo["sigma_max"])  # x_T = sigma_max z: the noise end is z
         net = _round_net(r, prev, teacher, cfg, net_cfg)
         sd = data.sigma_data if data is not None else 0.5
@@ -312,47 +304,42 @@ def _train_round(r: int, top: RunFolder, prev, teacher, couplings: str, data, cf
             idx = torch.randint(0, len(x0_all), (n,), generator=gen)
             return x0_all[idx], x1_all[idx]
 
-        def loss(model, gen, rank, world, device):
-            """Eq. 43 per sample: || (x1 - x0) - v(x_t, t) ||^2 (mean over coordinates), t ~ U[t_min, t_max]."""
+        def draw(gen, step):
             x0, x1 = couple(B, gen)
-            t = D.process.sample_t(B, generator=gen)
-            sl = batch_slice(B, rank, world)
-            return loss_fn(D, x0[sl].to(device), t[sl].to(device), x1[sl].to(device), net=model)
+            return {"x0": x0, "x1": x1, "t": D.process.sample_t(B, generator=gen)}
 
-        ema = fit(Task(student=net, loss=loss), rf, rcfg, accelerator=acc, progress=progress)
-        if acc.is_main_process:
+        def loss(model, b):
+            """Eq. 43 per sample: || (x1 - x0) - v(x_t, t) ||^2 (mean over coordinates), t ~ U[t_min, t_max]."""
+            return loss_fn(D, b["x0"], b["t"], b["x1"], net=model)
+
+        def describe(ema_module):
             x0c, x1c = couple(len(ev.z), torch.Generator().manual_seed(int(cfg["seed"]) + 77 * r))
-            D_ema = flow_denoiser(ema.module, sd).eval()
+            D_ema = flow_denoiser(ema_module, sd).eval()
             measures = {"round": r, "couplings": kind, **ev.round(D_ema, x0c.to(dev), x1c.to(dev)),
-                        "cost": {"teacher_evals": int(pinfo["teacher_evals"]), "seconds": timer.seconds}}
-            write_json(folder / "round.json", measures)  # before model.json: a finished round has both
+                        "cost": {"teacher_evals": int(pinfo["teacher_evals"]), "seconds": st.seconds}}
+            write_json(st.folder / "round.json", measures)  # before model.json: a finished round has both
             p = D.process
             sampling = {"sampler": "euler", "grids": fixed_grids({k: euler_grid(p, k) for k in RULE_NFES})}
-            meta = student_meta("reflow", D, getattr(net, "config", net_cfg), ev.z.shape[1:],
+            return student_meta("reflow", D, getattr(net, "config", net_cfg), ev.z.shape[1:],
                                 data.kind if data is not None else teacher.kind,
                                 data.name if data is not None else teacher.name, p.sigma_min, p.sigma_max,
                                 sampling, cfg, round={"index": r, "couplings": kind}, cost=measures["cost"])
-            write_student(folder, ema.module, meta)
-    acc.wait_for_everyone()
-    return load_teacher(str(folder), dev)
+
+        return Plan(Task(student=net, draw=draw, loss=loss), describe)
+
+    return plan
 
 
-def _distill(final: str, cfg: dict, progress: bool) -> str:
-    """The one-step student: knowledge distillation of the final flow on its own couplings
-    (Euler on the uniform-t grid), starting from the flow's weights."""
+def _student_config(final: str, cfg: dict) -> dict:
+    """The one-step student's options: knowledge distillation of the final flow on its own
+    couplings (Euler on the uniform-t grid), starting from the flow's weights."""
     from . import resolve
-    from .knowledge import run as knowledge_run
 
-    folder = Path(final).parent / "student"
-    if (folder / "model.json").is_file():
-        return str(folder)
-    keys = ("batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "device",
-            "mixed_precision", "checkpoint_every", "keep_checkpoints", "log_every", "pairs", "pair_batch")
-    kcfg = resolve("knowledge", {**{k: cfg[k] for k in keys}, "teacher": str(Path(final).resolve()), "init": "auto",
+    keys = tuple(k for k in LOOP_KEYS if k != "steps") + ("pairs", "pair_batch")
+    return resolve("knowledge", {**{k: cfg[k] for k in keys}, "teacher": final, "init": "auto",
                                  "steps": int(cfg["distill_steps"] or cfg["steps"]),
                                  "pair_sampler": cfg["reflow_sampler"], "pair_nfe": int(cfg["reflow_nfe"]),
                                  "pair_grid": FLOW_GRID})
-    return knowledge_run(kcfg, str(folder), resume=(folder / "config.json").is_file(), progress=progress)
 
 
 def _full_net_config(net_cfg: dict) -> dict:
@@ -362,60 +349,48 @@ def _full_net_config(net_cfg: dict) -> dict:
     return dict(getattr(build_net(net_cfg), "config", net_cfg))
 
 
-def _worth_resuming(root: Path) -> bool:
-    return any(root.glob("round*/checkpoints")) or any(root.glob("round*/pairs/chunk_*.json")) \
-        or any(root.glob("student/pairs/chunk_*.json")) or any(root.glob("student/checkpoints"))
+def stages(job):
+    """Rounds ``round1`` .. ``roundK`` (each a stage whose couplings come from the round
+    before), then the one-step student (knowledge distillation, in ``student``)."""
+    from . import get
 
-
-def run(cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
-    from ..model import load
-
-    acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
-    teacher = load_teacher(cfg["teacher"], acc.device, required=False)
+    cfg = job.cfg
+    teacher = load_teacher(cfg["teacher"], job.device, required=False)
     couplings = _check(cfg, teacher)
     data = _data(cfg, teacher, couplings)
     shape = tuple(data.shape) if data is not None else tuple(teacher.shape)
     kind = data.kind if data is not None else teacher.kind
     net_cfg = _full_net_config(net_config(cfg["net"], teacher, shape, kind))
-    ev = Evaluation(cfg, teacher, data, _mixture(cfg, teacher), shape, acc.device)
+    ev = Evaluation(cfg, teacher, data, _mixture(cfg, teacher), shape, job.device)
     distill_on = cfg["distill_steps"] is None or int(cfg["distill_steps"]) > 0
-    with open_run(acc, out, cfg, resume) as top:
-        rounds, prev = [], None
-        try:
-            for r in range(1, int(cfg["rounds"]) + 1):
-                folder = top.root / f"round{r}"
-                if (folder / "model.json").is_file():
-                    prev = load_teacher(str(folder), acc.device)
-                else:
-                    prev = _train_round(r, top, prev, teacher, couplings, data, cfg, net_cfg, acc, ev, progress)
-                rounds.append(read_json(folder / "round.json"))
-            final = str(top.root / f"round{int(cfg['rounds'])}")
-            student = _distill(final, cfg, progress) if distill_on else None
-        except BaseException:
-            if _worth_resuming(top.root):
-                top.commit()  # finished or checkpointed rounds are worth resuming
-            raise
-        if acc.is_main_process:
-            _write_top(top.root, rounds, student, ev, lambda path: load(path, device=acc.device), cfg["teacher"])
-        acc.wait_for_everyone()
-    return str(top.root)
+    rounds, prev = [], None
+    for r in range(1, int(cfg["rounds"]) + 1):
+        rcfg = {"seed": int(cfg["seed"]) + 1000 * (r - 1), "method": "reflow", "round": r,
+                "couplings": couplings if r == 1 else "reflow"}
+        prev = job.stage(f"round{r}", _round_plan(r, prev, teacher, couplings, data, cfg, net_cfg, ev), **rcfg)
+        rounds.append(read_json(job.root / f"round{r}" / "round.json"))
+    last = f"round{len(rounds)}"
+    student = None
+    if distill_on:
+        job.nested(get("knowledge"), _student_config(str((job.root / last).resolve()), cfg), "student")
+        student = "student"
+    return Top(student or last, lambda: _top_meta(job, rounds, student, ev, cfg["teacher"]))
 
 
-def _write_top(root: Path, rounds: list, student, ev: Evaluation, load, teacher=None) -> None:
-    """``reflow.json`` (every round's measures, the student's) and the run's model: the
+def _top_meta(job, rounds: list, student, ev: Evaluation, teacher=None) -> dict:
+    """``reflow.json`` (every round's measures, the student's) and the run's model.json: the
     one-step student (other NFE: Euler on the final round) or the final flow. Its
     ``teacher`` is the run's own (None for independent couplings), so ``fewstep bench``
     finds the run beside that teacher; ``flow`` names the round it was distilled from."""
+    root = job.root
     last = f"round{len(rounds)}"
     summary = {"rounds": rounds}
-    src = root / last
-    meta = read_json(src / "model.json")
+    meta = read_json(root / last / "model.json")
     if student is not None:
-        st = ev.one_step(load(student), load(str(src)))
+        st = ev.one_step(job.load(root / student), job.load(root / last))
         init = {f"init_{key}": rounds[-1][f"euler_{key}"]["1"] for key in ("error", "sliced_w2", "self_error")}
         summary["student"] = {**st, **init}  # init: the flow's one Euler step, where the student starts
-        src = Path(student)
-        meta = read_json(src / "model.json")
+        meta = read_json(root / student / "model.json")
         meta["sampling"] = {**meta["sampling"], "variants": {str(k): last for k in RULE_NFES if k > 1}}
     cost = [r["cost"] for r in rounds] + ([meta["cost"]] if student is not None else [])
     meta["cost"] = {"teacher_evals": sum(int(c.get("teacher_evals", 0)) for c in cost),
@@ -424,4 +399,4 @@ def _write_top(root: Path, rounds: list, student, ev: Evaluation, load, teacher=
                 rounds=[{"folder": f"round{r['round']}", "couplings": r["couplings"],
                          "straightness": r["straightness"]} for r in rounds])
     write_json(root / "reflow.json", summary)
-    save_checkpoint(root, load_weights(src / "model.safetensors"), meta, name="model")
+    return meta

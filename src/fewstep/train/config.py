@@ -6,9 +6,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+from .options import loop_defaults, validate_loop
 
 PROCESS_ALIASES = {"vp": "vp", "vp_cosine": "vp_cosine", "vp_discrete": "vp_discrete", "ddpm": "vp_discrete",
                    "ve": "ve", "edm": "edm", "flow": "flow"}
+
+# the loop options are declared once, in fewstep.train.options (shared with fewstep distill);
+# teachers keep their own learning rate, so existing teachers train as they always have
+TRAIN_LOOP_OVERRIDES: dict[str, Any] = {"lr": 2e-3}
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "data": "moons",
@@ -20,19 +25,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "net": None,             # None: a default for the data, or {"kind": ..., **options}
     "conditional": False,    # class-conditional (when the data has labels)
     "label_dropout": 0.1,    # classifier-free guidance: null-label probability (conditional only)
-    "steps": 2000,
-    "batch_size": 256,       # global batch (split across processes)
-    "lr": 2e-3,
-    "warmup": 100,
-    "weight_decay": 0.0,
-    "grad_clip": 1.0,
-    "ema_decay": 0.995,
-    "mixed_precision": "no",  # no | fp16 | bf16 (GPU)
-    "seed": 0,
-    "device": None,          # None: CUDA when present, else CPU
-    "checkpoint_every": 500,
-    "keep_checkpoints": 2,
-    "log_every": 50,
+    **loop_defaults(TRAIN_LOOP_OVERRIDES),  # steps, batch_size, lr, ... (fewstep.train.options)
     "eval_samples": 2000,    # samples for the final quality number (points); images use 256
     "eval_nfe": 100,
 }
@@ -52,17 +45,13 @@ def read_config_file(path) -> dict:
 
 
 def resolve(overrides: Optional[dict] = None, file: Optional[str] = None) -> dict:
-    """Defaults <- config file <- explicit overrides (None values are ignored)."""
+    """Defaults <- config file <- explicit overrides (None values are ignored), validated."""
     cfg = dict(TRAIN_DEFAULTS)
-    if file:
-        cfg.update(read_config_file(file))
-    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    from_file = read_config_file(file) if file else {}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg.update(from_file)
+    cfg.update(given)
     unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
     if unknown:
         raise UserError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(TRAIN_DEFAULTS)}")
-    for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
-        if int(cfg[key]) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}")
-    if float(cfg["lr"]) <= 0:
-        raise UserError(f"--lr must be positive, got {cfg['lr']}")
-    return cfg
+    return validate_loop(cfg, file, set(from_file) - set(given))

@@ -1,8 +1,9 @@
 """The one training loop: teachers here, students through the same loop (methods/).
 
-A *task* supplies ``loss(batch, step) -> per-sample loss`` and the modules to train; the
-loop owns everything else: accelerate (devices, processes, mixed precision), AdamW with
-linear warm-up, gradient clipping, EMA, progress, logging, checkpoints and resume.
+A *task* (:class:`Task`) supplies ``draw(generator, step) -> global batch``, ``loss(model,
+batch) -> per-sample loss`` and the modules to train; the loop owns everything else:
+accelerate (devices, processes, mixed precision), the per-process slice of each batch,
+AdamW with linear warm-up, gradient clipping, EMA, progress, logging, checkpoints, resume.
 
 Determinism: the global batch of step k is drawn from a generator seeded by (seed, k),
 and each process takes its slice of it, so a resumed run, or N processes with the same
@@ -41,15 +42,48 @@ def make_accelerator(device: Optional[str] = None, mixed_precision: str = "no"):
 
 @dataclass
 class Task:
-    """What a training job optimises: ``loss(step, generator, rank, world) -> [b] losses``
-    on ``modules['student']`` (its parameters are trained, and EMA-averaged)."""
+    """What a training job optimises.
+
+    ``draw(generator, step) -> batch`` returns the *global* batch of step ``step`` (a dict
+    whose tensors all have the global batch size as their first dimension: data, noise,
+    labels, levels, ...), drawn only from ``generator``; the loop gives each process its
+    slice (:func:`slice_batch`) on its device. ``loss(model, batch) -> [b]`` is the
+    per-sample loss of the student ``model`` (the accelerate-wrapped ``student``, whose
+    parameters are trained and EMA-averaged) on that slice. ``frozen`` modules (teacher,
+    target) are moved to the device and never trained; ``extra`` modules are saved in
+    (and restored from) the checkpoints beside the student (e.g. a consistency target);
+    ``after_step(model, step)`` runs after each optimiser step (e.g. a target's EMA)."""
 
     student: nn.Module
+    draw: Callable
     loss: Callable
     frozen: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    after_step: Optional[Callable] = None
 
 
-def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool = True, on_end=None) -> EMA:
+def batch_slice(B: int, rank: int, world: int) -> slice:
+    """This process's share of a global batch of B (the loop's determinism contract)."""
+    if B % world:
+        raise UserError(f"--batch-size {B} is not divisible by the {world} processes")
+    return slice(rank * B // world, (rank + 1) * B // world)
+
+
+def slice_batch(batch: dict, B: int, rank: int, world: int, device) -> dict:
+    """Process ``rank``'s share of a global batch, on ``device``: every tensor is cut along
+    its first dimension (which must be B); other values pass unchanged."""
+    sl = batch_slice(B, rank, world)
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            if v.shape[:1] != (B,):
+                raise ValueError(f"batch entry '{k}' has shape {list(v.shape)}, not the global batch {B} first")
+            v = v[sl].to(device)
+        out[k] = v
+    return out
+
+
+def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool = True) -> EMA:
     """Train ``task.student`` for ``cfg['steps']`` steps into ``run`` (resuming if it holds a
     checkpoint). Returns the EMA whose ``.module`` is the averaged student."""
     from tqdm.auto import tqdm
@@ -59,22 +93,23 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
     opt = torch.optim.AdamW(student.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
     ema = EMA(student, float(cfg["ema_decay"]))
     start = 0
-    extra = run.load({"net": student, "ema": ema}, {"opt": opt})
+    extra = run.load({"net": student, "ema": ema, **task.extra}, {"opt": opt})
     if extra is not None:
         start = int(extra["step"])
     warm, base_lr = max(1, int(cfg["warmup"])), float(cfg["lr"])
     model, opt = acc.prepare(student, opt)
     ema.module.to(acc.device)
-    for m in task.frozen.values():
+    for m in list(task.frozen.values()) + list(task.extra.values()):
         m.to(acc.device)
-    steps = int(cfg["steps"])
+    steps, B = int(cfg["steps"]), int(cfg["batch_size"])
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not (progress and acc.is_main_process),
                desc="train", dynamic_ncols=True, mininterval=1.0)
     running = None
     for step in bar:
-        gen = step_generator(cfg["seed"], step)
+        batch = slice_batch(task.draw(step_generator(cfg["seed"], step), step), B, acc.process_index,
+                            acc.num_processes, acc.device)
         with acc.autocast():
-            loss = task.loss(model, gen, acc.process_index, acc.num_processes, acc.device).mean()
+            loss = task.loss(model, batch).mean()
         if not torch.isfinite(loss):
             raise UserError(f"training diverged at step {step}: loss is {float(loss.detach())}; lower --lr "
                             f"(now {cfg['lr']}) or --grad-clip, then start again or --resume from the last checkpoint")
@@ -87,6 +122,8 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
             acc.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
         opt.step()
         ema.update()
+        if task.after_step is not None:
+            task.after_step(model, step)
         value = float(acc.reduce(loss.detach(), "mean"))
         running = value if running is None else 0.98 * running + 0.02 * value
         done = step + 1
@@ -95,7 +132,7 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
             if done % int(cfg["log_every"]) == 0 or done == steps:
                 run.log(done, loss=running, lr=lr)
             if done % int(cfg["checkpoint_every"]) == 0 or done == steps:
-                run.save(done, {"net": acc.unwrap_model(model), "ema": ema}, {"opt": opt},
+                run.save(done, {"net": acc.unwrap_model(model), "ema": ema, **task.extra}, {"opt": opt},
                          keep=cfg.get("keep_checkpoints"))
         acc.wait_for_everyone()
     bar.close()

@@ -35,28 +35,29 @@ def process_from_config(spec):
 
 def denoising_task(D: ModelDenoiser, data: Dataset, cfg: dict) -> Task:
     """The DSM objective on ``data``: each step draws the global batch from the step's
-    generator (indices, t, eps, label dropout) and each process takes its slice."""
+    generator (indices, t, eps, label dropout); the loop gives each process its slice."""
     loss_fn = DenoisingLoss(cfg["weighting"], sigma_data=float(cfg["sigma_data"]))
     x_all, labels_all = data.x, data.labels if cfg["conditional"] else None
     B = int(cfg["batch_size"])
     p_null = float(cfg["label_dropout"])
 
-    def loss(model, gen, rank, world, device):
-        if B % world:
-            raise UserError(f"--batch-size {B} is not divisible by the {world} processes")
+    def draw(gen, step):
         idx = torch.randint(0, len(x_all), (B,), generator=gen)
         t = D.process.sample_t(B, generator=gen)
         eps = torch.randn((B,) + tuple(x_all.shape[1:]), generator=gen)
         drop = torch.rand(B, generator=gen) < p_null
-        sl = slice(rank * B // world, (rank + 1) * B // world)
-        cond = {}
+        batch = {"x0": x_all[idx], "t": t, "eps": eps}
         if labels_all is not None:
             lab = labels_all[idx].clone()
             lab[drop] = -1
-            cond["labels"] = lab[sl].to(device)
-        return loss_fn(D, x_all[idx][sl].to(device), t[sl].to(device), eps[sl].to(device), net=model, **cond)
+            batch["labels"] = lab
+        return batch
 
-    return Task(student=D.net, loss=loss)
+    def loss(model, b):
+        cond = {"labels": b["labels"]} if "labels" in b else {}
+        return loss_fn(D, b["x0"], b["t"], b["eps"], net=model, **cond)
+
+    return Task(student=D.net, draw=draw, loss=loss)
 
 
 def build_teacher(cfg: dict, data: Dataset) -> ModelDenoiser:

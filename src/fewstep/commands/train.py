@@ -1,0 +1,50 @@
+"""``fewstep train --data D --out DIR ...``: train a diffusion teacher into a run folder.
+
+The loop options (``--steps``, ``--lr``, ...) are those of :mod:`fewstep.train.options`,
+the same as for every ``fewstep distill METHOD``; only the default ``lr`` differs
+(:data:`fewstep.train.config.TRAIN_LOOP_OVERRIDES`).
+"""
+from __future__ import annotations
+
+from ..errors import UserError
+
+# the teacher's own options (the loop's come from fewstep.train.options)
+TRAIN_KEYS = ("data", "process", "prediction", "weighting", "conditional", "n_data")
+
+
+def add_parser(sub) -> None:
+    from ..train.config import TRAIN_DEFAULTS, TRAIN_LOOP_OVERRIDES
+    from ..train.options import add_loop_arguments, option
+
+    p = sub.add_parser("train", help="train a diffusion teacher into a run folder",
+                       description="Train a teacher by weighted denoising score matching. Options not given "
+                                   "come from --config, else the defaults (see fewstep.train.config).")
+    p.add_argument("--data", help="dataset: moons, swiss_roll, 8gaussians, checkerboard, rings, pinwheel, digits, "
+                                  "shapes16, shapes32, mnist:DIR, cifar10:DIR, or a .npy/.npz file / PNG folder")
+    p.add_argument("--process", help="noise process: vp, vp_cosine, vp_discrete (ddpm), ve, edm, flow")
+    p.add_argument("--prediction", help="network parametrization: eps, x0, v, score, flow, edm")
+    p.add_argument("--weighting", help="loss weighting: simple, x0, snr, truncated_snr, min_snr, v, edm, likelihood")
+    p.add_argument("--conditional", action="store_true", default=None, help="class-conditional (labelled data)")
+    p.add_argument("--n-data", type=int, help="number of training samples (default: the dataset's)")
+    p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
+    p.add_argument("--config", help="JSON file of training options")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    notes = {k: f"kept from before, so existing teachers train the same; fewstep distill's is {option(k).default!r}"
+             for k in TRAIN_LOOP_OVERRIDES}
+    add_loop_arguments(p, TRAIN_DEFAULTS, notes)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(a) -> int:
+    from ..train.options import LOOP_NAMES, validate_loop
+    from ..train.teacher import train_teacher
+
+    overrides = {k: getattr(a, k) for k in TRAIN_KEYS + LOOP_NAMES}
+    if a.resume and (a.config or any(v is not None for k, v in overrides.items() if k != "steps")):
+        raise UserError("--resume continues the run with its stored config; give only --out (and optionally --steps)")
+    if a.resume and a.steps is not None:
+        overrides["steps"] = validate_loop({"steps": a.steps})["steps"]
+    out = train_teacher(overrides, a.out, a.config, resume=a.resume, progress=not a.quiet)
+    print(f"teacher written to {out}")
+    return 0
