@@ -28,7 +28,15 @@ COMMON_DEFAULTS = {
     "teacher": None,         # run folder or gmm:FILE.npz
     "data": None,            # dataset spec or gmm:FILE.npz (default: the teacher's)
     "net": None,             # student net config (default: the teacher's, or an MLP)
+    "guidance": None,        # conditional teachers: the target's guidance scale w (None = 1, plain conditional)
+    "label_dropout": 0.0,    # conditional teachers: share of null labels (the student learns D(null) too)
     **loop_defaults(),       # steps (per round for progressive), batch_size, lr, ...
+}
+COMMON_HELP = {
+    "guidance": "conditional teachers: classifier-free guidance w of the teacher's targets, "
+                "D(null) + w (D(c) - D(null)); 1 = plain conditional (default)",
+    "label_dropout": "conditional teachers: probability of a null label in a batch, so the student also "
+                     "learns the unconditional model and takes --guidance when sampled (default 0)",
 }
 
 
@@ -42,8 +50,6 @@ def load_teacher(spec: Optional[str], device=None, required: bool = True):
     from ..model import load
 
     teacher = load(spec, device=device)
-    if teacher.num_classes:
-        raise UserError(f"teacher {spec} is class-conditional; distilling conditional teachers is not supported yet")
     if teacher.meta.get("role") == "student" and teacher.meta.get("denoiser"):
         raise UserError(f"teacher {spec} is a {teacher.meta.get('method')} student; give a diffusion teacher")
     if isinstance(teacher.denoiser, nn.Module):
@@ -58,6 +64,84 @@ def is_exact(teacher) -> bool:
     return isinstance(getattr(teacher, "denoiser", None), GaussianMixture)
 
 
+# ------------------------------------------------------------------------ conditioning
+@dataclass
+class Conditioning:
+    """Class labels through a method (unconditional when ``num_classes`` is 0).
+
+    Labels are drawn with ``prior`` (the exact mixture's class weights, else uniform), a
+    share ``label_dropout`` of them replaced by the null label -1; the teacher's targets
+    are those of the guided teacher D_w = D(null) + w (D(c) - D(null)) (:meth:`teacher`)."""
+
+    num_classes: int = 0
+    guidance: float = 1.0
+    label_dropout: float = 0.0
+    prior: Optional[Tensor] = None
+
+    @property
+    def on(self) -> bool:
+        return self.num_classes > 0
+
+    def draw(self, n: int, gen: torch.Generator) -> Optional[Tensor]:
+        """n labels (None when unconditional)."""
+        if not self.on:
+            return None
+        p = self.prior if self.prior is not None else torch.ones(self.num_classes, dtype=torch.float64)
+        labels = torch.multinomial(p, n, replacement=True, generator=gen)
+        return self.drop(labels, gen)
+
+    def drop(self, labels: Optional[Tensor], gen: torch.Generator) -> Optional[Tensor]:
+        """``labels`` with a share ``label_dropout`` replaced by -1 (no draw when 0)."""
+        if labels is None or self.label_dropout <= 0:
+            return labels
+        labels = labels.clone()
+        labels[torch.rand(len(labels), generator=gen) < self.label_dropout] = -1
+        return labels
+
+    def teacher(self, D):
+        """The teacher's denoiser as the targets see it: guided when w != 1."""
+        if not self.on or self.guidance == 1.0:
+            return D
+        from ..denoiser import CFGDenoiser
+
+        return CFGDenoiser(D, self.guidance)
+
+    def meta(self) -> dict:
+        return {"guidance": self.guidance, "label_dropout": self.label_dropout} if self.on else {}
+
+
+def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
+    """The run's :class:`Conditioning`: the teacher's (or the data's) classes, ``--guidance``
+    and ``--label-dropout``, checked (a guidance or dropout without classes is refused)."""
+    import math as _math
+
+    C = int(getattr(teacher, "num_classes", 0) or 0) if teacher is not None else int(getattr(data, "num_classes", 0))
+    w, p = cfg.get("guidance"), cfg.get("label_dropout") or 0.0
+    for key, v in (("guidance", w), ("label_dropout", p)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _math.isfinite(v)):
+            raise UserError(f"--{key.replace('_', '-')} must be a finite number, got {v!r}")
+    if not C:
+        if w is not None and float(w) != 1.0:
+            raise UserError(f"--guidance {w}: the teacher is unconditional; guidance needs a class-conditional teacher")
+        if float(p) != 0.0:
+            raise UserError(f"--label-dropout {p}: the teacher is unconditional; leave it out")
+        return Conditioning()
+    if not 0.0 <= float(p) < 1.0:
+        raise UserError(f"--label-dropout must lie in [0, 1), got {p}")
+    prior = None
+    if teacher is not None and is_exact(teacher):
+        prior = teacher.denoiser.class_weights
+    return Conditioning(C, 1.0 if w is None else float(w), float(p), prior)
+
+
+def check_student_net(net, cond: Conditioning, where: str = "--net") -> None:
+    """A conditional run needs a student net with the teacher's classes (it would ignore labels)."""
+    have = int(getattr(net, "config", {}).get("num_classes", 0) or 0) if hasattr(net, "config") else None
+    if have is not None and have != cond.num_classes:
+        raise UserError(f"{where}: the student net has num_classes {have}, the teacher {cond.num_classes}; "
+                        f"give a net config with num_classes {cond.num_classes}")
+
+
 # -------------------------------------------------------------------------------- data
 @dataclass
 class DataSource:
@@ -68,6 +152,14 @@ class DataSource:
     kind: str
     name: str
     sigma_data: float
+    num_classes: int = 0
+    draw_labelled: Optional[Callable] = None  # (n, generator) -> (x0, labels); labels None when unconditional
+
+    def labelled(self, n: int, gen: torch.Generator):
+        """(x0, labels) of n samples; labels None for unlabelled data (the draws of ``draw``)."""
+        if self.draw_labelled is None:
+            return self.draw(n, gen), None
+        return self.draw_labelled(n, gen)
 
 
 def gmm_sigma_data(gmm) -> float:
@@ -99,8 +191,13 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0) -> DataSource:
     else:
         gmm = None
     if gmm is not None:
+        labelled = None
+        if gmm.num_classes:
+            def labelled(n, g):  # the same draws as gmm.sample: component k, then x0 ~ N_k; class = labels[k]
+                x, k = gmm.sample(n, generator=g, return_labels=True)
+                return x.float(), gmm.labels[k]
         return DataSource(lambda n, g: gmm.sample(n, generator=g).float(), (gmm.dim,), "points", name,
-                          gmm_sigma_data(gmm))
+                          gmm_sigma_data(gmm), gmm.num_classes, labelled)
     if spec is None:
         if teacher is None:
             raise UserError("give --data (a dataset or gmm:FILE.npz) or --teacher")
@@ -118,11 +215,19 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0) -> DataSource:
     def draw(n, g):
         return x[torch.randint(0, len(x), (n,), generator=g)]
 
-    return DataSource(draw, tuple(ds.shape), ds.kind, ds.name, float(x.std()))
+    labelled = None
+    if ds.num_classes and ds.labels is not None:
+        y = ds.labels.long()
+
+        def labelled(n, g):
+            idx = torch.randint(0, len(x), (n,), generator=g)
+            return x[idx], y[idx]
+
+    return DataSource(draw, tuple(ds.shape), ds.kind, ds.name, float(x.std()), int(ds.num_classes or 0), labelled)
 
 
 # ----------------------------------------------------------------------------- students
-def net_config(cfg_net, teacher, shape, kind) -> dict:
+def net_config(cfg_net, teacher, shape, kind, num_classes: int = 0) -> dict:
     """The student's network: ``--net`` if given, else the teacher's, else the default for
     the data (an MLP for points)."""
     import json
@@ -138,7 +243,7 @@ def net_config(cfg_net, teacher, shape, kind) -> dict:
         return dict(cfg_net)
     if teacher is not None and not is_exact(teacher) and "net" in teacher.meta:
         return dict(teacher.meta["net"])
-    return net_config_defaults(kind, shape)
+    return net_config_defaults(kind, shape, int(num_classes or getattr(teacher, "num_classes", 0) or 0))
 
 
 def teacher_net_state(teacher, net_cfg: dict) -> Optional[dict]:
@@ -151,11 +256,11 @@ def teacher_net_state(teacher, net_cfg: dict) -> Optional[dict]:
     return None
 
 
-def call_denoiser(D, net, y: Tensor, sigma: Tensor) -> Tensor:
-    """D(y, sigma) with ``net`` (e.g. the accelerate-wrapped student) in place of D.net; D
-    supplies the parametrization (``net_input`` / ``output_to_x0``)."""
+def call_denoiser(D, net, y: Tensor, sigma: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    """D(y, sigma, labels) with ``net`` (e.g. the accelerate-wrapped student) in place of D.net;
+    D supplies the parametrization (``net_input`` / ``output_to_x0``)."""
     x_in, c_noise, c = D.net_input(y, sigma)
-    out = net(x_in, c_noise.to(y.dtype))
+    out = net(x_in, c_noise.to(y.dtype)) if labels is None else net(x_in, c_noise.to(y.dtype), labels=labels)
     return D.output_to_x0(out.to(y.dtype), y, sigma, x_in, c)
 
 
@@ -175,10 +280,11 @@ def group_levels(n_levels: int, B: int, groups: int, gen: torch.Generator, low: 
 
 # ------------------------------------------------------------------- teacher ODE steps
 @torch.no_grad()
-def solve_rows(sampler: str, denoiser, x: Tensor, rows: Tensor, **options) -> Tensor:
+def solve_rows(sampler: str, denoiser, x: Tensor, rows: Tensor, labels: Optional[Tensor] = None,
+               **options) -> Tensor:
     """Move each sample ``x[b]`` along its own decreasing grid ``rows[b]`` with the
-    registered ``sampler`` (e.g. euler = DDIM, heun, dpm_solver_2): samples sharing a row
-    are one sampler call on that row."""
+    registered ``sampler`` (e.g. euler = DDIM, heun, dpm_solver_2), conditioned on its own
+    ``labels[b]`` when given: samples sharing a row are one sampler call on that row."""
     from ..samplers import get
 
     fn = get(sampler)
@@ -186,7 +292,8 @@ def solve_rows(sampler: str, denoiser, x: Tensor, rows: Tensor, **options) -> Te
     uniq, inv = torch.unique(rows, dim=0, return_inverse=True)
     for j in range(len(uniq)):
         idx = (inv == j).nonzero().squeeze(1)
-        out[idx] = fn(denoiser, x[idx], uniq[j].to(x.device), **options).to(x.dtype)
+        extra = {"extra_args": {"labels": labels[idx]}} if labels is not None else {}
+        out[idx] = fn(denoiser, x[idx], uniq[j].to(x.device), **extra, **options).to(x.dtype)
     return out
 
 
@@ -202,7 +309,8 @@ class EvalCounter:
 
 
 def student_meta(method: str, D, net_cfg: dict, shape, kind: str, data_name: str, sigma_min: float,
-                 sigma_max: float, sampling: dict, cfg: dict, denoiser: Optional[dict] = None, **extra) -> dict:
+                 sigma_max: float, sampling: dict, cfg: dict, denoiser: Optional[dict] = None,
+                 cond: Optional[Conditioning] = None, **extra) -> dict:
     """``model.json`` of a student: what :func:`fewstep.load` needs, plus its own sampling
     rule (``sampling``: sampler, fixed grids per NFE, options, other rounds)."""
     meta = {
@@ -214,7 +322,8 @@ def student_meta(method: str, D, net_cfg: dict, shape, kind: str, data_name: str
         "process": D.process.config(),
         "prediction": D.prediction,
         "sigma_data": float(D.sigma_data),
-        "data": {"name": data_name, "kind": kind, "shape": list(shape), "num_classes": 0},
+        "data": {"name": data_name, "kind": kind, "shape": list(shape),
+                 "num_classes": cond.num_classes if cond is not None else 0},
         "sigma_min": float(sigma_min),
         "sigma_max": float(sigma_max),
         "default_sampler": sampling["sampler"],
@@ -222,6 +331,8 @@ def student_meta(method: str, D, net_cfg: dict, shape, kind: str, data_name: str
     }
     if denoiser is not None:
         meta["denoiser"] = denoiser
+    if cond is not None:
+        meta.update(cond.meta())
     meta.update(extra)
     return meta
 

@@ -44,8 +44,8 @@ from ..errors import UserError, unknown_name
 from ..grids import karras
 from ..students import ConsistencyDenoiser
 from ..train.job import Plan, Task
-from .common import (bcast, call_denoiser, data_source, fixed_grids, is_exact, load_teacher, net_config, solve_rows,
-                     student_meta, teacher_net_state)
+from .common import (Conditioning, bcast, call_denoiser, check_student_net, conditioning, data_source, fixed_grids,
+                     is_exact, load_teacher, net_config, solve_rows, student_meta, teacher_net_state)
 
 DEFAULTS = {
     "mode": "distillation",   # distillation (CD, needs --teacher) | training (CT, no teacher)
@@ -208,7 +208,7 @@ def build_student(teacher, cfg: dict, data):
     teacher of that architecture, its weights)."""
     from ..nets import build_net
 
-    net_cfg = net_config(cfg["net"], teacher, data.shape, data.kind)
+    net_cfg = net_config(cfg["net"], teacher, data.shape, data.kind, data.num_classes if teacher is None else 0)
     torch.manual_seed(int(cfg["seed"]))
     net = build_net(net_cfg)
     net_cfg = getattr(net, "config", net_cfg)
@@ -227,7 +227,8 @@ def build_student(teacher, cfg: dict, data):
     return ConsistencyDenoiser(net, float(cfg["sigma_min"]), sd, float(cfg["sigma_max"])), net_cfg
 
 
-def consistency_task(D: ConsistencyDenoiser, cfg: dict, data, teacher, target) -> Task:
+def consistency_task(D: ConsistencyDenoiser, cfg: dict, data, teacher, target,
+                     cond: Conditioning = Conditioning()) -> Task:
     """CD / CT (module docstring) as the loop's task: ``draw`` takes the curriculum's N at
     the step, ``loss`` compares f_theta(x_{n+1}, sigma_{n+1}) with f_theta-(x^_n, sigma_n),
     and after each update the target moves: theta- <- mu theta- + (1 - mu) theta."""
@@ -235,6 +236,7 @@ def consistency_task(D: ConsistencyDenoiser, cfg: dict, data, teacher, target) -
     c = float(cfg["huber_c"]) if cfg["huber_c"] is not None else 0.00054 * math.sqrt(math.prod(data.shape))
     distil = cfg["mode"] == "distillation"
     groups = int(cfg["level_groups"]) if distil else B
+    solver_D = cond.teacher(teacher.denoiser) if distil else None
     cache = {}
 
     def draw(gen, step):
@@ -245,20 +247,23 @@ def consistency_task(D: ConsistencyDenoiser, cfg: dict, data, teacher, target) -
         sig, probs = cache[N]
         draws = torch.multinomial(probs, max(1, min(groups, B)), replacement=True, generator=gen)
         n = draws[torch.arange(B) * len(draws) // B]
-        x0 = data.draw(B, gen)
+        x0, labels = data.labelled(B, gen) if cond.on else (data.draw(B, gen), None)
         z = torch.randn(x0.shape, generator=gen)
-        return {"x0": x0, "z": z, "s_next": sig[n + 1], "s_now": sig[n]}
+        batch = {"x0": x0, "z": z, "s_next": sig[n + 1], "s_now": sig[n]}
+        if cond.on:
+            batch["labels"] = cond.drop(labels, gen)
+        return batch
 
     def loss(model, b):
-        x0, z, s_next, s_now = b["x0"], b["z"], b["s_next"], b["s_now"]
+        x0, z, s_next, s_now, labels = b["x0"], b["z"], b["s_next"], b["s_now"], b.get("labels")
         y_next = x0 + bcast(s_next, x0) * z
         if distil:
-            y_now = solve_rows(cfg["solver"], teacher.denoiser, y_next, torch.stack([s_next, s_now], 1))
+            y_now = solve_rows(cfg["solver"], solver_D, y_next, torch.stack([s_next, s_now], 1), labels)
         else:
             y_now = x0 + bcast(s_now, x0) * z
-        pred = call_denoiser(D, model, y_next, s_next.to(x0.dtype))
+        pred = call_denoiser(D, model, y_next, s_next.to(x0.dtype), labels)
         with torch.no_grad():
-            tgt = call_denoiser(D, target if target is not None else model, y_now, s_now.to(x0.dtype))
+            tgt = call_denoiser(D, target if target is not None else model, y_now, s_now.to(x0.dtype), labels)
         lam = (1.0 / (s_next - s_now)).to(x0.dtype) if cfg["weighting"] == "ict" else 1.0
         return lam * distance(pred, tgt, cfg["loss"], c)
 
@@ -276,7 +281,7 @@ def consistency_task(D: ConsistencyDenoiser, cfg: dict, data, teacher, target) -
 
 
 @torch.no_grad()
-def tune_levels(f, data, cfg: dict, n: int, max_k: int = 4) -> dict:
+def tune_levels(f, data, cfg: dict, n: int, max_k: int = 4, cond: Conditioning = Conditioning()) -> dict:
     """Greedy search of the multistep levels (as the CM paper does on FID): for k = 2..max_k
     steps, one pass of coordinate descent over the k - 1 levels on a log-spaced candidate
     set in [0.02 sd, 4 sd], minimising sliced-W2 of n samples to n data samples (the same
@@ -287,8 +292,9 @@ def tune_levels(f, data, cfg: dict, n: int, max_k: int = 4) -> dict:
     from ..samplers import get
 
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 99)
-    ref = data.draw(n, gen)
+    ref, labels = data.labelled(n, gen) if cond.on else (data.draw(n, gen), None)
     dev = next(f.parameters()).device
+    extra = {"extra_args": {"labels": labels.to(dev)}} if labels is not None else {}
     x_T = float(cfg["sigma_max"]) * torch.randn(ref.shape, generator=gen)
     cands = (f.sigma_data * torch.logspace(math.log10(0.02), math.log10(4.0), 12, dtype=torch.float64)).tolist()
     sample, best = get("consistency"), {}
@@ -296,7 +302,7 @@ def tune_levels(f, data, cfg: dict, n: int, max_k: int = 4) -> dict:
     def score(lv):
         grid = torch.tensor([float(cfg["sigma_max"])] + lv + [0.0], dtype=torch.float64, device=dev)
         x = sample(f, x_T.to(dev), grid, epsilon=float(cfg["sigma_min"]),
-                   generator=torch.Generator(device=dev).manual_seed(5))
+                   generator=torch.Generator(device=dev).manual_seed(5), **extra)
         return sliced_w2(x.cpu(), ref, n_projections=128)
 
     prev = []
@@ -339,7 +345,16 @@ def stages(job):
     teacher = load_teacher(job.cfg["teacher"], job.device, required=job.cfg["mode"] == "distillation")
     cfg = resolve(job.cfg, teacher)
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
+    cond = conditioning(cfg, teacher, data)
+    if cond.on and not data.num_classes:
+        raise UserError(f"the teacher is class-conditional but the training data {data.name} has no labels; "
+                        f"give labelled --data")
+    if cond.on and cfg["mode"] == "training" and cond.guidance != 1.0:
+        raise UserError(f"--guidance {cond.guidance}: consistency training learns from data, which has no guidance; "
+                        f"use --mode distillation")
     D, net_cfg = build_student(teacher, cfg, data)
+    if cond.on:
+        check_student_net(D.net, cond)
     sampling = sampling_rule(cfg, D.sigma_data)
     _, mu0 = curriculum(cfg)(0)
     target = copy.deepcopy(D.net).requires_grad_(False) if cfg["schedule"] != "ict" and mu0 > 0 else None
@@ -349,16 +364,16 @@ def stages(job):
             rule = sampling
             if int(cfg["tune_levels"]) > 0:
                 f = ConsistencyDenoiser(ema_module, D.sigma_min, D.sigma_data, float(cfg["sigma_max"]))
-                rule = sampling_rule(cfg, D.sigma_data, tune_levels(f, data, cfg, int(cfg["tune_levels"])))
+                rule = sampling_rule(cfg, D.sigma_data, tune_levels(f, data, cfg, int(cfg["tune_levels"]), cond=cond))
             per = info(cfg["solver"]).cost(1, final_zero=False) if cfg["mode"] == "distillation" else 0
             den = {"kind": "consistency", "sigma_min": D.sigma_min, "sigma_data": D.sigma_data,
                    "sigma_max": float(cfg["sigma_max"])}
             return student_meta("consistency", D, net_cfg, data.shape, data.kind, data.name, float(cfg["sigma_min"]),
-                                float(cfg["sigma_max"]), rule, cfg, denoiser=den, mode=cfg["mode"],
+                                float(cfg["sigma_max"]), rule, cfg, denoiser=den, cond=cond, mode=cfg["mode"],
                                 schedule=cfg["schedule"],
                                 cost={"teacher_evals": int(cfg["steps"]) * int(cfg["batch_size"]) * per,
                                       "seconds": st.seconds})
 
-        return Plan(consistency_task(D, cfg, data, teacher, target), describe)
+        return Plan(consistency_task(D, cfg, data, teacher, target, cond), describe)
 
     job.stage("", plan)

@@ -27,8 +27,8 @@ from ..errors import UserError, unknown_name
 from ..process import EDM
 from ..students import Generator
 from ..train.job import Plan, Task
-from .common import call_denoiser, fixed_grids, gmm_sigma_data, is_exact, load_teacher, net_config, \
-    student_meta, teacher_net_state
+from .common import call_denoiser, check_student_net, conditioning, fixed_grids, gmm_sigma_data, is_exact, \
+    load_teacher, net_config, student_meta, teacher_net_state
 from .pairs import make_pairs, pair_spec
 
 DEFAULTS = {
@@ -100,8 +100,11 @@ def stages(job):
     """One stage in the top folder: the teacher's pairs, then eq. 40 on them."""
     cfg = job.cfg
     teacher = load_teacher(cfg["teacher"], job.device)
+    cond = conditioning(cfg, teacher)
     D, module, net_cfg = build_student(teacher, cfg)  # bad options fail before any work
-    pair_spec(cfg, teacher)
+    if cond.on:
+        check_student_net(D.net, cond)
+    pair_spec(cfg, teacher, cond)
     dist = distance_fn(cfg["distance"])
     if cfg["distance"] != "mse" and teacher.kind != "clouds":
         raise UserError(f"--distance {cfg['distance']} compares point sets; the teacher's samples are {teacher.kind}")
@@ -109,17 +112,24 @@ def stages(job):
     sigma_T = float(teacher.sigma_max)
 
     def plan(st):
-        latents, targets, pinfo = make_pairs(teacher, cfg, st)
+        latents, targets, pinfo = make_pairs(teacher, cfg, st, cond)
+        labels = pinfo.pop("labels")
         B, n = int(cfg["batch_size"]), len(latents)
 
         def draw(gen, step):
             idx = torch.randint(0, n, (B,), generator=gen)
-            return {"z": latents[idx], "x0": targets[idx]}
+            batch = {"z": latents[idx], "x0": targets[idx]}
+            if labels is not None:
+                batch["labels"] = labels[idx]
+            return batch
 
         def loss(model, b):
-            """Eq. 40: || f(x_T) - ODE(x_T) ||^2 per sample (or a point-set distance)."""
-            z = b["z"]
-            pred = model(z) if generator else call_denoiser(D, model, z, torch.full((len(z),), sigma_T, device=z.device))
+            """Eq. 40: || f(x_T, c) - ODE(x_T, c) ||^2 per sample (or a point-set distance)."""
+            z, lab = b["z"], b.get("labels")
+            if generator:
+                pred = model(z) if lab is None else model(z, labels=lab)
+            else:
+                pred = call_denoiser(D, model, z, torch.full((len(z),), sigma_T, device=z.device), lab)
             return dist(pred, b["x0"])
 
         def describe(ema_module):
@@ -127,7 +137,7 @@ def stages(job):
             sampling = {"sampler": "consistency", "grids": fixed_grids({1: [sigma_T, 0.0]})}
             meta = student_meta("knowledge", D, net_cfg, teacher.shape, teacher.kind,
                                 teacher.meta.get("data", {}).get("name", teacher.name), teacher.sigma_min, sigma_T,
-                                sampling, cfg, denoiser=den, distance=cfg["distance"],
+                                sampling, cfg, denoiser=den, cond=cond, distance=cfg["distance"],
                                 cost={"teacher_evals": pinfo["teacher_evals"], "pair_seconds": pinfo["pair_seconds"],
                                       "train_seconds": st.seconds - pinfo["pair_seconds"], "seconds": st.seconds},
                                 pairs={k: pinfo[k] for k in ("sampler", "nfe", "grid", "pairs")})

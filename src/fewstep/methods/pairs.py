@@ -16,10 +16,10 @@ import torch
 
 from ..errors import UserError
 from ..train.checkpoint import load_weights, read_json, save_checkpoint, write_json
-from .common import EvalCounter, quiet_sample
+from .common import Conditioning, EvalCounter, quiet_sample
 
 
-def pair_spec(cfg: dict, teacher) -> dict:
+def pair_spec(cfg: dict, teacher, cond: Conditioning = Conditioning()) -> dict:
     """The pairs a config asks for (``pair_sampler``, ``pair_nfe``, ``pair_grid``, ``pairs``,
     ``pair_batch``, ``seed``, ``latent_dim``), checked before any work."""
     from ..grids import make_grid
@@ -34,21 +34,26 @@ def pair_spec(cfg: dict, teacher) -> dict:
             raise UserError(f"--{key.replace('_', '-')} must be an integer of at least 1, got {cfg[key]!r}")
     if cfg.get("latent_dim") is not None and (not isinstance(cfg["latent_dim"], int) or int(cfg["latent_dim"]) < 1):
         raise UserError(f"--latent-dim must be an integer of at least 1, got {cfg['latent_dim']!r}")
-    return {"teacher": str(cfg["teacher"]), "sampler": sampler, "nfe": int(cfg["pair_nfe"]),
+    spec = {"teacher": str(cfg["teacher"]), "sampler": sampler, "nfe": int(cfg["pair_nfe"]),
             "grid": cfg["pair_grid"], "pairs": int(cfg["pairs"]), "batch": int(cfg["pair_batch"]),
             "seed": int(cfg["seed"]), "latent_dim": cfg.get("latent_dim"), "sigma_max": teacher.sigma_max}
+    if cond.on:
+        spec.update(classes=cond.num_classes, **cond.meta())
+    return spec
 
 
-def make_pairs(teacher, cfg: dict, st):
+def make_pairs(teacher, cfg: dict, st, cond: Conditioning = Conditioning()):
     """Pairs (latent, x_0 = teacher sampler(x_T)) in ``<stage>/pairs/`` (module docstring).
 
     ``st`` is the :class:`~fewstep.train.job.Stage`: process r of W makes chunks r, r + W, ...;
-    after a barrier every process reads all of them. Returns (latents, x0, info)."""
+    after a barrier every process reads all of them. With a conditional ``cond`` each pair
+    has a label (drawn after its noise) and x_0 is the guided teacher's sample for it.
+    Returns (latents, x0, info); ``info["labels"]`` holds the labels (None: unconditional)."""
     from tqdm.auto import tqdm
 
     from ..samplers import info
 
-    spec = pair_spec(cfg, teacher)
+    spec = pair_spec(cfg, teacher, cond)
     folder = st.run.path("pairs/pairs.json").parent
     if (folder / "pairs.json").is_file():
         stored = read_json(folder / "pairs.json")
@@ -77,21 +82,30 @@ def make_pairs(teacher, cfg: dict, st):
             parts = [latent[:, :min(m, d)]] + ([torch.randn(k, d - m, generator=g, dtype=torch.float64)] if m < d else [])
             x_T = torch.cat(parts, 1).reshape((k,) + shape)
         x_T = (teacher.sigma_max * x_T).to(teacher.device, teacher.dtype)
+        labels = cond.draw(k, g)
         counter = EvalCounter(teacher.denoiser)
         opts = {"generator": torch.Generator(device=teacher.device).manual_seed(int(g.initial_seed()) + 1)} if stochastic else {}
-        x0 = quiet_sample(counter, x_T, sampler=spec["sampler"], nfe=spec["nfe"], grid=spec["grid"],
+        if labels is not None:
+            opts["extra_args"] = {"labels": labels.to(teacher.device)}
+        x0 = quiet_sample(cond.teacher(counter), x_T, sampler=spec["sampler"], nfe=spec["nfe"], grid=spec["grid"],
                           sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max, process=teacher.process, **opts)
-        save_checkpoint(folder, {"latent": (teacher.sigma_max * latent).float(), "x0": x0.float().cpu()},
-                        {"pairs": k, "teacher_evals": counter.evals, "seconds": time.time() - t0}, name=name)
+        tensors = {"latent": (teacher.sigma_max * latent).float(), "x0": x0.float().cpu()}
+        if labels is not None:
+            tensors["labels"] = labels.cpu()
+        save_checkpoint(folder, tensors, {"pairs": k, "teacher_evals": counter.evals, "seconds": time.time() - t0},
+                        name=name)
         st.commit()  # pairs on disk are worth resuming
     st.barrier()  # every process's chunks are on disk
-    lat, x0, evals, secs = [], [], 0, 0.0
+    lat, x0, labels, evals, secs = [], [], [], 0, 0.0
     for i in range(chunks):
         w = load_weights(folder / f"chunk_{i:05d}.safetensors")
         meta = read_json(folder / f"chunk_{i:05d}.json")
         lat.append(w["latent"])
         x0.append(w["x0"])
+        if cond.on:
+            labels.append(w["labels"])
         evals, secs = evals + int(meta["teacher_evals"]), secs + float(meta["seconds"])
     if not bool(torch.isfinite(torch.cat(x0)).all()):
         raise UserError(f"the teacher's pairs in {folder} hold NaN or inf; use another --pair-sampler or more --pair-nfe")
-    return torch.cat(lat), torch.cat(x0), {"teacher_evals": evals, "pair_seconds": secs, **spec}
+    return torch.cat(lat), torch.cat(x0), {"teacher_evals": evals, "pair_seconds": secs, **spec,
+                                           "labels": torch.cat(labels) if cond.on else None}

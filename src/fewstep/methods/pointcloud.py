@@ -48,7 +48,8 @@ import torch
 from ..errors import UserError
 from ..process import LinearFlow
 from ..train.checkpoint import write_json
-from ..train.job import LOOP_KEYS, Plan, Task, Top
+from ..train.job import Plan, Task, Top
+from ..train.options import LOOP_NAMES
 from .common import check_positive, load_teacher
 from .pairs import make_pairs
 
@@ -189,7 +190,7 @@ def _student_config(cfg: dict, reflowed: str) -> dict:
     """Stage 3's options: knowledge distillation of the reflowed flow with a point-set distance."""
     from . import resolve
 
-    keys = tuple(k for k in LOOP_KEYS if k not in ("steps", "seed")) + (
+    keys = tuple(k for k in LOOP_NAMES if k not in ("steps", "seed")) + (
         "pair_sampler", "pair_nfe", "pair_grid", "pairs", "pair_batch", "distance")
     return resolve("knowledge", {**{k: cfg[k] for k in keys}, "teacher": reflowed, "init": "teacher",
                                  "steps": int(cfg["steps"]), "seed": int(cfg["seed"]) + 1})

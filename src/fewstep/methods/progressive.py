@@ -31,8 +31,8 @@ import torch
 
 from ..errors import UserError
 from ..train.job import Plan, Task, Top
-from .common import (bcast, call_denoiser, data_source, fixed_grids, group_levels, is_exact, load_teacher, log2_int,
-                     net_config, solve_rows, student_meta)
+from .common import (bcast, call_denoiser, check_student_net, conditioning, data_source, fixed_grids, group_levels,
+                     is_exact, load_teacher, log2_int, net_config, solve_rows, student_meta)
 
 DEFAULTS = {
     "start_steps": 64,        # N of the first teacher (its DDIM steps)
@@ -63,11 +63,11 @@ def level_grid(process, n: int, sigma_max: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def target(teacher, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def target(teacher, y: torch.Tensor, rows: torch.Tensor, labels=None) -> torch.Tensor:
     """x~ for samples y at levels rows[:, 0]: the teacher's DDIM (Euler) steps along each
     row (two for PD, one for a copy round) from y to y_end, then
     x~ = (y_end - r y) / (1 - r) with r = rows[:, -1] / rows[:, 0] (module docstring)."""
-    y_end = solve_rows("euler", teacher, y, rows)
+    y_end = solve_rows("euler", teacher, y, rows, labels)
     r = bcast((rows[:, -1] / rows[:, 0]).to(y.device), y)
     return (y_end - r * y) / (1 - r)
 
@@ -128,6 +128,10 @@ def stages(job):
     n0, n_end, prediction, copy = _check(cfg, teacher)
     process = process_from_config(cfg["process"])
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
+    cond = conditioning(cfg, teacher)
+    if cond.on and not data.num_classes:
+        raise UserError(f"the teacher is class-conditional but its training data {data.name} has no labels; "
+                        f"give labelled --data")
     base = level_grid(process, n0, teacher.sigma_max)
     net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
     B, G = int(cfg["batch_size"]), int(cfg["level_groups"])
@@ -138,29 +142,35 @@ def stages(job):
 
         def plan(st, r=r, N=N, k=k, grid_s=grid_s, grid_t=grid_t, prev=prev):
             D, round_net_cfg = _student(prev, cfg, process, prediction, data, net_cfg, copy and r == 0)
+            if cond.on:
+                check_student_net(D.net, cond)
             T = prev.denoiser
+            T_target = cond.teacher(T) if r == 0 else T  # later rounds' teachers are guided students
 
             def draw(gen, step):
                 i = group_levels(N, B, G, gen)
-                x0 = data.draw(B, gen)
+                x0, labels = data.labelled(B, gen) if cond.on else (data.draw(B, gen), None)
                 eps = torch.randn(x0.shape, generator=gen)
                 rows = torch.stack([grid_t[k * i + j] for j in range(k + 1)], 1)
-                return {"x0": x0, "eps": eps, "sigma": grid_s[i], "rows": rows}
+                batch = {"x0": x0, "eps": eps, "sigma": grid_s[i], "rows": rows}
+                if cond.on:
+                    batch["labels"] = cond.drop(labels, gen)
+                return batch
 
             def loss(model, b):
-                """Per sample: w(s) || x_student(y, s) - x~ ||^2 at a student level s."""
-                x0 = b["x0"]
+                """Per sample: w(s) || x_student(y, s, c) - x~ ||^2 at a student level s."""
+                x0, labels = b["x0"], b.get("labels")
                 y = x0 + bcast(b["sigma"], x0) * b["eps"]
-                x_tilde = target(T, y, b["rows"])
+                x_tilde = target(T_target, y, b["rows"], labels)
                 s = b["sigma"].to(x0.dtype)
-                pred = call_denoiser(D, model, y, s)
+                pred = call_denoiser(D, model, y, s, labels)
                 w = x0_weight(cfg["weighting"], s.double()).to(x0.dtype)
                 return w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
 
             def describe(ema_module):
                 sampling = {"sampler": "euler", "grids": fixed_grids({N: grid_s.tolist()})}
                 return student_meta("progressive", D, round_net_cfg, teacher.shape, teacher.kind, data.name,
-                                    float(grid_s[-2]), float(grid_s[0]), sampling, cfg,
+                                    float(grid_s[-2]), float(grid_s[0]), sampling, cfg, cond=cond,
                                     round={"index": r, "student_steps": N, "teacher_steps": k},
                                     cost={"teacher_evals": int(cfg["steps"]) * B * k, "seconds": st.seconds})
 

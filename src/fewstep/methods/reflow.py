@@ -48,10 +48,11 @@ from ..errors import UserError
 from ..grids import time_uniform
 from ..process import LinearFlow
 from ..train.checkpoint import read_json, write_json
-from ..train.job import LOOP_KEYS, Plan, Task, Top
+from ..train.job import Plan, Task, Top
+from ..train.options import LOOP_NAMES
 from ..train.losses import DenoisingLoss
-from .common import (bcast, data_source, data_spec, fixed_grids, is_exact, load_teacher, net_config, quiet_sample,
-                     student_meta, teacher_net_state)
+from .common import (Conditioning, bcast, check_student_net, conditioning, data_source, data_spec, fixed_grids,
+                     is_exact, load_teacher, net_config, quiet_sample, student_meta, teacher_net_state)
 from .pairs import make_pairs, pair_spec
 
 DEFAULTS = {
@@ -200,41 +201,58 @@ class Evaluation:
     """Fixed evaluation noise z, the reference map's x0 = ref(z) (exact mixture flow, else the
     teacher's sampler, else none) and fresh data for sliced-W2."""
 
-    def __init__(self, cfg: dict, teacher, data, gmm, shape, device):
+    def __init__(self, cfg: dict, teacher, data, gmm, shape, device, cond: Conditioning = Conditioning()):
         n, process = int(cfg["eval_samples"]), LinearFlow()
         g = torch.Generator().manual_seed(int(cfg["seed"]) + 424242)
         self.z = torch.randn((n,) + tuple(shape), generator=g).to(device)
         self.data = data.draw(n, g).to(device) if data is not None else None
+        # conditional runs: every measure at fixed evaluation labels (no null labels)
+        self.labels = Conditioning(cond.num_classes, prior=cond.prior).draw(n, g) if cond.on else None
+        lab = {"labels": self.labels} if cond.on else {}
         self.process, self.cfg = process, cfg
         self.ref, self.reference = None, None
         s_ref = teacher.sigma_max if teacher is not None else process.sigma_max
         if gmm is not None:  # the exact probability-flow map from sigma_ref z (the 1-rectified flow's, too)
             z64 = self.z.double().cpu()
-            self.ref, self.reference = gmm.flow(s_ref * z64, s_ref, 0.0, rtol=1e-7).float().to(device), "exact"
+            guided = {"guidance": cond.guidance} if cond.on else {}
+            self.ref = gmm.flow(s_ref * z64, s_ref, 0.0, rtol=1e-7, **lab, **guided).float().to(device)
+            self.reference = "exact"
         elif teacher is not None:
             pc = _pair_cfg(cfg, teacher, "", 1)
             x = teacher.sample(n, pc["pair_nfe"], sampler=pc["pair_sampler"] or teacher.default_sampler,
-                               grid=pc["pair_grid"], x=s_ref * self.z)[0]
+                               grid=pc["pair_grid"], x=s_ref * self.z, guidance=cond.guidance if cond.on else None,
+                               **lab)[0]
             self.ref, self.reference = x.float().to(device), "teacher"
+        if self.labels is not None:
+            self.labels = self.labels.to(device)
+
+    def at_labels(self, D, labels=None):
+        """D with the evaluation labels (or ``labels``) bound; D itself when unconditional."""
+        labels = self.labels if labels is None else labels
+        if labels is None:
+            return D
+        return lambda y, sigma, **kw: D(y, sigma, labels=labels, **kw)
 
     @torch.no_grad()
     def ode(self, D):
         """The flow's accurate solution from sigma_max z (the next round's couplings' solver)."""
         p = self.process
-        return quiet_sample(D, p.sigma_max * self.z, sampler=self.cfg["reflow_sampler"],
+        return quiet_sample(self.at_labels(D), p.sigma_max * self.z, sampler=self.cfg["reflow_sampler"],
                             nfe=int(self.cfg["reflow_nfe"]), grid=FLOW_GRID, sigma_min=p.sigma_min,
                             sigma_max=p.sigma_max, process=p)
 
     @torch.no_grad()
-    def round(self, D, x0, x1) -> dict:
-        """The measures of one round's flow D on its couplings (x0, x1)."""
+    def round(self, D, x0, x1, labels=None) -> dict:
+        """The measures of one round's flow D on its couplings (x0, x1) (with their labels)."""
         from ..metrics import rms, sliced_w2
         from ..samplers import get
 
         p, z = self.process, self.z
         x_T = p.sigma_max * z
         ode = self.ode(D)
-        out = {"straightness": coupling_straightness(D, x0, x1), "flow_straightness": flow_straightness(D, p, z),
+        straight = coupling_straightness(self.at_labels(D, labels), x0, x1)
+        D = self.at_labels(D)
+        out = {"straightness": straight, "flow_straightness": flow_straightness(D, p, z),
                "reference": self.reference, "euler_error": {}, "euler_self_error": {}, "euler_sliced_w2": {},
                "ode": {"sampler": self.cfg["reflow_sampler"], "nfe": int(self.cfg["reflow_nfe"])}}
         for k in EVAL_NFES:
@@ -252,7 +270,7 @@ class Evaluation:
         ``self_error`` to the ODE of the ``flow`` it distils."""
         from ..metrics import rms, sliced_w2
 
-        x = model.sample(len(self.z), 1, x=model.sigma_max * self.z)[0]
+        x = model.sample(len(self.z), 1, x=model.sigma_max * self.z, labels=self.labels)[0]
         return {"error": rms(x, self.ref) if self.ref is not None else None,
                 "sliced_w2": sliced_w2(x, self.data) if self.data is not None else None,
                 "self_error": rms(x, self.ode(flow.denoiser))}
@@ -277,45 +295,61 @@ def _round_net(r: int, prev, teacher, cfg: dict, net_cfg: dict):
     return net
 
 
-def _round_plan(r: int, prev, teacher, couplings: str, data, cfg: dict, net_cfg: dict, ev: "Evaluation"):
-    """Round r's stage: its couplings, eq. 43, its measures (``round.json``), its model."""
+def _round_plan(r: int, prev, teacher, couplings: str, data, cfg: dict, net_cfg: dict, ev: "Evaluation",
+                cond: Conditioning = Conditioning()):
+    """Round r's stage: its couplings, eq. 43, its measures (``round.json``), its model.
+    Conditional: round 1's couplings come from the guided teacher, later rounds' from the
+    previous (already guided) round; labels go with every coupling."""
+    import dataclasses
+
     kind = couplings if r == 1 else "reflow"
     B, loss_fn = int(cfg["batch_size"]), DenoisingLoss("simple")
+    pair_cond = cond if r == 1 else dataclasses.replace(cond, guidance=1.0)
 
     def plan(st):
         dev = st.job.device
         pinfo = {"teacher_evals": 0}
+        l_all = None
         if kind == "independent":
             x0_all = x1_all = None
         else:
             source = prev if r > 1 else teacher
             label = f"round{r - 1}" if r > 1 else str(cfg["teacher"])
-            lat, x0_all, pinfo = make_pairs(source, _pair_cfg(cfg, source, label, r), st)
+            lat, x0_all, pinfo = make_pairs(source, _pair_cfg(cfg, source, label, r), st, pair_cond)
+            l_all = pinfo.pop("labels")
             x1_all = lat / float(pinfo["sigma_max"])  # x_T = sigma_max z: the noise end is z
         net = _round_net(r, prev, teacher, cfg, net_cfg)
+        if cond.on:
+            check_student_net(net, cond)
         sd = data.sigma_data if data is not None else 0.5
         D = flow_denoiser(net, sd)
 
         def couple(n, gen):
-            """n couplings (x0, x1) of this round."""
+            """n couplings (x0, x1, labels or None) of this round."""
             if x0_all is None:
-                x0 = data.draw(n, gen)
-                return x0, torch.randn(x0.shape, generator=gen)
+                x0, lab = data.labelled(n, gen) if cond.on else (data.draw(n, gen), None)
+                x1 = torch.randn(x0.shape, generator=gen)
+                return x0, x1, cond.drop(lab, gen)
             idx = torch.randint(0, len(x0_all), (n,), generator=gen)
-            return x0_all[idx], x1_all[idx]
+            return x0_all[idx], x1_all[idx], (l_all[idx] if l_all is not None else None)
 
         def draw(gen, step):
-            x0, x1 = couple(B, gen)
-            return {"x0": x0, "x1": x1, "t": D.process.sample_t(B, generator=gen)}
+            x0, x1, lab = couple(B, gen)
+            batch = {"x0": x0, "x1": x1, "t": D.process.sample_t(B, generator=gen)}
+            if lab is not None:
+                batch["labels"] = lab
+            return batch
 
         def loss(model, b):
-            """Eq. 43 per sample: || (x1 - x0) - v(x_t, t) ||^2 (mean over coordinates), t ~ U[t_min, t_max]."""
-            return loss_fn(D, b["x0"], b["t"], b["x1"], net=model)
+            """Eq. 43 per sample: || (x1 - x0) - v(x_t, t, c) ||^2 (mean over coordinates), t ~ U[t_min, t_max]."""
+            cond_kw = {"labels": b["labels"]} if "labels" in b else {}
+            return loss_fn(D, b["x0"], b["t"], b["x1"], net=model, **cond_kw)
 
         def describe(ema_module):
-            x0c, x1c = couple(len(ev.z), torch.Generator().manual_seed(int(cfg["seed"]) + 77 * r))
+            x0c, x1c, lc = couple(len(ev.z), torch.Generator().manual_seed(int(cfg["seed"]) + 77 * r))
             D_ema = flow_denoiser(ema_module, sd).eval()
-            measures = {"round": r, "couplings": kind, **ev.round(D_ema, x0c.to(dev), x1c.to(dev)),
+            lc = lc.to(dev) if lc is not None else None
+            measures = {"round": r, "couplings": kind, **ev.round(D_ema, x0c.to(dev), x1c.to(dev), lc),
                         "cost": {"teacher_evals": int(pinfo["teacher_evals"]), "seconds": st.seconds}}
             write_json(st.folder / "round.json", measures)  # before model.json: a finished round has both
             p = D.process
@@ -323,7 +357,8 @@ def _round_plan(r: int, prev, teacher, couplings: str, data, cfg: dict, net_cfg:
             return student_meta("reflow", D, getattr(net, "config", net_cfg), ev.z.shape[1:],
                                 data.kind if data is not None else teacher.kind,
                                 data.name if data is not None else teacher.name, p.sigma_min, p.sigma_max,
-                                sampling, cfg, round={"index": r, "couplings": kind}, cost=measures["cost"])
+                                sampling, cfg, cond=cond, round={"index": r, "couplings": kind},
+                                cost=measures["cost"])
 
         return Plan(Task(student=net, draw=draw, loss=loss), describe)
 
@@ -335,7 +370,7 @@ def _student_config(final: str, cfg: dict) -> dict:
     couplings (Euler on the uniform-t grid), starting from the flow's weights."""
     from . import resolve
 
-    keys = tuple(k for k in LOOP_KEYS if k != "steps") + ("pairs", "pair_batch")
+    keys = tuple(k for k in LOOP_NAMES if k != "steps") + ("pairs", "pair_batch", "label_dropout")
     return resolve("knowledge", {**{k: cfg[k] for k in keys}, "teacher": final, "init": "auto",
                                  "steps": int(cfg["distill_steps"] or cfg["steps"]),
                                  "pair_sampler": cfg["reflow_sampler"], "pair_nfe": int(cfg["reflow_nfe"]),
@@ -358,26 +393,32 @@ def stages(job):
     teacher = load_teacher(cfg["teacher"], job.device, required=False)
     couplings = _check(cfg, teacher)
     data = _data(cfg, teacher, couplings)
+    cond = conditioning(cfg, teacher, data)
+    if cond.on and couplings == "independent" and (data is None or not data.num_classes):
+        raise UserError("independent couplings of a class-conditional run need labelled --data")
+    if cond.on and couplings == "independent" and cond.guidance != 1.0:
+        raise UserError(f"--guidance {cond.guidance}: independent couplings come from data, which has no guidance; "
+                        f"use --couplings teacher")
     shape = tuple(data.shape) if data is not None else tuple(teacher.shape)
     kind = data.kind if data is not None else teacher.kind
-    net_cfg = _full_net_config(net_config(cfg["net"], teacher, shape, kind))
-    ev = Evaluation(cfg, teacher, data, _mixture(cfg, teacher), shape, job.device)
+    net_cfg = _full_net_config(net_config(cfg["net"], teacher, shape, kind, cond.num_classes))
+    ev = Evaluation(cfg, teacher, data, _mixture(cfg, teacher), shape, job.device, cond)
     distill_on = cfg["distill_steps"] is None or int(cfg["distill_steps"]) > 0
     rounds, prev = [], None
     for r in range(1, int(cfg["rounds"]) + 1):
         rcfg = {"seed": int(cfg["seed"]) + 1000 * (r - 1), "method": "reflow", "round": r,
                 "couplings": couplings if r == 1 else "reflow"}
-        prev = job.stage(f"round{r}", _round_plan(r, prev, teacher, couplings, data, cfg, net_cfg, ev), **rcfg)
+        prev = job.stage(f"round{r}", _round_plan(r, prev, teacher, couplings, data, cfg, net_cfg, ev, cond), **rcfg)
         rounds.append(read_json(job.root / f"round{r}" / "round.json"))
     last = f"round{len(rounds)}"
     student = None
     if distill_on:
         job.nested(get("knowledge"), _student_config(str((job.root / last).resolve()), cfg), "student")
         student = "student"
-    return Top(student or last, lambda: _top_meta(job, rounds, student, ev, cfg["teacher"]))
+    return Top(student or last, lambda: _top_meta(job, rounds, student, ev, cfg["teacher"], cond))
 
 
-def _top_meta(job, rounds: list, student, ev: Evaluation, teacher=None) -> dict:
+def _top_meta(job, rounds: list, student, ev: Evaluation, teacher=None, cond: Conditioning = Conditioning()) -> dict:
     """``reflow.json`` (every round's measures, the student's) and the run's model.json: the
     one-step student (other NFE: Euler on the final round) or the final flow. Its
     ``teacher`` is the run's own (None for independent couplings), so ``fewstep bench``
@@ -395,6 +436,7 @@ def _top_meta(job, rounds: list, student, ev: Evaluation, teacher=None) -> dict:
     cost = [r["cost"] for r in rounds] + ([meta["cost"]] if student is not None else [])
     meta["cost"] = {"teacher_evals": sum(int(c.get("teacher_evals", 0)) for c in cost),
                     "seconds": sum(float(c.get("seconds", 0.0)) for c in cost)}
+    meta.update(cond.meta())  # the student distils a guided flow: its guidance is the run's
     meta.update(method="reflow", teacher=str(teacher) if teacher else None, flow=last,
                 rounds=[{"folder": f"round{r['round']}", "couplings": r["couplings"],
                          "straightness": r["straightness"]} for r in rounds])

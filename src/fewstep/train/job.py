@@ -33,15 +33,13 @@ from torch import nn
 
 from .checkpoint import save_checkpoint, write_json
 from .loop import Task, fit, make_accelerator
+from .options import LOOP_NAMES
 from .runfolder import RunFolder, open_run
-
-LOOP_KEYS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "device",
-             "mixed_precision", "checkpoint_every", "keep_checkpoints", "log_every")
 
 
 def loop_config(cfg: dict) -> dict:
     """The loop's options out of a method's config."""
-    return {k: cfg[k] for k in LOOP_KEYS}
+    return {k: cfg[k] for k in LOOP_NAMES}
 
 
 @dataclass
