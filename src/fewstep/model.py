@@ -96,6 +96,7 @@ class Model:
                 return other.sample(n, nfe, None, seed, labels, grid, x, guidance, **options)
         sampler = sampler or self.default_sampler
         info(sampler)  # unknown names fail before any work
+        self.check_conditioning(labels, guidance)
         x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
         D, extra = self.denoiser, {}
         if self.num_classes:
@@ -103,8 +104,10 @@ class Model:
                 g = torch.Generator().manual_seed(int(seed) + 1 if seed is not None else 0)
                 labels = torch.randint(0, self.num_classes, (n,), generator=g)
             labels = torch.as_tensor(labels).to(self.device)
-            if guidance is not None:
+            if guidance is not None and self.meta.get("guidance") is None:  # a student's guidance is built in
                 D = CFGDenoiser(D, guidance)
+            elif guidance is not None and float(self.meta.get("guidance")) == 1.0 and guidance != 1.0:
+                D = CFGDenoiser(D, guidance)  # a student with a null branch (checked above)
             extra = {"labels": labels}
         else:
             labels = None
@@ -116,6 +119,38 @@ class Model:
         out = sample(D, x, sampler=sampler, nfe=nfe, grid=grid, sigma_min=self.sigma_min,
                      sigma_max=self.sigma_max, process=self.process, extra_args=extra, **options)
         return out, labels
+
+    def check_conditioning(self, labels, guidance) -> None:
+        """Labels and guidance that this model can take, else one clear UserError: labels
+        only for a class-conditional model and inside its classes (-1: no class); guidance
+        only for a conditional model, and for a student distilled at guidance w only w (it
+        is built in) unless it was distilled at w = 1 with a null branch (--label-dropout)."""
+        import math
+
+        name = self.name or "the model"
+        if labels is not None:
+            if not self.num_classes:
+                raise UserError(f"{name} is unconditional: it takes no --label")
+            lab = torch.as_tensor(labels)
+            if lab.is_floating_point() or lab.dtype == torch.bool:
+                raise UserError(f"labels for {name} must be integers, got {lab.dtype}")
+            if lab.numel() and (int(lab.min()) < -1 or int(lab.max()) >= self.num_classes):
+                raise UserError(f"--label {int(lab.max()) if int(lab.max()) >= self.num_classes else int(lab.min())}: "
+                                f"{name} has classes 0..{self.num_classes - 1}")
+        if guidance is None:
+            return
+        if not math.isfinite(float(guidance)):
+            raise UserError(f"--guidance must be a finite number, got {guidance}")
+        if not self.num_classes:
+            raise UserError(f"{name} is unconditional: --guidance needs a class-conditional model")
+        baked = self.meta.get("guidance")
+        if baked is not None and float(guidance) != float(baked):
+            if float(baked) != 1.0:
+                raise UserError(f"{name} was distilled at guidance {baked} (built in); sample it without --guidance "
+                                f"or distil again with --guidance {guidance}")
+            if not float(self.meta.get("label_dropout", 0.0)) > 0:
+                raise UserError(f"{name} was distilled without a null label (--label-dropout 0), so it has no "
+                                f"unconditional branch for --guidance {guidance}; distil with --label-dropout 0.1")
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, shape={self.shape}, process={self.process!r})"

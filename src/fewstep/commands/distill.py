@@ -37,6 +37,7 @@ def _value(text: str):
 
 def add_parser(sub) -> None:
     from ..methods import defaults, get, names
+    from ..methods.common import COMMON_HELP as COND_HELP
     from ..train.options import LOOP_NAMES, add_loop_arguments
 
     p = sub.add_parser("distill", help="distil a teacher into a few-step student",
@@ -52,14 +53,15 @@ def add_parser(sub) -> None:
             mp.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None,
                             help=f"{text} [{dflt[key]}]" if dflt.get(key) is not None else text)
         add_loop_arguments(mp, dflt, LOOP_NOTES)
-        for key, text in mod.HELP.items():
+        for key, text in {**COND_HELP, **mod.HELP}.items():
             mp.add_argument("--" + key.replace("_", "-"), dest=key, type=_value, default=None,
                             help=f"{text} [{dflt[key]}]")
         mp.add_argument("--out", required=True, help="student run folder to create (or continue with --resume)")
         mp.add_argument("--config", help="JSON file of options")
         mp.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
         mp.add_argument("--quiet", action="store_true", help="no progress bars")
-        mp.set_defaults(func=cmd_distill, method_options=list(COMMON_HELP) + list(LOOP_NAMES) + list(mod.HELP))
+        mp.set_defaults(func=cmd_distill, method_options=list(COMMON_HELP) + list(LOOP_NAMES) + list(COND_HELP)
+                        + list(mod.HELP))
     p.set_defaults(func=_no_method)
 
 
