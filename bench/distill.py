@@ -5,6 +5,7 @@ tables for docs/BENCHMARKS.md ("Distillation (issue 4)").
     .venv/bin/python bench/distill.py --part gmm16    # exact d = 16 teacher (4 full-covariance modes)
     .venv/bin/python bench/distill.py --part moons    # a trained 2-D toy teacher (fewstep train --data moons)
     .venv/bin/python bench/distill.py --part digits   # a trained 8x8 digits teacher (MLP), classifier FD
+    .venv/bin/python bench/distill.py --part cond [--guidance 3]   # exact 3-class mixture, conditional students
 
 Exact parts: each student (knowledge distillation, progressive distillation, consistency
 distillation, consistency training with the iCT schedule) at NFE 1, 2, 4 (the ones it has):
@@ -197,9 +198,96 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------- conditional (issue 12)
+def cond_runs(spec: str, steps: int, guidance) -> dict:
+    """The methods on a conditional teacher, at the bench's step budget (the same for all)."""
+    g = {"guidance": guidance} if guidance else {}
+    net = {"kind": "mlp", "dim": 2, "hidden": 128, "depth": 3, "emb_dim": 32, "num_classes": 3}
+    base = {"teacher": spec, "steps": steps, "net": net, "device": "cpu", "batch_size": 256, **g}
+    pairs = {"pairs": 8000, "pair_batch": 2000, "pair_nfe": 40}
+    runs = {
+        "KD": ("knowledge", {**base, **pairs}),
+        "PD": ("progressive", {**base, "steps": max(1, steps // 4), "start_steps": 16}),
+        "CD": ("consistency", {**base, "n": 40}),
+        "reflow+KD": ("reflow", {**base, **pairs, "rounds": 1, "reflow_nfe": 40, "eval_samples": 500}),
+    }
+    if not guidance:  # consistency training learns from data, which has no guidance
+        runs["iCT"] = ("consistency", {**base, "teacher": None, "data": spec, "mode": "training", "schedule": "ict"})
+    return runs
+
+
+def run_cond(steps: int, guidance, folder: Path) -> dict:
+    """Each method's 1-step conditional student on the exact 3-class mixture, per label:
+    energy distance to the exact p(x | c) (guided: to the exact guided flow of fresh noise)
+    beside the teacher's Euler at 1 NFE and its accurate ODE (Heun 63 NFE; guided: rk45),
+    and the estimator's floor (two independent exact sets)."""
+    from fewstep.metrics import energy_distance
+
+    gmm = GaussianMixture.labelled_ring()
+    path = folder / "cond.npz"
+    gmm.save(path)
+    spec, n = f"gmm:{path}", N_EVAL
+    teacher = load(spec)
+
+    def exact(c, seed):
+        lab = torch.full((n,), c)
+        if guidance:
+            x_T = 80.0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            return gmm.flow(x_T, 80.0, 0.0, rtol=1e-7, labels=lab, guidance=guidance)
+        return gmm.conditional(c).sample(n, generator=torch.Generator().manual_seed(seed))
+
+    refs = {c: exact(c, 1000 + c) for c in range(3)}
+    rows, costs = [], {}
+    w = guidance or None
+    ode = ("rk45", 4000) if guidance else ("heun", 64)  # rk45: an evaluation budget, not a step count
+    for c in range(3):
+        lab = torch.full((n,), c)
+        e1 = teacher.sample(n, 1, sampler="euler", labels=lab, seed=200 + c, guidance=w)[0]
+        acc = teacher.sample(n, ode[1], sampler=ode[0], labels=lab, seed=300 + c, guidance=w)[0]
+        rows.append({"model": "teacher euler 1", "label": c, "ed": energy_distance(e1, refs[c])})
+        rows.append({"model": f"teacher {ode[0]}", "label": c, "ed": energy_distance(acc, refs[c])})
+        rows.append({"model": "floor (exact vs exact)", "label": c, "ed": energy_distance(exact(c, 2000 + c), refs[c])})
+    for name, (method, opts) in cond_runs(spec, steps, guidance).items():
+        t0 = time.time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = distill(method, opts, str(folder / name.replace("+", "_")), progress=False)
+            model = load(run)
+            for c in range(3):
+                x = model.sample(n, 1, labels=torch.full((n,), c), seed=400 + c)[0].double()
+                rows.append({"model": name, "label": c, "ed": energy_distance(x, refs[c])})
+        costs[name] = {"seconds": time.time() - t0, **cost(run)}
+        print(name, [r["ed"] for r in rows[-3:]], flush=True)
+    return {"teacher": f"labelled ring (3 classes), guidance {guidance or 1}", "rows": rows, "costs": costs, "n": n,
+            "steps": steps}
+
+
+ED_RESOLUTION = 1e-3  # about twice the estimator's spread at n = 4000 (the floor rows: |ED| <= 5e-4)
+
+
+def cond_table(res: dict) -> str:
+    """Per method and label: ED, ED / teacher Euler-1 (target <= 0.5) and ED / max(accurate
+    ODE, the estimator's resolution) (target <= 3): below the resolution an ED cannot be
+    told from 0, so a ratio to the accurate ODE's (about 0, often negative) would be noise."""
+    rows = res["rows"]
+    by = {(r["model"], r["label"]): r["ed"] for r in rows}
+    acc_name = next(m for m, _ in by if m.startswith("teacher ") and m != "teacher euler 1")
+    out = [f"| model | " + " | ".join(f"label {c}: ED, /Euler-1, /{acc_name[8:]}" for c in range(3)) + " |",
+           "|---|" + "---|" * 3]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        cells = []
+        for c in range(3):
+            e = by[(m, c)]
+            ref = max(by[(acc_name, c)], ED_RESOLUTION)
+            cells.append(f"{e:.4f}, {e / by[('teacher euler 1', c)]:.3f}, {e / ref:.1f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["gmm2", "gmm16", *TRAINED], required=True)
+    ap.add_argument("--part", choices=["gmm2", "gmm16", "cond", *TRAINED], required=True)
+    ap.add_argument("--guidance", type=float, default=None, help="cond part: the guidance scale of the targets")
     ap.add_argument("--steps", type=int, default=2000, help="training steps per method (PD rounds: half "
                     "each; 64 -> 1 is 7 rounds on exact teachers, 64 -> 4 is 4 rounds on moons)")
     ap.add_argument("--teacher-steps", type=int, default=3000, help="trained teachers' training steps")
@@ -209,17 +297,21 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix=f"distill_{a.part}_"))
     t0 = time.time()
     try:
-        res = (run_trained(a.part, a.steps, a.teacher_steps, folder) if a.part in TRAINED
-               else run_exact(a.part, a.steps, folder))
+        if a.part == "cond":
+            res = run_cond(a.steps, a.guidance, folder)
+        else:
+            res = (run_trained(a.part, a.steps, a.teacher_steps, folder) if a.part in TRAINED
+                   else run_exact(a.part, a.steps, folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     res.update({"command": "python bench/distill.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 1 torch thread",
                 "total_seconds": time.time() - t0})
-    out = Path(a.out or f"bench/out/distill_{a.part}.json")
+    tag = a.part + (f"_w{a.guidance:g}" if a.part == "cond" and a.guidance else "")
+    out = Path(a.out or f"bench/out/distill_{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    print(table(res))
+    print(cond_table(res) if a.part == "cond" else table(res))
 
 
 if __name__ == "__main__":

@@ -68,16 +68,8 @@ SMALL_MLP = {"kind": "mlp", "dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32}
 
 @functools.lru_cache(maxsize=None)
 def gmm_cond() -> GaussianMixture:
-    """d = 2, a class-conditional mixture: 8 well separated anisotropic modes on a circle of
-    radius 3, unequal weights, 3 classes owning 3, 2 and 3 neighbouring components."""
-    k = 8
-    ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
-    means = 3.0 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
-    rot = torch.stack([torch.stack([torch.cos(ang), -torch.sin(ang)], 1),
-                       torch.stack([torch.sin(ang), torch.cos(ang)], 1)], 1)  # [k, 2, 2]
-    covs = rot @ torch.diag(torch.tensor([0.3, 0.15], dtype=torch.float64) ** 2) @ rot.transpose(1, 2)
-    weights = torch.tensor([1.0, 2.0, 3.0, 1.5, 2.5, 1.0, 2.0, 0.5], dtype=torch.float64)
-    return GaussianMixture(weights, means, covs, labels=[0, 0, 0, 1, 1, 2, 2, 2])
+    """d = 2, 3 classes of 3, 2 and 3 components (GaussianMixture.labelled_ring)."""
+    return GaussianMixture.labelled_ring()
 
 
 def save_gmm_cond(path) -> str:

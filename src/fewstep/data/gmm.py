@@ -123,6 +123,19 @@ class GaussianMixture:
         return cls(torch.ones(k), means, std**2 * torch.eye(dim, dtype=torch.float64).expand(k, dim, dim))
 
     @classmethod
+    def labelled_ring(cls) -> "GaussianMixture":
+        """d = 2, a class-conditional mixture: 8 separated anisotropic modes on a circle of
+        radius 3, unequal weights, 3 classes owning 3, 2 and 3 neighbouring components."""
+        k = 8
+        ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+        means = 3.0 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+        rot = torch.stack([torch.stack([torch.cos(ang), -torch.sin(ang)], 1),
+                           torch.stack([torch.sin(ang), torch.cos(ang)], 1)], 1)  # [k, 2, 2]
+        covs = rot @ torch.diag(torch.tensor([0.3, 0.15], dtype=torch.float64) ** 2) @ rot.transpose(1, 2)
+        weights = torch.tensor([1.0, 2.0, 3.0, 1.5, 2.5, 1.0, 2.0, 0.5], dtype=torch.float64)
+        return cls(weights, means, covs, labels=[0, 0, 0, 1, 1, 2, 2, 2])
+
+    @classmethod
     def random(cls, k: int = 4, dim: int = 16, seed: int = 0, spread: float = 1.0, scale: float = 0.3) -> "GaussianMixture":
         """Random weights, means and full covariances (A A^T / d + small ridge), seeded."""
         g = torch.Generator().manual_seed(seed)
