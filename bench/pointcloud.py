@@ -68,12 +68,13 @@ def main() -> None:
     rows["data"] = {"nfe": 0, "sampler": "fresh draw", **cloud_set_metrics(
         load_dataset(a.data, n=a.eval_clouds, seed=a.seed + 31337).x, real)}
     if a.heun_nfe:
-        teacher = load(a.teacher or str(run / "teacher"), device=a.device)
+        teacher = load(a.teacher or str(run / "round1"), device=a.device)
         x = teacher.sample(a.eval_clouds, a.heun_nfe, sampler="heun", grid="time",
                            x=teacher.noise(a.eval_clouds, seed=a.seed + 104729))[0]
         rows["teacher_heun"] = {"nfe": a.heun_nfe, "sampler": "heun", **cloud_set_metrics(x.float().cpu(), real)}
-    cost = {s: json.loads((run / s / "model.json").read_text()).get("cost", {}) for s in ("teacher", "reflow", "student")
-            if (run / s / "model.json").is_file()}
+    stages = json.loads((run / "model.json").read_text())["stages"]  # stage -> folder (round1, round2, student)
+    cost = {s: json.loads((run / f / "model.json").read_text()).get("cost", {}) for s, f in stages.items()
+            if (run / f / "model.json").is_file()}
     ratio = {m: rows["student_1"][m] / rows["teacher"][m] for m in ("mmd_cd", "nna_cd")}
     result = {"command": "OMP_NUM_THREADS=1 .venv/bin/python bench/pointcloud.py " + " ".join(sys.argv[1:]),
               "machine": machine(), "config": cfg, "rows": rows, "student_over_teacher": ratio,

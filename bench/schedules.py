@@ -73,7 +73,7 @@ steps the registry's cost function allows in the budget; the NFE spent (counted)
 
 **Headline with decoupled evaluation levels (`--eval-levels`; target: learned / best diffusers <= 0.5, same start
 sigma 157.4, the same 1000 fresh starts, same NFE).** The sampler steps on its learned grid, the teacher at step i is
-asked at a learned level sigma'_i (LD3-style, `fewstep.schedules.levels`: one table look-up per call, midpoints get
+asked at a learned level sigma'_i (LD3-style, `fewstep.levels`: one table look-up per call, midpoints get
 the log-shift interpolated between grid levels), grid and levels optimised jointly on the final exact-flow error from
 the best learned grid (2K more parameters). With 256 training starts and six samplers (the first run of each
 teacher below, chosen on training): gmm2d NFE 4 **0.289**, 6 **0.288**, 8 **0.203**, 10 **0.381**; gmm16d NFE 4
@@ -407,7 +407,7 @@ def main() -> None:
                                                "configuration of the same teacher)")
     ap.add_argument("--no-elbo", action="store_true", help="skip the ddpm / ELBO-DP table")
     ap.add_argument("--eval-levels", action="store_true", help="also learn decoupled evaluation levels jointly with "
-                                                               "the grid (method 'levels', fewstep.schedules.levels)")
+                                                               "the grid (method 'levels', fewstep.levels)")
     ap.add_argument("--out", default="bench/out/schedules.json")
     ap.add_argument("--merge", nargs="*", default=[], help="schedules.json files to merge (parallel runs; runs of the "
                                                              "same teacher and --tag at other NFEs are joined)")

@@ -1,4 +1,4 @@
-"""Tests for fewstep.train.checkpoint, .ema and .runfolder."""
+"""Tests for fewstep.io (model files), fewstep.train.checkpoint, .ema and .runfolder."""
 import json
 import os
 import random
@@ -8,15 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from fewstep import io as fio
 from fewstep.errors import UserError
-from fewstep.train import checkpoint as ckpt
-from fewstep.train.checkpoint import (
-    latest_checkpoint,
-    load_state,
-    load_weights,
-    save_checkpoint,
-    save_state,
-)
+from fewstep.io import load_weights, save_checkpoint
+from fewstep.train.checkpoint import latest_checkpoint, load_state, save_state
 from fewstep.train.ema import EMA
 from fewstep.train.runfolder import RunFolder
 
@@ -127,7 +122,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     def boom(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.os, "replace", boom)
+    monkeypatch.setattr(fio.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, {"a": torch.zeros(2)}, {"v": 2}, name="w")
     monkeypatch.undo()

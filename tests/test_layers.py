@@ -26,8 +26,7 @@ PKG = SRC / "fewstep"
 LAYERS = [
     ("base", ["errors", "io"]),
     ("nets", ["nets"]),
-    # the evaluation levels live in fewstep/levels.py (schedules/levels.py until that move lands)
-    ("core", ["process", "denoiser", "students", "grids", "levels", "schedules.levels"]),
+    ("core", ["process", "denoiser", "students", "grids", "levels"]),
     # above core, not beside nets: data/gmm.py's GMMModel presents the exact teacher as a
     # network of any process, with denoiser.py's converters (Coefficients, from_x0, edm_precond)
     ("data", ["data"]),
@@ -43,24 +42,10 @@ LAYERS = [
     ("top", ["report", "commands", "cli", "demo", "__main__", ""]),
 ]
 
-# Known upward imports, each with its reason: (file under src/fewstep, imported module).
-# A new upward import fails the test; an entry that no longer matches fails too (delete it),
-# except the TRANSITIONAL ones, which the moves in progress are expected to remove.
-ALLOWED = {
-    ("model.py", "fewstep.train.checkpoint"):
-        "model (layer model) reads model.json/model.safetensors with train.checkpoint's "
-        "read_json/load_weights; they belong in fewstep.io (model.py is the lead's file)",
-    ("metrics/features.py", "fewstep.train.checkpoint"):
-        "the feature cache writes with train.checkpoint.atomic_write; it moves to fewstep.io",
-    ("samplers/__init__.py", "fewstep.schedules"):
-        "importing fewstep.schedules.levels runs schedules/__init__.py (layer methods, it "
-        "imports schedules.problem -> samplers); gone once levels.py moves to fewstep/levels.py",
-}
-TRANSITIONAL = {
-    ("model.py", "fewstep.train.checkpoint"),
-    ("metrics/features.py", "fewstep.train.checkpoint"),
-    ("samplers/__init__.py", "fewstep.schedules"),
-}
+# Known upward imports, each with its reason: (file under src/fewstep, imported module) -> why.
+# None are left; a new upward import fails the test, and so does an entry that no longer matches.
+ALLOWED: dict = {}
+TRANSITIONAL: set = set()
 
 # methods/: shared modules; every other module of the package is one method
 METHODS_SHARED = {"__init__", "common", "pairs"}
@@ -216,8 +201,8 @@ def test_the_collector(src, expect):
 def test_an_upward_import_is_caught():
     """A lazy import of a higher layer, and a package __init__ above the module it holds."""
     text = ("from .errors import UserError\n"
-            "def f():\n    from .samplers import get\n    import fewstep.schedules.levels\n")
+            "def f():\n    from .samplers import get\n    import fewstep.schedules.dp\n")
     hits = upward_imports({PKG / "grids.py": text})
     assert ("grids.py", 3, "fewstep.samplers", "core", "samplers") in hits
-    assert ("grids.py", 4, "fewstep.schedules", "core", "methods") in hits
+    assert ("grids.py", 4, "fewstep.schedules.dp", "core", "methods") in hits
     assert not [h for h in hits if h[0] == "grids.py" and h[1] == 1]

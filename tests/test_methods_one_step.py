@@ -66,7 +66,7 @@ CASES = [
     _case("consistency-ict", "consistency", data="SPEC", net=NET, mode="training", schedule="ict"),
     _case("reflow-teacher", "reflow", folder="round1", teacher="SPEC", couplings="teacher", net=NET, **REFLOW),
     _case("reflow-independent", "reflow", folder="round1", data="SPEC", couplings="independent", net=NET, **REFLOW),
-    _case("pointcloud", "pointcloud", folder="teacher", **PSF),
+    _case("pointcloud", "pointcloud", folder="round1", **PSF),
     # class-conditional exact teacher: guided targets, or a share of null labels
     _case("knowledge-guided", "knowledge", **_kc(**GUIDED)),
     _case("knowledge-dropout", "knowledge", **_kc(**DROPOUT)),
@@ -95,7 +95,7 @@ CASES = [
           **REFLOW),
     _case("reflow-guided-student", "reflow", stage=2, folder="student", teacher="CSPEC", couplings="teacher",
           net=NET_C, **REFLOW, **GUIDED),
-    _case("pointcloud-reflow", "pointcloud", stage=1, folder="reflow", **PSF),
+    _case("pointcloud-reflow", "pointcloud", stage=1, folder="round2", **PSF),
     _case("pointcloud-student", "pointcloud", stage=2, folder="student", **PSF),
     # a trained network teacher (its weights are the student's start where the architecture fits)
     _case("knowledge-net-teacher", "knowledge", teacher="NETTEACHER", net=NET, **PAIRS),

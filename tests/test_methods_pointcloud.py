@@ -83,8 +83,8 @@ def test_stages_are_models_and_the_student_beats_its_initialisation(psf):
     from pathlib import Path
 
     root = Path(psf)
-    teacher, reflowed, student = load(root / "teacher"), load(root / "reflow"), load(psf)
-    assert teacher.meta["stage"] == "teacher" and reflowed.meta["stage"] == "reflow"
+    teacher, reflowed, student = load(root / "round1"), load(root / "round2"), load(psf)
+    assert teacher.meta["round"]["couplings"] == "independent" and reflowed.meta["round"]["couplings"] == "reflow"
     assert student.meta["role"] == "student" and student.meta["sampling"]["grids"] == {"1": [reflowed.sigma_max, 0.0]}
     assert teacher.kind == student.kind == "clouds" and student.shape == (32, 3)
     z = teacher.noise(64, seed=5)
@@ -115,7 +115,7 @@ def test_interrupted_pipeline_resumes_identically(tmp_path, monkeypatch):
     real = loop.step_generator
 
     def stop_in_reflow(seed, step, device="cpu"):
-        if seed == 1 and step == 15:  # the reflow stage trains with seed + 1
+        if seed == 1000 and step == 15:  # the reflow stage (round 2) trains with seed + 1000
             raise KeyboardInterrupt
         return real(seed, step, device)
 
@@ -123,9 +123,9 @@ def test_interrupted_pipeline_resumes_identically(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         distill("pointcloud", cfg, str(tmp_path / "cut"), progress=False)
     monkeypatch.setattr(loop, "step_generator", real)
-    assert (tmp_path / "cut" / "teacher" / "model.json").is_file()
-    assert (tmp_path / "cut" / "reflow" / "pairs" / "chunk_00001.json").is_file()
-    assert not (tmp_path / "cut" / "reflow" / "model.json").exists()
+    assert (tmp_path / "cut" / "round1" / "model.json").is_file()
+    assert (tmp_path / "cut" / "round2" / "pairs" / "chunk_00001.json").is_file()
+    assert not (tmp_path / "cut" / "round2" / "model.json").exists()
     cut = distill("pointcloud", {}, str(tmp_path / "cut"), resume=True, progress=False)
     a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -166,10 +166,11 @@ def test_command_line_distills_and_samples(psf, tmp_path, capsys):
     assert np.load(tmp_path / "s.npz")["samples"].shape == (5, 32, 3) and (tmp_path / "s.png").is_file()
     # a teacher given on the command line skips stage 1 and is reused as is
     out = tmp_path / "cli"
-    args = ["distill", "pointcloud", "--teacher", f"{psf}/teacher", "--data", DATA, "--net", json.dumps(NET),
+    args = ["distill", "pointcloud", "--teacher", f"{psf}/round1", "--data", DATA, "--net", json.dumps(NET),
             "--reflow-steps", "3", "--steps", "3", "--pairs", "16", "--pair-nfe", "2", "--eval-clouds", "4",
             "--eval-nfe", "2", "--n-data", "16", "--out", str(out), "--quiet", "--device", "cpu"]
     assert main(args) == 0
-    assert not (out / "teacher").exists() and json.loads((out / "model.json").read_text())["stages"]["teacher"].endswith("teacher")
+    stages = json.loads((out / "model.json").read_text())["stages"]
+    assert not (out / "round2").exists() and stages["teacher"].endswith("round1") and stages["reflow"] == "round1"
     assert main(["distill", "pointcloud", "--data", "moons", "--out", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.strip().startswith("fewstep distill: error:") and not (tmp_path / "m").exists()

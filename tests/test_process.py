@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from fewstep.process import EDM, VE, VP, LinearFlow, VPDiscrete, make_process
+from fewstep.errors import UserError
+from fewstep.process import PROCESS_ALIASES, EDM, VE, VP, LinearFlow, VPDiscrete, make_process, process_from_config
 
 ALL = [VP.linear(), VP.cosine(), VPDiscrete.diffusers(), VE(), EDM(), LinearFlow()]
 
@@ -73,3 +74,15 @@ def test_prior_and_config_round_trip():
         assert torch.allclose(q.sigma(t), p.sigma(t))
         x = p.prior((20000, 1), generator=torch.Generator().manual_seed(1))
         assert float(x.std()) == pytest.approx(float(p.std(torch.tensor(p.t_max))) if p.name != "flow" else 1.0, rel=0.03)
+
+
+def test_process_from_config_names_and_dicts():
+    """A config's process: an alias ("ddpm" is diffusers' discrete VP) or a config() dict."""
+    for name, kind in PROCESS_ALIASES.items():
+        assert process_from_config(name).config() == make_process(kind).config()
+    assert isinstance(process_from_config("ddpm"), VPDiscrete)
+    assert process_from_config(VE(sigma_max=20.0).config()).config() == VE(sigma_max=20.0).config()
+    with pytest.raises(UserError, match="process"):
+        process_from_config("vpp")
+    from fewstep.train import config, teacher  # still importable where they were
+    assert teacher.process_from_config is process_from_config and config.PROCESS_ALIASES is PROCESS_ALIASES

@@ -22,9 +22,9 @@ DEMO_SAMPLERS = ("euler", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m", "unipc
 
 
 def run_demo(out: str, data: str = "moons", steps: int = 3000, seed: int = 0, device=None, progress=True) -> dict:
+    from .io import write_json
     from .report.bench import run_bench
     from .samplers import info, names
-    from .train.checkpoint import write_json
     from .train.teacher import train_teacher
 
     root = Path(out)

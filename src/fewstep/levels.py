@@ -36,8 +36,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import grids as G
-from ..errors import UserError
+from . import grids as G
+from .errors import UserError
 
 __all__ = ["EvalLevels", "shifts", "load_schedule", "save_schedule", "check_levels"]
 

@@ -181,7 +181,7 @@ def denoiser_from_meta(meta: dict):
 
 
 def _load_run(path: Path, device) -> Model:
-    from .train.checkpoint import load_weights, read_json
+    from .io import load_weights, read_json
 
     meta_path = path / "model.json"
     if not meta_path.is_file():

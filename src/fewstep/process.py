@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .errors import UserError, unknown_name
 
-__all__ = ["Process", "VP", "VPDiscrete", "VE", "EDM", "LinearFlow", "make_process", "PROCESSES"]
+__all__ = ["Process", "VP", "VPDiscrete", "VE", "EDM", "LinearFlow", "make_process", "PROCESSES", "PROCESS_ALIASES",
+           "process_from_config"]
 
 
 def _as_tensor(t, like: Optional[Tensor] = None) -> Tensor:
@@ -407,3 +408,17 @@ def make_process(kind: str, **kwargs) -> Process:
         return PROCESSES[kind](**kwargs)
     except TypeError as e:
         raise UserError(f"process '{kind}': bad options {kwargs}: {e}") from None
+
+
+# the names a config may give for a process ("ddpm" is diffusers' discrete VP)
+PROCESS_ALIASES = {"vp": "vp", "vp_cosine": "vp_cosine", "vp_discrete": "vp_discrete", "ddpm": "vp_discrete",
+                   "ve": "ve", "edm": "edm", "flow": "flow"}
+
+
+def process_from_config(spec):
+    """'vp' / {'kind': 'vp', ...} -> a Process."""
+    if isinstance(spec, dict):
+        return make_process(**spec)
+    if spec not in PROCESS_ALIASES:
+        raise unknown_name("process", spec, PROCESS_ALIASES)
+    return make_process(PROCESS_ALIASES[spec])

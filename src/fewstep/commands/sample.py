@@ -30,7 +30,7 @@ def cmd_sample(a) -> int:
 
     from ..model import load
     from ..plots import save_samples_png
-    from ..train.checkpoint import atomic_write
+    from ..io import atomic_write
 
     out = Path(a.out)
     if out.suffix != ".npz":

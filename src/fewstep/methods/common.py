@@ -111,11 +111,18 @@ class Conditioning:
 
 
 def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
-    """The run's :class:`Conditioning`: the teacher's (or the data's) classes, ``--guidance``
-    and ``--label-dropout``, checked (a guidance or dropout without classes is refused)."""
+    """The run's :class:`Conditioning`: the teacher's classes (without a teacher: the data's,
+    when the student ``--net`` asks for them with ``num_classes``), ``--guidance`` and
+    ``--label-dropout``, checked (a guidance or dropout without classes is refused)."""
     import math as _math
 
-    C = int(getattr(teacher, "num_classes", 0) or 0) if teacher is not None else int(getattr(data, "num_classes", 0))
+    if teacher is not None:
+        C = int(getattr(teacher, "num_classes", 0) or 0)
+    else:  # no teacher (training from data): conditional when the student net asks for the data's classes
+        C = int(net_config(cfg.get("net"), None, data.shape, data.kind).get("num_classes", 0) or 0) if data else 0
+        if C and C != int(getattr(data, "num_classes", 0) or 0):
+            raise UserError(f"--net has num_classes {C}, but the data {data.name} has "
+                            f"{int(getattr(data, 'num_classes', 0) or 0)} classes")
     w, p = cfg.get("guidance"), cfg.get("label_dropout") or 0.0
     for key, v in (("guidance", w), ("label_dropout", p)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _math.isfinite(v)):
@@ -178,7 +185,7 @@ def data_spec(spec: Optional[str], teacher=None) -> Optional[str]:
     return spec
 
 
-def data_source(spec: Optional[str], teacher=None, seed: int = 0) -> DataSource:
+def data_source(spec: Optional[str], teacher=None, seed: int = 0, n: Optional[int] = None) -> DataSource:
     """``spec`` (a dataset spec or gmm:FILE.npz) or, when None, the teacher's own data: its
     mixture for an exact teacher, its training set (by name, :func:`data_spec`) for a run folder."""
     from ..data.gmm import GaussianMixture
@@ -205,7 +212,7 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0) -> DataSource:
     from ..data.registry import load_dataset
 
     try:
-        ds = load_dataset(spec, seed=seed)
+        ds = load_dataset(spec, n=n, seed=seed)
     except UserError as e:
         raise UserError(f"training data '{spec}': {e}; give --data") from None
     x = ds.x.float()

@@ -208,7 +208,7 @@ def build_student(teacher, cfg: dict, data):
     teacher of that architecture, its weights)."""
     from ..nets import build_net
 
-    net_cfg = net_config(cfg["net"], teacher, data.shape, data.kind, data.num_classes if teacher is None else 0)
+    net_cfg = net_config(cfg["net"], teacher, data.shape, data.kind)
     torch.manual_seed(int(cfg["seed"]))
     net = build_net(net_cfg)
     net_cfg = getattr(net, "config", net_cfg)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..errors import UserError
-from ..train.checkpoint import load_weights, read_json, save_checkpoint, write_json
+from ..io import load_weights, read_json, save_checkpoint, write_json
 from .common import Conditioning, EvalCounter, quiet_sample
 
 

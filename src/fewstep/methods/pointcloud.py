@@ -1,5 +1,6 @@
 """PSF: point-cloud generation in three stages, flow -> reflow -> one step (Wu et al. 2022;
-survey eq. 44-45).
+survey eq. 44-45), composed of the reflow method's stages (:mod:`fewstep.methods.reflow`)
+and its knowledge-distillation student with a point-set distance.
 
 Clouds x0 [N, 3] (``--data pointclouds:...``), Gaussian noise eps of the same shape, the
 :class:`~fewstep.process.LinearFlow` interpolation x_t = (1 - t) x0 + t eps and a
@@ -7,39 +8,29 @@ permutation-equivariant velocity net v (:class:`~fewstep.nets.pointnet.PointNet`
 ``flow`` prediction: in sigma-space the denoiser is D(y, sigma) = x_t - t v(x_t, t), one
 Euler step from t to 0).
 
-1. ``teacher/`` -- the flow teacher (eq. 44), on independent (data, noise) pairs:
+1. ``round1/`` -- the flow teacher (eq. 44), reflow's round 1 on independent (data, noise) pairs:
 
        min_theta E_{t ~ U, x0 ~ data, eps ~ N(0, I)} || v_theta(x_t, t) - (eps - x0) ||^2
 
-2. ``reflow/`` -- the same objective (eq. 43) on the teacher's couplings
-   (z, x1 = ODE_teacher(z)), z ~ N(0, I), x_t = (1 - t) x1 + t z, target z - x1: the
-   paths straighten, so few Euler steps suffice. Starts from the teacher's weights.
+2. ``round2/`` -- reflow (eq. 43) on the teacher's couplings (z, x1 = ODE_teacher(z)),
+   z ~ N(0, I), target z - x1: the paths straighten, so few Euler steps suffice. Starts
+   from the teacher's weights.
 
 3. ``student/`` -- the one-step student (eq. 45), knowledge distillation
-   (:mod:`fewstep.methods.knowledge` with ``--distance chamfer|emd``, run as a nested
-   stage): starting from the reflowed weights, one
-   Euler step from the noise, G(z) = x_T - T v_phi(x_T, T) with T = t_max, x_T = T z
-   (= D(sigma_max z, sigma_max) in sigma-space; PSF's x_T + f_phi(x_T, T) in its time),
-   trained on the reflowed model's couplings (z, x = ODE_reflow(z)) with a distance
-   between point sets, since the order of the points carries no meaning:
+   (:mod:`fewstep.methods.knowledge` with ``--distance chamfer|emd``) of the reflowed flow,
+   starting from its weights, i.e. as its one Euler step G(z) = x_T - T v_phi(x_T, T), on its
+   own couplings (z, x = ODE_reflow(z)) with a distance between point sets, since the order of
+   the points carries no meaning:
 
        min_phi E_z Dist(G(z), ODE_reflow(z)),   Dist = Chamfer (default) or exact EMD.
 
-Each stage is a run folder holding a loadable model (``fewstep.load``), its own
-checkpoints (``--resume`` continues the stage it stopped in) and, for stages 2 and 3,
-the couplings (``pairs/``, made by :func:`fewstep.methods.pairs.make_pairs`). A
-teacher may be given (``--teacher``: a flow-process, flow-prediction cloud model), then
-stage 1 is skipped. The top folder's model is the student (``fewstep sample OUT --nfe 1``);
-``eval.json`` holds MMD-CD, COV-CD and 1-NNA-CD of the teacher (multistep), the reflowed
-flow and the student (one step) against held-out clouds, and ``samples.png`` renders a
-few clouds of each.
-
-Under ``accelerate launch --num_processes N`` (or torchrun) every stage trains on its
-process's slice of each step's global batch (DDP averages the gradients, so the weights
-and their EMA are those of one process with the same batch), the couplings are made shard
-by shard (:func:`~fewstep.methods.pairs.make_pairs`), and the main process alone
-creates the run folders and writes the checkpoints, the models, ``eval.json`` and
-``samples.png`` (the stage runner, :mod:`fewstep.train.job`).
+A teacher may be given (``--teacher``: a flow-process, flow-prediction cloud model); then
+stage 1 is that teacher, and ``round1/`` is the reflow on its couplings. The top folder's
+model is the student (``fewstep sample OUT --nfe 1``); ``eval.json`` holds MMD-CD, COV-CD and
+1-NNA-CD of the teacher (multistep), the reflowed flow and the student (one step) against
+held-out clouds (the cloud evaluation hook, :func:`evaluate`), ``samples.png`` renders a few
+clouds of each, and ``reflow.json`` reflow's own measures. Processes, resume and the stage
+folders are the stage runner's (:mod:`fewstep.train.job`), as for every method.
 """
 from __future__ import annotations
 
@@ -47,11 +38,10 @@ import torch
 
 from ..errors import UserError
 from ..process import LinearFlow
-from ..train.checkpoint import write_json
-from ..train.job import Plan, Task, Top
+from ..io import write_json
+from ..train.job import Top
 from ..train.options import LOOP_NAMES
-from .common import check_positive, load_teacher
-from .pairs import make_pairs
+from .common import load_teacher
 
 DEFAULTS = {
     "n_data": 2000,            # training clouds
@@ -86,7 +76,6 @@ HELP = {
     "eval_emd": "also MMD/COV/1-NNA with the EMD ground distance (slow: N^3 per pair)",
     "renders": "clouds per model in samples.png",
 }
-STAGES = ("teacher", "reflow", "student")
 DISTANCES = ("chamfer", "emd")
 
 
@@ -120,7 +109,6 @@ def _check(cfg: dict) -> None:
     info(cfg["eval_sampler"])
     if not str(cfg["pair_grid"]).endswith(".json"):
         make_grid(cfg["pair_grid"], 2, 1e-3, 999.0, process=LinearFlow())
-    check_positive(cfg, "lr")
 
 
 def _check_teacher(teacher) -> None:
@@ -132,72 +120,27 @@ def _check_teacher(teacher) -> None:
 
 
 # ------------------------------------------------------------------------------ stages
-def _flow_denoiser(net_cfg: dict, sigma_data: float, process: LinearFlow, state=None):
-    """A velocity net under ``process`` with the ``flow`` prediction (optionally with weights)."""
-    from ..denoiser import ModelDenoiser
-    from ..nets import build_net
-
-    net = build_net(net_cfg)
-    if state is not None:
-        net.load_state_dict(state)
-    return ModelDenoiser(net, process, "flow", sigma_data)
-
-
-def _net_state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.denoiser.net.state_dict().items()}
-
-
-def _flow_plan(D, B: int, net_cfg: dict, data, stage: str, couplings=None):
-    """A flow stage (eq. 43/44): || v(x_t, t) - (eps - x0) ||^2 per sample (the ``simple``
-    DSM loss of the ``flow`` prediction) on independent (data, fresh noise) pairs, or on
-    ``couplings(st) -> (x0 [n], eps [n], info)`` (row k with row k)."""
-    from ..train.losses import DenoisingLoss
-    from ..train.teacher import model_meta
-
-    dsm = DenoisingLoss("simple")
-
-    def plan(st):
-        if couplings is None:
-            x0_all, eps_all, info = data.x, None, {}
-        else:
-            x0_all, eps_all, info = couplings(st)
-
-        def draw(gen, step):
-            idx = torch.randint(0, len(x0_all), (B,), generator=gen)
-            t = D.process.sample_t(B, generator=gen)
-            x0 = x0_all[idx]
-            eps = torch.randn(x0.shape, generator=gen) if eps_all is None else eps_all[idx]
-            return {"x0": x0, "t": t, "eps": eps}
-
-        def loss(model, b):
-            return dsm(D, b["x0"], b["t"], b["eps"], net=model)
-
-        def describe(ema_module):
-            """model.json of a flow stage: a plain flow model (any sampler, any NFE)."""
-            meta = model_meta({"net": net_cfg, "conditional": False}, D, data)
-            meta.update(default_sampler="euler", method="pointcloud", stage=stage, cost={"seconds": st.seconds})
-            if info:
-                meta.update(teacher=info["teacher"], pairs={k: info[k] for k in ("sampler", "nfe", "grid", "pairs")},
-                            teacher_evals=info["teacher_evals"])
-            return meta
-
-        return Plan(Task(student=D.net, draw=draw, loss=loss), describe)
-
-    return plan
-
-
-def _student_config(cfg: dict, reflowed: str) -> dict:
-    """Stage 3's options: knowledge distillation of the reflowed flow with a point-set distance."""
+def reflow_config(cfg: dict, data, net_cfg: dict, given_teacher: bool) -> dict:
+    """PSF's options as the reflow method's: two rounds on independent couplings (one on the
+    given teacher's), the couplings' solver PSF's, the student with a point-set distance."""
     from . import resolve
 
-    keys = tuple(k for k in LOOP_NAMES if k not in ("steps", "seed")) + (
-        "pair_sampler", "pair_nfe", "pair_grid", "pairs", "pair_batch", "distance")
-    return resolve("knowledge", {**{k: cfg[k] for k in keys}, "teacher": reflowed, "init": "teacher",
-                                 "steps": int(cfg["steps"]), "seed": int(cfg["seed"]) + 1})
+    keys = tuple(k for k in LOOP_NAMES if k != "steps") + ("teacher", "pairs", "pair_batch", "pair_sampler",
+                                                           "pair_nfe", "pair_grid", "distance", "n_data")
+    over = {k: cfg[k] for k in keys}
+    over.update(data=cfg["data"] or data.name, net=net_cfg, distill_steps=int(cfg["steps"]),
+                steps=int(cfg["reflow_steps"]), reflow_sampler=cfg["pair_sampler"], reflow_nfe=int(cfg["pair_nfe"]),
+                eval_samples=int(cfg["eval_clouds"]))
+    if given_teacher:
+        over.update(couplings="teacher", rounds=1, round_steps=[int(cfg["reflow_steps"])])
+    else:
+        over.update(couplings="independent", rounds=2, round_steps=[int(cfg["teacher_steps"]), int(cfg["reflow_steps"])])
+    return resolve("reflow", over)
 
 
 def stages(job):
-    """teacher (unless given) -> reflow on its couplings -> one-step student (nested KD)."""
+    """flow teacher (unless given) -> reflow on its couplings -> one-step student: the reflow
+    method's stages on this job, then the cloud evaluation."""
     from ..nets import build_net, net_config_defaults
     from . import get
     from .common import net_config
@@ -212,32 +155,23 @@ def stages(job):
         else net_config_defaults("clouds", data.shape)
     torch.manual_seed(int(cfg["seed"]))
     net_cfg = getattr(build_net(net_cfg), "config", net_cfg)  # a bad --net fails before any work
-    sd = float(data.x.std())
-    B, seed = int(cfg["batch_size"]), int(cfg["seed"])
+    top = get("reflow").stages(job.with_config(reflow_config(cfg, data, net_cfg, teacher is not None)))
+    names = {"teacher": "round1", "reflow": "round2"} if teacher is None else {"reflow": "round1"}
 
-    # 1. flow teacher (eq. 44)
-    if teacher is None:
-        torch.manual_seed(seed)
-        D1 = _flow_denoiser(net_cfg, sd, LinearFlow())
-        teacher = job.stage("teacher", _flow_plan(D1, B, net_cfg, data, "teacher"), steps=int(cfg["teacher_steps"]),
-                            seed=seed, method="pointcloud", stage="teacher")
+    def describe():
+        meta = top.describe()  # reflow's (writes reflow.json)
+        root = job.root
+        t = job.load(root / names["teacher"]) if teacher is None else teacher
+        ev, clouds = evaluate(cfg, data, t, job.load(root / names["reflow"]), job.load(root / "student"))
+        write_json(root / "eval.json", ev)
+        from ..plots import save_clouds_png
 
-    # 2. reflow on the teacher's couplings (eq. 43)
-    process = teacher.denoiser.process  # every stage on the teacher's interpolation
-    D2 = _flow_denoiser(net_cfg, sd, process, _net_state(teacher))
-    label = "teacher" if cfg["teacher"] is None else str(cfg["teacher"])
+        save_clouds_png(clouds, root / "samples.png", n=int(cfg["renders"]))
+        meta.update(method="pointcloud", stage="student", distance=cfg["distance"],
+                    stages={**names, "student": "student", **({"teacher": str(teacher.name)} if teacher else {})})
+        return meta
 
-    def couplings(st):
-        pcfg = {k: cfg[k] for k in ("pair_sampler", "pair_nfe", "pair_grid", "pairs", "pair_batch")}
-        z, x1, info = make_pairs(teacher, {**pcfg, "seed": seed, "latent_dim": None, "teacher": label}, st)
-        return x1, z / teacher.sigma_max, info
-
-    reflowed = job.stage("reflow", _flow_plan(D2, B, net_cfg, data, "reflow", couplings),
-                         steps=int(cfg["reflow_steps"]), seed=seed + 1, method="pointcloud", stage="reflow")
-
-    # 3. one-step student with a point-set distance (eq. 45): knowledge distillation
-    student = job.nested(get("knowledge"), _student_config(cfg, str((job.root / "reflow").resolve())), "student")
-    return Top("student", lambda: _top_meta(job.root, cfg, data, teacher, reflowed, student))
+    return Top(top.source, describe)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -281,18 +215,3 @@ def evaluate(cfg: dict, data, teacher, reflowed, student) -> tuple[dict, dict]:
                m: results["student_1"][m] / results["reflow_1"][m] for m in ("mmd_cd", "nna_cd")
                if m in results["student_1"] and m in results["reflow_1"]}}
     return out, clouds
-
-
-def _top_meta(root, cfg: dict, data, teacher, reflowed, student) -> dict:
-    """The top folder: eval.json, samples.png and the student's model.json naming the stages."""
-    from ..plots import save_clouds_png
-
-    ev, clouds = evaluate(cfg, data, teacher, reflowed, student)
-    write_json(root / "eval.json", ev)
-    save_clouds_png(clouds, root / "samples.png", n=int(cfg["renders"]))
-    meta = dict(student.meta)
-    meta.update(method="pointcloud", stage="student", distance=cfg["distance"])
-    meta["stages"] = {s: s for s in STAGES if (root / s / "model.json").is_file()}
-    if "teacher" not in meta["stages"]:
-        meta["stages"]["teacher"] = str(teacher.name)
-    return meta

@@ -120,7 +120,7 @@ def _check(cfg: dict, teacher):
 def stages(job):
     """The rounds N -> N/2 -> ... -> end_steps, each a stage ``rounds/steps_NNNN`` whose
     teacher is the round before; the top folder samples with the round matching --nfe."""
-    from ..train.teacher import process_from_config
+    from ..process import process_from_config
     from ..train.losses import x0_weight
 
     cfg = job.cfg

@@ -47,7 +47,7 @@ import torch
 from ..errors import UserError
 from ..grids import time_uniform
 from ..process import LinearFlow
-from ..train.checkpoint import read_json, write_json
+from ..io import read_json, write_json
 from ..train.job import Plan, Task, Top
 from ..train.options import LOOP_NAMES
 from ..train.losses import DenoisingLoss
@@ -67,6 +67,9 @@ DEFAULTS = {
     "reflow_nfe": 64,
     "init": "auto",           # auto: the previous round's (or a flow teacher's) weights | random
     "distill_steps": None,    # one-step student: knowledge-distillation steps (default: --steps; 0: none)
+    "round_steps": None,      # training steps of each round (default: --steps for every round)
+    "distance": "mse",        # the one-step student's loss: mse | chamfer | emd (point clouds, PSF)
+    "n_data": None,           # training samples drawn from --data (default: the data set's size)
     "eval_samples": 2000,
 }
 HELP = {
@@ -82,6 +85,9 @@ HELP = {
     "reflow_nfe": "evaluations of that ODE per coupling (default 64)",
     "init": "auto (previous round's weights; a flow teacher's for round 1) or random",
     "distill_steps": "steps of the one-step student (knowledge distillation of the final flow); 0: none",
+    "round_steps": "training steps of each round, comma-separated (e.g. 4000,2000; default: --steps each)",
+    "distance": "the one-step student's loss: mse, or for point clouds chamfer / emd (PSF)",
+    "n_data": "training samples drawn from --data (default: the data set's own size)",
     "eval_samples": "evaluation samples per round (default 2000)",
 }
 EVAL_NFES = (1, 2, 4)
@@ -156,10 +162,28 @@ def _check(cfg: dict, teacher) -> str:
         raise UserError(f"--distill-steps must be 0 (none) or more, got {cfg['distill_steps']}")
     if cfg["init"] not in ("auto", "random"):
         raise UserError(f"--init {cfg['init']}: use auto or random")
+    if cfg["n_data"] is not None and (not isinstance(cfg["n_data"], int) or int(cfg["n_data"]) < 1):
+        raise UserError(f"--n-data must be an integer of at least 1, got {cfg['n_data']!r}")
+    round_steps(cfg)
     info(cfg["reflow_sampler"])  # unknown names fail here
     if couplings == "teacher":
         pair_spec(_pair_cfg(cfg, teacher, cfg["teacher"], 1), teacher)
     return couplings
+
+
+def round_steps(cfg: dict) -> list:
+    """The training steps of rounds 1..K (``--round-steps``, else ``--steps`` each)."""
+    given, K = cfg["round_steps"], int(cfg["rounds"])
+    if given is None:
+        return [int(cfg["steps"])] * K
+    items = str(given).split(",") if isinstance(given, (str, int)) else list(given)
+    try:
+        steps = [int(str(v).strip()) for v in items]
+    except ValueError:
+        raise UserError(f"--round-steps {given}: give {K} comma-separated whole numbers") from None
+    if len(steps) != K or min(steps) < 1 or any(isinstance(v, (bool, float)) for v in items):
+        raise UserError(f"--round-steps {given}: give {K} whole numbers of at least 1, one per round")
+    return steps
 
 
 def _pair_cfg(cfg: dict, source, label: str, r: int) -> dict:
@@ -177,7 +201,7 @@ def _pair_cfg(cfg: dict, source, label: str, r: int) -> dict:
 def _data(cfg: dict, teacher, couplings: str):
     """The data (independent couplings need it; otherwise only sliced-W2 uses it)."""
     try:
-        return data_source(cfg["data"], teacher, int(cfg["seed"]))
+        return data_source(cfg["data"], teacher, int(cfg["seed"]), cfg["n_data"])
     except UserError:
         if couplings == "independent" or cfg["data"] is not None:
             raise
@@ -370,7 +394,7 @@ def _student_config(final: str, cfg: dict) -> dict:
     couplings (Euler on the uniform-t grid), starting from the flow's weights."""
     from . import resolve
 
-    keys = tuple(k for k in LOOP_NAMES if k != "steps") + ("pairs", "pair_batch", "label_dropout")
+    keys = tuple(k for k in LOOP_NAMES if k != "steps") + ("pairs", "pair_batch", "label_dropout", "distance")
     return resolve("knowledge", {**{k: cfg[k] for k in keys}, "teacher": final, "init": "auto",
                                  "steps": int(cfg["distill_steps"] or cfg["steps"]),
                                  "pair_sampler": cfg["reflow_sampler"], "pair_nfe": int(cfg["reflow_nfe"]),
@@ -405,8 +429,8 @@ def stages(job):
     ev = Evaluation(cfg, teacher, data, _mixture(cfg, teacher), shape, job.device, cond)
     distill_on = cfg["distill_steps"] is None or int(cfg["distill_steps"]) > 0
     rounds, prev = [], None
-    for r in range(1, int(cfg["rounds"]) + 1):
-        rcfg = {"seed": int(cfg["seed"]) + 1000 * (r - 1), "method": "reflow", "round": r,
+    for r, steps in zip(range(1, int(cfg["rounds"]) + 1), round_steps(cfg)):
+        rcfg = {"seed": int(cfg["seed"]) + 1000 * (r - 1), "steps": steps, "method": "reflow", "round": r,
                 "couplings": couplings if r == 1 else "reflow"}
         prev = job.stage(f"round{r}", _round_plan(r, prev, teacher, couplings, data, cfg, net_cfg, ev, cond), **rcfg)
         rounds.append(read_json(job.root / f"round{r}" / "round.json"))

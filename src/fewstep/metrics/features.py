@@ -183,7 +183,7 @@ def save_classifier(clf: SmallClassifier, path) -> Path:
     """Write weights + metadata (config, training info) as one safetensors file."""
     from safetensors.torch import save_file
 
-    from fewstep.train.checkpoint import atomic_write
+    from fewstep.io import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

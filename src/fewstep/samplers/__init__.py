@@ -97,7 +97,7 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
     """Run ``sampler`` with as many steps as ``nfe`` network evaluations allow.
 
     ``grid`` is a grid name of :mod:`fewstep.grids`, a path to a grid JSON file (with
-    its decoupled evaluation levels, if it has them: :mod:`fewstep.schedules.levels`), or a
+    its decoupled evaluation levels, if it has them: :mod:`fewstep.levels`), or a
     tensor of sigmas (then ``nfe`` only checks the budget). ``x`` is at the grid's first
     level. The sigma range of a named grid is ``sigma_min``/``sigma_max``, else that of
     ``process=``, else the denoiser's (its ``sigma_min``/``sigma_max`` attributes, else
@@ -119,8 +119,8 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
     user_grid = isinstance(grid, (torch.Tensor, list, tuple)) or str(grid).endswith(".json")
     if user_grid:  # the grid fixes the steps; nfe is only a budget check
         sigmas = G.make_grid(grid, 0, 0, 0)
-        if not isinstance(grid, (torch.Tensor, list, tuple)):  # a file's evaluation levels (fewstep.schedules.levels)
-            from ..schedules.levels import load_schedule
+        if not isinstance(grid, (torch.Tensor, list, tuple)):  # a file's evaluation levels (fewstep.levels)
+            from ..levels import load_schedule
 
             denoiser = load_schedule(grid)[1](denoiser)
         spent = si.cost(len(sigmas) - 1, **opts, **({"final_zero": False} if sigmas[-1] > 0 else {}))

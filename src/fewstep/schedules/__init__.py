@@ -9,7 +9,7 @@ Methods: ``dp`` (Watson et al. 2022: dynamic programming over candidate levels w
 that decomposes over steps, :mod:`.dp`), ``optimize`` (the levels as parameters, the
 final error as the loss, Adam, :mod:`.optimize`; from the best fixed grid) and
 ``dp+optimize`` (from the better of the DP grid and the best fixed grid). With
-``levels=True`` the grid and decoupled evaluation levels (:mod:`.levels`, LD3-style: the
+``levels=True`` the grid and decoupled evaluation levels (:mod:`fewstep.levels`, LD3-style: the
 teacher at step i asked at a learned sigma'_i) are then optimised jointly from the learned
 grid (:func:`optimize_levels`); ``info["eval_sigmas"]`` holds them. The grid has
 ``problem.steps`` steps, the most the registry's cost function allows in ``nfe``
@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .. import grids as G
 from ..errors import UserError, unknown_name
+from ..levels import EvalLevels, load_schedule, save_schedule
 from .dp import dp_grid, elbo_costs, local_costs, shortest_path
-from .levels import EvalLevels, load_schedule, save_schedule
 from .optimize import differentiable, from_sigmas, optimize_grid, optimize_levels, to_sigmas
 from .problem import Problem, candidates
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import samplers as S
 from ..errors import UserError
-from .levels import EvalLevels
+from ..levels import EvalLevels
 
 
 def candidates(m: int, sigma_min: float, sigma_max: float, final_zero: bool = True) -> Tensor:
@@ -86,7 +86,7 @@ class Problem:
         ``grad`` the function runs without its ``no_grad`` wrapper, so autograd reaches the
         levels wherever the sampler computes with them as tensors (:func:`differentiable`).
         ``levels``: decoupled evaluation levels, one per positive level of ``sigmas``
-        (:class:`~fewstep.schedules.levels.EvalLevels`)."""
+        (:class:`~fewstep.levels.EvalLevels`)."""
         fn = self.info.fn
         den = self.denoiser if levels is None else EvalLevels(self.denoiser, sigmas, levels)
         opts = dict(self.options)

@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+from ..process import PROCESS_ALIASES  # noqa: F401  (defined in fewstep.process)
 from .options import loop_defaults, validate_loop
-
-PROCESS_ALIASES = {"vp": "vp", "vp_cosine": "vp_cosine", "vp_discrete": "vp_discrete", "ddpm": "vp_discrete",
-                   "ve": "ve", "edm": "edm", "flow": "flow"}
 
 # the loop options are declared once, in fewstep.train.options (shared with fewstep distill);
 # teachers keep their own learning rate, so existing teachers train as they always have

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .checkpoint import save_checkpoint, write_json
+from ..io import save_checkpoint, write_json
 from .loop import Task, fit, make_accelerator
 from .options import LOOP_NAMES
 from .runfolder import RunFolder, open_run
@@ -110,6 +110,11 @@ class Job:
     @property
     def main(self) -> bool:
         return self.acc.is_main_process
+
+    def with_config(self, cfg: dict) -> "Job":
+        """This job (accelerator, top folder) seen with another method's config: a method
+        composed of another's stages runs them on its own folders (PSF: reflow's)."""
+        return Job(cfg, self.acc, self.top, self.progress)
 
     def load(self, path, frozen: bool = True):
         """A finished run folder (or spec) as a Model on this job's device, frozen for use as a teacher."""

@@ -22,15 +22,8 @@ import torch
 from torch import nn
 
 from fewstep.errors import UserError
-from fewstep.train.checkpoint import (
-    atomic_write_text,
-    json_default,
-    latest_checkpoint,
-    load_state,
-    read_json,
-    save_state,
-    write_json,
-)
+from fewstep.io import atomic_write_text, json_default, read_json, write_json
+from fewstep.train.checkpoint import latest_checkpoint, load_state, save_state
 from fewstep.train.ema import EMA
 
 CONFIG = "config.json"

@@ -13,24 +13,13 @@ import torch
 from ..data.registry import Dataset, load_dataset
 from ..denoiser import ModelDenoiser
 from ..errors import UserError
+from ..io import save_checkpoint, write_json
 from ..nets import build_net, net_config_defaults
-from ..process import make_process
-from .checkpoint import save_checkpoint, write_json
-from .config import PROCESS_ALIASES, resolve
+from ..process import process_from_config  # methods/progressive.py imports it from here too
+from .config import resolve
 from .loop import Task, fit, make_accelerator
 from .losses import DenoisingLoss
 from .runfolder import RunFolder, open_run
-
-
-def process_from_config(spec):
-    """'vp' / {'kind': 'vp', ...} -> a Process."""
-    if isinstance(spec, dict):
-        return make_process(**spec)
-    if spec not in PROCESS_ALIASES:
-        from ..errors import unknown_name
-
-        raise unknown_name("process", spec, PROCESS_ALIASES)
-    return make_process(PROCESS_ALIASES[spec])
 
 
 def denoising_task(D: ModelDenoiser, data: Dataset, cfg: dict) -> Task:
