@@ -57,7 +57,7 @@ def section(paths: list[Path]) -> str:
            "A number in brackets is the NFE actually spent when a sampler's step cost did not fit the budget. "
            "Image FD/class score use a small classifier trained here, so they are not CIFAR-10 FID/IS.", ""]
     for p in paths:
-        res = Results.load(p)
+        res = Results.load(p).overall()  # per-class rows are in the run's own report
         m = res.meta
         primary = res.primary
         plabel = METRICS[primary].label if primary in METRICS else primary

@@ -25,14 +25,25 @@ METHODS = {  # run folder: (method, options)
     "consistency": ("consistency", {"steps": 6, "n": 6, "mu": 0.9, "level_groups": 4, "solver": "heun"}),
     # iCT: no target network, the DDP-wrapped student is also called (without gradients) for the target
     "ict": ("consistency", {"steps": 6, "mode": "training", "schedule": "ict", "s0": 4, "s1": 16}),
+    # reflow: two rounds (round 2 on round 1's couplings) and the nested one-step student
+    "reflow": ("reflow", {"steps": 4, "rounds": 2, "pairs": 32, "pair_batch": 8, "pair_nfe": 4, "reflow_nfe": 4,
+                          "eval_samples": 16}),
+    # a conditional teacher (the exact 3-class mixture): labels in the pairs and the batch, guided targets
+    "knowledge_cond": ("knowledge", {"steps": 6, "pairs": 64, "pair_batch": 16, "pair_nfe": 4, "guidance": 2.0,
+                                     "label_dropout": 0.25, "net": {**NET, "num_classes": 3}, "cond": True}),
+    "progressive_cond": ("progressive", {"steps": 3, "start_steps": 4, "end_steps": 2, "level_groups": 4,
+                                         "guidance": 2.0, "net": {**NET, "num_classes": 3}, "cond": True}),
 }
 
 
 def distill_all(spec: str, out: Path) -> None:
     from fewstep.methods import distill
 
+    cond = Path(spec[4:]).with_name("cond.npz")  # written by the test beside the ring
     for folder, (method, opts) in METHODS.items():
-        distill(method, {"teacher": spec, **COMMON, **opts}, str(out / folder), progress=False)
+        opts = dict(opts)
+        teacher = f"gmm:{cond}" if opts.pop("cond", False) else spec
+        distill(method, {"teacher": teacher, **COMMON, **opts}, str(out / folder), progress=False)
 
 
 def _torchrun():
@@ -47,6 +58,7 @@ def test_two_processes_match_one_for_every_method(tmp_path):
     from fewstep.data.gmm import GaussianMixture
 
     GaussianMixture.ring(4, radius=2.0, std=0.3).save(tmp_path / "ring.npz")
+    GaussianMixture.labelled_ring().save(tmp_path / "cond.npz")
     spec = f"gmm:{tmp_path / 'ring.npz'}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     two = subprocess.run([_torchrun(), "--nproc_per_node", "2", "--master_port", "29547", __file__, spec,
@@ -62,6 +74,10 @@ def test_two_processes_match_one_for_every_method(tmp_path):
             assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (name, k, float((a[k] - b[k]).abs().max()))
     # written once: the same files in both runs (checkpoints, rounds, pair chunks)
     for name in METHODS:
+        for extra in ("round1/model.safetensors", "round2/model.safetensors", "student/model.safetensors"):
+            if (tmp_path / "one" / name / extra).is_file():  # every stage of a staged method
+                a, b = (load_file(tmp_path / d / name / extra) for d in ("one", "two"))
+                assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), (name, extra)
         files = {p.relative_to(tmp_path / "one" / name) for p in (tmp_path / "one" / name).rglob("*")}
         assert files == {p.relative_to(tmp_path / "two" / name) for p in (tmp_path / "two" / name).rglob("*")}, name
     assert len(list((tmp_path / "two" / "knowledge" / "pairs").glob("chunk_*.safetensors"))) == 4

@@ -44,6 +44,12 @@ def add_parser(sub) -> None:
     p.add_argument("--nll", type=int, help="held-out samples for the teacher's NLL (default 250 points, "
                                            "32 images; 0 skips it)")
     p.add_argument("--no-reference", action="store_true", help="skip the accurate ODE solution (no flow error)")
+    p.add_argument("--label", type=int, help="class-conditional teacher: every sample of this class (default: "
+                                             "labels drawn from --seed, with an exact mixture's class prior or "
+                                             "uniformly); per-class rows are written either way")
+    p.add_argument("--guidance", type=float, help="class-conditional teacher: classifier-free guidance scale of its "
+                                                  "samplers and reference (students distilled at another guidance "
+                                                  "are skipped)")
     p.add_argument("--seed", type=int, default=0, help="noise and data seed (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -60,6 +66,7 @@ def cmd_bench(a) -> int:
     _, path = run_bench(a.teacher, samplers=a.samplers, students=a.students, nfe=_ints(a.nfe), out=a.out, n=a.n,
                         seed=a.seed, data=a.data, nll_n=a.nll, reference=not a.no_reference, device=a.device,
                         progress=not a.quiet, grids=[g for g in a.grids.split(",") if g],
+                        label=a.label, guidance=a.guidance,
                         command="fewstep " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None)
     print(f"report: {path}")
     return 0

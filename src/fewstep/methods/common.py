@@ -135,6 +135,8 @@ def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
         return Conditioning()
     if not 0.0 <= float(p) < 1.0:
         raise UserError(f"--label-dropout must lie in [0, 1), got {p}")
+    if w is not None and float(w) < 0:
+        raise UserError(f"--guidance must be 0 (unconditional) or more, got {w}")
     prior = None
     if teacher is not None and is_exact(teacher):
         prior = teacher.denoiser.class_weights

@@ -17,6 +17,18 @@ For a teacher (run folder or ``gmm:FILE.npz``) and n:
    the classifier score, pixel sliced-W2; point clouds [n, N, 3]: MMD-CD, COV-CD and
    1-NNA-CD on the first 100 clouds), and the teacher's NLL in bits/dim on held-out data
    through the probability-flow ODE.
+
+A class-conditional teacher (C classes) is benchmarked on one fixed label vector [n]
+(:func:`bench_labels`: drawn from ``seed`` with the class prior of an exact mixture,
+uniformly otherwise, or all ``label``): every sampler, student and the reference sample
+with those labels, and ``A`` / ``B`` are conditioned on them (x ~ p(x | c) per label for
+an exact mixture; held-out samples with the same label counts for a labelled data set).
+Beside each overall row come per-class rows (``"class": c``; ``None`` on the overall
+row): every metric on the samples of class c against A's class-c subset. ``guidance=w``
+samples the teacher with classifier-free guidance w and solves the reference with it
+(the exact guided flow for a mixture, whose A / B are then samples of that guided flow
+from fresh noise; a trained teacher's data is p(x | c), not the guided distribution).
+Students distilled at another guidance are skipped with a note.
 """
 from __future__ import annotations
 
@@ -43,6 +55,7 @@ REFERENCE_TOL = {"points": 1e-5, "image": 1e-4}
 _BIN_WIDTH = {"digits": 1 / 8}  # digits hold values v / 8 - 1, v in 0..16
 _8BIT = ("mnist:", "cifar10:")
 CLOUD_SET_SIZE = 100  # clouds per set for MMD-CD / COV-CD / 1-NNA-CD (pairwise Chamfer costs n^2 N^2)
+MIN_CLASS_N = 10  # fewer samples of a class than this: no per-class rows for it
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -91,6 +104,97 @@ def real_sets(teacher, spec: str, n: Optional[int], seed: int, data: Optional[st
     if half < 10:
         raise UserError(f"data '{dspec}' has {len(x)} samples; the benchmark needs at least 20")
     return x[:half], x[half:2 * half], dspec
+
+
+def check_class_options(model, label: Optional[int], guidance: Optional[float]) -> None:
+    """``--label`` / ``--guidance`` that the teacher can take, else one UserError."""
+    name = model.name or "the teacher"
+    if guidance is not None and not math.isfinite(float(guidance)):
+        raise UserError(f"--guidance must be a finite number, got {guidance}")
+    if label is not None:
+        if not model.num_classes:
+            raise UserError(f"--label {label}: teacher {name} is unconditional; it takes no --label")
+        if not 0 <= int(label) < model.num_classes:
+            raise UserError(f"--label {label}: teacher {name} has classes 0..{model.num_classes - 1}")
+    if guidance is not None and not model.num_classes:
+        raise UserError(f"--guidance {guidance}: teacher {name} is unconditional; --guidance needs a "
+                        "class-conditional teacher")
+    model.check_conditioning(None, guidance)
+
+
+def bench_labels(model, spec: str, n: int, seed: int, label: Optional[int] = None) -> tuple[Tensor, str]:
+    """(labels [n] LongTensor, how they were drawn) for a class-conditional teacher: all
+    ``label``, else drawn from ``seed`` with an exact mixture's class prior, else uniform."""
+    if label is not None:
+        return torch.full((n,), int(label), dtype=torch.long), f"all class {int(label)}"
+    g = torch.Generator().manual_seed(seed + 2000)
+    if spec.startswith("gmm:"):
+        return model.denoiser.sample_labels(n, generator=g), "drawn with the mixture's class prior"
+    return torch.randint(0, model.num_classes, (n,), generator=g), "drawn uniformly over the classes"
+
+
+def conditional_sets(teacher, spec: str, labels: Tensor, seed: int, data: Optional[str] = None,
+                     guidance: Optional[float] = None, notes: Optional[list] = None):
+    """(A, B, data_spec, labels): two disjoint real sets whose i-th samples both have class
+    labels[i]. An exact mixture draws x ~ p(x | c) per label (with ``guidance`` w != 1:
+    samples of the exact guided flow from fresh noise); a labelled data set gives held-out
+    samples with the same label counts (n shrinks, keeping the first labels, when a
+    finite set holds too few of some class)."""
+    notes = [] if notes is None else notes
+    n = len(labels)
+    if spec.startswith("gmm:"):
+        gmm = teacher.denoiser
+        g = torch.Generator().manual_seed(seed + 1000)
+        if guidance is None or float(guidance) == 1.0:
+            return gmm.sample(n, g, labels=labels), gmm.sample(n, g, labels=labels), spec, labels
+        two = []
+        for _ in range(2):
+            z = teacher.sigma_max * torch.randn(n, gmm.dim, generator=g, dtype=torch.float64)
+            two.append(gmm.flow(z, teacher.sigma_max, 0.0, rtol=1e-6, labels=labels, guidance=float(guidance)))
+        return two[0], two[1], spec, labels
+    from fewstep.data.registry import load_dataset
+
+    C = teacher.num_classes
+    dspec = _data_spec(teacher, spec, data)
+    pool_n = 4 * n
+    for _ in range(3):
+        ds = load_dataset(dspec, n=pool_n, seed=seed + 1000)
+        if ds.labels is None:
+            raise UserError(f"data '{dspec}' has no labels but the teacher is class-conditional ({C} classes); "
+                            "give its labelled dataset with --data")
+        if ds.num_classes and ds.num_classes != C:
+            raise UserError(f"data '{dspec}' has {ds.num_classes} classes but the teacher {C}; give the teacher's "
+                            "dataset with --data")
+        if tuple(ds.x.shape[1:]) != tuple(teacher.shape):
+            raise UserError(f"data '{dspec}' has samples of shape {list(ds.x.shape[1:])} but the teacher makes "
+                            f"{list(teacher.shape)}; give the teacher's dataset with --data")
+        avail = torch.bincount(ds.labels.long(), minlength=C)[:C]
+        if bool((avail >= 2 * torch.bincount(labels, minlength=C)).all()) or len(ds.x) < pool_n:
+            break  # enough of every class, or a finite set that holds no more
+        pool_n *= 4
+    m = n
+    while True:
+        need = 2 * torch.bincount(labels[:m], minlength=C)
+        if bool((avail >= need).all()):
+            break
+        ratio = float((avail[need > 0].double() / need[need > 0].double()).min())
+        m = min(m - 1, int(m * ratio))
+        if m < 10:
+            raise UserError(f"data '{dspec}' holds too few samples of some class for these labels "
+                            f"({avail.tolist()} per class); the benchmark needs at least 20")
+    if m < n:
+        notes.append(f"n reduced from {n} to {m}: data '{dspec}' holds {avail.tolist()} samples per class, and "
+                     "each class needs twice its label count (sets A and B).")
+        labels = labels[:m]
+    perm = torch.randperm(len(ds.x), generator=torch.Generator().manual_seed(seed + 1001))
+    x, y = ds.x[perm], ds.labels.long()[perm]
+    a, b = x.new_empty((m,) + tuple(x.shape[1:])), x.new_empty((m,) + tuple(x.shape[1:]))
+    for c in range(C):
+        pos = (labels == c).nonzero().flatten()
+        if len(pos):
+            src = (y == c).nonzero().flatten()
+            a[pos], b[pos] = x[src[:len(pos)]], x[src[len(pos):2 * len(pos)]]
+    return a, b, dspec, labels
 
 
 def discover_students(teacher_spec: str) -> list[str]:
@@ -147,6 +251,14 @@ class Evaluator:
                 notes.append(f"No classifier features ({e}); FD and precision/recall use raw pixels.")
         self.real_f = None if self.kind == "clouds" else self._feat(self.real)
 
+    def subset(self, idx: Tensor) -> "Evaluator":
+        """The same metrics against ``real[idx]`` (e.g. one class), features reused."""
+        sub = object.__new__(Evaluator)
+        sub.kind, sub.features, sub.logits = self.kind, self.features, self.logits
+        sub.real = self.real[idx]
+        sub.real_f = None if self.real_f is None else self.real_f[idx]
+        return sub
+
     def _feat(self, x: Tensor) -> Tensor:
         x = x.detach().cpu()
         return self.features(x) if self.features is not None else x.reshape(len(x), -1).double()
@@ -187,7 +299,8 @@ def _start(model, eps: Tensor, seed: int) -> Tensor:
     return model.noise(len(eps), seed=seed)
 
 
-def _sample_counted(model, nfe: int, sampler: Optional[str], x: Tensor, seed: int, **options):
+def _sample_counted(model, nfe: int, sampler: Optional[str], x: Tensor, seed: int, labels=None,
+                    guidance: Optional[float] = None, **options):
     """(samples, evaluations spent or None): the model's denoiser is wrapped in a counter."""
     from fewstep.denoiser import NFECounter
 
@@ -197,7 +310,8 @@ def _sample_counted(model, nfe: int, sampler: Optional[str], x: Tensor, seed: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out, _ = model.sample(len(x), nfe, sampler=sampler, seed=seed, x=x, **options)
+            out, _ = model.sample(len(x), nfe, sampler=sampler, seed=seed, x=x, labels=labels, guidance=guidance,
+                                  **options)
     finally:
         model.denoiser = inner
     return out, (counter.nfe or None)
@@ -242,14 +356,18 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
               out: str = "runs/bench", n: Optional[int] = None, seed: int = 0, data: Optional[str] = None,
               nll_n: Optional[int] = None, reference: bool = True, device: Optional[str] = None,
               progress: bool = True, command: Optional[str] = None,
-              grids: Sequence[str] = ()) -> tuple[Results, Path]:
+              grids: Sequence[str] = (), label: Optional[int] = None, guidance: Optional[float] = None,
+              reference_labels: Optional[Tensor] = None) -> tuple[Results, Path]:
     """Run the benchmark (see the module docstring); returns (results, report.html path).
 
     ``samplers``: names, ``'default'`` (None), ``'all'`` (every deterministic sampler) or
     ``'none'``; ``students``: run folders, ``'auto'`` (:func:`discover_students`) or
     ``'none'``; ``nll_n``: held-out samples for the teacher NLL (0 skips it); ``grids``:
     grid files written by ``fewstep schedule``, each run as the method "SAMPLER @ FILE" with
-    its sampler at its NFE (learned grids beside the fixed ones).
+    its sampler at its NFE (learned grids beside the fixed ones). For a class-conditional
+    teacher: ``label`` (every sample of class ``label``), ``guidance`` (classifier-free
+    guidance of the teacher's samplers and reference); ``reference_labels`` conditions the
+    reference on other labels than the methods (a check that labels are used; tests only).
     """
     from tqdm.auto import tqdm
 
@@ -265,71 +383,127 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     nfes = sorted({int(k) for k in nfe})
     if not nfes or nfes[0] < 1:
         raise UserError(f"--nfe {','.join(map(str, nfe))}: give positive integers, e.g. 1,2,4,8")
+    if guidance is not None and not math.isfinite(float(guidance)):
+        raise UserError(f"--guidance must be a finite number, got {guidance}")
     student_specs = _student_list(students, teacher_spec)
     model = load(teacher_spec, device=device)
+    check_class_options(model, label, guidance)
+    C = int(model.num_classes or 0)
+    w = None if guidance is None else float(guidance)
     studs = [(s, load(s, device=device)) for s in student_specs]
     for s, st in studs:
         if tuple(st.shape) != tuple(model.shape):
             raise UserError(f"student {s} makes samples of shape {list(st.shape)}, the teacher {list(model.shape)}")
     out = Path(out)  # created only when the results are written: an interrupted run leaves nothing
 
-    real_a, real_b, dspec = real_sets(model, teacher_spec, n, seed, data)
-    n = len(real_a)
     notes: list[str] = []
+    labels, classes = None, None
+    if C:
+        n0 = int(n or DEFAULT_N.get(model.kind, 1000))
+        labels, how = bench_labels(model, teacher_spec, n0, seed, label)
+        real_a, real_b, dspec, labels = conditional_sets(model, teacher_spec, labels, seed, data, w, notes)
+        counts = torch.bincount(labels, minlength=C).tolist()
+        classes = {"num_classes": C, "labels": how, "counts": counts}
+        if w is not None and w != 1.0:
+            notes.append(f"Guidance w = {w:g}: the teacher's samplers and the reference use classifier-free "
+                         "guidance. " + ("The data sets A and B are samples of the exact guided flow (fresh noise), "
+                                         "so the data metrics measure distance to the guided distribution."
+                                         if teacher_spec.startswith("gmm:") else
+                                         "The held-out data is p(x | c), NOT the guided distribution: data metrics "
+                                         "measure distance to the data; the flow error measures the solvers."))
+    else:
+        real_a, real_b, dspec = real_sets(model, teacher_spec, n, seed, data)
+    n = len(real_a)
     say = print if progress else (lambda *a, **k: None)
     say(f"[bench] teacher {teacher_spec}, data {dspec}, n = {n}, {len(samplers)} samplers, "
-        f"{len(studs)} students, NFE {','.join(map(str, nfes))}")
+        f"{len(studs)} students, NFE {','.join(map(str, nfes))}"
+        + (f", {C} classes" + (f", guidance {w:g}" if w is not None else "") if C else ""))
     evaluate = Evaluator(real_a, model.kind, dspec, notes)
+    per_class = []  # (class, indices, evaluator of A's class subset)
+    for c in range(C):
+        idx = (labels == c).nonzero().flatten()
+        if 0 < len(idx) < MIN_CLASS_N:
+            notes.append(f"Class {c} has only {len(idx)} of the {n} samples: no per-class rows for it.")
+        elif len(idx):
+            per_class.append((c, idx, evaluate.subset(idx)))
     eps = torch.randn((n,) + tuple(model.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x_T = _start(model, eps, seed)
     rows, skipped, panels = [], [], {}
 
-    def record(method, kind, k, used, x, seconds, flow_ref):
+    def add_rows(base: dict, x: Tensor, flow_ref: Optional[Tensor], with_flow: bool = True):
+        """The overall row, then one per class: each metric on the class's samples."""
         m = evaluate(x, flow_ref)
+        if not with_flow:
+            m.pop("flow_error", None)
         note = m.pop("note", None)
+        seconds = base.pop("seconds", None)
+        rows.append({**base, "class": None, **m, **({"seconds": seconds} if seconds is not None else {})})
+        if note:
+            return note
+        for c, idx, ev in per_class:
+            mc = ev(x[idx.to(x.device)], None if flow_ref is None else flow_ref[idx.to(flow_ref.device)])
+            if not with_flow:
+                mc.pop("flow_error", None)
+            mc.pop("note", None)
+            rows.append({**base, "class": c, **mc})
+        return None
+
+    def record(method, kind, k, used, x, seconds, flow_ref):
+        note = add_rows({"method": method, "kind": kind, "nfe": k, "nfe_used": used, "seconds": seconds}, x, flow_ref)
         if note:
             skipped.append({"method": method, "nfe": k, "reason": note})
-        rows.append({"method": method, "kind": kind, "nfe": k, "nfe_used": used, **m, "seconds": seconds})
         panels.setdefault(method, {})[f"NFE {k}" if k is not None else method] = _panel(x, evaluate.kind)
 
-    rows.append({"method": "data (held-out)", "kind": "data", "nfe": None, "nfe_used": None,
-                 **{k: v for k, v in evaluate(real_b).items() if k != "flow_error"}})
+    add_rows({"method": "data (held-out)", "kind": "data", "nfe": None, "nfe_used": None}, real_b, None, False)
     ref = None
     if reference:
         say("[bench] the reference: the teacher's ODE solved accurately from the same noise")
+        ref_labels = labels if reference_labels is None or labels is None else torch.as_tensor(reference_labels)
         t0 = time.time()
         if teacher_spec.startswith("gmm:"):
-            ref, used, label = model.denoiser.flow(x_T, model.sigma_max, 0.0, rtol=1e-8), None, "exact flow"
+            ref = model.denoiser.flow(x_T, model.sigma_max, 0.0, rtol=1e-8, labels=ref_labels, guidance=w)
+            used, rlabel = None, "exact flow" + (f" (guidance {w:g})" if w is not None and C else "")
         else:
             tol = REFERENCE_TOL.get(model.kind, 1e-5)
-            ref, used = _sample_counted(model, 100000, "rk45", x_T, seed, rtol=tol, atol=tol)
-            label = f"teacher ODE (rk45, tol {tol:g})"
-        rows.append({"method": label, "kind": "reference", "nfe": None, "nfe_used": used,
-                     **evaluate(ref), "seconds": time.time() - t0})
-        panels["reference"] = {"data": _panel(real_a, evaluate.kind), label: _panel(ref, evaluate.kind)}
+            ref, used = _sample_counted(model, 100000, "rk45", x_T, seed, labels=ref_labels, guidance=w,
+                                        rtol=tol, atol=tol)
+            rlabel = f"teacher ODE (rk45, tol {tol:g}" + (f", guidance {w:g})" if w is not None and C else ")")
+        add_rows({"method": rlabel, "kind": "reference", "nfe": None, "nfe_used": used,
+                  "seconds": time.time() - t0}, ref, None, False)
+        panels["reference"] = {"data": _panel(real_a, evaluate.kind), rlabel: _panel(ref, evaluate.kind)}
 
-    jobs = [(s, "sampler", model, k) for s in samplers for k in nfes]
-    jobs += [(name, "sampler", model, k) for name, (_, _, k) in learned.items()]  # learned grids
+    jobs = [(s, "sampler", model, k, w) for s in samplers for k in nfes]
+    jobs += [(name, "sampler", model, k, w) for name, (_, _, k) in learned.items()]  # learned grids
     for spec, st in studs:
         name = _student_name(spec, st)
+        why, st_w = _student_conditioning(st, C, w)
+        if why:
+            skipped.append({"method": name, "nfe": None, "reason": why})
+            continue
+        if st_w is not None and st.meta.get("guidance") is not None:
+            notes.append(f"{name} was distilled at guidance {float(st.meta['guidance']):g} with a null label: it is "
+                         f"sampled here with classifier-free guidance {st_w:g} on top.")
         rule = st.rule_nfes() if hasattr(st, "rule_nfes") else []
         for k in nfes:
             if rule and k not in rule:
                 skipped.append({"method": name, "nfe": k, "reason": f"its own rule samples with "
                                 f"{', '.join(map(str, rule))} evaluations"})
             else:
-                jobs.append((name, "student", st, k))
+                jobs.append((name, "student", st, k, st_w))
     bar = tqdm(jobs, desc="bench", disable=not progress, leave=True)
-    for method, kind, m, k in bar:
+    for method, kind, m, k, mw in bar:
         bar.set_postfix_str(f"{method} @ {k}")
         t0 = time.time()
+        cond = {"labels": labels, "guidance": mw} if C else {}
         try:
             if method in learned:  # a learned grid: its sampler, from noise at its first level
                 sname, gpath, _ = learned[method]
                 first = float(json.loads(Path(gpath).read_text())["sigmas"][0])
-                x, used = _sample_counted(m, k, sname, _start(m, eps, seed) * (first / m.sigma_max), seed, grid=gpath)
+                x, used = _sample_counted(m, k, sname, _start(m, eps, seed) * (first / m.sigma_max), seed,
+                                          grid=gpath, **cond)
             else:
-                x, used = _sample_counted(m, k, method if kind == "sampler" else None, _start(m, eps, seed), seed)
+                x, used = _sample_counted(m, k, method if kind == "sampler" else None, _start(m, eps, seed), seed,
+                                          **cond)
         except UserError as e:
             skipped.append({"method": method, "nfe": k, "reason": str(e)})
             continue
@@ -353,17 +527,42 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     primary = {"points": "sliced_w2", "clouds": "mmd_cd"}.get(evaluate.kind, "fd")
     meta = {"teacher": teacher_spec, "data": dspec, "kind": evaluate.kind, "n": n, "seed": seed,
             "samplers": samplers, "students": student_specs, "nfe": nfes, "primary": primary,
-            "command": command or _command(teacher_spec, samplers, student_specs, nfes, out, n, seed),
+            "command": command or _command(teacher_spec, samplers, student_specs, nfes, out, n, seed, label, w),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                        f"device {model.device}",
             "date": time.strftime("%Y-%m-%d"), "summary": summary, "notes": notes,
             "made_by": {k: v for k, v in [(teacher_spec, provenance(teacher_spec))]
                         + [(s, provenance(s)) for s in student_specs] if v}}
+    if C:
+        meta.update(classes=classes, label=label, guidance=w)
     results = Results(meta, rows, skipped, samples=panels)
     results.meta["seconds"] = time.time() - t_start
     path = write_report(results, out, panels)
     say(f"[bench] done in {time.time() - t_start:.0f} s: {path}")
     return results, path
+
+
+def _student_conditioning(st, C: int, w: Optional[float]) -> tuple[Optional[str], Optional[float]]:
+    """(why the student is not run, or None; the guidance to sample it with) on a teacher
+    with C classes benchmarked at guidance w (None: none, i.e. w = 1)."""
+    sc = int(st.num_classes or 0)
+    if sc != C:
+        return (f"it has {sc or 'no'} classes, the teacher {C or 'none'}" if C else
+                f"it is class-conditional ({sc} classes) but the teacher is not"), None
+    if not C:
+        return None, None
+    baked = st.meta.get("guidance")
+    want = 1.0 if w is None else w
+    if baked is None:
+        return None, w  # no guidance built in: guided like the teacher
+    if float(baked) == want:
+        return None, None  # its own, built-in guidance is this bench's
+    try:
+        st.check_conditioning(None, want)  # distilled at w = 1 with a null branch: guidance w on it
+    except UserError:
+        return (f"distilled at guidance {float(baked):g} (built in), but this benchmark's teacher and reference "
+                f"are at guidance {want:g}; bench it with --guidance {float(baked):g}"), None
+    return None, want
 
 
 def write_report(results: Results, out, panels: Optional[dict] = None) -> Path:
@@ -374,7 +573,7 @@ def write_report(results: Results, out, panels: Optional[dict] = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results.save(out)
-    pareto = pareto_plot(results, out / "pareto.png")
+    pareto = pareto_plot(results.overall(), out / "pareto.png")  # per-class rows: in the tables only
     lim = None
     pngs = []
     for method, pan in (panels or {}).items():
@@ -470,8 +669,10 @@ def provenance(spec: str) -> Optional[str]:
     return " ".join(cmd + [f"--out {spec}"])
 
 
-def _command(teacher, samplers, students, nfes, out, n, seed) -> str:
+def _command(teacher, samplers, students, nfes, out, n, seed, label=None, guidance=None) -> str:
     parts = ["fewstep bench", f"--teacher {teacher}", f"--samplers {','.join(samplers) or 'none'}",
              f"--students {','.join(students) or 'none'}", f"--nfe {','.join(map(str, nfes))}",
              f"--n {n}", f"--seed {seed}", f"--out {out}"]
+    parts += [f"--label {label}"] if label is not None else []
+    parts += [f"--guidance {guidance:g}"] if guidance is not None else []
     return " ".join(parts)

@@ -1,8 +1,10 @@
 """A static report.html: opens from disk with no server; every image is embedded (base64).
 
 Sections: what was compared (teacher, data, n, command, machine), the summary table
-(primary metric per method and NFE, Pareto-front cells marked), the Pareto plot, the full
-table of every metric, and the samples of each method. A small inline script checks on
+(primary metric per method and NFE, Pareto-front cells marked), the Pareto plot, for a
+class-conditional benchmark the per-class tables (primary metric and flow error per
+method, each method's class rows under its overall row), the full table of every metric
+(class rows under their overall row), and the samples of each method. A small inline script checks on
 load that every image decoded and writes the count into ``<body data-images-loaded>``
 (the headless-browser test reads it).
 """
@@ -23,6 +25,8 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f2f2f2; } td.name, th.name { text-align: left; }
 td.front { font-weight: bold; background: #e8f4e8; }
 tr.ref td { color: #666; font-style: italic; }
+tr.sub td { color: #444; font-size: 0.92em; } tr.sub td.name { padding-left: 2em; }
+tr.all td { border-top: 2px solid #bbb; }
 img { max-width: 100%; border: 1px solid #eee; }
 .note { color: #555; font-size: 0.9em; }
 code { background: #f4f4f4; padding: 0 3px; }
@@ -72,7 +76,7 @@ def _summary_table(res: Results) -> str:
         kind = next(r["kind"] for r in res.rows if r["method"] == method)
         lines.append(f'<tr><td class="name">{html.escape(method)}</td><td>{kind}</td>{"".join(cells)}</tr>')
     for r in res.rows:
-        if r["kind"] in ("data", "reference"):
+        if r["kind"] in ("data", "reference") and r.get("class") is None:
             span = f'<td colspan="{len(nfes)}">{_fmt(r.get(metric), metric)}'
             span += f" (NFE {r['nfe_used']})</td>" if r.get("nfe_used") else "</td>"
             lines.append(f'<tr class="ref"><td class="name">{html.escape(r["method"])}</td><td>{r["kind"]}</td>'
@@ -84,15 +88,59 @@ def _summary_table(res: Results) -> str:
             "the budget.</p>" + "\n".join(lines))
 
 
+def _class_tables(res: Results) -> str:
+    """Per class: the primary metric (and the flow error) per method and NFE, each
+    method's overall row followed by its class rows; data and reference rows last."""
+    classes = res.classes()
+    if not classes:
+        return ""
+    nfes = sorted({r["nfe"] for r in res.rows if r["kind"] in ("sampler", "student")})
+    refs = [r["method"] for r in res.rows if r["kind"] in ("data", "reference") and r.get("class") is None]
+    out = []
+    for metric in [m for m in dict.fromkeys([res.primary, "flow_error"]) if m in res.metric_names()]:
+        label = METRICS[metric].label if metric in METRICS else metric
+        head = "".join(f"<th>NFE {k}</th>" for k in nfes)
+        lines = [f'<table class="classes" id="classes-{metric}"><tr><th class="name">method</th><th>class</th>'
+                 f"{head}</tr>"]
+        for method in res.methods() + refs:
+            for c in [None, *classes]:
+                if method in refs:
+                    r = res.row(method, None, c)
+                    if r is None or not _finite(r.get(metric)):
+                        continue
+                    cells = f'<td colspan="{max(1, len(nfes))}">{_fmt(r.get(metric), metric)}</td>'
+                else:
+                    rs = [res.row(method, k, c) for k in nfes]
+                    if all(r is None for r in rs):
+                        continue
+                    cells = "".join(f"<td>{_fmt(r.get(metric), metric) if r else '&ndash;'}</td>" for r in rs)
+                tr = ("all" if c is None else "sub") + (" ref" if method in refs else "")
+                name = html.escape(method) if c is None else "&#8627;"
+                lines.append(f'<tr class="{tr}"><td class="name">{name}</td><td>{"all" if c is None else c}</td>'
+                             f"{cells}</tr>")
+        lines.append("</table>")
+        out.append(f"<h3>{html.escape(label)} per class</h3>" + "\n".join(lines))
+    return ("<h2>Per class</h2><p class='note'>Every method sampled the same labels; each class row is the "
+            "metric on that class's samples against that class's data (and reference); &ldquo;all&rdquo; is the "
+            "overall row.</p>" + "\n".join(out))
+
+
 def _full_table(res: Results) -> str:
     metrics = res.metric_names()
+    by_class = bool(res.classes())
     head = "".join(f'<th title="{html.escape(METRICS[m].about) if m in METRICS else ""}">'
                    f"{html.escape(METRICS[m].label if m in METRICS else m)}</th>" for m in metrics)
-    lines = [f'<table id="all"><tr><th class="name">method</th><th>kind</th><th>NFE</th><th>used</th>{head}</tr>']
+    lines = [f'<table id="all"><tr><th class="name">method</th>{"<th>class</th>" if by_class else ""}<th>kind</th>'
+             f"<th>NFE</th><th>used</th>{head}</tr>"]
     for r in res.rows:
-        cls = ' class="ref"' if r["kind"] in ("data", "reference") else ""
+        c = r.get("class")
+        kinds = (["ref"] if r["kind"] in ("data", "reference") else []) + (
+            [] if not by_class else ["all"] if c is None else ["sub"])
+        cls = f' class="{" ".join(kinds)}"' if kinds else ""
+        name = html.escape(r["method"]) if c is None else f"&#8627; {html.escape(r['method'])}"
+        ccell = f"<td>{'all' if c is None else c}</td>" if by_class else ""
         cells = "".join(f"<td>{_fmt(r.get(m), m)}</td>" for m in metrics)
-        lines.append(f'<tr{cls}><td class="name">{html.escape(r["method"])}</td><td>{r["kind"]}</td>'
+        lines.append(f'<tr{cls}><td class="name">{name}</td>{ccell}<td>{r["kind"]}</td>'
                      f"<td>{r['nfe'] if r['nfe'] is not None else ''}</td>"
                      f"<td>{r['nfe_used'] if r.get('nfe_used') is not None else ''}</td>{cells}</tr>")
     lines.append("</table>")
@@ -103,12 +151,17 @@ def _full_table(res: Results) -> str:
 
 def write_html(res: Results, out, pareto_png: Path, sample_pngs: Sequence[tuple[str, Path]]) -> Path:
     """Write ``out/report.html`` from the results and the already written PNGs."""
-    from fewstep.train.checkpoint import atomic_write_text
+    from fewstep.io import atomic_write_text
 
     m = res.meta
     facts = [("teacher", m.get("teacher")), ("data", m.get("data")), ("samples per method", m.get("n")),
              ("seed", m.get("seed")), ("command", m.get("command")), ("machine", m.get("machine")),
              ("date", m.get("date")), ("total time", f"{m['seconds']:.0f} s" if _finite(m.get("seconds")) else None)]
+    cl = m.get("classes") or {}
+    if cl:
+        facts.append(("classes", f"{cl.get('num_classes')}; labels {cl.get('labels')}; samples per class "
+                                 f"{', '.join(map(str, cl.get('counts', [])))}"))
+        facts.append(("guidance", "none (conditional)" if m.get("guidance") is None else f"{m['guidance']:g}"))
     for spec, cmd in (m.get("made_by") or {}).items():
         facts.append((f"made {spec} with", cmd))
     for k, v in (m.get("summary") or {}).items():
@@ -116,8 +169,8 @@ def write_html(res: Results, out, pareto_png: Path, sample_pngs: Sequence[tuple[
     facts_html = "".join(f"<tr><th class='name'>{html.escape(str(k))}</th><td class='name'>"
                          f"{'<code>' + html.escape(str(v)) + '</code>' if str(k).startswith(('command', 'made ')) else html.escape(str(v))}"
                          f"</td></tr>" for k, v in facts if v is not None)
-    skipped = "".join(f"<li>{html.escape(s['method'])} at NFE {s['nfe']}: {html.escape(s['reason'])}</li>"
-                      for s in res.skipped)
+    skipped = "".join(f"<li>{html.escape(s['method'])}{'' if s.get('nfe') is None else ' at NFE ' + str(s['nfe'])}: "
+                      f"{html.escape(s['reason'])}</li>" for s in res.skipped)
     notes = "".join(f"<p class='note'>{html.escape(t)}</p>" for t in m.get("notes", []))
     samples = "".join(f"<h3>{html.escape(name)}</h3>{_img(p, name)}" for name, p in sample_pngs)
     body = f"""<!DOCTYPE html>
@@ -130,6 +183,7 @@ def write_html(res: Results, out, pareto_png: Path, sample_pngs: Sequence[tuple[
 <h2>Quality against NFE</h2>
 {_summary_table(res)}
 {_img(pareto_png, 'quality against NFE')}
+{_class_tables(res)}
 <h2>All metrics</h2>
 {_full_table(res)}
 {'<h2>Not run</h2><ul>' + skipped + '</ul>' if skipped else ''}

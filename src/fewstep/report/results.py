@@ -9,7 +9,11 @@ A row is ``{"method", "kind", "nfe", "nfe_used", <metric>: float, ..., "seconds"
 ``kind`` one of ``sampler``, ``student``, ``reference`` (the teacher's accurate ODE
 solution) and ``data`` (held-out real data: the floor each metric reaches at this n);
 ``nfe`` is the budget asked for, ``nfe_used`` the evaluations actually spent (a sampler
-whose steps cost more than one evaluation may spend fewer than the budget).
+whose steps cost more than one evaluation may spend fewer than the budget). ``class`` is
+None on an overall row; a class-conditional benchmark follows each overall row with one
+row per class c (``"class": c``: the metrics on that class's samples against that class's
+data). ``row``, ``pareto`` and ``overall`` look at the overall rows only; a row without
+``class`` (older files) is an overall row.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ METRICS: dict[str, MetricInfo] = {
                              "from the same noise (the exact flow map for a GaussianMixture)"),
     "seconds": MetricInfo("seconds", "lower", "wall time of sampling"),
 }
-ROW_KEYS = ("method", "kind", "nfe", "nfe_used")
+ROW_KEYS = ("method", "kind", "nfe", "nfe_used", "class")
 
 
 @dataclass
@@ -83,11 +87,21 @@ class Results:
                 out.append(r["method"])
         return out
 
-    def row(self, method: str, nfe: Optional[int]) -> Optional[dict]:
+    def row(self, method: str, nfe: Optional[int], cls: Optional[int] = None) -> Optional[dict]:
+        """The row of ``method`` at ``nfe``: the overall one, or class ``cls``'s."""
         for r in self.rows:
-            if r["method"] == method and r["nfe"] == nfe:
+            if r["method"] == method and r["nfe"] == nfe and r.get("class") == cls:
                 return r
         return None
+
+    def classes(self) -> list[int]:
+        """The classes that have per-class rows, sorted ([] for an unconditional benchmark)."""
+        return sorted({r["class"] for r in self.rows if r.get("class") is not None})
+
+    def overall(self) -> "Results":
+        """The same results with the overall rows only (no per-class rows)."""
+        return Results(self.meta, [r for r in self.rows if r.get("class") is None], self.skipped,
+                       samples=self.samples)
 
     # --------------------------------------------------------------------- files
     def to_json(self) -> str:
@@ -105,7 +119,7 @@ class Results:
 
     def save(self, out) -> tuple[Path, Path]:
         """Write ``out/results.json`` and ``out/results.csv`` (each atomically)."""
-        from fewstep.train.checkpoint import atomic_write_text
+        from fewstep.io import atomic_write_text
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -131,12 +145,13 @@ class Results:
 
     # -------------------------------------------------------------------- analysis
     def pareto(self, metric: Optional[str] = None) -> list[dict]:
-        """Rows (samplers and students) not dominated in (nfe_used, metric): no other row
-        is at least as good on both and better on one (ties at one NFE are all kept).
-        Sorted by NFE."""
+        """Overall rows (samplers and students) not dominated in (nfe_used, metric): no
+        other row is at least as good on both and better on one (ties at one NFE are all
+        kept). Sorted by NFE."""
         metric = metric or self.primary
         sign = 1.0 if METRICS.get(metric, MetricInfo("", "lower", "")).better == "lower" else -1.0
-        pts = [r for r in self.rows if r["kind"] in ("sampler", "student") and _finite(r.get(metric))]
+        pts = [r for r in self.rows if r["kind"] in ("sampler", "student") and r.get("class") is None
+               and _finite(r.get(metric))]
         front, best = [], math.inf
         for r in sorted(pts, key=lambda r: (r["nfe_used"], sign * r[metric])):
             v = sign * r[metric]
