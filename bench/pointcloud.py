@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--eval-clouds", type=int, default=100)
     ap.add_argument("--eval-nfe", type=int, default=32)
     ap.add_argument("--heun-nfe", type=int, default=63, help="extra teacher row: Heun at this NFE (0: none)")
-    ap.add_argument("--teacher", default=None, help="a trained flow teacher (e.g. another run's teacher/): skips stage 1")
+    ap.add_argument("--teacher", default=None, help="a trained flow teacher (e.g. another run's round1/): skips stage 1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--run", default="bench/out/pointcloud_run", help="the PSF run folder (resumed if present)")

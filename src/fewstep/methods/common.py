@@ -128,10 +128,12 @@ def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _math.isfinite(v)):
             raise UserError(f"--{key.replace('_', '-')} must be a finite number, got {v!r}")
     if not C:
+        what = "the teacher is unconditional" if teacher is not None else \
+            "this run is unconditional (no teacher; --net without num_classes)"
         if w is not None and float(w) != 1.0:
-            raise UserError(f"--guidance {w}: the teacher is unconditional; guidance needs a class-conditional teacher")
+            raise UserError(f"--guidance {w}: {what}; guidance needs a class-conditional teacher")
         if float(p) != 0.0:
-            raise UserError(f"--label-dropout {p}: the teacher is unconditional; leave it out")
+            raise UserError(f"--label-dropout {p}: {what}; leave it out")
         return Conditioning()
     if not 0.0 <= float(p) < 1.0:
         raise UserError(f"--label-dropout must lie in [0, 1), got {p}")
