@@ -1,7 +1,6 @@
 """fewstep bench on class-conditional teachers: one fixed label vector for every method and
 the reference, class-conditioned data, per-class rows, --label, --guidance, and the bad
 inputs (one line, exit 2, no output folder)."""
-import argparse
 import json
 import re
 import shutil
@@ -21,13 +20,7 @@ from fewstep.report.bench import bench_labels
 N = 200
 
 
-def bench_cli(argv):
-    from fewstep.commands import bench
-
-    ap = argparse.ArgumentParser(prog="fewstep")
-    bench.add_parser(ap.add_subparsers(dest="command"))
-    a = ap.parse_args(["bench", *argv])
-    return a.func(a)
+from _cli import bench_cli  # noqa: E402  (fewstep bench through its own parser)
 
 
 @pytest.fixture(scope="module")

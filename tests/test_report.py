@@ -1,6 +1,5 @@
 """fewstep bench and the report: results files, Pareto front, report.html (also rendered in
 headless Chromium when /usr/bin/chromium exists), the BENCHMARKS.md section generator."""
-import argparse
 import csv
 import importlib.util
 import json
@@ -20,14 +19,7 @@ CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench_cli(argv):
-    """``fewstep bench ARGV`` through the command's own parser (independent of other commands)."""
-    from fewstep.commands import bench
-
-    ap = argparse.ArgumentParser(prog="fewstep")
-    bench.add_parser(ap.add_subparsers(dest="command"))
-    a = ap.parse_args(["bench", *argv])
-    return a.func(a)
+from _cli import bench_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,14 @@ LOOP_NOTES = {"steps": "per round for progressive"}
 
 def _value(text: str):
     """A method option from the command line: none, true/false, an int, a float or text."""
+    from ..train.options import cli_number
+
     low = text.strip().lower()
     if low in ("none", "null"):
         return None
     if low in ("true", "false"):
         return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+    return cli_number(text)
 
 
 def add_parser(sub) -> None:
