@@ -14,3 +14,13 @@ def spec(tmp_path_factory):
     path = tmp_path_factory.mktemp("gmm") / "ring.npz"
     gmm2().save(path)
     return f"gmm:{path}"
+
+
+@pytest.fixture(scope="session")
+def gmm_spec(tmp_path_factory):
+    """``GaussianMixture.ring(8)`` (std 0.1) saved as a ``gmm:FILE.npz`` spec (command-line tests)."""
+    from fewstep.data.gmm import GaussianMixture
+
+    p = tmp_path_factory.mktemp("g") / "g.npz"
+    GaussianMixture.ring(8).save(p)
+    return f"gmm:{p}"

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fewstep.cli import main
-from fewstep.data.gmm import GaussianMixture
 
 
 def run(args, capsys):
@@ -25,13 +24,6 @@ def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("t") / "teacher"
     return train_teacher({"data": "moons", "steps": 30, "device": "cpu", "eval_samples": 100, "eval_nfe": 5},
                          str(out), progress=False)
-
-
-@pytest.fixture(scope="module")
-def gmm_spec(tmp_path_factory):
-    p = tmp_path_factory.mktemp("g") / "g.npz"
-    GaussianMixture.ring(8).save(p)
-    return f"gmm:{p}"
 
 
 def test_help_for_every_command():

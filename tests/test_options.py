@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from fewstep.cli import build_parser, main
-from fewstep.data.gmm import GaussianMixture
 from fewstep.errors import UserError
 from fewstep.train.options import LOOP_NAMES, LOOP_OPTIONS, cli_number, option, validate_loop
 
@@ -26,13 +25,6 @@ def _flags(parser) -> dict:
 
 
 COMMANDS = {"train": ("train",), "distill": ("distill", "knowledge")}
-
-
-@pytest.fixture(scope="module")
-def gmm_spec(tmp_path_factory):
-    p = tmp_path_factory.mktemp("g") / "g.npz"
-    GaussianMixture.ring(8).save(p)
-    return f"gmm:{p}"
 
 
 def test_table_covers_the_loop_options():
