@@ -216,7 +216,7 @@ def cond_runs(spec: str, steps: int, guidance) -> dict:
     return runs
 
 
-def run_cond(steps: int, guidance, folder: Path) -> dict:
+def run_cond(steps: int, guidance, folder: Path, only=None) -> dict:
     """Each method's 1-step conditional student on the exact 3-class mixture, per label:
     energy distance to the exact p(x | c) (guided: to the exact guided flow of fresh noise)
     beside the teacher's Euler at 1 NFE and its accurate ODE (Heun 63 NFE; guided: rk45),
@@ -248,6 +248,8 @@ def run_cond(steps: int, guidance, folder: Path) -> dict:
         rows.append({"model": f"teacher {ode[0]}", "label": c, "ed": energy_distance(acc, refs[c])})
         rows.append({"model": "floor (exact vs exact)", "label": c, "ed": energy_distance(exact(c, 2000 + c), refs[c])})
     for name, (method, opts) in cond_runs(spec, steps, guidance).items():
+        if only and name not in only:
+            continue
         t0 = time.time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -288,6 +290,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["gmm2", "gmm16", "cond", *TRAINED], required=True)
     ap.add_argument("--guidance", type=float, default=None, help="cond part: the guidance scale of the targets")
+    ap.add_argument("--only", default=None, help="cond part: comma-separated methods (KD, PD, CD, reflow+KD, iCT)")
     ap.add_argument("--steps", type=int, default=2000, help="training steps per method (PD rounds: half "
                     "each; 64 -> 1 is 7 rounds on exact teachers, 64 -> 4 is 4 rounds on moons)")
     ap.add_argument("--teacher-steps", type=int, default=3000, help="trained teachers' training steps")
@@ -298,7 +301,7 @@ def main() -> None:
     t0 = time.time()
     try:
         if a.part == "cond":
-            res = run_cond(a.steps, a.guidance, folder)
+            res = run_cond(a.steps, a.guidance, folder, a.only.split(",") if a.only else None)
         else:
             res = (run_trained(a.part, a.steps, a.teacher_steps, folder) if a.part in TRAINED
                    else run_exact(a.part, a.steps, folder))
