@@ -366,6 +366,7 @@ def stages(job):
                 f = ConsistencyDenoiser(ema_module, D.sigma_min, D.sigma_data, float(cfg["sigma_max"]))
                 rule = sampling_rule(cfg, D.sigma_data, tune_levels(f, data, cfg, int(cfg["tune_levels"]), cond=cond))
             per = info(cfg["solver"]).cost(1, final_zero=False) if cfg["mode"] == "distillation" else 0
+            per *= 2 if cond.on and cond.guidance != 1.0 else 1  # a guided call evaluates D(c) and D(null)
             den = {"kind": "consistency", "sigma_min": D.sigma_min, "sigma_data": D.sigma_data,
                    "sigma_max": float(cfg["sigma_max"])}
             return student_meta("consistency", D, net_cfg, data.shape, data.kind, data.name, float(cfg["sigma_min"]),
