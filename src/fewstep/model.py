@@ -11,6 +11,12 @@ run folders, relative to this one, for other NFE: the rounds of progressive
 distillation). ``sample(..., sampler=None)`` follows it; naming a sampler bypasses it.
 ``"denoiser"`` names a student's own parametrization (see ``fewstep.methods``) and
 ``"latent_shape"`` a generator's latent. Teachers have none of these.
+
+A guided student (``fewstep distill guided``, Meng et al. 2022) takes the guidance w as an
+input: its ``"w_input": [w_min, w_max]`` (and ``"w_default"``) make ``sample(guidance=w)``
+pass w as the net's ``cond`` rather than wrap classifier-free guidance; its rounds also
+carry the paper's N-step stochastic rule (``sampling.stochastic``), which
+``sample(..., sampler="guided_stochastic")`` runs (:func:`guided_stochastic`).
 """
 from __future__ import annotations
 
@@ -24,6 +30,33 @@ from .data.gmm import GaussianMixture
 from .errors import UserError
 
 GMM_SIGMA_MIN, GMM_SIGMA_MAX = 0.002, 80.0
+STOCHASTIC = "guided_stochastic"  # a guided student's own stochastic rule (no registered sampler)
+
+
+@torch.no_grad()
+def guided_stochastic(denoiser, x: torch.Tensor, sigmas, extra_args=None, generator=None) -> torch.Tensor:
+    """The N-step stochastic sampler of Meng et al. 2022 (sec. 3.2) on levels sigmas[0..N]
+    (decreasing, sigmas[N] = 0), one evaluation per level but the last: from level i a
+    deterministic DDIM step of twice the grid's step, to level min(i + 2, N), then fresh
+    noise back up to level i + 1, the forward process q(z_{i+1} | z_{i+2}); the evaluation at
+    level N - 1 steps to 0 without noise. In sigma-space (y = z / alpha):
+
+        x^  = D(y_i, s_i),   y' = x^ + (s_k / s_i) (y_i - x^),   k = min(i + 2, N)
+        y_{i+1} = y' + sqrt(s_{i+1}^2 - s_k^2) eps            (i + 1 < N)
+
+    A guided round's grid is its teacher's (2N levels for its N steps), so each jump is one
+    of the student's own steps."""
+    from .samplers._common import denoise, noise_like
+
+    sig = [float(v) for v in torch.as_tensor(sigmas).tolist()]
+    N = len(sig) - 1
+    for i in range(N):
+        den = denoise(denoiser, x, sig[i], extra_args)
+        k = min(i + 2, N)
+        x = den + (sig[k] / sig[i]) * (x - den) if sig[k] > 0 else den
+        if i + 1 < N:
+            x = x + (sig[i + 1] ** 2 - sig[k] ** 2) ** 0.5 * noise_like(x, generator)
+    return x
 
 
 class Model:
@@ -87,9 +120,10 @@ class Model:
 
         Returns ``(samples, labels)``; labels is None for an unconditional model.
         """
-        from .denoiser import CFGDenoiser
         from .samplers import info, sample
 
+        if sampler == STOCHASTIC:
+            return self._sample_stochastic(n, int(nfe), seed, labels, x, guidance, **options)
         if sampler is None and self.sampling:
             sampler, grid, options, nfe, other = self._own_rule(int(nfe), grid, options)
             if other is not None:
@@ -98,19 +132,7 @@ class Model:
         info(sampler)  # unknown names fail before any work
         self.check_conditioning(labels, guidance)
         x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
-        D, extra = self.denoiser, {}
-        if self.num_classes:
-            if labels is None:
-                g = torch.Generator().manual_seed(int(seed) + 1 if seed is not None else 0)
-                labels = torch.randint(0, self.num_classes, (n,), generator=g)
-            labels = torch.as_tensor(labels).to(self.device)
-            if guidance is not None and self.meta.get("guidance") is None:  # a student's guidance is built in
-                D = CFGDenoiser(D, guidance)
-            elif guidance is not None and float(self.meta.get("guidance")) == 1.0 and guidance != 1.0:
-                D = CFGDenoiser(D, guidance)  # a student with a null branch (checked above)
-            extra = {"labels": labels}
-        else:
-            labels = None
+        D, extra, labels = self._conditioned(n, seed, labels, guidance)
         if sampler not in ("rk45",) and "generator" not in options:
             from .samplers import info as _info
 
@@ -120,11 +142,82 @@ class Model:
                      sigma_max=self.sigma_max, process=self.process, extra_args=extra, **options)
         return out, labels
 
+    def _conditioned(self, n: int, seed, labels, guidance):
+        """(denoiser, extra_args, labels) of a sampler call: the labels (drawn from the seed
+        when not given), guidance as classifier-free guidance around the denoiser, or, for a
+        guided student, as its net's input w (:meth:`w_value`)."""
+        from .denoiser import CFGDenoiser
+
+        D, extra = self.denoiser, {}
+        if self.num_classes:
+            if labels is None:
+                g = torch.Generator().manual_seed(int(seed) + 1 if seed is not None else 0)
+                labels = torch.randint(0, self.num_classes, (n,), generator=g)
+            labels = torch.as_tensor(labels).to(self.device)
+            if self.meta.get("w_input"):  # a guided student: w is its input, not CFG
+                w = torch.full((len(labels),), self.w_value(guidance), dtype=torch.float32, device=self.device)
+                return D, {"labels": labels, "cond": w}, labels
+            if guidance is not None and self.meta.get("guidance") is None:  # a student's guidance is built in
+                D = CFGDenoiser(D, guidance)
+            elif guidance is not None and float(self.meta.get("guidance")) == 1.0 and guidance != 1.0:
+                D = CFGDenoiser(D, guidance)  # a student with a null branch (checked above)
+            extra = {"labels": labels}
+        else:
+            labels = None
+        return D, extra, labels
+
+    def w_value(self, guidance: Optional[float]) -> float:
+        """The w a guided student (``w_input`` in model.json) is sampled at: ``guidance``, with
+        a note where it lies outside the range the student learned; None: its ``w_default``,
+        with a note saying so."""
+        lo, hi = (float(v) for v in self.meta["w_input"])
+        name = self.name or "the model"
+        if guidance is None:
+            w = float(self.meta.get("w_default", (lo + hi) / 2))
+            warnings.warn(f"{name} takes the guidance w as an input (it learned w in [{lo:g}, {hi:g}]); "
+                          f"no --guidance given: sampling at its default w = {w:g}", stacklevel=4)
+            return w
+        w = float(guidance)
+        if not lo <= w <= hi:
+            warnings.warn(f"--guidance {w:g} lies outside [{lo:g}, {hi:g}], the w range {name} was distilled "
+                          f"for: its samples there are an extrapolation", stacklevel=4)
+        return w
+
+    def _sample_stochastic(self, n: int, nfe: int, seed, labels, x, guidance, generator=None, **options):
+        """``sample(..., sampler="guided_stochastic")``: a guided round's stochastic rule at its
+        2N evaluations; a folder of rounds hands ``nfe`` to its round of nfe / 2 steps."""
+        name = self.name or "the model"
+        rule = self.sampling
+        if options:
+            raise UserError(f"sampler '{STOCHASTIC}' takes no options ({', '.join(sorted(options))})")
+        if "stochastic" not in rule and rule.get("variants"):
+            have = sorted(2 * int(k) for k in rule["variants"])
+            if nfe % 2 or str(nfe // 2) not in rule["variants"]:
+                raise UserError(f"sampler '{STOCHASTIC}' on {name} spends twice a round's steps: --nfe "
+                                f"{' or '.join(map(str, have))}, not {nfe}")
+            return self.variant(nfe // 2).sample(n, nfe, STOCHASTIC, seed, labels, x=x, guidance=guidance,
+                                                 **({"generator": generator} if generator is not None else {}))
+        st = rule.get("stochastic")
+        if not st:
+            raise UserError(f"{name} has no stochastic rule: sampler '{STOCHASTIC}' samples the students of "
+                            f"'fewstep distill guided'; name another --sampler")
+        if int(st["nfe"]) != nfe:
+            raise UserError(f"sampler '{STOCHASTIC}' on {name} spends {st['nfe']} evaluations, not {nfe}; "
+                            f"give --nfe {st['nfe']} (or sample the top folder, which picks the round)")
+        self.check_conditioning(labels, guidance)
+        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
+        D, extra, labels = self._conditioned(n, seed, labels, guidance)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed((seed or 0) + 2)
+        grid = torch.tensor(st["grid"], dtype=torch.float64)
+        return guided_stochastic(D, x, grid, extra, generator), labels
+
     def check_conditioning(self, labels, guidance) -> None:
         """Labels and guidance that this model can take, else one clear UserError: labels
         only for a class-conditional model and inside its classes (-1: no class); guidance
         only for a conditional model, and for a student distilled at guidance w only w (it
-        is built in) unless it was distilled at w = 1 with a null branch (--label-dropout)."""
+        is built in) unless it was distilled at w = 1 with a null branch (--label-dropout); a
+        guided student (``w_input``) takes any w as its input (a note outside its range)."""
         import math
 
         name = self.name or "the model"
@@ -143,6 +236,8 @@ class Model:
             raise UserError(f"--guidance must be a finite number, got {guidance}")
         if not self.num_classes:
             raise UserError(f"{name} is unconditional: --guidance needs a class-conditional model")
+        if self.meta.get("w_input"):  # a guided student takes any w as its input (a note outside its range)
+            return
         baked = self.meta.get("guidance")
         if baked is not None and float(guidance) != float(baked):
             if float(baked) != 1.0:

@@ -267,11 +267,16 @@ def teacher_net_state(teacher, net_cfg: dict) -> Optional[dict]:
     return None
 
 
-def call_denoiser(D, net, y: Tensor, sigma: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-    """D(y, sigma, labels) with ``net`` (e.g. the accelerate-wrapped student) in place of D.net;
-    D supplies the parametrization (``net_input`` / ``output_to_x0``)."""
+def call_denoiser(D, net, y: Tensor, sigma: Tensor, labels: Optional[Tensor] = None,
+                  cond: Optional[Tensor] = None) -> Tensor:
+    """D(y, sigma, labels, cond) with ``net`` (e.g. the accelerate-wrapped student) in place of
+    D.net; D supplies the parametrization (``net_input`` / ``output_to_x0``). ``cond`` is the
+    net's per-sample scalar input (a guided student's w), passed only when given."""
     x_in, c_noise, c = D.net_input(y, sigma)
-    out = net(x_in, c_noise.to(y.dtype)) if labels is None else net(x_in, c_noise.to(y.dtype), labels=labels)
+    if cond is not None:
+        out = net(x_in, c_noise.to(y.dtype), labels=labels, cond=cond)
+    else:
+        out = net(x_in, c_noise.to(y.dtype)) if labels is None else net(x_in, c_noise.to(y.dtype), labels=labels)
     return D.output_to_x0(out.to(y.dtype), y, sigma, x_in, c)
 
 
@@ -292,10 +297,11 @@ def group_levels(n_levels: int, B: int, groups: int, gen: torch.Generator, low: 
 # ------------------------------------------------------------------- teacher ODE steps
 @torch.no_grad()
 def solve_rows(sampler: str, denoiser, x: Tensor, rows: Tensor, labels: Optional[Tensor] = None,
-               **options) -> Tensor:
+               cond: Optional[Tensor] = None, **options) -> Tensor:
     """Move each sample ``x[b]`` along its own decreasing grid ``rows[b]`` with the
     registered ``sampler`` (e.g. euler = DDIM, heun, dpm_solver_2), conditioned on its own
-    ``labels[b]`` when given: samples sharing a row are one sampler call on that row."""
+    ``labels[b]`` (and its own scalar input ``cond[b]``, a guided student's w) when given:
+    samples sharing a row are one sampler call on that row."""
     from ..samplers import get
 
     fn = get(sampler)
@@ -304,6 +310,8 @@ def solve_rows(sampler: str, denoiser, x: Tensor, rows: Tensor, labels: Optional
     for j in range(len(uniq)):
         idx = (inv == j).nonzero().squeeze(1)
         extra = {"extra_args": {"labels": labels[idx]}} if labels is not None else {}
+        if cond is not None:
+            extra.setdefault("extra_args", {})["cond"] = cond[idx]
         out[idx] = fn(denoiser, x[idx], uniq[j].to(x.device), **extra, **options).to(x.dtype)
     return out
 

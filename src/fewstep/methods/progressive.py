@@ -24,6 +24,9 @@ to start from: a first round N -> N copies it (one teacher step per student step
 into the student network, randomly initialised. Every round is a run folder
 ``rounds/steps_NNNN`` that samples with its own N-step grid; the top folder samples with
 the round that matches ``--nfe``.
+
+The rounds are :func:`run_rounds`, which guided distillation (:mod:`fewstep.methods.guided`,
+stage two) runs too, with a per-sample w passed to teacher and student as the net's input.
 """
 from __future__ import annotations
 
@@ -63,11 +66,12 @@ def level_grid(process, n: int, sigma_max: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def target(teacher, y: torch.Tensor, rows: torch.Tensor, labels=None) -> torch.Tensor:
+def target(teacher, y: torch.Tensor, rows: torch.Tensor, labels=None, cond=None) -> torch.Tensor:
     """x~ for samples y at levels rows[:, 0]: the teacher's DDIM (Euler) steps along each
     row (two for PD, one for a copy round) from y to y_end, then
-    x~ = (y_end - r y) / (1 - r) with r = rows[:, -1] / rows[:, 0] (module docstring)."""
-    y_end = solve_rows("euler", teacher, y, rows, labels)
+    x~ = (y_end - r y) / (1 - r) with r = rows[:, -1] / rows[:, 0] (module docstring).
+    ``cond``: each sample's scalar input of a teacher that takes one (a guided student's w)."""
+    y_end = solve_rows("euler", teacher, y, rows, labels, cond)
     r = bcast((rows[:, -1] / rows[:, 0]).to(y.device), y)
     return (y_end - r * y) / (1 - r)
 
@@ -121,7 +125,6 @@ def stages(job):
     """The rounds N -> N/2 -> ... -> end_steps, each a stage ``rounds/steps_NNNN`` whose
     teacher is the round before; the top folder samples with the round matching --nfe."""
     from ..process import process_from_config
-    from ..train.losses import x0_weight
 
     cfg = job.cfg
     teacher = load_teacher(cfg["teacher"], job.device)
@@ -134,9 +137,31 @@ def stages(job):
                         f"give labelled --data")
     base = level_grid(process, n0, teacher.sigma_max)
     net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
+    done = run_rounds(job, teacher, _rounds(n0, n_end, copy), base, data, cond, process, prediction, net_cfg, copy)
+    return Top(done[-1][1], lambda: _top_meta(done))
+
+
+def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, process, prediction: str, net_cfg: dict,
+               copy: bool, w_input=None, method: str = "progressive", seed: int = None) -> list:
+    """Run the rounds ``[(N, k)]`` (:func:`_rounds`) as stages ``rounds/steps_NNNN`` on the
+    levels ``base`` (n0 + 1 of them), each round's teacher the round before (the first's:
+    ``teacher``, guided by ``cond``); returns ``[(N, folder, meta)]`` of the rounds.
+
+    ``w_input = (w_min, w_max, w_default)``: teacher and student take a per-sample scalar
+    input w (the net's ``cond``), drawn uniformly from [w_min, w_max] for every sample (after
+    the draws of a plain round, which stay as they are) and passed to both; the rounds'
+    model.json record ``w_input``, ``w_default`` and the paper's stochastic rule
+    (``sampling.stochastic``: the round's teacher levels, 2N of them, for 2N evaluations).
+    Guided distillation (Meng et al. 2022), stage two. ``seed``: of round 0 (default the
+    run's), round r's is seed + 1000 r; ``method`` names the rounds' method."""
+    from ..train.losses import x0_weight
+
+    cfg = job.cfg
+    n0 = len(base) - 1
+    seed0 = int(cfg["seed"]) if seed is None else int(seed)
     B, G = int(cfg["batch_size"]), int(cfg["level_groups"])
     prev, done = teacher, []
-    for r, (N, k) in enumerate(_rounds(n0, n_end, copy)):
+    for r, (N, k) in enumerate(rounds):
         grid_s = base[:: n0 // N]             # the student's N + 1 levels
         grid_t = base[:: n0 // (N * k)]       # the teacher's k N + 1 levels
 
@@ -155,33 +180,45 @@ def stages(job):
                 batch = {"x0": x0, "eps": eps, "sigma": grid_s[i], "rows": rows}
                 if cond.on:
                     batch["labels"] = cond.drop(labels, gen)
+                if w_input is not None:
+                    lo, hi = float(w_input[0]), float(w_input[1])
+                    batch["w"] = lo + (hi - lo) * torch.rand(B, generator=gen)
                 return batch
 
             def loss(model, b):
-                """Per sample: w(s) || x_student(y, s, c) - x~ ||^2 at a student level s."""
-                x0, labels = b["x0"], b.get("labels")
+                """Per sample: w(s) || x_student(y, s, c[, w]) - x~ ||^2 at a student level s."""
+                x0, labels, wc = b["x0"], b.get("labels"), b.get("w")
                 y = x0 + bcast(b["sigma"], x0) * b["eps"]
-                x_tilde = target(T_target, y, b["rows"], labels)
+                x_tilde = target(T_target, y, b["rows"], labels, wc)
                 s = b["sigma"].to(x0.dtype)
-                pred = call_denoiser(D, model, y, s, labels)
+                pred = call_denoiser(D, model, y, s, labels, wc)
                 w = x0_weight(cfg["weighting"], s.double()).to(x0.dtype)
                 return w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
 
             def describe(ema_module):
                 sampling = {"sampler": "euler", "grids": fixed_grids({N: grid_s.tolist()})}
-                return student_meta("progressive", D, round_net_cfg, teacher.shape, teacher.kind, data.name,
+                extra = {}
+                if w_input is not None:
+                    sampling["stochastic"] = {"sampler": "guided_stochastic", "nfe": k * N,
+                                              "grid": [float(v) for v in grid_t.tolist()]}
+                    extra = {"w_input": [float(w_input[0]), float(w_input[1])], "w_default": float(w_input[2])}
+                meta = student_meta(method, D, round_net_cfg, teacher.shape, teacher.kind, data.name,
                                     float(grid_s[-2]), float(grid_s[0]), sampling, cfg, cond=cond,
                                     round={"index": r, "student_steps": N, "teacher_steps": k},
-                                    cost={"teacher_evals": int(cfg["steps"]) * B * k, "seconds": st.seconds})
+                                    cost={"teacher_evals": int(cfg["steps"]) * B * k, "seconds": st.seconds},
+                                    **extra)
+                if w_input is not None:
+                    meta.pop("guidance", None)  # w is an input, not built in
+                return meta
 
             frozen = {"teacher": T} if isinstance(T, torch.nn.Module) else {}
             return Plan(Task(student=D.net, draw=draw, loss=loss, frozen=frozen), describe)
 
         name = f"rounds/steps_{N:04d}"
-        prev = job.stage(name, plan, seed=int(cfg["seed"]) + 1000 * r, round=r, student_steps=N, teacher_steps=k,
-                         method="progressive")
+        prev = job.stage(name, plan, seed=seed0 + 1000 * r, round=r, student_steps=N, teacher_steps=k,
+                         method=method)
         done.append((N, name, prev.meta))
-    return Top(done[-1][1], lambda: _top_meta(done))
+    return done
 
 
 def _top_meta(done: list) -> dict:
