@@ -171,6 +171,7 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
                 check_student_net(D.net, cond)
             T = prev.denoiser
             T_target = cond.teacher(T) if r == 0 else T  # later rounds' teachers are guided students
+            guided_calls = 2 if T_target is not T else 1  # a guided call evaluates D(c) and D(null)
 
             def draw(gen, step):
                 i = group_levels(N, B, G, gen)
@@ -205,7 +206,8 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
                 meta = student_meta(method, D, round_net_cfg, teacher.shape, teacher.kind, data.name,
                                     float(grid_s[-2]), float(grid_s[0]), sampling, cfg, cond=cond,
                                     round={"index": r, "student_steps": N, "teacher_steps": k},
-                                    cost={"teacher_evals": int(cfg["steps"]) * B * k, "seconds": st.seconds},
+                                    cost={"teacher_evals": int(cfg["steps"]) * B * k * guided_calls,
+                                          "seconds": st.seconds},
                                     **extra)
                 if w_input is not None:
                     meta.pop("guidance", None)  # w is an input, not built in
