@@ -43,6 +43,11 @@ def test_cached_adapter_is_bit_identical_along_a_sampler_run(process, prediction
 
 def test_second_run_does_no_schedule_work(monkeypatch):
     """Per level, t_of_sigma runs once; a second run on the same grid does none."""
+    from fewstep.samplers import _common
+
+    # the samplers' level tensors live in a bounded process-wide table (cleared when full);
+    # start it empty so that the other tests this worker ran cannot make it overflow mid-test
+    monkeypatch.setattr(_common, "_LEVELS", {})
     proc = VPDiscrete.diffusers()
     D = ModelDenoiser(GMM.as_model(proc, "eps"), proc, "eps")
     calls = []
