@@ -553,6 +553,8 @@ def _student_conditioning(st, C: int, w: Optional[float]) -> tuple[Optional[str]
         return None, None
     baked = st.meta.get("guidance")
     want = 1.0 if w is None else w
+    if st.meta.get("w_input"):
+        return None, want  # guided distillation: w is the student's input (1 = plain conditional)
     if baked is None:
         return None, w  # no guidance built in: guided like the teacher
     if float(baked) == want:
