@@ -167,3 +167,21 @@ def test_gmm_labels_not_one_integer_per_component(labels, tmp_path, capsys):
     np.savez(path, weights=g.weights.numpy(), means=g.means.numpy(), covs=g.covs.numpy(), labels=np.array(labels))
     _fails(["distill", "knowledge", "--teacher", f"gmm:{path}", "--out", str(tmp_path / "z")], capsys, "labels")
     assert not (tmp_path / "z").exists()
+
+
+def test_diffusers_unet_without_a_null_class_refuses_guidance(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(16, 32), norm_num_groups=8, num_class_embeds=3,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "pipe" / "unet")
+    diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False).save_pretrained(tmp_path / "pipe" / "scheduler")
+    spec = f"diffusers:{tmp_path / 'pipe'}"
+    _fails(["sample", spec, "--nfe", "2", "--n", "2", "--label", "1", "--guidance", "2", "--out",
+            str(tmp_path / "a.npz")], capsys, "no null class")
+    assert not (tmp_path / "a.npz").exists()
+    _fails(["distill", "knowledge", "--teacher", spec, "--guidance", "2", "--steps", "1", "--pairs", "4",
+            "--pair-batch", "4", "--pair-nfe", "2", "--out", str(tmp_path / "k")], capsys, "no null class")
+    assert not (tmp_path / "k").exists()

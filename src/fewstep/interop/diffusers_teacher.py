@@ -34,6 +34,9 @@ class DiffusersNet(nn.Module):
         self.model = model
 
     def forward(self, x, c_noise, labels=None, cond=None):
+        if labels is not None and bool((torch.as_tensor(labels) < 0).any()):
+            raise UserError("this diffusers model has no null class (label -1), so it cannot be guided "
+                            "(--guidance) or trained with --label-dropout; leave both out")
         kw = {"class_labels": labels} if labels is not None else {}
         out = self.model(x, c_noise.to(x.dtype), **kw)
         return out.sample if hasattr(out, "sample") else out[0]

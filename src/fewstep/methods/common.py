@@ -139,6 +139,10 @@ def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
         raise UserError(f"--label-dropout must lie in [0, 1), got {p}")
     if w is not None and float(w) < 0:
         raise UserError(f"--guidance must be 0 (unconditional) or more, got {w}")
+    needs_null = (w is not None and float(w) != 1.0) or float(p) > 0
+    if needs_null and teacher is not None and teacher.meta.get("role") == "diffusers-teacher":
+        raise UserError(f"{teacher.name} has no null class (label -1), so it cannot be guided (--guidance) or "
+                        f"give null-label targets (--label-dropout); leave both out")
     prior = None
     if teacher is not None and is_exact(teacher):
         prior = teacher.denoiser.class_weights
