@@ -10,7 +10,8 @@ public module of this package that defines ``stages`` is discovered by name.
     progressive  Salimans & Ho 2022: rounds N -> N/2 -> ... -> 1 of two-step DDIM targets
     consistency  Song et al. 2023: consistency distillation / training (CM, iCT schedules)
     reflow       Liu et al. 2022: rectified flow, k reflow rounds (each a flow model), one-step student
-    pointcloud   Wu et al. 2022 (PSF): point-cloud flow -> reflow -> one-step student (Chamfer / EMD)
+    pointcloud   Wu et al. 2022 (PSF): reflow's stages on clouds, a one-step student with Chamfer / EMD
+    guided       Meng et al. 2022: a w-input student of the guided teacher, then progressive rounds with w
 """
 from __future__ import annotations
 
