@@ -24,3 +24,27 @@ def gmm_spec(tmp_path_factory):
     p = tmp_path_factory.mktemp("g") / "g.npz"
     GaussianMixture.ring(8).save(p)
     return f"gmm:{p}"
+
+
+@pytest.fixture(scope="session")
+def cspec(tmp_path_factory):
+    """The exact class-conditional mixture (tests/_exact.py ``gmm_cond``) as a ``gmm:FILE.npz`` spec."""
+    from _exact import save_gmm_cond
+
+    return "gmm:" + save_gmm_cond(tmp_path_factory.mktemp("gmmc") / "cond.npz")
+
+
+@pytest.fixture(scope="session")
+def class_unet_spec(tmp_path_factory):
+    """A tiny diffusers UNet2DModel with 3 class embeddings (no null class) and a DDIM scheduler,
+    saved with save_pretrained, as a ``diffusers:PATH`` spec."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(16, 32), norm_num_groups=8, num_class_embeds=3,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    root = tmp_path_factory.mktemp("class_unet") / "pipe"
+    unet.save_pretrained(root / "unet")
+    diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False).save_pretrained(root / "scheduler")
+    return f"diffusers:{root}"

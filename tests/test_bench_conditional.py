@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _exact import gmm_cond, save_gmm_cond
+from _exact import gmm_cond
 from fewstep import GaussianMixture
 from fewstep.cli import main as fewstep_main
 from fewstep.errors import UserError
@@ -24,8 +24,8 @@ from _cli import bench_cli  # noqa: E402  (fewstep bench through its own parser)
 
 
 @pytest.fixture(scope="module")
-def cond_spec(tmp_path_factory):
-    return "gmm:" + save_gmm_cond(tmp_path_factory.mktemp("gmmc") / "cond.npz")
+def cond_spec(cspec):
+    return cspec
 
 
 @pytest.fixture(scope="module")

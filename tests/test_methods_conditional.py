@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from _exact import gmm_cond, save_gmm_cond
+from _exact import gmm_cond
 from fewstep.cli import main
 from fewstep.errors import UserError
 from fewstep.methods import distill
@@ -22,11 +22,6 @@ MLP3 = {"kind": "mlp", "dim": 2, "hidden": 64, "depth": 2, "emb_dim": 32, "num_c
 LOOP = {"batch_size": 128, "lr": 2e-3, "warmup": 20, "ema_decay": 0.95, "device": "cpu", "checkpoint_every": 1000,
         "net": MLP3}
 N = 1500
-
-
-@pytest.fixture(scope="module")
-def cspec(tmp_path_factory):
-    return "gmm:" + save_gmm_cond(tmp_path_factory.mktemp("gmmc") / "cond.npz")
 
 
 RUNS = {
@@ -107,16 +102,8 @@ def test_conditional_run_folder_teacher(tmp_path):
     assert main(["sample", out, "--nfe", "1", "--n", "4", "--label", "7", "--out", str(tmp_path / "x.npz")]) == 0
 
 
-def test_diffusers_unet_with_class_labels(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(16, 32), norm_num_groups=8, num_class_embeds=3,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"))
-    unet.save_pretrained(tmp_path / "pipe" / "unet")
-    diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False).save_pretrained(tmp_path / "pipe" / "scheduler")
-    spec = f"diffusers:{tmp_path / 'pipe'}"
+def test_diffusers_unet_with_class_labels(class_unet_spec, tmp_path):
+    spec = class_unet_spec
     teacher = load(spec, device="cpu")
     assert teacher.num_classes == 3
     out = distill("knowledge", {"teacher": spec, "steps": 2, "pairs": 8, "pair_batch": 8, "pair_nfe": 2,
@@ -169,16 +156,8 @@ def test_gmm_labels_not_one_integer_per_component(labels, tmp_path, capsys):
     assert not (tmp_path / "z").exists()
 
 
-def test_diffusers_unet_without_a_null_class_refuses_guidance(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(16, 32), norm_num_groups=8, num_class_embeds=3,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"))
-    unet.save_pretrained(tmp_path / "pipe" / "unet")
-    diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False).save_pretrained(tmp_path / "pipe" / "scheduler")
-    spec = f"diffusers:{tmp_path / 'pipe'}"
+def test_diffusers_unet_without_a_null_class_refuses_guidance(class_unet_spec, tmp_path, capsys):
+    spec = class_unet_spec
     _fails(["sample", spec, "--nfe", "2", "--n", "2", "--label", "1", "--guidance", "2", "--out",
             str(tmp_path / "a.npz")], capsys, "no null class")
     assert not (tmp_path / "a.npz").exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fewstep.train.loop as loop
-from _exact import gmm_cond, save_gmm_cond
+from _exact import gmm_cond
 from fewstep.cli import main
 from fewstep.methods import distill
 from fewstep.methods.guided import guided_target
@@ -25,11 +25,6 @@ N = 1000
 
 def _rms(a, b) -> float:
     return float(((a.double() - b.double()) ** 2).sum(1).mean().sqrt())
-
-
-@pytest.fixture(scope="module")
-def cspec(tmp_path_factory):
-    return "gmm:" + save_gmm_cond(tmp_path_factory.mktemp("gmmc") / "cond.npz")
 
 
 @pytest.fixture(scope="module")
@@ -247,17 +242,9 @@ def test_a_class_conditional_run_folder_teacher_starts_the_student(tmp_path):
     assert _quiet(load(out).sample, 4, 1, labels=torch.tensor([0, 1, 0, 1]))[0].shape == (4, 2)
 
 
-def test_diffusers_unet_without_a_null_class_is_refused(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(16, 32), norm_num_groups=8, num_class_embeds=3,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"))
-    unet.save_pretrained(tmp_path / "pipe" / "unet")
-    diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False).save_pretrained(tmp_path / "pipe" / "scheduler")
-    _fails(["distill", "guided", "--teacher", f"diffusers:{tmp_path / 'pipe'}", "--device", "cpu",
-            "--out", str(tmp_path / "x")], capsys, "no unconditional branch")
+def test_diffusers_unet_without_a_null_class_is_refused(class_unet_spec, tmp_path, capsys):
+    _fails(["distill", "guided", "--teacher", class_unet_spec, "--device", "cpu",
+            "--out", str(tmp_path / "x")], capsys, "no null class")
     assert not (tmp_path / "x").exists()
 
 

@@ -27,7 +27,6 @@ from torch import nn
 
 import fewstep.model
 import fewstep.train.job as job_mod
-from _exact import save_gmm_cond
 from fewstep.methods import distill
 from fewstep.train.loop import slice_batch, step_generator
 
@@ -107,11 +106,6 @@ CASES = [
 
 class _Stop(Exception):
     """Raised by the probe once the stage under test is checked."""
-
-
-@pytest.fixture(scope="module")
-def cspec(tmp_path_factory):
-    return "gmm:" + save_gmm_cond(tmp_path_factory.mktemp("gmmc") / "cond.npz")
 
 
 @pytest.fixture(scope="module")

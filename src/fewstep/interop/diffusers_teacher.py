@@ -35,8 +35,8 @@ class DiffusersNet(nn.Module):
 
     def forward(self, x, c_noise, labels=None, cond=None):
         if labels is not None and bool((torch.as_tensor(labels) < 0).any()):
-            raise UserError("this diffusers model has no null class (label -1), so it cannot be guided "
-                            "(--guidance) or trained with --label-dropout; leave both out")
+            raise UserError("this diffusers model has no null class (label -1), so it has no unconditional branch "
+                            "for classifier-free guidance: leave out --guidance / --label-dropout, or distil another way")
         kw = {"class_labels": labels} if labels is not None else {}
         out = self.model(x, c_noise.to(x.dtype), **kw)
         return out.sample if hasattr(out, "sample") else out[0]
