@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import unknown_name
 from .process import Process, _bcast
 
-__all__ = ["PREDICTIONS", "to_x0", "from_x0", "ModelDenoiser", "CFGDenoiser", "NFECounter",
+__all__ = ["PREDICTIONS", "to_x0", "from_x0", "ModelDenoiser", "CFGDenoiser", "cfg_halves", "NFECounter",
            "edm_precond", "Coefficients"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow", "edm")
@@ -208,12 +208,19 @@ class CFGDenoiser(nn.Module):
     def forward(self, y: Tensor, sigma: Tensor, labels: Optional[Tensor] = None, **cond) -> Tensor:
         if labels is None or self.scale == 1.0:
             return self.inner(y, sigma, labels=labels, **cond)
-        sigma = _batch_sigma(sigma, y)
-        null = torch.full_like(labels, self.null_label)
-        extra = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items()}
-        both = self.inner(torch.cat([y, y]), torch.cat([sigma, sigma]), labels=torch.cat([labels, null]), **extra)
-        d_cond, d_uncond = both.chunk(2)
+        d_cond, d_uncond = cfg_halves(self.inner, y, sigma, labels, self.null_label, **cond)
         return d_uncond + self.scale * (d_cond - d_uncond)
+
+
+def cfg_halves(denoiser: Callable, y: Tensor, sigma, labels: Tensor, null_label: int = -1, **cond):
+    """(D(y, sigma, labels), D(y, sigma, null)) from one batched call on [y; y] with labels
+    [labels; null] (per-sample tensors in ``cond`` are doubled too): the two halves of
+    classifier-free guidance for the price of one network evaluation."""
+    sigma = _batch_sigma(sigma, y)
+    null = torch.full_like(labels, null_label)
+    extra = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items()}
+    both = denoiser(torch.cat([y, y]), torch.cat([sigma, sigma]), labels=torch.cat([labels, null]), **extra)
+    return both.chunk(2)
 
 
 class NFECounter:

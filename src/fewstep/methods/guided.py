@@ -123,9 +123,9 @@ def _check(cfg: dict, teacher) -> tuple:
 def guided_target(D, y: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """D_w(y, s, c) = D(null) + w (D(c) - D(null)) with each sample's own w (one batched call
     of the teacher on [y; y] with labels [c; -1]); a null label c = -1 gives D(null)."""
-    null = torch.full_like(labels, -1)
-    both = D(torch.cat([y, y]), torch.cat([sigma, sigma]), labels=torch.cat([labels, null]))
-    d_cond, d_null = both.to(y.dtype).chunk(2)
+    from ..denoiser import cfg_halves
+
+    d_cond, d_null = (d.to(y.dtype) for d in cfg_halves(D, y, sigma, labels))
     return d_null + bcast(w, y) * (d_cond - d_null)
 
 

@@ -90,7 +90,7 @@ import warnings
 
 import torch
 
-from ..denoiser import CFGDenoiser
+from ..denoiser import CFGDenoiser, cfg_halves
 from ..errors import UserError
 from . import register
 from ._common import batch_sigma, report
@@ -132,12 +132,10 @@ class _Split:
     call) and ``g`` (the guidance part, one batched inner call, which also gives D_w)."""
 
     def __init__(self, cfg: CFGDenoiser, labels, cond: dict, base: str):
-        self.inner, self.w, self.base = cfg.inner, cfg.scale, base
+        self.inner, self.w, self.base, self.null_label = cfg.inner, cfg.scale, base, cfg.null_label
         self.labels = labels
         self.null = torch.full_like(labels, cfg.null_label)
         self.cond = cond
-        self.cond2 = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
-        self.labels2 = torch.cat([labels, self.null])
         self.gw = self.w - 1.0 if base == "cond" else self.w
 
     def f(self, y, s):
@@ -148,9 +146,7 @@ class _Split:
 
     def g(self, y, s):
         """(g(y, s), D_w(y, s)): g = gw (D_u - D_c) / s, one batched call as CFGDenoiser."""
-        y2 = torch.cat([y, y])
-        both = self.inner(y2, batch_sigma(s, y2), labels=self.labels2, **self.cond2)
-        d_c, d_u = both.chunk(2)
+        d_c, d_u = cfg_halves(self.inner, y, batch_sigma(s, y), self.labels, self.null_label, **self.cond)
         d_w = d_u + self.w * (d_c - d_u)
         return (d_u - d_c).mul_(self.gw / s), d_w
 
