@@ -114,8 +114,6 @@ def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
     """The run's :class:`Conditioning`: the teacher's classes (without a teacher: the data's,
     when the student ``--net`` asks for them with ``num_classes``), ``--guidance`` and
     ``--label-dropout``, checked (a guidance or dropout without classes is refused)."""
-    import math as _math
-
     if teacher is not None:
         C = int(getattr(teacher, "num_classes", 0) or 0)
     else:  # no teacher (training from data): conditional when the student net asks for the data's classes
@@ -125,7 +123,7 @@ def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
                             f"{int(getattr(data, 'num_classes', 0) or 0)} classes")
     w, p = cfg.get("guidance"), cfg.get("label_dropout") or 0.0
     for key, v in (("guidance", w), ("label_dropout", p)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _math.isfinite(v)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise UserError(f"--{key.replace('_', '-')} must be a finite number, got {v!r}")
     if not C:
         what = "the teacher is unconditional" if teacher is not None else \
@@ -372,12 +370,6 @@ def quiet_sample(*args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return sample(*args, **kwargs)
-
-
-def check_positive(cfg: dict, *keys) -> None:
-    for k in keys:
-        if cfg.get(k) is not None and float(cfg[k]) <= 0:
-            raise UserError(f"--{k.replace('_', '-')} must be positive, got {cfg[k]}")
 
 
 def log2_int(n: int, what: str) -> int:
