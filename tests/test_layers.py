@@ -34,7 +34,8 @@ LAYERS = [
     ("metrics", ["metrics", "plots"]),
     # one layer: model.py dispatches diffusers: specs to interop/diffusers_teacher, which
     # builds a Model; interop/diffusers_export reads a Model
-    ("model", ["model", "interop"]),
+    # families/ (models before diffusion) build Models and are loaded by model.py
+    ("model", ["model", "interop", "families"]),
     # above model: the stage runner (train/job.py) reloads finished stages as teachers
     ("train", ["train"]),
     ("methods", ["schedules", "methods"]),

@@ -10,7 +10,12 @@ A distilled student's ``model.json`` may carry its own sampling rule (``"samplin
 run folders, relative to this one, for other NFE: the rounds of progressive
 distillation). ``sample(..., sampler=None)`` follows it; naming a sampler bypasses it.
 ``"denoiser"`` names a student's own parametrization (see ``fewstep.methods``) and
-``"latent_shape"`` a generator's latent. Teachers have none of these.
+``"latent_shape"`` a generator's latent. Teachers have none of these. ``"grid"`` names
+the grid the own rule samples on (NCSN's geometric ladder: ``logsnr``).
+
+A run folder of a family before diffusion (``"family"`` in model.json: ``arm``, ``ebm``,
+``sm``, ``ncsn``) is loaded by :func:`fewstep.families.load_family`: a ``Model`` whose
+denoiser is its score (``x + sigma^2 s``), or for the ARM a ``FamilyModel`` without one.
 
 A guided student (``fewstep distill guided``, Meng et al. 2022) takes the guidance w as an
 input: its ``"w_input": [w_min, w_max]`` (and ``"w_default"``) make ``sample(guidance=w)``
@@ -111,6 +116,8 @@ class Model:
         fixed = rule.get("grids", {}).get(str(nfe))
         if fixed is not None and isinstance(grid, str) and grid == "karras":
             grid = torch.tensor(fixed, dtype=torch.float64)
+        elif rule.get("grid") and isinstance(grid, str) and grid == "karras":  # a named grid (NCSN: logsnr)
+            grid = rule["grid"]
         return rule.get("sampler", self.default_sampler), grid, {**rule.get("options", {}), **options}, nfe, None
 
     @torch.no_grad()
@@ -284,6 +291,10 @@ def _load_run(path: Path, device) -> Model:
                         f"'fewstep train --resume --out {path}'" if (path / "config.json").is_file()
                         else f"{path} is not a fewstep run folder (no model.json); give a run folder or gmm:FILE.npz")
     meta = read_json(meta_path)
+    if meta.get("family", "diffusion") != "diffusion":  # a model before diffusion (fewstep.families)
+        from .families import load_family
+
+        return load_family(meta, load_weights(path / "model.safetensors"), str(path), device)
     D, into = denoiser_from_meta(meta)
     state = load_weights(path / "model.safetensors")
     try:

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a diffusion teacher into a run folder",
                        description="Train a teacher by weighted denoising score matching. Options not given "
                                    "come from --config, else the defaults (see fewstep.train.config).")
+    from ..families import FAMILIES
+
+    p.add_argument("--family", choices=list(FAMILIES),
+                   help="model family (default diffusion): arm (autoregressive, exact likelihood), ebm (energy, "
+                        "MCMC maximum likelihood), sm (one score network by score matching), ncsn (noise-conditional "
+                        "scores, annealed Langevin), diffusion (the teacher the distillation methods take)")
     p.add_argument("--data", help="dataset: moons, swiss_roll, 8gaussians, checkerboard, rings, pinwheel, digits, "
                                   "shapes16, shapes32, mnist:DIR, cifar10:DIR, or a .npy/.npz file / PNG folder")
     p.add_argument("--process", help="noise process: vp, vp_cosine, vp_discrete (ddpm), ve, edm, flow")
@@ -33,14 +39,76 @@ def add_parser(sub) -> None:
     notes = {k: f"kept from before, so existing teachers train the same; fewstep distill's is {option(k).default!r}"
              for k in TRAIN_LOOP_OVERRIDES}
     add_loop_arguments(p, TRAIN_DEFAULTS, notes)
+    _add_family_arguments(p)
     p.set_defaults(func=cmd_train)
+
+
+def family_keys() -> list:
+    """Every family module's own option names (``arm_output``, ``ebm_buffer``, ...)."""
+    from ..families import all_defaults
+
+    return [k for d in all_defaults().values() for k in d]
+
+
+def _add_family_arguments(p) -> None:
+    """``--arm-output`` etc.: each family's options, parsed by the type of their default (a
+    list or a None default takes JSON or comma-separated numbers); only the chosen family
+    accepts its own (:func:`fewstep.train.config.resolve`)."""
+    from ..families import FAMILIES, get
+
+    for fam, mod in FAMILIES.items():
+        if not mod:
+            continue
+        m = get(fam)
+        g = p.add_argument_group(f"--family {fam} options ({m.__name__.rsplit('.', 1)[-1]})")
+        for key, default in m.DEFAULTS.items():
+            g.add_argument("--" + key.replace("_", "-"), dest=key, type=_parser(key, default), default=None,
+                           metavar=type(default).__name__.upper() if default is not None and not isinstance(
+                               default, (list, tuple)) else "VALUE",
+                           help=f"{m.HELP.get(key, '')} (default {default!r})")
+
+
+def _parser(key: str, default):
+    """The argparse type of a family option: bool/int/float/str by its default, else JSON
+    or comma-separated numbers; a bad value is one argparse line naming the flag."""
+    import argparse
+    import json
+
+    flag = "--" + key.replace("_", "-")
+
+    def parse(v: str):
+        try:
+            if isinstance(default, bool):
+                if v.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if v.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(default, int):
+                return int(v)
+            if isinstance(default, float):
+                return float(v)
+            if isinstance(default, str):
+                return v
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError:
+                if "," in v:
+                    return [float(t) for t in v.split(",")]
+                return v
+        except ValueError:
+            kind = type(default).__name__ if default is not None else "a value"
+            raise argparse.ArgumentTypeError(f"{flag} takes {kind}, got {v!r}") from None
+
+    parse.__name__ = key
+    return parse
 
 
 def cmd_train(a) -> int:
     from ..train.options import LOOP_NAMES, validate_loop
     from ..train.teacher import train_teacher
 
-    overrides = {k: getattr(a, k) for k in TRAIN_KEYS + LOOP_NAMES}
+    overrides = {k: getattr(a, k) for k in TRAIN_KEYS + ("family",) + LOOP_NAMES + tuple(family_keys())}
     if a.resume and (a.config or any(v is not None for k, v in overrides.items() if k != "steps")):
         raise UserError("--resume continues the run with its stored config; give only --out (and optionally --steps)")
     if a.resume and a.steps is not None:

@@ -9,7 +9,10 @@
 - ``mnist:DIR`` (``train-images-idx3-ubyte[.gz]`` and, if present, the train labels),
   ``cifar10:DIR`` (the binary batches);
 - a path to a ``.npy`` / ``.npz`` file or a folder of images;
-- ``clouds:FILE.npy`` / ``clouds:FILE.npz``: user point clouds ``[n, N, 3]``.
+- ``clouds:FILE.npy`` / ``clouds:FILE.npz``: user point clouds ``[n, N, 3]``;
+- ``gmm:FILE.npz``: ``n`` fresh samples (float32, default 20000) of the exact Gaussian
+  mixture (:mod:`fewstep.data.gmm`), with its classes as labels when it has them: the
+  data whose density, score and flow are known, for training any family against truth.
 An array file holds points ``[n, d]``, images (``[n, H, W]``, ``[n, C, H, W]``,
 ``[n, H, W, C]``) or point clouds ``[n, N, 3]``. Clouds must be marked, because
 ``[n, N, 3]`` is also grayscale images 3 pixels wide: the ``clouds:`` prefix, or an
@@ -35,7 +38,7 @@ from .toys import TOYS, make_toy
 DEFAULT_TOY_N = 20000
 DEFAULT_SHAPES_N = 10000
 _SHAPES = {"shapes16": 16, "shapes32": 32}
-_PREFIXES = ("mnist:DIR", "cifar10:DIR", "pointclouds:points=N,classes=a+b", "clouds:FILE.npy")
+_PREFIXES = ("mnist:DIR", "cifar10:DIR", "pointclouds:points=N,classes=a+b", "clouds:FILE.npy", "gmm:FILE.npz")
 _MNIST_NAMES = {
     "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
     "labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
@@ -136,6 +139,8 @@ def _load(spec: str, n: Optional[int], seed: int) -> tuple[images.ImageSet, bool
         return _read_mnist(spec[len("mnist:"):]), False
     if spec.startswith("cifar10:"):
         return images.read_cifar10_bin(spec[len("cifar10:"):]), False
+    if spec.startswith("gmm:"):
+        return _gmm_samples(spec[len("gmm:"):], DEFAULT_TOY_N if n is None else n, gen), True
     if spec.startswith("clouds:"):
         path = Path(spec[len("clouds:"):])
         if path.suffix.lower() not in (".npy", ".npz"):
@@ -144,6 +149,16 @@ def _load(spec: str, n: Optional[int], seed: int) -> tuple[images.ImageSet, bool
     if _looks_like_path(spec):
         return _read_path(spec), False
     raise unknown_name("dataset", spec, [*dataset_names(), *_PREFIXES, "PATH.npz"])
+
+
+def _gmm_samples(path: str, n: int, gen: torch.Generator) -> images.ImageSet:
+    """n samples of the mixture in ``path`` (float32) and, for a labelled one, their classes."""
+    from .gmm import GaussianMixture
+
+    gmm = GaussianMixture.load(path)
+    x, k = gmm.sample(int(n), generator=gen, return_labels=True)
+    labels = None if gmm.labels is None else gmm.labels[k].long()
+    return x.float(), labels, gmm.num_classes
 
 
 def _dataset(spec: str, triple: images.ImageSet) -> Dataset:

@@ -29,6 +29,12 @@ samples the teacher with classifier-free guidance w and solves the reference wit
 (the exact guided flow for a mixture, whose A / B are then samples of that guided flow
 from fresh noise; a trained teacher's data is p(x | c), not the guided distribution).
 Students distilled at another guidance are skipped with a note.
+
+A teacher of a family before diffusion (``fewstep train --family``, :mod:`fewstep.families`)
+is benchmarked by its own sampling rule at its own cost (the row "FAMILY (own rule)": an
+ARM's d evaluations per sample, Langevin's steps); samplers run only where it has a score
+over a range of levels (NCSN) or are named; an ARM's, SM's or EBM's single level has no
+probability-flow reference, and the NLL is the ARM's exact one (none for SM / EBM).
 """
 from __future__ import annotations
 
@@ -350,6 +356,22 @@ def teacher_nll(teacher, spec: str, held: Tensor, data_spec: str, progress: bool
     return out
 
 
+def family_nll(model, held: Tensor, data_spec: str) -> dict:
+    """Bits/dim of held-out data under a family's exact likelihood (the ARM's); images in
+    the discrete 8-bit sense where the data is 8-bit (the log-density of the bins' width)."""
+    from fewstep.metrics.likelihood import bits_per_dim
+
+    d = held[0].numel()
+    t0 = time.time()
+    with torch.no_grad():
+        v = -model.log_prob(held.to(model.device, model.dtype)).double().cpu()
+    bw = _bin_width(data_spec) if model.kind == "image" else None
+    return {"teacher_nll_bits_per_dim": bits_per_dim(v, d, bw),
+            "teacher_nll_stderr_bits_per_dim": float(v.std() / math.sqrt(len(v))) / d / math.log(2)
+            if len(v) > 1 else None, "nll_samples": len(v), "nll_divergence": "exact (autoregressive)",
+            "nll_seconds": time.time() - t0}
+
+
 # ------------------------------------------------------------------------------- bench
 def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
               students: Union[None, str, Sequence[str]] = "auto", nfe: Sequence[int] = DEFAULT_NFE,
@@ -376,6 +398,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
 
     t_start = time.time()
     teacher_spec = str(teacher)
+    samplers_given = samplers
     samplers = _sampler_list(samplers)
     for s in samplers:
         info(s)  # unknown names fail before any work
@@ -388,6 +411,14 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     student_specs = _student_list(students, teacher_spec)
     model = load(teacher_spec, device=device)
     check_class_options(model, label, guidance)
+    family = (model.meta or {}).get("family", "diffusion")
+    single = family in ("arm", "sm", "ebm")  # no score over a range of levels: no flow, no ODE reference
+    if single:
+        reference = False
+        samplers = [] if samplers_given is None else samplers
+        if model.denoiser is None and samplers:
+            raise UserError(f"{teacher_spec} is an autoregressive model: it has no denoiser for the samplers "
+                            f"({', '.join(samplers)}); give --samplers none")
     C = int(model.num_classes or 0)
     w = None if guidance is None else float(guidance)
     studs = [(s, load(s, device=device)) for s in student_specs]
@@ -427,7 +458,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         elif len(idx):
             per_class.append((c, idx, evaluate.subset(idx)))
     eps = torch.randn((n,) + tuple(model.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x_T = _start(model, eps, seed)
+    x_T = _start(model, eps, seed) if model.denoiser is not None else None
     rows, skipped, panels = [], [], {}
 
     def add_rows(base: dict, x: Tensor, flow_ref: Optional[Tensor], with_flow: bool = True):
@@ -473,6 +504,9 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         panels["reference"] = {"data": _panel(real_a, evaluate.kind), rlabel: _panel(ref, evaluate.kind)}
 
     jobs = [(s, "sampler", model, k, w) for s in samplers for k in nfes]
+    if family != "diffusion":  # the family's own rule at its own cost
+        own = model.sampling.get("sampler") if hasattr(model, "sampling") else model.default_sampler
+        jobs.append((f"{family} (own rule: {own})", "family", model, int(model.meta["default_nfe"]), None))
     jobs += [(name, "sampler", model, k, w) for name, (_, _, k) in learned.items()]  # learned grids
     for spec, st in studs:
         name = _student_name(spec, st)
@@ -501,6 +535,8 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
                 first = float(json.loads(Path(gpath).read_text())["sigmas"][0])
                 x, used = _sample_counted(m, k, sname, _start(m, eps, seed) * (first / m.sigma_max), seed,
                                           grid=gpath, **cond)
+            elif m.denoiser is None:  # an ARM: its own rule, its own noise, d evaluations per sample
+                x, used = m.sample(n, k, seed=seed)[0], k
             else:
                 x, used = _sample_counted(m, k, method if kind == "sampler" else None, _start(m, eps, seed), seed,
                                           **cond)
@@ -521,6 +557,10 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     nll_n = DEFAULT_NLL_N.get(model.kind, 0) if nll_n is None else int(nll_n)
     if nll_n > 0 and model.num_classes:
         notes.append("The teacher is class-conditional: its NLL is not computed (it needs p(x), not p(x | c)).")
+    elif nll_n > 0 and single and not getattr(model, "has_log_prob", False) or nll_n > 0 and family == "ebm":
+        notes.append(f"The {family} teacher has no normalised density at a range of levels: no NLL.")
+    elif nll_n > 0 and single:
+        summary = family_nll(model, real_b[:nll_n], dspec)
     elif nll_n > 0:
         say(f"[bench] teacher NLL of {min(nll_n, len(real_b))} held-out samples (probability-flow ODE)")
         summary = teacher_nll(model, teacher_spec, real_b[:nll_n], dspec, progress)

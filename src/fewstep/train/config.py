@@ -14,6 +14,7 @@ from .options import loop_defaults, validate_loop
 TRAIN_LOOP_OVERRIDES: dict[str, Any] = {"lr": 2e-3}
 
 TRAIN_DEFAULTS: dict[str, Any] = {
+    "family": "diffusion",   # diffusion | arm | ebm | sm | ncsn (fewstep.families)
     "data": "moons",
     "n_data": None,          # None: the dataset's default size
     "process": "edm",        # vp | vp_cosine | vp_discrete | ve | edm | flow, or a process config dict
@@ -42,14 +43,40 @@ def read_config_file(path) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}  # "_about" etc. are comments
 
 
+# options of the diffusion teacher only: refused beside another --family (they would be ignored)
+DIFFUSION_ONLY = ("process", "prediction", "weighting", "sigma_data", "conditional", "label_dropout")
+
+
 def resolve(overrides: Optional[dict] = None, file: Optional[str] = None) -> dict:
-    """Defaults <- config file <- explicit overrides (None values are ignored), validated."""
+    """Defaults <- config file <- explicit overrides (None values are ignored), validated.
+
+    A ``family`` other than ``diffusion`` adds its module's ``DEFAULTS`` (its own options)
+    and refuses the diffusion teacher's (:data:`DIFFUSION_ONLY`); its evaluation NFE
+    defaults to the family's own sampling cost (``eval_nfe`` None)."""
+    from ..families import FAMILIES, get
+
     cfg = dict(TRAIN_DEFAULTS)
     from_file = read_config_file(file) if file else {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    chosen = {**from_file, **given}
+    family = chosen.get("family", "diffusion")
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+    valid = dict(TRAIN_DEFAULTS)
+    if family != "diffusion":
+        valid.update(get(family).DEFAULTS)
+        cfg.update(get(family).DEFAULTS)
+        cfg["eval_nfe"] = None
+        wrong = [k for k in DIFFUSION_ONLY if k in chosen]
+        if wrong:
+            raise UserError(f"--{wrong[0].replace('_', '-')} is an option of the diffusion teacher, not of "
+                            f"--family {family}; drop it (or train --family diffusion)")
     cfg.update(from_file)
     cfg.update(given)
-    unknown = sorted(set(cfg) - set(TRAIN_DEFAULTS))
+    unknown = sorted(set(cfg) - set(valid))
     if unknown:
-        raise UserError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(TRAIN_DEFAULTS)}")
+        others = [f for f in FAMILIES if f not in ("diffusion", family)
+                  and any(k in get(f).DEFAULTS for k in unknown)]
+        hint = f" (an option of --family {others[0]})" if others else ""
+        raise UserError(f"unknown training option(s) {', '.join(unknown)}{hint}; valid: {', '.join(valid)}")
     return validate_loop(cfg, file, set(from_file) - set(given))

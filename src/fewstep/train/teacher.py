@@ -87,14 +87,20 @@ def train_teacher(overrides: dict | None = None, out: str = "runs/teacher", conf
     else:
         cfg = resolve(overrides, config_file)
     data = load_dataset(cfg["data"], n=cfg["n_data"], seed=int(cfg["seed"]))
-    D = build_teacher(cfg, data)
+    family = cfg.get("family", "diffusion")
+    if family == "diffusion":
+        D = build_teacher(cfg, data)
+        task = denoising_task(D, data, cfg)
+        describe = lambda module: model_meta(cfg, D, data)  # noqa: E731
+    else:
+        task, describe = family_task(cfg, data)
     acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
     with open_run(acc, out, cfg, resume) as run:
         t0 = time.time()
-        ema = fit(denoising_task(D, data, cfg), run, cfg, accelerator=acc, progress=progress)
+        ema = fit(task, run, cfg, accelerator=acc, progress=progress)
         elapsed = time.time() - t0
         if acc.is_main_process:
-            meta = model_meta(cfg, D, data)
+            meta = describe(ema.module)
             meta["train_seconds"] = elapsed
             meta["num_processes"] = acc.num_processes
             save_checkpoint(run.root, ema.module.state_dict(), meta, name="model")
@@ -102,6 +108,29 @@ def train_teacher(overrides: dict | None = None, out: str = "runs/teacher", conf
                 _evaluate(run, data, cfg, progress)
         acc.wait_for_everyone()
     return str(run.root)
+
+
+def family_task(cfg: dict, data: Dataset):
+    """(Task, describe(module) -> model.json) of a family before diffusion
+    (:mod:`fewstep.families`): its ``check`` runs here, before anything is written."""
+    from ..families import get
+
+    fam = get(cfg["family"])
+    if data.kind == "clouds":
+        raise UserError(f"--family {cfg['family']} models points and images, not point clouds "
+                        f"('{data.name}'); train --family diffusion for clouds")
+    fam.check(cfg, data)
+    torch.manual_seed(int(cfg["seed"]))
+    obj = fam.objective(cfg, data)
+    task = Task(student=obj.module, draw=obj.draw, loss=obj.loss, extra=obj.extra, after_step=obj.after_step)
+
+    def describe(module) -> dict:
+        meta = {"format": "fewstep-model-1", "role": "teacher", **fam.meta(cfg, module, data),
+                "family": cfg["family"],
+                "data": {"name": data.name, "kind": data.kind, "shape": list(data.shape), "num_classes": 0}}
+        return meta
+
+    return task, describe
 
 
 EVAL_CLOUDS = 64  # clouds per set for the cloud metrics (each pair of clouds costs N^2 distances)
@@ -119,9 +148,19 @@ def _evaluate(run: RunFolder, data: Dataset, cfg: dict, progress: bool) -> None:
     model = load(str(run.root), device=cfg["device"])
     limit = {"points": int(cfg["eval_samples"]), "clouds": EVAL_CLOUDS}.get(data.kind, 256)
     n = min(limit, int(cfg["eval_samples"]))
-    x, labels = model.sample(n, nfe=int(cfg["eval_nfe"]), sampler="euler", seed=int(cfg["seed"]) + 1)
-    result = {"sampler": "euler", "nfe": int(cfg["eval_nfe"]), "n": n}
-    title = f"{data.name}: euler, {result['nfe']} NFE"
+    family = cfg.get("family", "diffusion")
+    # a family samples by its own rule (ARM: a coordinate at a time; Langevin), at its own cost
+    sampler = "euler" if family == "diffusion" else None
+    nfe = int(cfg["eval_nfe"]) if cfg.get("eval_nfe") is not None else int(model.meta["default_nfe"])
+    t0 = time.time()
+    x, labels = model.sample(n, nfe=nfe, sampler=sampler, seed=int(cfg["seed"]) + 1)
+    shown = sampler or (model.sampling.get("sampler") if hasattr(model, "sampling") else model.default_sampler)
+    result = {"sampler": shown, "nfe": nfe, "n": n}
+    if family != "diffusion":
+        from ..families import get
+
+        result.update(family=family, sample_seconds=time.time() - t0, **get(family).evaluate(model, data, cfg))
+    title = f"{data.name}: {shown}, {result['nfe']} NFE"
     if data.kind == "points":
         from ..metrics import sliced_w2
 
