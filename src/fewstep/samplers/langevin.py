@@ -37,6 +37,8 @@ from ._common import batch_sigma, denoise, noise_like, report
 
 # ULA's default step relative to the level's variance: 0.1 sigma^2 (see sample_langevin)
 ULA_STEP = 0.1
+# Song & Ermon 2019: eps = 2e-5 with a last level sigma_L = 0.01 (alpha_i / sigma_i^2 = 0.2)
+PAPER_EPS, PAPER_SIGMA_L = 2e-5, 0.01
 # Roberts & Rosenthal 1998: optimal MALA proposal variance 2 eps = l^2 d^(-1/3), l = 1.65
 MALA_SCALE = 1.65
 
@@ -124,7 +126,7 @@ def _annealed_cost(steps, steps_per_level=10, denoise_last=True, final_zero=True
 
 @register("annealed_langevin", stochastic=True, cost=_annealed_cost)
 @torch.no_grad()
-def sample_annealed_langevin(denoiser, x, sigmas, *, steps_per_level=10, eps=2e-5, denoise_last=True,
+def sample_annealed_langevin(denoiser, x, sigmas, *, steps_per_level=10, eps=None, denoise_last=True,
                              generator=None, callback=None, extra_args=None):
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1).
 
@@ -137,7 +139,10 @@ def sample_annealed_langevin(denoiser, x, sigmas, *, steps_per_level=10, eps=2e-
     with step alpha_i / 2; eq. 14 with dt = alpha_i). ``eps`` = 2e-5 and T = 10 are the
     paper's eps and a tenth of its T = 100 (its levels run from 1 to sigma_L = 0.01; eps
     is relative to sigma_L, so alpha_i / sigma_i^2 = eps / sigma_L^2 is the same at every
-    level). With ``denoise_last`` (default) one more evaluation returns the Tweedie
+    level). ``eps=None`` (default) keeps that ratio on any grid: eps = 2e-5 (sigma_L / 0.01)^2,
+    so alpha_i / sigma_i^2 = 0.2 as in the paper; the paper's eps = 2e-5 taken literally on a
+    grid ending at sigma_L = 0.002 (a diffusion teacher's) would make alpha_1 / (2 sigma_1^2)
+    = 2.5 > 1, and the chain diverges at the top level. With ``denoise_last`` (default) one more evaluation returns the Tweedie
     denoised mean x + sigma_L^2 s(x, sigma_L) = D(x, sigma_L), as Song & Ermon 2020 and
     Jolicoeur-Martineau et al. 2021 recommend (the paper's Alg. 1 returns x itself).
 
@@ -146,11 +151,11 @@ def sample_annealed_langevin(denoiser, x, sigmas, *, steps_per_level=10, eps=2e-
     has ``final=True`` and sigma_next = 0.
     """
     T = _steps_per_level(steps_per_level)
-    eps = _positive(eps, "eps", "annealed_langevin")
     levels = [s for s in sigmas.tolist() if s > 0]
     if not levels:
         raise UserError("sampler 'annealed_langevin' needs a grid with a positive level; give at least one sigma > 0")
     s_last = levels[-1]
+    eps = PAPER_EPS * (s_last / PAPER_SIGMA_L) ** 2 if eps is None else _positive(eps, "eps", "annealed_langevin")
     k = 0
     for li, s in enumerate(levels):
         alpha = eps * s**2 / s_last**2
