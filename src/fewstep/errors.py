@@ -23,3 +23,14 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UserError:
     close = get_close_matches(str(name), valid, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return UserError(f"unknown {kind} '{name}'{hint}; valid: {', '.join(valid)}")
+
+
+def build_named(table: dict, kind: str, what: str, options: dict):
+    """``table[kind](**options)``: a class chosen by name from a config, with one UserError
+    line for an unknown name or options the class does not take (processes, masked nets)."""
+    if kind not in table:
+        raise unknown_name(what, kind, table)
+    try:
+        return table[kind](**options)
+    except TypeError as err:
+        raise UserError(f"{what} '{kind}': bad options {options}: {err}") from None

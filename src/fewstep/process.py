@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .errors import UserError, unknown_name
+from .errors import UserError, build_named, unknown_name
 
 __all__ = ["Process", "VP", "VPDiscrete", "VE", "EDM", "LinearFlow", "make_process", "PROCESSES", "PROCESS_ALIASES",
            "process_from_config"]
@@ -402,12 +402,7 @@ PROCESSES = {
 def make_process(kind: str, **kwargs) -> Process:
     """Build a process by name (``vp``, ``vp_cosine``, ``vp_discrete``, ``ve``, ``edm``,
     ``flow``) or from a ``config()`` dict: ``make_process(**proc.config())``."""
-    if kind not in PROCESSES:
-        raise unknown_name("process", kind, PROCESSES)
-    try:
-        return PROCESSES[kind](**kwargs)
-    except TypeError as e:
-        raise UserError(f"process '{kind}': bad options {kwargs}: {e}") from None
+    return build_named(PROCESSES, kind, "process", kwargs)
 
 
 # the names a config may give for a process ("ddpm" is diffusers' discrete VP)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError, unknown_name
+from ..errors import UserError, build_named
 
 
 def _positive(name: str, value, where: str, minimum: int = 1) -> int:
@@ -200,10 +200,4 @@ MASKED_NETS = {"made": MADE, "pixelcnn": PixelCNN}
 def build_masked(config: dict) -> nn.Module:
     """Rebuild a masked net from its ``.config`` (``{"kind": "made" | "pixelcnn", ...}``)."""
     config = dict(config)
-    kind = config.pop("kind", None)
-    if kind not in MASKED_NETS:
-        raise unknown_name("masked network kind", kind, MASKED_NETS)
-    try:
-        return MASKED_NETS[kind](**config)
-    except TypeError as err:
-        raise UserError(f"masked network config for '{kind}': {err}") from None
+    return build_named(MASKED_NETS, config.pop("kind", None), "masked network", config)
