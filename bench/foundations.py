@@ -93,7 +93,7 @@ def part_exact(reuse: bool) -> dict:
     spec = runs / "ring4.npz"
     gmm.save(spec)
     data = f"gmm:{spec}"
-    common = {"data": data, "batch_size": 256, "n_data": 20000}
+    common = {"data": data, "batch_size": 256, "n_data": 20000, "eval_samples": 500}
     out = {"machine": machine(), "mixture": "GaussianMixture.ring(4, radius=2, std=0.3), d = 2"}
 
     # 1. score matching

@@ -113,3 +113,18 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert done.returncode == 0, done.stderr
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("conditional,net_classes,needle", [(True, 0, "num_classes 0"), (True, 5, "10 classes"),
+                                                            (False, 10, "unconditional")])
+def test_net_classes_must_match_conditioning(tmp_path, conditional, net_classes, needle):
+    """A net config whose classes disagree with --conditional would train a net that ignores
+    the labels (or expects labels it never gets): refused before anything is written."""
+    from fewstep.errors import UserError
+
+    net = {"kind": "unet", "in_channels": 1, "image_size": 8, "base_channels": 16, "channel_mult": [1, 2],
+           "num_res_blocks": 1, "attn_resolutions": [], "num_classes": net_classes}
+    with pytest.raises(UserError, match=needle):
+        train_teacher({"data": "digits", "conditional": conditional, "net": net, "steps": 1, "device": "cpu"},
+                      str(tmp_path / "r"), progress=False)
+    assert not (tmp_path / "r").exists()

@@ -54,6 +54,12 @@ def build_teacher(cfg: dict, data: Dataset) -> ModelDenoiser:
     net_cfg = cfg["net"] or net_config_defaults(data.kind, data.shape, data.num_classes if cfg["conditional"] else 0)
     if cfg["conditional"] and data.num_classes == 0:
         raise UserError(f"--conditional: dataset '{data.name}' has no labels")
+    if cfg["conditional"] and cfg["net"] and int(net_cfg.get("num_classes", 0) or 0) != data.num_classes:
+        raise UserError(f"--conditional: the net config has num_classes {net_cfg.get('num_classes', 0)}, the data "
+                        f"'{data.name}' {data.num_classes} classes; set \"num_classes\": {data.num_classes} in \"net\"")
+    if not cfg["conditional"] and int(net_cfg.get("num_classes", 0) or 0):
+        raise UserError(f"the net config has num_classes {net_cfg['num_classes']} but the teacher is unconditional; "
+                        f"add --conditional or drop num_classes from \"net\"")
     torch.manual_seed(int(cfg["seed"]))
     net = build_net(net_cfg)
     cfg["net"] = getattr(net, "config", net_cfg)
