@@ -23,7 +23,7 @@ whose score, log-density and samples are known; trained on ``gmm:FILE.npz``, fre
    from N(0, 3^2), 100 / 1000 / 4000 steps, and annealed Langevin (10 geometric levels
    3 -> 0.01, T = 1, 3, 10, 30, 100 per level), energy distance of 2000 samples to 2000
    exact ones, beside the null level (the 99th percentile of the energy distance between two
-   independent exact sets of 2000); and the EBM (``--family ebm``, 3000 steps) sampled by its
+   independent exact sets of 2000); and the EBM (``--family ebm``, 1500 steps) sampled by its
    own rule and by MALA on its energy.
 
 Part ``side``: every family and the diffusion teacher trained with the same steps and batch
@@ -54,6 +54,7 @@ from fewstep.metrics import energy_distance  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out"
 HEADING = "## Models before diffusion (issue 14)"
 N_ED = 2000
+EBM_STEPS = 1500
 
 
 def _train(run: Path, overrides: dict, reuse: bool) -> Path:
@@ -159,7 +160,7 @@ def part_exact(reuse: bool) -> dict:
                      "nfe": 10 * T + 1, "energy_distance": energy_distance(x, ref), "seconds": time.time() - t0})
     for r in lang:
         print(f"  {r['sampler']} {r['steps']}: ED {r['energy_distance']:.4f} (null {null:.4f})", flush=True)
-    run = _train(runs / "ebm", {**common, "family": "ebm", "steps": 3000}, reuse)
+    run = _train(runs / "ebm", {**common, "family": "ebm", "steps": EBM_STEPS}, reuse)
     ebm = load(str(run), device="cpu")
     ebm_rows = []
     for name, steps in (("own rule", None), ("mala", 1000)):
@@ -257,7 +258,7 @@ def markdown(results: list) -> str:
                       "| sampler | steps | NFE | energy distance | seconds |", "|---|---|---|---|---|"]
             lines += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {_f(r['energy_distance'])} | "
                       f"{_f(r['seconds'], 2)} |" for r in lg["rows"]]
-            lines += [f"| EBM (3000 steps): {r['sampler']} | - | {r['nfe']} | {_f(r['energy_distance'])} | - |"
+            lines += [f"| EBM ({EBM_STEPS} steps): {r['sampler']} | - | {r['nfe']} | {_f(r['energy_distance'])} | - |"
                       for r in lg["ebm"]]
             lines += [""]
         else:
