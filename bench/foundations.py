@@ -23,7 +23,7 @@ whose score, log-density and samples are known; trained on ``gmm:FILE.npz``, fre
    from N(0, 3^2), 100 / 1000 / 4000 steps, and annealed Langevin (10 geometric levels
    3 -> 0.01, T = 1, 3, 10, 30, 100 per level), energy distance of 2000 samples to 2000
    exact ones, beside the null level (the 99th percentile of the energy distance between two
-   independent exact sets of 2000); and the EBM (``--family ebm``, 1500 steps) sampled by its
+   independent exact sets of 2000); and the EBM (``--family ebm``, 400 steps) sampled by its
    own rule and by MALA on its energy.
 
 Part ``side``: every family and the diffusion teacher trained with the same steps and batch
@@ -54,7 +54,7 @@ from fewstep.metrics import energy_distance  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out"
 HEADING = "## Models before diffusion (issue 14)"
 N_ED = 2000
-EBM_STEPS = 1500
+EBM_STEPS = 400
 
 
 def _train(run: Path, overrides: dict, reuse: bool) -> Path:
