@@ -106,14 +106,11 @@ def exact_sm_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, create_graph:
 
     ``score_fn(x) -> s`` shaped like x; ``create_graph`` keeps the trace differentiable (for
     training)."""
+    from ..metrics.likelihood import trace_exact
+
     x = x.detach().requires_grad_(True)
     s = _flat(score_fn(x))
-    d = s.shape[1]
-    tr = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
-    for i in range(d):
-        (g,) = torch.autograd.grad(s[:, i].sum(), x, create_graph=create_graph, retain_graph=True)
-        tr = tr + _flat(g)[:, i]
-    return 0.5 * s.pow(2).sum(1) + tr
+    return 0.5 * s.pow(2).sum(1) + trace_exact(s, x, create_graph=create_graph)
 
 
 def sliced_sm_loss(score_fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, variance_reduced: bool = True,

@@ -46,12 +46,13 @@ from fewstep.errors import UserError
 EXACT_MAX_DIM = 16
 
 
-def _trace_exact(D: Tensor, y: Tensor) -> Tensor:
-    """Tr(dD/dy) per sample, one backward pass per coordinate (D, y: [B, d])."""
-    tr = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
-    for i in range(y.shape[1]):
-        (g,) = torch.autograd.grad(D[:, i].sum(), y, retain_graph=True)
-        tr = tr + g[:, i]
+def trace_exact(D: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
+    """Tr(dD/dy) per sample, one backward pass per coordinate (D: [B, d], y: [B, ...] with d
+    values per sample); ``create_graph`` keeps it differentiable (score matching's loss)."""
+    tr = torch.zeros(y.shape[0], dtype=D.dtype, device=y.device)
+    for i in range(D.shape[1]):
+        (g,) = torch.autograd.grad(D[:, i].sum(), y, retain_graph=True, create_graph=create_graph)
+        tr = tr + g.reshape(g.shape[0], -1)[:, i]
     return tr
 
 
@@ -77,7 +78,7 @@ def _nll_batch(denoiser: Callable, x: Tensor, t0: float, t1: float, exact: bool,
             y = y_flat.detach().requires_grad_(True)
             sigma = torch.exp(t).to(y.dtype).expand(n)
             D = denoiser(y.reshape(shape), sigma, **cond).reshape(n, d)
-            tr = _trace_exact(D, y) if exact else _trace_hutchinson(D, y, probes)
+            tr = trace_exact(D, y) if exact else _trace_hutchinson(D, y, probes)
         v = (y - D).detach()
         return torch.cat([v, (d - tr).detach()[:, None]], 1)
 
