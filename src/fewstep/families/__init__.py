@@ -208,7 +208,7 @@ class FamilyModel:
                             f"('{self.default_sampler}'); give no --sampler")
         if options:
             raise UserError(f"sampler '{self.default_sampler}' takes no options ({', '.join(sorted(options))})")
-        if isinstance(grid, str) and grid != "karras" or not isinstance(grid, str):
+        if not (isinstance(grid, str) and grid == "karras"):  # "karras" is only the default's name here
             raise UserError(f"{name} samples one coordinate at a time: it takes no --grid")
         self.check_conditioning(labels, guidance)
         if nfe is not None and int(nfe) < self.cost:
