@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/foundations.py --part exact               # ~10 min on 2 cores
     .venv/bin/python bench/foundations.py --part side --data moons   # ~10 min
-    .venv/bin/python bench/foundations.py --part side --data digits  # ~25 min
+    .venv/bin/python bench/foundations.py --part side --data digits  # ~60 min
     .venv/bin/python bench/foundations.py --from-json bench/out/foundations_exact.json \
         bench/out/foundations_side_moons.json bench/out/foundations_side_digits.json --doc docs/BENCHMARKS.md
 
@@ -27,7 +27,8 @@ whose score, log-density and samples are known; trained on ``gmm:FILE.npz``, fre
    own rule and by MALA on its energy.
 
 Part ``side``: every family and the diffusion teacher trained with the same steps and batch
-on one data set (a 2-D toy, or 8x8 digits), then ``fewstep bench`` on each run folder:
+on one data set (a 2-D toy, or 8x8 digits; on digits the EBM gets the same network work
+instead, steps / (1 + 20) since each of its steps runs 20 Langevin steps), then ``fewstep bench`` on each run folder:
 NLL (bits/dim: the ARM's exact one, the diffusion teacher's and NCSN's through the
 probability-flow ODE; none for SM and EBM, whose single-level score has no normalised
 density), sample quality (sliced-W2 for the toy, the classifier Frechet distance for
@@ -55,6 +56,7 @@ OUT = Path(__file__).resolve().parent / "out"
 HEADING = "## Models before diffusion (issue 14)"
 N_ED = 2000
 EBM_STEPS = 400
+EBM_CHAIN = 20  # the family's default ebm_steps (Langevin steps per training step)
 
 
 def _train(run: Path, overrides: dict, reuse: bool) -> Path:
@@ -195,6 +197,10 @@ def part_side(data: str, reuse: bool, steps=None) -> dict:
     rows = []
     for fam in ("diffusion", "arm", "ebm", "sm", "ncsn"):
         over = {"data": data, "family": fam, "steps": conf["steps"], "batch_size": conf["batch_size"]}
+        if data == "digits" and fam == "ebm":
+            # equal network work: each EBM step runs ebm_steps Langevin steps (a forward and a
+            # backward pass each) besides its own, ~21x a diffusion step through the UNet
+            over["steps"] = max(1, conf["steps"] // (1 + EBM_CHAIN))
         if data == "digits" and fam == "sm":
             over["sm_objective"] = "dsm"  # sliced SM on 64 dims works too, DSM is the usual image choice
         run = _train(runs / fam, over, reuse)
@@ -209,6 +215,7 @@ def part_side(data: str, reuse: bool, steps=None) -> dict:
             if r["kind"] in ("sampler", "family") and r.get("class") is None:
                 rows.append({"family": fam, "method": r["method"], "nfe": r["nfe_used"], primary: r.get(primary),
                              "sample_seconds": r.get("seconds"), "train_seconds": _seconds(run),
+                             "train_steps": over["steps"],
                              "nll_bits_per_dim": summary.get("teacher_nll_bits_per_dim"),
                              "nll_se": summary.get("teacher_nll_stderr_bits_per_dim")})
         floor = next(r for r in res.rows if r["kind"] == "data" and r.get("class") is None)
@@ -269,11 +276,12 @@ def markdown(results: list) -> str:
                       f"{name} of {res['bench_n']} samples against held-out data (data-to-data floor "
                       f"{_f(res['data_floor'])}); NLL on held-out data (ARM exact; diffusion and NCSN through the "
                       "probability-flow ODE; SM and EBM have none); seconds = sampling the bench's n.", "",
-                      f"| family | method | NFE / sample | {name} | NLL bits/dim | sample s | train s |",
-                      "|---|---|---|---|---|---|---|"]
+                      f"| family | method | NFE / sample | {name} | NLL bits/dim | sample s | train steps | train s |",
+                      "|---|---|---|---|---|---|---|---|"]
             lines += [f"| {r['family']} | {r['method']} | {r['nfe']} | {_f(r.get(p))} | "
                       f"{_f(r['nll_bits_per_dim'], 3)}{' +- ' + _f(r['nll_se'], 3) if r.get('nll_se') else ''} | "
-                      f"{_f(r['sample_seconds'], 1)} | {_f(r['train_seconds'], 0)} |" for r in res["rows"]]
+                      f"{_f(r['sample_seconds'], 1)} | {r.get('train_steps', res['steps'])} | {_f(r['train_seconds'], 0)} |"
+                      for r in res["rows"]]
             lines += [""]
     return "\n".join(lines) + "\n"
 
@@ -300,7 +308,31 @@ def main() -> None:
     md = markdown(results)
     print(md)
     if a.doc:
-        replace_section(a.doc, HEADING, md)
+        replace_section(a.doc, HEADING, merge_section(Path(a.doc), md))
+
+
+def _blocks(section: str) -> tuple[str, dict]:
+    """A section's text before its first '### ' and its '### ' blocks keyed by the heading up
+    to its first ' (' (the part's name, without the settings that may change)."""
+    parts = section.split("\n### ")
+    head, blocks = parts[0], {}
+    for b in parts[1:]:
+        blocks[b.split("\n", 1)[0].split(" (", 1)[0]] = "### " + b.rstrip() + "\n"
+    return head, blocks
+
+
+def merge_section(doc: Path, md: str) -> str:
+    """The new section: the parts rendered now replace the same parts of the section in
+    ``doc``, whose other parts (rendered from result files not given now) are kept."""
+    text = doc.read_text() if doc.exists() else ""
+    start = text.find(HEADING)
+    if start < 0:
+        return md
+    end = text.find("\n## ", start + len(HEADING))
+    _, old = _blocks(text[start:end if end >= 0 else len(text)])
+    head, new = _blocks(md)
+    merged = {**old, **new}
+    return head.rstrip() + "\n\n" + "\n".join(merged.values())
 
 
 if __name__ == "__main__":

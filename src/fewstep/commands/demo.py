@@ -4,11 +4,15 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole story on an embedded default, in minutes on a CPU",
-                       description="Train a 2-D teacher, sample it with every sampler at several NFE, "
-                                   "measure against the data and the teacher's exact ODE, write plots and metrics.")
+                       description="Train a 2-D teacher, distil it into few-step students (knowledge, progressive, "
+                                   "consistency, reflow), sample it with every sampler at several NFE, measure "
+                                   "teacher and students against the data and the teacher's exact ODE, write "
+                                   "plots, metrics and a report. Run again, it continues where it stopped.")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     p.add_argument("--data", default="moons", help="2-D toy set (default moons)")
     p.add_argument("--steps", type=int, default=3000, help="teacher training steps (default 3000)")
+    p.add_argument("--students", default=None,
+                   help="comma-separated demo students, or none (default knowledge,progressive,consistency,reflow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -18,5 +22,6 @@ def add_parser(sub) -> None:
 def cmd_demo(a) -> int:
     from ..demo import run_demo
 
-    run_demo(a.out, data=a.data, steps=a.steps, seed=a.seed, device=a.device, progress=not a.quiet)
+    run_demo(a.out, data=a.data, steps=a.steps, seed=a.seed, device=a.device, progress=not a.quiet,
+             students=a.students)
     return 0

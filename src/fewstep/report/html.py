@@ -19,7 +19,7 @@ from fewstep.report.results import METRICS, Results, _finite
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+h1 { font-size: 1.5em; } p.lead { font-size: 1.1em; max-width: 60em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f2f2f2; } td.name, th.name { text-align: left; }
@@ -178,6 +178,7 @@ def write_html(res: Results, out, pareto_png: Path, sample_pngs: Sequence[tuple[
 <style>{_CSS}</style></head>
 <body data-images-loaded="pending">
 <h1>fewstep bench report</h1>
+{"<p class='lead'>" + html.escape(m["headline"]) + "</p>" if m.get("headline") else ""}
 <table id="facts">{facts_html}</table>
 {notes}
 <h2>Quality against NFE</h2>
