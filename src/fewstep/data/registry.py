@@ -6,8 +6,12 @@
 - ``digits`` (scikit-learn 8x8), ``shapes16`` / ``shapes32`` (procedural, default 10000);
 - ``pointclouds[:points=N,classes=a+b,pose=so3|yaw|none]``: procedural 3-D point clouds
   ``[n, N, 3]`` (:mod:`fewstep.data.pointclouds`, default 2000 clouds);
-- ``mnist:DIR`` (``train-images-idx3-ubyte[.gz]`` and, if present, the train labels),
-  ``cifar10:DIR`` (the binary batches);
+- ``fashion``: Fashion-MNIST's 60,000 training images (28x28, 10 labels) from Debian's
+  package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``, or the folder in
+  ``$FEWSTEP_FASHION_DIR``); ``fashion:test`` its 10,000 test images;
+- ``mnist:DIR`` (``train-images-idx3-ubyte[.gz]`` and, if present, the train labels; any
+  MNIST-format copy, Fashion-MNIST's included), ``mnist:DIR:test`` the ``t10k-*`` files
+  there; ``cifar10:DIR`` (the binary batches);
 - a path to a ``.npy`` / ``.npz`` file or a folder of images;
 - ``clouds:FILE.npy`` / ``clouds:FILE.npz``: user point clouds ``[n, N, 3]``;
 - ``gmm:FILE.npz``: ``n`` fresh samples (float32, default 20000) of the exact Gaussian
@@ -20,7 +24,9 @@ An array file holds points ``[n, d]``, images (``[n, H, W]``, ``[n, C, H, W]``,
 A marked array of another shape, and an unmarked ``[n, H, 3]`` array, are refused with a
 :class:`~fewstep.errors.UserError` saying how to mark it.
 For finite sets (files, digits) ``n`` keeps at most ``n`` samples, a random subset drawn
-with ``seed``.
+with ``seed``. A set with an official test split (``fashion``, ``mnist:DIR`` with its
+``t10k`` files: :func:`test_split`) trains on the training split only; :func:`held_out`
+and the benchmark's reference images come from the test split.
 """
 from __future__ import annotations
 
@@ -38,11 +44,14 @@ from .toys import TOYS, make_toy
 DEFAULT_TOY_N = 20000
 DEFAULT_SHAPES_N = 10000
 _SHAPES = {"shapes16": 16, "shapes32": 32}
-_PREFIXES = ("mnist:DIR", "cifar10:DIR", "pointclouds:points=N,classes=a+b", "clouds:FILE.npy", "gmm:FILE.npz")
+_PREFIXES = ("fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b", "clouds:FILE.npy", "gmm:FILE.npz")
 _MNIST_NAMES = {
     "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
     "labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "test_images": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
 }
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
 
 @dataclass
@@ -76,7 +85,7 @@ class Dataset:
 
 def dataset_names() -> list[str]:
     """The built-in dataset names (files and ``mnist:DIR`` / ``cifar10:DIR`` come on top)."""
-    return [*TOYS, "digits", *_SHAPES, "pointclouds"]
+    return [*TOYS, "digits", "fashion", *_SHAPES, "pointclouds"]
 
 
 def _find_mnist(folder: Path, role: str) -> Optional[Path]:
@@ -87,14 +96,49 @@ def _find_mnist(folder: Path, role: str) -> Optional[Path]:
     return None
 
 
-def _read_mnist(folder: str) -> images.ImageSet:
+def fashion_dir() -> Path:
+    """The Fashion-MNIST folder: ``$FEWSTEP_FASHION_DIR`` or Debian's, else one UserError."""
+    import os
+
+    path = Path(os.environ.get("FEWSTEP_FASHION_DIR") or FASHION_DIR)
+    if _find_mnist(path, "images") is None or _find_mnist(path, "test_images") is None:
+        raise UserError(f"--data fashion: Fashion-MNIST not found in {path}; install it with 'apt-get install "
+                        "dataset-fashion-mnist' (Debian), set FEWSTEP_FASHION_DIR to a folder of its IDX files, "
+                        "or give mnist:DIR for a copy elsewhere")
+    return path
+
+
+def _mnist_split(spec: str) -> tuple[str, str]:
+    """(folder, 'train' | 'test') of ``mnist:DIR`` / ``mnist:DIR:test``."""
+    rest = spec[len("mnist:"):]
+    if rest.endswith(":test") and not Path(rest).is_dir():
+        return rest[:-len(":test")], "test"
+    return rest, "train"
+
+
+def _read_mnist(folder, split: str = "train") -> images.ImageSet:
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"MNIST folder not found: {path}; give mnist:DIR with the IDX files")
-    found = _find_mnist(path, "images")
+    role = "images" if split == "train" else "test_images"
+    found = _find_mnist(path, role)
     if found is None:
-        raise UserError(f"{path}: no train-images-idx3-ubyte[.gz]; put the MNIST IDX files there")
-    return images.read_mnist_idx(found, _find_mnist(path, "labels"))
+        want = "train-images-idx3-ubyte[.gz]" if split == "train" else "t10k-images-idx3-ubyte[.gz] (the test split)"
+        raise UserError(f"{path}: no {want}; put the MNIST IDX files there")
+    return images.read_mnist_idx(found, _find_mnist(path, "labels" if split == "train" else "test_labels"))
+
+
+def test_split(spec: str) -> Optional[str]:
+    """The spec of the official test split of ``spec`` (``fashion`` -> ``fashion:test``,
+    ``mnist:DIR`` -> ``mnist:DIR:test`` when its t10k files are there), else None."""
+    spec = str(spec)
+    if spec == "fashion":
+        return "fashion:test"
+    if spec.startswith("mnist:"):
+        folder, split = _mnist_split(spec)
+        if split == "train" and Path(folder).is_dir() and _find_mnist(Path(folder), "test_images") is not None:
+            return f"mnist:{folder}:test"
+    return None
 
 
 def _read_path(spec: str) -> images.ImageSet:
@@ -135,8 +179,10 @@ def _load(spec: str, n: Optional[int], seed: int) -> tuple[images.ImageSet, bool
         return images.digits(), False
     if pointclouds.is_spec(spec):
         return pointclouds.load(spec, n, gen), True
+    if spec in ("fashion", "fashion:test"):
+        return _read_mnist(fashion_dir(), "test" if spec.endswith(":test") else "train"), False
     if spec.startswith("mnist:"):
-        return _read_mnist(spec[len("mnist:"):]), False
+        return _read_mnist(*_mnist_split(spec)), False
     if spec.startswith("cifar10:"):
         return images.read_cifar10_bin(spec[len("cifar10:"):]), False
     if spec.startswith("gmm:"):
@@ -181,11 +227,16 @@ def held_out(spec: str, n: int, seed: int, train_n: Optional[int] = None, train_
     train_seed)``, and where they come from:
 
     - ``"fresh"``: a generated set (toys, shapes, pointclouds) drawn anew with ``seed``;
+    - ``"test"``: a set with an official test split (:func:`test_split`): up to ``n`` of its
+      test images, drawn with ``seed`` (never trained on);
     - ``"held-out"``: a finite set (files, digits, ...) larger than ``train_n``: up to ``n``
       of the samples after the training subset in the same random order (never trained on);
     - ``"training"``: a finite set used whole for training: ``n`` of its samples."""
     if int(n) < 1:
         raise UserError(f"dataset '{spec}': n must be a positive count, got {n}")
+    test = test_split(spec)
+    if test is not None:
+        return load_dataset(test, n=int(n), seed=seed), "test"
     triple, exact = _load(str(spec), int(n), seed)
     if exact:
         return _dataset(str(spec), triple), "fresh"

@@ -16,15 +16,19 @@ to [-1, 1] first (samples outside the data range are judged like saturated pixel
 
 Where the weights come from (:func:`classifier_for`):
 
-1. shipped with the package for ``digits``, ``shapes16``, ``shapes32``
+1. shipped with the package for ``digits``, ``shapes16``, ``shapes32``, ``fashion``
    (``fewstep/assets/classifier_<name>.safetensors``, made by
-   ``python -m fewstep.metrics.features --write-assets``);
+   ``python -m fewstep.metrics.features --write-assets``), and for ``fashion`` a second,
+   differently built network (``arch="b"``: 5x5 convolutions, max-pooling, 16 channels,
+   96 features; ``classifier_fashion_b.safetensors``) for cross-checking a method that
+   trains against the first (a student tuned on one feature space can fool it, not both);
 2. otherwise trained on first use from the labelled dataset and cached in
    ``$FEWSTEP_CACHE`` (default ``~/.cache/fewstep``) under ``classifiers/``.
 
 Training is deterministic: a fixed seed for initialisation and batch order, Adam, a fixed
 number of epochs, 10% of the set held out to report accuracy (stored in the file's
-metadata). Bit-identical weights across machines are not promised (CPU kernels may round
+metadata); a set with an official test split (``fashion``) trains on all its training
+images and reports the accuracy on the test split (``test_accuracy``). Bit-identical weights across machines are not promised (CPU kernels may round
 differently with other thread counts); the shipped files are what the numbers in
 docs/BENCHMARKS.md used.
 """
@@ -43,10 +47,13 @@ from torch import Tensor, nn
 from fewstep.errors import UserError
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED = ("digits", "shapes16", "shapes32")
+SHIPPED = ("digits", "shapes16", "shapes32", "fashion")
+SHIPPED_B = ("fashion",)  # sets shipped with the second, cross-check classifier too
+# the two architectures: "a" the default feature network, "b" the cross-check
+ARCHS = {"a": {}, "b": {"width": 16, "num_features": 96, "kernel": 5, "pool": "max"}}
 FORMAT = "fewstep-classifier-1"
 NUM_FEATURES = 64
-DEFAULT_EPOCHS = {"digits": 40, "shapes16": 6, "shapes32": 4}
+DEFAULT_EPOCHS = {"digits": 40, "shapes16": 6, "shapes32": 4, "fashion": 6}
 _DEFAULT_N = {"shapes16": 10000, "shapes32": 6000}
 
 
@@ -54,18 +61,21 @@ class SmallClassifier(nn.Module):
     """A small CNN: ``features(x)`` [B, num_features] and ``forward(x)`` logits [B, K]."""
 
     def __init__(self, in_channels: int, size: int, num_classes: int, width: int = 32,
-                 num_features: int = NUM_FEATURES):
+                 num_features: int = NUM_FEATURES, kernel: int = 3, pool: str = "avg"):
         super().__init__()
+        if pool not in ("avg", "max") or kernel % 2 != 1:
+            raise UserError(f"classifier: pool must be avg or max and kernel odd, got {pool!r}, {kernel}")
         self.config = {"in_channels": int(in_channels), "size": int(size), "num_classes": int(num_classes),
-                       "width": int(width), "num_features": int(num_features)}
+                       "width": int(width), "num_features": int(num_features), "kernel": int(kernel), "pool": pool}
         layers: list[nn.Module] = []
         c_in, c, s = in_channels, width, size
+        k = int(kernel)
         while True:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), nn.SiLU()]
+            layers += [nn.Conv2d(c_in, c, k, padding=k // 2), nn.SiLU(), nn.Conv2d(c, c, k, padding=k // 2), nn.SiLU()]
             c_in = c
             if s <= 4:
                 break
-            layers.append(nn.AvgPool2d(2))
+            layers.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
             s //= 2
             c = min(2 * c, num_features)
         layers += [nn.Conv2d(c_in, num_features, 1), nn.SiLU()]
@@ -133,27 +143,41 @@ def _load_labelled(spec: str, n: Optional[int]):
 
 
 def train_classifier(spec: str, epochs: Optional[int] = None, seed: int = 0, n: Optional[int] = None,
-                     batch_size: int = 128, lr: float = 2e-3, progress: bool = False) -> SmallClassifier:
-    """Train a :class:`SmallClassifier` on dataset ``spec`` (deterministic given ``seed``).
+                     batch_size: int = 128, lr: float = 2e-3, progress: bool = False,
+                     arch: str = "a") -> SmallClassifier:
+    """Train a :class:`SmallClassifier` (architecture ``arch`` of :data:`ARCHS`) on
+    dataset ``spec`` (deterministic given ``seed``).
 
     Cross-entropy, Adam(lr) with cosine decay, ``epochs`` passes in a seeded order;
     augmentation: Gaussian pixel noise of std ~ U[0, 0.1] so that features vary smoothly
-    for slightly noisy samples. 10% of the images are held out; the accuracy on them is
-    kept in ``clf.train_info``.
+    for slightly noisy samples. 10% of the images are held out, or, for a set with an
+    official test split, all training images are used and the test split is the held-out
+    set; the accuracy on the held-out images is kept in ``clf.train_info``.
     """
+    from fewstep.data.registry import load_dataset, test_split
+
+    if arch not in ARCHS:
+        raise UserError(f"classifier architecture {arch!r}: choose from {', '.join(ARCHS)}")
     ds = _load_labelled(spec, n)
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(ds), generator=g)
-    n_val = max(1, len(ds) // 10)
-    val, train = perm[:n_val], perm[n_val:]
+    test = test_split(spec)
+    x, y = ds.x.float(), ds.labels
+    if test is not None:
+        held = load_dataset(test)
+        val, train = None, torch.arange(len(ds))
+        x_val, y_val = held.x.float(), held.labels
+    else:
+        perm = torch.randperm(len(ds), generator=g)
+        n_val = max(1, len(ds) // 10)
+        val, train = perm[:n_val], perm[n_val:]
+        x_val, y_val = x[val], y[val]
     epochs = int(epochs or DEFAULT_EPOCHS.get(spec, 10))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clf = SmallClassifier(ds.shape[0], ds.shape[1], ds.num_classes)
+        clf = SmallClassifier(ds.shape[0], ds.shape[1], ds.num_classes, **ARCHS[arch])
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    x, y = ds.x.float(), ds.labels
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, desc=f"classifier {spec}", disable=not progress, leave=False)
@@ -173,8 +197,11 @@ def train_classifier(spec: str, epochs: Optional[int] = None, seed: int = 0, n: 
     bar.close()
     clf.eval()
     with torch.no_grad():
-        acc = float((logits_extractor(clf)(x[val]).argmax(1) == y[val]).double().mean())
-    clf.train_info = {"dataset": spec, "n": len(ds), "epochs": epochs, "seed": seed, "val_accuracy": acc}
+        acc = float((logits_extractor(clf)(x_val).argmax(1) == y_val).double().mean())
+    clf.train_info = {"dataset": spec, "n": len(ds), "epochs": epochs, "seed": seed, "arch": arch,
+                      "val_accuracy": acc}
+    if test is not None:
+        clf.train_info.update({"test_split": test, "test_n": len(x_val), "test_accuracy": acc})
     return clf
 
 
@@ -227,38 +254,52 @@ def _cache_path(spec: str) -> Path:
     return cache_dir() / "classifiers" / f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.safetensors"
 
 
-_MEMO: dict[str, SmallClassifier] = {}
+_MEMO: dict[tuple[str, str], SmallClassifier] = {}
 
 
-def classifier_for(spec: str, progress: bool = False) -> SmallClassifier:
-    """The feature classifier for image dataset ``spec``: shipped, cached, or trained now."""
+def _asset(spec: str, arch: str) -> Path:
+    return ASSET_DIR / f"classifier_{spec}{'' if arch == 'a' else '_' + arch}.safetensors"
+
+
+def has_cross_check(spec: str) -> bool:
+    """Whether dataset ``spec`` ships the second classifier (``arch="b"``)."""
+    return str(spec) in SHIPPED_B and _asset(str(spec), "b").is_file()
+
+
+def classifier_for(spec: str, progress: bool = False, arch: str = "a") -> SmallClassifier:
+    """The feature classifier for image dataset ``spec``: shipped, cached, or trained now;
+    ``arch="b"``: the second, cross-check network (shipped for :data:`SHIPPED_B`)."""
     spec = str(spec)
-    if spec in _MEMO:
-        return _MEMO[spec]
-    shipped = ASSET_DIR / f"classifier_{spec}.safetensors"
-    if spec in SHIPPED and shipped.is_file():
+    if (spec, arch) in _MEMO:
+        return _MEMO[spec, arch]
+    if arch not in ARCHS:
+        raise UserError(f"classifier architecture {arch!r}: choose from {', '.join(ARCHS)}")
+    shipped = _asset(spec, arch)
+    if spec in (SHIPPED if arch == "a" else SHIPPED_B) and shipped.is_file():
         clf = load_classifier(shipped)
     else:
-        path = _cache_path(spec)
+        path = _cache_path(spec if arch == "a" else f"{spec}_{arch}")
         if path.is_file():
             clf = load_classifier(path)
         else:
-            clf = train_classifier(spec, progress=progress)
+            clf = train_classifier(spec, progress=progress, arch=arch)
             save_classifier(clf, path)
-    _MEMO[spec] = clf
+    _MEMO[spec, arch] = clf
     return clf
 
 
 def _write_assets(names=SHIPPED) -> None:
-    """Train and write the shipped classifiers (``--write-assets``)."""
+    """Train and write the shipped classifiers (``--write-assets [NAME ...]``; NAME_b for
+    the cross-check network of a set in :data:`SHIPPED_B`)."""
     import time
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     for name in names:
+        spec, arch = (name[:-2], "b") if name.endswith("_b") else (name, "a")
         t0 = time.time()
-        clf = train_classifier(name, progress=True)
-        path = save_classifier(clf, ASSET_DIR / f"classifier_{name}.safetensors")
-        print(f"{path}: {clf.train_info} ({time.time() - t0:.0f} s)")
+        clf = train_classifier(spec, progress=True, arch=arch)
+        path = save_classifier(clf, _asset(spec, arch))
+        print(f"{path}: {clf.train_info} ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,9 @@ def _data_spec(teacher, spec: str, override: Optional[str]) -> str:
 
 def real_sets(teacher, spec: str, n: Optional[int], seed: int, data: Optional[str] = None):
     """(A, B, data_spec): two disjoint held-out real sets of equal size n (or fewer for
-    a small finite set: half of it each)."""
-    from fewstep.data.registry import load_dataset
+    a small finite set: half of it each); for a set with an official test split, A is n
+    test images and B n training images (the data floor is then train against test)."""
+    from fewstep.data.registry import load_dataset, test_split
 
     kind = teacher.kind
     n = int(n or DEFAULT_N.get(kind, 1000))
@@ -101,6 +102,14 @@ def real_sets(teacher, spec: str, n: Optional[int], seed: int, data: Optional[st
         x = teacher.denoiser.sample(2 * n, generator=torch.Generator().manual_seed(seed + 1000))
         return x[:n], x[n:], spec
     dspec = _data_spec(teacher, spec, data)
+    test = test_split(dspec)
+    if test is not None:  # A from the official test split, B from the training images: the floor is train vs test
+        a = load_dataset(test, n=n, seed=seed + 1000).x
+        b = load_dataset(dspec, n=len(a), seed=seed + 1001).x
+        if tuple(a.shape[1:]) != tuple(teacher.shape):
+            raise UserError(f"data '{dspec}' has samples of shape {list(a.shape[1:])} but the teacher makes "
+                            f"{list(teacher.shape)}; give the teacher's dataset with --data")
+        return a, b, dspec
     ds = load_dataset(dspec, n=2 * n, seed=seed + 1000)
     x = ds.x[torch.randperm(len(ds.x), generator=torch.Generator().manual_seed(seed + 1001))]
     if tuple(x.shape[1:]) != tuple(teacher.shape):
@@ -145,7 +154,7 @@ def conditional_sets(teacher, spec: str, labels: Tensor, seed: int, data: Option
     labels[i]. An exact mixture draws x ~ p(x | c) per label (with ``guidance`` w != 1:
     samples of the exact guided flow from fresh noise); a labelled data set gives held-out
     samples with the same label counts (n shrinks, keeping the first labels, when a
-    finite set holds too few of some class)."""
+    finite set holds too few of some class); with an official test split, A comes from it."""
     notes = [] if notes is None else notes
     n = len(labels)
     if spec.startswith("gmm:"):
@@ -158,7 +167,7 @@ def conditional_sets(teacher, spec: str, labels: Tensor, seed: int, data: Option
             z = teacher.sigma_max * torch.randn(n, gmm.dim, generator=g, dtype=torch.float64)
             two.append(gmm.flow(z, teacher.sigma_max, 0.0, rtol=1e-6, labels=labels, guidance=float(guidance)))
         return two[0], two[1], spec, labels
-    from fewstep.data.registry import load_dataset
+    from fewstep.data.registry import load_dataset, test_split
 
     C = teacher.num_classes
     dspec = _data_spec(teacher, spec, data)
@@ -200,6 +209,18 @@ def conditional_sets(teacher, spec: str, labels: Tensor, seed: int, data: Option
         if len(pos):
             src = (y == c).nonzero().flatten()
             a[pos], b[pos] = x[src[:len(pos)]], x[src[len(pos):2 * len(pos)]]
+    test = test_split(dspec)
+    if test is not None:  # A from the official test split (B stays training images: the floor is train vs test)
+        t = load_dataset(test, seed=seed + 1002)
+        tperm = torch.randperm(len(t.x), generator=torch.Generator().manual_seed(seed + 1003))
+        tx, ty = t.x[tperm], t.labels.long()[tperm]
+        for c in range(C):
+            pos = (labels == c).nonzero().flatten()
+            src = (ty == c).nonzero().flatten()
+            if len(src) < len(pos):
+                raise UserError(f"the test split '{test}' holds {len(src)} samples of class {c}, fewer than the "
+                                f"{len(pos)} the benchmark asks; lower --n")
+            a[pos] = tx[src[:len(pos)]]
     return a, b, dspec, labels
 
 
@@ -240,36 +261,46 @@ class Evaluator:
     """Metrics of a sample set against the real set A (features computed once for A)."""
 
     def __init__(self, real: Tensor, kind: str, data_spec: str, notes: list):
-        from fewstep.metrics.features import classifier_for, feature_extractor, logits_extractor
+        from fewstep.metrics.features import classifier_for, feature_extractor, has_cross_check, logits_extractor
 
         self.real = real.detach().cpu()
         self.kind = "clouds" if kind != "image" and self.real.ndim == 3 else kind
-        self.features = self.logits = None
+        self.features = self.logits = self.check = None
         if kind == "image":
             try:
                 clf = classifier_for(data_spec, progress=True)
                 self.features, self.logits = feature_extractor(clf), logits_extractor(clf)
                 info = getattr(clf, "train_info", {})
+                where = "test" if "test_accuracy" in info else "held-out"
                 notes.append(f"Image features: a {clf.num_features}-feature classifier trained here on "
-                             f"'{data_spec}' (held-out accuracy {info.get('val_accuracy', float('nan')):.3f}); "
+                             f"'{data_spec}' ({where} accuracy {info.get('val_accuracy', float('nan')):.3f}); "
                              "FD and class score are NOT comparable with CIFAR-10 FID/IS.")
+                if has_cross_check(data_spec):
+                    self.check = feature_extractor(classifier_for(data_spec, arch="b"))
+                    notes.append("FD (check): the same distance on the features of a second, differently built "
+                                 "classifier (5x5 convolutions, max-pooling), a cross-check for a method that "
+                                 "trains against the first.")
             except UserError as e:
                 notes.append(f"No classifier features ({e}); FD and precision/recall use raw pixels.")
         self.real_f = None if self.kind == "clouds" else self._feat(self.real)
+        self.real_check = None if self.check is None else self.check(self.real.detach().cpu())
 
     def subset(self, idx: Tensor) -> "Evaluator":
         """The same metrics against ``real[idx]`` (e.g. one class), features reused."""
         sub = object.__new__(Evaluator)
-        sub.kind, sub.features, sub.logits = self.kind, self.features, self.logits
+        sub.kind, sub.features, sub.logits, sub.check = self.kind, self.features, self.logits, self.check
         sub.real = self.real[idx]
         sub.real_f = None if self.real_f is None else self.real_f[idx]
+        sub.real_check = None if self.real_check is None else self.real_check[idx]
         return sub
 
     def _feat(self, x: Tensor) -> Tensor:
         x = x.detach().cpu()
         return self.features(x) if self.features is not None else x.reshape(len(x), -1).double()
 
-    def __call__(self, x: Tensor, flow_ref: Optional[Tensor] = None) -> dict:
+    def __call__(self, x: Tensor, flow_ref: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> dict:
+        """The metrics of samples ``x``; ``labels``: the classes they were asked for (images:
+        ``label_accuracy``, the share the classifier puts in the asked class)."""
         from fewstep.metrics import (classifier_score, cloud_set_metrics, energy_distance, frechet_distance, mmd,
                                      precision_recall, rms, sliced_w2)
 
@@ -284,8 +315,12 @@ class Evaluator:
             return m
         f = self._feat(x)
         m = {"fd": frechet_distance(f, self.real_f)}
+        if self.check is not None:
+            m["fd_check"] = frechet_distance(self.check(x), self.real_check)
         if self.logits is not None:
             m["class_score"] = classifier_score(x, self.logits)
+            if labels is not None:
+                m["label_accuracy"] = float((self.logits(x).argmax(1) == labels.cpu()).double().mean())
         m.update(precision_recall(f, self.real_f, k=3))
         m["sliced_w2"] = sliced_w2(x, self.real)
         if self.kind == "points":
@@ -463,7 +498,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
 
     def add_rows(base: dict, x: Tensor, flow_ref: Optional[Tensor], with_flow: bool = True):
         """The overall row, then one per class: each metric on the class's samples."""
-        m = evaluate(x, flow_ref)
+        m = evaluate(x, flow_ref, labels=labels)  # the data row's B has the same labels: the classifier's accuracy
         if not with_flow:
             m.pop("flow_error", None)
         note = m.pop("note", None)
@@ -472,7 +507,8 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         if note:
             return note
         for c, idx, ev in per_class:
-            mc = ev(x[idx.to(x.device)], None if flow_ref is None else flow_ref[idx.to(flow_ref.device)])
+            mc = ev(x[idx.to(x.device)], None if flow_ref is None else flow_ref[idx.to(flow_ref.device)],
+                    labels=None if labels is None else labels[idx.to(labels.device)])
             if not with_flow:
                 mc.pop("flow_error", None)
             mc.pop("note", None)

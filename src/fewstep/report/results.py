@@ -40,6 +40,10 @@ class MetricInfo:
 METRICS: dict[str, MetricInfo] = {
     "fd": MetricInfo("FD", "lower", "Frechet distance of features (classifier features for images, "
                      "coordinates for points); not CIFAR FID"),
+    "fd_check": MetricInfo("FD (check)", "lower", "Frechet distance on a second, differently built classifier's "
+                           "features: a cross-check of FD for methods that train against the first"),
+    "label_accuracy": MetricInfo("label accuracy", "higher", "share of samples the classifier puts in the class "
+                                 "they were asked for (class-conditional teachers)"),
     "class_score": MetricInfo("class score", "higher", "Inception-style score with the set's own classifier"),
     "precision": MetricInfo("precision", "higher", "improved precision, k=3 (Kynkaanniemi et al. 2019)"),
     "recall": MetricInfo("recall", "higher", "improved recall, k=3 (Kynkaanniemi et al. 2019)"),
