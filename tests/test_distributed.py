@@ -14,15 +14,17 @@ ARGS = ["train", "--data", "moons", "--steps", "12", "--batch-size", "64", "--ch
         "--device", "cpu", "--seed", "1", "--quiet"]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
-def test_two_processes_match_one(tmp_path):
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(TORCHRUN),
+                                    reason="torchrun not installed")
+
+
+def _one_and_two(tmp_path, args, port):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "fewstep", *ARGS, "--out", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "fewstep", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "fewstep", *ARGS,
+    two = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), "-m", "fewstep", *args,
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     import json
@@ -31,4 +33,24 @@ def test_two_processes_match_one(tmp_path):
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    return a, b
+
+
+@needs_torchrun
+def test_two_processes_match_one(tmp_path):
+    _one_and_two(tmp_path, ARGS, 29533)
     assert len(list((tmp_path / "two" / "checkpoints").glob("step_*"))) >= 1
+
+
+@needs_torchrun
+@pytest.mark.parametrize("family, extra, port", [
+    # the EBM's replay buffer: every process writes its slice's chain ends, gathered, so both
+    # copies stay the buffer one process has; a diverged buffer would change the weights from
+    # the second step on (the chains start from it)
+    ("ebm", ["--ebm-buffer", "200", "--ebm-steps", "5"], 29541),
+    # sliced score matching: the Hutchinson projections are drawn per step for the global batch
+    ("sm", ["--sm-objective", "sliced"], 29542),
+])
+def test_two_processes_match_one_for_families(tmp_path, family, extra, port):
+    args = [a if a != "12" else "8" for a in ARGS] + ["--family", family, *extra]
+    _one_and_two(tmp_path, args, port)
