@@ -80,3 +80,29 @@ def replace_section(doc, heading: str, section: str) -> None:
         text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def _blocks(section: str) -> tuple[str, dict]:
+    """A section's text before its first '### ' and its '### ' blocks keyed by the heading up
+    to its first ' (' or ':' (the part's name, without the settings that may change)."""
+    parts = section.split("\n### ")
+    head, blocks = parts[0], {}
+    for b in parts[1:]:
+        title = b.split("\n", 1)[0]
+        blocks[title.split(" (", 1)[0]] = "### " + b.rstrip() + "\n"
+    return head, blocks
+
+
+def merge_section(doc, heading: str, md: str) -> str:
+    """The section ``md`` (a '## ' heading and '### ' parts) merged into the section of
+    ``heading`` in ``doc``: the parts rendered now replace the same parts there, the other
+    parts (rendered earlier from result files not given now) are kept, in their order."""
+    doc = Path(doc)
+    text = doc.read_text() if doc.exists() else ""
+    start = text.find(heading)
+    if start < 0:
+        return md
+    end = text.find("\n## ", start + len(heading))
+    _, old = _blocks(text[start:end if end >= 0 else len(text)])
+    head, new = _blocks(md)
+    return head.rstrip() + "\n\n" + "\n".join({**old, **new}.values())

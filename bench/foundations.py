@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, replace_section  # noqa: E402
+from _common import machine, merge_section, replace_section  # noqa: E402
 
 from fewstep.data.gmm import GaussianMixture  # noqa: E402
 from fewstep.metrics import energy_distance  # noqa: E402
@@ -308,31 +308,7 @@ def main() -> None:
     md = markdown(results)
     print(md)
     if a.doc:
-        replace_section(a.doc, HEADING, merge_section(Path(a.doc), md))
-
-
-def _blocks(section: str) -> tuple[str, dict]:
-    """A section's text before its first '### ' and its '### ' blocks keyed by the heading up
-    to its first ' (' (the part's name, without the settings that may change)."""
-    parts = section.split("\n### ")
-    head, blocks = parts[0], {}
-    for b in parts[1:]:
-        blocks[b.split("\n", 1)[0].split(" (", 1)[0]] = "### " + b.rstrip() + "\n"
-    return head, blocks
-
-
-def merge_section(doc: Path, md: str) -> str:
-    """The new section: the parts rendered now replace the same parts of the section in
-    ``doc``, whose other parts (rendered from result files not given now) are kept."""
-    text = doc.read_text() if doc.exists() else ""
-    start = text.find(HEADING)
-    if start < 0:
-        return md
-    end = text.find("\n## ", start + len(HEADING))
-    _, old = _blocks(text[start:end if end >= 0 else len(text)])
-    head, new = _blocks(md)
-    merged = {**old, **new}
-    return head.rstrip() + "\n\n" + "\n".join(merged.values())
+        replace_section(a.doc, HEADING, merge_section(a.doc, HEADING, md))
 
 
 if __name__ == "__main__":

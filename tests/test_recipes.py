@@ -3,6 +3,7 @@ local MNIST IDX / CIFAR-10 binary files (written here with random content in the
 the same options, only the width, steps, batch and number of rounds/pairs made small."""
 import gzip
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -16,14 +17,21 @@ from fewstep.train.teacher import train_teacher
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def _mnist(folder: Path, n=32):
-    rng = np.random.default_rng(0)
+def _mnist(folder: Path, n=32, prefix="train"):
+    rng = np.random.default_rng(0 if prefix == "train" else 2)
     img = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    lab = rng.integers(0, 10, n, dtype=np.uint8)
-    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+    lab = (np.arange(n) % 10).astype(np.uint8)
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
         f.write(struct.pack(">IIII", 2051, n, 28, 28) + img.tobytes())
-    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
         f.write(struct.pack(">II", 2049, n) + lab.tobytes())
+
+
+def _fashion(folder: Path, n=32):
+    """Fashion-MNIST's layout (both splits) in ``folder``, named by $FEWSTEP_FASHION_DIR."""
+    _mnist(folder, n)
+    _mnist(folder, n, prefix="t10k")
+    os.environ["FEWSTEP_FASHION_DIR"] = str(folder)
 
 
 def _cifar(folder: Path, n=32):
@@ -35,28 +43,42 @@ def _cifar(folder: Path, n=32):
 def _toy_teacher(recipe: str, data: str, folder: Path, evaluate: bool = True) -> str:
     cfg = read_config_file(RECIPES / recipe)
     cfg["net"] = {**cfg["net"], "base_channels": 16, "attn_resolutions": []}  # toy width, same structure
-    cfg.update(data=f"{data}:{folder}", steps=2, batch_size=4, checkpoint_every=1, eval_samples=2, eval_nfe=2,
+    cfg.update(data="fashion" if data == "fashion" else f"{data}:{folder}", steps=2, batch_size=4, checkpoint_every=1, eval_samples=2, eval_nfe=2,
                device="cpu", warmup=1)
     return train_teacher(cfg, str(folder / "run"), progress=False, evaluate=evaluate)
 
 
+@pytest.fixture(autouse=True)
+def _no_fashion_dir_leak():
+    before = os.environ.get("FEWSTEP_FASHION_DIR")
+    yield
+    if before is None:
+        os.environ.pop("FEWSTEP_FASHION_DIR", None)
+    else:
+        os.environ["FEWSTEP_FASHION_DIR"] = before
+
+
 @pytest.mark.parametrize("recipe,data,make", [("mnist_teacher.json", "mnist", _mnist),
                                              ("mnist_teacher_uncond.json", "mnist", _mnist),
+                                             ("fashion_teacher.json", "fashion", _fashion),
+                                             ("fashion_teacher_uncond.json", "fashion", _fashion),
                                              ("cifar10_teacher.json", "cifar10", _cifar)])
 def test_recipe_runs_at_toy_size(tmp_path, recipe, data, make):
     make(tmp_path)
     out = _toy_teacher(recipe, data, tmp_path)
     m = load(out, device="cpu")
-    shape = (1, 28, 28) if data == "mnist" else (3, 32, 32)
+    shape = (3, 32, 32) if data == "cifar10" else (1, 28, 28)
     assert m.shape == shape and json.loads((Path(out) / "model.json").read_text())["data"]["kind"] == "image"
 
 
 # ------------------------------------------------------------------------- distillation
 DISTILL = sorted(p.name for p in RECIPES.glob("*_distill_*.json"))
-TEACHER_OF = {"mnist": ("mnist_teacher_uncond.json", _mnist), "cifar10": ("cifar10_teacher.json", _cifar)}
+TEACHER_OF = {"mnist": ("mnist_teacher_uncond.json", _mnist), "cifar10": ("cifar10_teacher.json", _cifar),
+              "fashion": ("fashion_teacher_uncond.json", _fashion)}
 TOY = {"progressive": {"start_steps": 4},                       # rounds 2 -> 1 instead of 64 -> ... -> 1
        "consistency": {},
-       "knowledge": {"pairs": 8, "pair_batch": 4, "pair_nfe": 2}}
+       "knowledge": {"pairs": 8, "pair_batch": 4, "pair_nfe": 2},
+       "reflow": {"pairs": 8, "pair_batch": 4, "pair_nfe": 2, "reflow_nfe": 2, "distill_steps": 2, "eval_samples": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +91,10 @@ def toy_teachers(tmp_path_factory):
             folder = tmp_path_factory.mktemp(data)
             recipe, make = TEACHER_OF[data]
             make(folder)
-            made[data] = _toy_teacher(recipe, data, folder, evaluate=False)
-        return made[data]
+            made[data] = (_toy_teacher(recipe, data, folder, evaluate=False), folder)
+        if data == "fashion":  # the students read --data fashion through the same folder
+            os.environ["FEWSTEP_FASHION_DIR"] = str(made[data][1])
+        return made[data][0]
 
     return get
 

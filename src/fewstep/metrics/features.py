@@ -172,6 +172,9 @@ def train_classifier(spec: str, epochs: Optional[int] = None, seed: int = 0, n: 
         val, train = perm[:n_val], perm[n_val:]
         x_val, y_val = x[val], y[val]
     epochs = int(epochs or DEFAULT_EPOCHS.get(spec, 10))
+    import time
+
+    t0 = time.time()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clf = SmallClassifier(ds.shape[0], ds.shape[1], ds.num_classes, **ARCHS[arch])
@@ -199,7 +202,7 @@ def train_classifier(spec: str, epochs: Optional[int] = None, seed: int = 0, n: 
     with torch.no_grad():
         acc = float((logits_extractor(clf)(x_val).argmax(1) == y_val).double().mean())
     clf.train_info = {"dataset": spec, "n": len(ds), "epochs": epochs, "seed": seed, "arch": arch,
-                      "val_accuracy": acc}
+                      "val_accuracy": acc, "seconds": round(time.time() - t0, 1)}
     if test is not None:
         clf.train_info.update({"test_split": test, "test_n": len(x_val), "test_accuracy": acc})
     return clf

@@ -1,0 +1,231 @@
+"""Fashion-MNIST end to end on a CPU (issue 19): the feature classifiers, a small UNet teacher
+(unconditional and class-conditional), its samplers at 2-64 NFE and every distillation
+method at 1, 2 and 4 NFE, scored by the classifier Frechet distance to the 10,000 test
+images -> bench/out/fashion_<part>[_cond].json and the section "Fashion-MNIST (issue 19)" of
+docs/BENCHMARKS.md.
+
+    .venv/bin/python -m fewstep.metrics.features --write-assets fashion fashion_b   # the classifiers (once)
+    .venv/bin/python bench/fashion.py --part classifier             # their test accuracy, per class
+    .venv/bin/python bench/fashion.py --part teacher  [--conditional] [--scale S]
+    .venv/bin/python bench/fashion.py --part students [--conditional] [--scale S] [--methods kd,pd,...]
+    .venv/bin/python bench/fashion.py --from-json bench/out/fashion_*.json --doc docs/BENCHMARKS.md
+
+Every stage is a run folder under bench/out/fashion_runs/ (``fewstep train`` / ``fewstep
+distill`` with the options printed), reused when finished and resumed when interrupted, so
+the script can be run again after a kill. ``--scale`` multiplies every step budget (0.1 for a
+quick look; the recorded table says which scale made it). The GPU versions of the same runs
+are ``recipes/fashion_*.json``.
+
+Metric: ``fewstep bench`` on the teacher with the students beside it: FD on the features of
+the project's Fashion-MNIST classifier (``fd``; not an Inception FID), FD on the second,
+differently built classifier (``fd_check``), between N generated images and N test images
+(the data floor compares N training images with them), all methods from the same noise;
+label accuracy of conditional samples (the classifier's class for the asked label).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, merge_section, replace_section  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+RUNS = OUT / "fashion_runs"
+HEADING = "## Fashion-MNIST (issue 19)"
+N = 2000  # samples per method (and test images)
+SAMPLERS = ("euler", "heun", "dpmpp_2m", "unipc", "ipndm")
+TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
+STUDENT_NFE = (1, 2, 4)
+# the CPU teacher: a small UNet (28 -> 14 -> 7), EDM; what fits hours on 2 cores
+NET = {"kind": "unet", "in_channels": 1, "image_size": 28, "base_channels": 32, "channel_mult": [1, 2, 2],
+       "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.1}
+TEACHER = {"data": "fashion", "process": "edm", "prediction": "edm", "steps": 20000, "batch_size": 64, "lr": 4e-4,
+           "warmup": 500, "ema_decay": 0.999, "checkpoint_every": 1000, "eval_samples": 256, "eval_nfe": 35}
+# the students: each method's defaults with the CPU budgets (steps scaled by --scale)
+METHODS = {
+    "kd": ("knowledge", {"steps": 4000, "pairs": 10000, "pair_nfe": 32, "pair_batch": 500}),
+    "pd": ("progressive", {"steps": 1500, "start_steps": 64, "end_steps": 1}),
+    "cd": ("consistency", {"steps": 4000, "n": 40}),
+    "ict": ("consistency", {"steps": 4000, "mode": "training", "schedule": "ict"}),
+    "reflow": ("reflow", {"rounds": 1, "pairs": 10000, "steps": 4000, "distill_steps": 2000, "reflow_nfe": 16}),
+}
+STEP_KEYS = ("steps", "distill_steps")
+
+
+def _scaled(opts: dict, scale: float) -> dict:
+    return {k: max(1, int(round(v * scale))) if k in STEP_KEYS else v for k, v in opts.items()}
+
+
+def _folder(conditional: bool) -> Path:
+    return RUNS / ("cond" if conditional else "uncond")
+
+
+def part_classifier() -> dict:
+    """Test accuracy (overall, per class) of the shipped classifiers on the 10,000 test images."""
+    import torch
+
+    from fewstep.data.registry import load_dataset
+    from fewstep.metrics.features import classifier_for, logits_extractor
+
+    test = load_dataset("fashion:test")
+    rows, preds = [], {}
+    for arch in ("a", "b"):
+        clf = classifier_for("fashion", arch=arch)
+        with torch.no_grad():
+            p = logits_extractor(clf)(test.x).argmax(1)
+        preds[arch] = p
+        per = [float((p[test.labels == c] == c).double().mean()) for c in range(10)]
+        rows.append({"arch": arch, "config": clf.config, "train_info": clf.train_info,
+                     "test_accuracy": float((p == test.labels).double().mean()), "per_class": per,
+                     "params": sum(q.numel() for q in clf.parameters())})
+        print(f"  classifier {arch}: test accuracy {rows[-1]['test_accuracy']:.4f}", flush=True)
+    agree = float((preds["a"] == preds["b"]).double().mean())
+    return {"part": "classifier", "machine": machine(), "rows": rows, "agreement": agree}
+
+
+def train(conditional: bool, scale: float) -> Path:
+    from fewstep.train.job import worth_resuming
+    from fewstep.train.teacher import train_teacher
+
+    run = _folder(conditional) / "teacher"
+    if (run / "model.json").is_file():
+        return run
+    cfg = {**_scaled(TEACHER, scale), "net": dict(NET), "conditional": conditional, "device": None, "seed": 0}
+    if conditional:
+        cfg["label_dropout"] = 0.1  # a null class for classifier-free guidance
+    print(f"[fashion] training the teacher into {run}: {json.dumps(cfg)}", flush=True)
+    train_teacher(cfg, str(run), resume=worth_resuming(run), progress=True)
+    return run
+
+
+def distil(teacher: Path, key: str, scale: float) -> Path:
+    from fewstep.methods import distill
+    from fewstep.train.job import worth_resuming
+
+    method, opts = METHODS[key]
+    out = teacher.parent / "students" / key
+    if (out / "model.json").is_file():
+        return out
+    opts = {**_scaled(opts, scale), "seed": 0}
+    if opts.get("mode") == "training":
+        opts["data"] = "fashion"
+    else:
+        opts["teacher"] = str(teacher)
+    print(f"[fashion] fewstep distill {method} {json.dumps(opts)} --out {out}", flush=True)
+    resume = worth_resuming(out)
+    distill(method, None if resume else opts, str(out), resume=resume, progress=True)
+    return out
+
+
+def _cost(run: Path) -> dict:
+    meta = json.loads((run / "model.json").read_text())
+    return {"train_seconds": meta.get("train_seconds"), **(meta.get("cost") or {})}
+
+
+def part_bench(conditional: bool, scale: float, methods, students: bool) -> dict:
+    from fewstep.report.bench import run_bench
+
+    teacher = train(conditional, scale)
+    runs = {k: distil(teacher, k, scale) for k in methods} if students else {}
+    name = "students" if students else "teacher"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res, report = run_bench(str(teacher), samplers=list(SAMPLERS), students=[str(r) for r in runs.values()] or "none",
+                                nfe=STUDENT_NFE if students else TEACHER_NFE, n=N, seed=0, nll_n=0,
+                                out=str(_folder(conditional) / f"bench_{name}"), progress=True)
+    rows = [{k: r.get(k) for k in ("method", "kind", "nfe", "nfe_used", "fd", "fd_check", "label_accuracy",
+                                   "precision", "recall", "seconds")} for r in res.rows if r.get("class") is None]
+    return {"part": name, "conditional": conditional, "scale": scale, "machine": machine(), "n": N,
+            "teacher": {"options": {**_scaled(TEACHER, scale), "net": NET}, **_cost(teacher)},
+            "students": {k: {"method": METHODS[k][0], "options": _scaled(METHODS[k][1], scale), **_cost(r)}
+                         for k, r in runs.items()},
+            "rows": rows, "notes": res.meta.get("notes", []), "report": str(report)}
+
+
+# -------------------------------------------------------------------------------- markdown
+def _f(v, p=2):
+    return "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+
+
+def markdown(results: list) -> str:
+    lines = [HEADING, ""]
+    for res in results:
+        m = res["machine"]
+        where = f"{m['nproc']} cores ({m['cpu']}), torch {m['torch']}, {m['date']}, commit {m['commit']}"
+        if res["part"] == "classifier":
+            lines += ["### Feature classifiers", "",
+                      f"`.venv/bin/python -m fewstep.metrics.features --write-assets fashion fashion_b`, then "
+                      f"`.venv/bin/python bench/fashion.py --part classifier` ({where}). Accuracy on the 10,000 test "
+                      f"images (never trained on); the two agree on {100 * res['agreement']:.1f} % of them.", "",
+                      "| classifier | parameters | epochs | test accuracy | worst class | train s |", "|---|---|---|---|---|---|"]
+            for r in res["rows"]:
+                worst = min(range(10), key=lambda c: r["per_class"][c])
+                lines.append(f"| {r['arch']} ({json.dumps({k: r['config'][k] for k in ('width', 'kernel', 'pool', 'num_features') if k in r['config']})}) "
+                             f"| {r['params']} | {r['train_info'].get('epochs')} | {100 * r['test_accuracy']:.2f} % | "
+                             f"{worst}: {100 * r['per_class'][worst]:.1f} % | {_f(r['train_info'].get('seconds'), 0)} |")
+            lines.append("")
+            continue
+        kind = "class-conditional" if res["conditional"] else "unconditional"
+        cmd = f"`.venv/bin/python bench/fashion.py --part {res['part']}{' --conditional' if res['conditional'] else ''}" \
+              f"{'' if res['scale'] == 1 else f' --scale {res['scale']:g}'}`"
+        lines += [f"### {kind.capitalize()} teacher: {res['part']}", "",
+                  f"{cmd} ({where}). FD to {res['n']} test images on the classifier's features (FD check: the "
+                  "second classifier), all from the same noise.", ""]
+        t = res["teacher"]
+        lines += [f"Teacher: `fewstep train` with {json.dumps(t['options'])}; {_f(t.get('train_seconds'), 0)} s.", ""]
+        if res["students"]:
+            lines += ["| student | method | options | train s | teacher evaluations |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {s['method']} | `{json.dumps(s['options'])}` | {_f(s.get('train_seconds'), 0)} | "
+                      f"{_f(s.get('teacher_evaluations'), 0)} |" for k, s in res["students"].items()]
+            lines.append("")
+        cols = ["fd", "fd_check"] + (["label_accuracy"] if res["conditional"] else [])
+        lines += ["| method | kind | NFE | " + " | ".join(cols) + " | seconds |", "|---" * (4 + len(cols)) + "|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['method']} | {r['kind']} | {_f(r['nfe_used'])} | "
+                         + " | ".join(_f(r.get(c), 3 if c == "label_accuracy" else 2) for c in cols)
+                         + f" | {_f(r.get('seconds'), 1)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=["classifier", "teacher", "students"])
+    ap.add_argument("--conditional", action="store_true", help="the class-conditional teacher")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"students ({', '.join(METHODS)})")
+    ap.add_argument("--from-json", nargs="+", help="only render these result files")
+    ap.add_argument("--doc", help="markdown file whose section's parts to replace (other parts are kept)")
+    a = ap.parse_args()
+    if a.from_json:
+        results = [json.loads(Path(f).read_text()) for f in a.from_json]
+    else:
+        if a.part is None:
+            ap.error("give --part or --from-json")
+        methods = [m for m in a.methods.split(",") if m]
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            ap.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+        OUT.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        if a.part == "classifier":
+            res = part_classifier()
+        else:
+            res = part_bench(a.conditional, a.scale, methods, a.part == "students")
+        res["seconds"] = time.time() - t0
+        name = f"fashion_{a.part}{'_cond' if a.conditional else ''}.json"
+        (OUT / name).write_text(json.dumps(res, indent=1))
+        results = [res]
+    md = markdown(results)
+    print(md)
+    if a.doc:
+        replace_section(a.doc, HEADING, merge_section(a.doc, HEADING, md))
+
+
+if __name__ == "__main__":
+    main()
