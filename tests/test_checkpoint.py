@@ -212,8 +212,11 @@ def test_ema_schedule_and_bad_decay():
 def test_runfolder_refuses_existing_non_empty(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "something").write_text("x")
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(UserError, match="not empty; choose another --out"):  # not a run: nothing to resume
         RunFolder.create(tmp_path / "run", {"a": 1})
+    RunFolder.create(tmp_path / "old", {"a": 1})
+    with pytest.raises(UserError, match="pass --resume to continue it"):  # a run: say how to continue it
+        RunFolder.create(tmp_path / "old", {"a": 1})
     with pytest.raises(UserError, match="not a fewstep run folder"):
         RunFolder.create(tmp_path / "run", {"a": 1}, resume=True)
     with pytest.raises(UserError, match="cannot resume"):

@@ -24,7 +24,7 @@ PKG = SRC / "fewstep"
 
 # Lowest first. Entries are module paths under fewstep ("" is fewstep/__init__.py).
 LAYERS = [
-    ("base", ["errors", "io"]),
+    ("base", ["errors", "io", "checks"]),
     ("nets", ["nets"]),
     ("core", ["process", "denoiser", "students", "grids", "levels"]),
     # above core, not beside nets: data/gmm.py's GMMModel presents the exact teacher as a

@@ -163,8 +163,8 @@ def test_validate_loop_normalises_and_allows_what_can_be_meant():
     assert cfg["device"] is None and cfg["keep_checkpoints"] is None and cfg["other"] == "untouched"
     for device in ("cpu", "cuda", "cuda:0", "cuda:12"):
         assert validate_loop({"device": device})["device"] == device
-    assert validate_loop({"seed": -1})["seed"] == -1
-    for bad in ({"seed": 2**64}, {"steps": math.nan}, {"lr": np.float64("inf")}, {"steps": np.bool_(True)}):
+    assert validate_loop({"seed": 2**32 - 1})["seed"] == 2**32 - 1
+    for bad in ({"seed": -1}, {"seed": 2**32}, {"seed": 2**64}, {"steps": math.nan}, {"lr": np.float64("inf")}, {"steps": np.bool_(True)}):
         with pytest.raises(UserError):
             validate_loop(bad)
 

@@ -101,18 +101,41 @@ def time_uniform(process, n: int, spacing: str = "linspace", steps_offset: int =
     return _finish(process.sigma(t), final_zero)
 
 
-def as_sigmas(sigmas) -> Tensor:
-    """Validate a user grid: 1-D, finite, non-negative, strictly decreasing."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    if s.numel() < 2 or not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s[1:] >= s[:-1]).any()):
-        raise UserError("a sigma grid must be a 1-D, finite, non-negative, strictly decreasing list of >= 2 levels")
+def as_sigmas(sigmas, where: str = "a sigma grid") -> Tensor:
+    """Validate a user grid: 1-D, finite, non-negative, strictly decreasing; else one
+    UserError line starting with ``where`` that says which entry is wrong."""
+    need = "a 1-D, finite, non-negative, strictly decreasing list of >= 2 levels"
+    if isinstance(sigmas, (str, bytes, dict)) or (isinstance(sigmas, (list, tuple)) and any(
+            isinstance(v, (str, bytes, bool, dict, type(None))) for v in sigmas)):
+        raise UserError(f"{where} must be {need} (numbers), got {_shown(sigmas)}")
+    try:
+        s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{where} must be {need} (numbers), got {_shown(sigmas)}") from None
+    if s.numel() < 2:
+        raise UserError(f"{where} must be {need}, got {s.numel()} level(s)")
+    bad = ~torch.isfinite(s) | (s < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise UserError(f"{where} must be {need}: level {i} is {float(s[i])}")
+    up = s[1:] >= s[:-1]
+    if bool(up.any()):
+        i = int(up.nonzero()[0])
+        raise UserError(f"{where} must be {need}: level {i + 1} ({float(s[i + 1]):g}) is not below level {i} "
+                        f"({float(s[i]):g})")
     return s
+
+
+def _shown(value) -> str:
+    """``value`` for an error line: one line, short."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check(n: int, sigma_min: float, sigma_max: float) -> None:
     if int(n) < 1:
         raise UserError(f"a grid needs at least 1 step, got n={n}")
-    if not 0 < sigma_min < sigma_max:
+    if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
         raise UserError(f"a grid needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
 
 
@@ -164,4 +187,9 @@ def load(path) -> Tensor:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"grid file {p} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-    return as_sigmas(data["sigmas"] if isinstance(data, dict) and "sigmas" in data else data)
+    if isinstance(data, dict) and "sigmas" not in data:
+        raise UserError(f"grid file {p} has no \"sigmas\" (keys: {', '.join(map(str, data))[:80] or 'none'}); "
+                        f"write it with fewstep.grids.save or 'fewstep schedule'")
+    if not isinstance(data, (dict, list)):
+        raise UserError(f"grid file {p} must hold a list of sigmas or {{\"sigmas\": [...]}}, got {type(data).__name__}")
+    return as_sigmas(data["sigmas"] if isinstance(data, dict) else data, where=f"grid file {p}: sigmas")

@@ -44,8 +44,16 @@ __all__ = ["EvalLevels", "shifts", "load_schedule", "save_schedule", "check_leve
 
 def check_levels(sigmas: Tensor, eval_sigmas, where: str = "eval_sigmas") -> Tensor:
     """``eval_sigmas`` validated against the grid: finite, positive, one per positive level."""
-    ev = torch.as_tensor(eval_sigmas, dtype=torch.float64).flatten()
     npos = int((sigmas > 0).sum())
+    if isinstance(eval_sigmas, (str, bytes, dict)) or (isinstance(eval_sigmas, (list, tuple)) and any(
+            isinstance(v, (str, bytes, bool, dict, type(None))) for v in eval_sigmas)):
+        raise UserError(f"{where}: give one finite, positive evaluation level (a number) per positive grid level "
+                        f"({npos}), got {' '.join(str(eval_sigmas).split())[:60]}")
+    try:
+        ev = torch.as_tensor(eval_sigmas, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{where}: give one finite, positive evaluation level (a number) per positive grid level "
+                        f"({npos}), got {' '.join(str(eval_sigmas).split())[:60]}") from None
     if ev.numel() != npos or not bool(torch.isfinite(ev).all()) or bool((ev <= 0).any()):
         raise UserError(f"{where}: give one finite, positive evaluation level per positive grid level "
                         f"({npos}), got {ev.numel()}")

@@ -25,16 +25,21 @@ carry the paper's N-step stochastic rule (``sampling.stochastic``), which
 """
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .checks import resolve_device, whole
 from .data.gmm import GaussianMixture
 from .errors import UserError
 
 GMM_SIGMA_MIN, GMM_SIGMA_MAX = 0.002, 80.0
+MODEL_FORMAT = "fewstep-model-1"  # the "format" of the model.json files this version writes and reads
+SEED_RANGE = (-2**63, 2**63 - 3)  # torch's manual_seed range, less the offsets the samplers add
 STOCHASTIC = "guided_stochastic"  # a guided student's own stochastic rule (no registered sampler)
 
 
@@ -79,6 +84,7 @@ class Model:
 
     def noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
         """Starting points at sigma_max in sigma-space: sigma_max * eps."""
+        n, seed = whole(n, "n"), _seed(seed)
         g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         return self.sigma_max * torch.randn((n,) + self.latent_shape, generator=g, dtype=self.dtype).to(self.device)
 
@@ -129,6 +135,10 @@ class Model:
         """
         from .samplers import info, sample
 
+        n, nfe, seed = whole(n, "n"), whole(nfe, "nfe"), _seed(seed)
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise UserError(f"x must be a torch.Tensor of starting points, got {type(x).__name__}; "
+                            f"convert it with torch.as_tensor(x)")
         if sampler == STOCHASTIC:
             return self._sample_stochastic(n, int(nfe), seed, labels, x, guidance, **options)
         if sampler is None and self.sampling:
@@ -161,6 +171,11 @@ class Model:
                 g = torch.Generator().manual_seed(int(seed) + 1 if seed is not None else 0)
                 labels = torch.randint(0, self.num_classes, (n,), generator=g)
             labels = torch.as_tensor(labels).to(self.device)
+            if labels.ndim == 0:  # one label for all samples
+                labels = labels.expand(n)
+            if labels.shape != (n,):
+                raise UserError(f"labels for {self.name or 'the model'}: give one label, or one per sample "
+                                f"(shape [{n}]), got shape {list(labels.shape)}")
             if self.meta.get("w_input"):  # a guided student: w is its input, not CFG
                 w = torch.full((len(labels),), self.w_value(guidance), dtype=torch.float32, device=self.device)
                 return D, {"labels": labels, "cond": w}, labels
@@ -221,26 +236,29 @@ class Model:
 
     def check_conditioning(self, labels, guidance) -> None:
         """Labels and guidance that this model can take, else one clear UserError: labels
-        only for a class-conditional model and inside its classes (-1: no class); guidance
-        only for a conditional model, and for a student distilled at guidance w only w (it
+        only for a class-conditional model and inside its classes (-1: no class); guidance a
+        finite number and only for a conditional model, and for a student distilled at guidance w only w (it
         is built in) unless it was distilled at w = 1 with a null branch (--label-dropout); a
         guided student (``w_input``) takes any w as its input (a note outside its range)."""
-        import math
-
         name = self.name or "the model"
         if labels is not None:
             if not self.num_classes:
                 raise UserError(f"{name} is unconditional: it takes no --label")
-            lab = torch.as_tensor(labels)
-            if lab.is_floating_point() or lab.dtype == torch.bool:
+            try:
+                lab = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError):
+                raise UserError(f"labels for {name} must be integers (one, or one per sample), "
+                                f"got {type(labels).__name__}") from None
+            if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
                 raise UserError(f"labels for {name} must be integers, got {lab.dtype}")
             if lab.numel() and (int(lab.min()) < -1 or int(lab.max()) >= self.num_classes):
                 raise UserError(f"--label {int(lab.max()) if int(lab.max()) >= self.num_classes else int(lab.min())}: "
                                 f"{name} has classes 0..{self.num_classes - 1}")
         if guidance is None:
             return
-        if not math.isfinite(float(guidance)):
-            raise UserError(f"--guidance must be a finite number, got {guidance}")
+        if isinstance(guidance, (str, bytes, bool)) or not math.isfinite(_float_or_nan(guidance)):
+            raise UserError(f"--guidance must be a finite number, got {guidance!r}" if isinstance(guidance, str)
+                            else f"--guidance must be a finite number, got {guidance}")
         if not self.num_classes:
             raise UserError(f"{name} is unconditional: --guidance needs a class-conditional model")
         if self.meta.get("w_input"):  # a guided student takes any w as its input (a note outside its range)
@@ -256,6 +274,119 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, shape={self.shape}, process={self.process!r})"
+
+
+def _float_or_nan(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
+
+
+def _seed(seed) -> Optional[int]:
+    """A sampling seed: None or a whole number torch's generators take."""
+    if seed is None:
+        return None
+    try:
+        return whole(seed, "seed", low=SEED_RANGE[0], high=SEED_RANGE[1])
+    except UserError:
+        shown = f"{seed!r} ({type(seed).__name__})" if not isinstance(seed, int) else str(seed)
+        raise UserError(f"seed must be a whole number from -2**63 to 2**63 - 3 (e.g. seed=0), "
+                        f"got {shown[:60]}") from None
+
+
+def _positive_ints(v) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)
+
+
+def check_model_meta(meta, path) -> dict:
+    """``model.json`` (``path``) checked before anything is built from it: a JSON object of
+    this format, with ``net`` (an object naming its kind), ``data`` (an object whose
+    ``shape`` is a list of positive whole numbers, ``num_classes`` a whole number >= 0),
+    and for a diffusion model ``sigma_min`` < ``sigma_max`` (positive, finite), ``process``
+    and ``prediction`` (unless a student's own ``denoiser``). Anything else is one UserError
+    line naming the file and the field."""
+    fix = "re-train or re-export the model"
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} must hold a JSON object (a fewstep model.json), got a {type(meta).__name__}; {fix}")
+    fmt = meta.get("format", MODEL_FORMAT)
+    if fmt != MODEL_FORMAT:
+        newer = isinstance(fmt, str) and fmt.startswith("fewstep-model-") and fmt[14:].isdigit() and int(fmt[14:]) > 1
+        raise UserError(f"{path}: format {fmt!r} " + (f"was written by a newer fewstep; upgrade fewstep to load it"
+                                                      if newer else f"is not {MODEL_FORMAT!r}; {fix}"))
+
+    def bad(field: str, need: str):
+        top, _, sub = field.partition(".")
+        value = (meta.get(top) or {}).get(sub) if sub else meta.get(top)
+        try:
+            shown = json.dumps(value)
+        except (TypeError, ValueError):
+            shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return UserError(f"{path}: field \"{field}\" must be {need}, got {'nothing' if value is None else shown}; "
+                         f"{fix}")
+
+    family = meta.get("family", "diffusion")
+    if not isinstance(family, str):
+        raise bad("family", "a family name (diffusion, arm, ebm, sm, ncsn)")
+    if not isinstance(meta.get("net"), dict) or not isinstance(meta["net"].get("kind", ""), str):
+        raise bad("net", "an object describing the network (with its \"kind\")")
+    data = meta.get("data")
+    if not isinstance(data, dict):
+        raise bad("data", "an object with the data's \"shape\" (and \"kind\", \"num_classes\")")
+    if not _positive_ints(data.get("shape")):
+        raise bad("data.shape", "a list of positive whole numbers, e.g. [2] or [1, 16, 16]")
+    nc = data.get("num_classes", 0)
+    if not isinstance(nc, int) or isinstance(nc, bool) or nc < 0:
+        raise bad("data.num_classes", "a whole number >= 0")
+    if not isinstance(data.get("kind", "points"), str):
+        raise bad("data.kind", "a data kind (points, image, clouds)")
+    if meta.get("latent_shape") is not None and not _positive_ints(meta["latent_shape"]):
+        raise bad("latent_shape", "a list of positive whole numbers")
+    if not isinstance(meta.get("default_sampler", "heun"), str):
+        raise bad("default_sampler", "a sampler name")
+    if meta.get("sampling") is not None and not isinstance(meta["sampling"], dict):
+        raise bad("sampling", "an object (the model's own sampling rule)")
+    if family != "diffusion" and "sigma_min" not in meta and "sigma_max" not in meta:
+        return meta
+    for field in ("sigma_min", "sigma_max"):
+        v = meta.get(field)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise bad(field, "a finite number >= 0")
+    if meta["sigma_min"] > meta["sigma_max"] or meta["sigma_max"] <= 0:  # equal: a one-step student
+        raise bad("sigma_min", f"at most sigma_max ({meta['sigma_max']}), which must be above 0")
+    if family == "diffusion" and not isinstance(meta.get("denoiser"), dict):
+        if not isinstance(meta.get("process"), dict):
+            raise bad("process", "an object describing the noise process (with its \"kind\")")
+        if not isinstance(meta.get("prediction"), str):
+            raise bad("prediction", "a prediction name (eps, x0, v, score, flow, edm)")
+    return meta
+
+
+def check_weights(state: dict, path, into=None) -> None:
+    """The tensors of a weights file (``path``): finite, and where ``into`` (the module built
+    from model.json) is given, exactly its names, shapes and dtypes; else one UserError line
+    naming the file and the tensor, so broken weights are never sampled into NaN."""
+    fix = "re-train or re-export the model"
+    if into is not None:
+        want = into.state_dict()
+        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        if missing or extra:
+            what = (f"lacks {len(missing)} tensor(s) of the net ('{missing[0]}')" if missing
+                    else f"has {len(extra)} tensor(s) the net does not ('{extra[0]}')")
+            raise UserError(f"{path} does not fit the network in model.json: it {what}; {fix}")
+        for key, t in state.items():
+            w = want[key]
+            if tuple(t.shape) != tuple(w.shape):
+                raise UserError(f"{path} does not fit the network in model.json: tensor '{key}' has shape "
+                                f"{list(t.shape)}, the net {list(w.shape)}; {fix}")
+            if t.dtype != w.dtype:
+                raise UserError(f"{path}: tensor '{key}' is {str(t.dtype)[6:]}, the network in model.json stores "
+                                f"{str(w.dtype)[6:]}; {fix}")
+    for key, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path}: tensor '{key}' holds NaN or infinite values (a diverged or damaged model); {fix}")
 
 
 def _load_gmm(path: str, device) -> Model:
@@ -290,17 +421,23 @@ def _load_run(path: Path, device) -> Model:
         raise UserError(f"{path} holds no finished model (no model.json); finish it with "
                         f"'fewstep train --resume --out {path}'" if (path / "config.json").is_file()
                         else f"{path} is not a fewstep run folder (no model.json); give a run folder or gmm:FILE.npz")
-    meta = read_json(meta_path)
+    meta = check_model_meta(read_json(meta_path), meta_path)
+    weights = path / "model.safetensors"
     if meta.get("family", "diffusion") != "diffusion":  # a model before diffusion (fewstep.families)
         from .families import load_family
 
-        return load_family(meta, load_weights(path / "model.safetensors"), str(path), device)
-    D, into = denoiser_from_meta(meta)
-    state = load_weights(path / "model.safetensors")
+        state = load_weights(weights)
+        check_weights(state, weights)
+        with _fields_of(meta_path):
+            return load_family(meta, state, str(path), device)
+    with _fields_of(meta_path):
+        D, into = denoiser_from_meta(meta)
+    state = load_weights(weights)
+    check_weights(state, weights, into)
     try:
         into.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path / 'model.safetensors'} does not fit the network in model.json ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{weights} does not fit the network in model.json ({str(e).splitlines()[0]})") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     D.to(dev).eval()
     data = meta["data"]
@@ -309,8 +446,29 @@ def _load_run(path: Path, device) -> Model:
                  latent_shape=meta.get("latent_shape"))
 
 
+class _fields_of:
+    """``with _fields_of(model_json):`` turns a KeyError / TypeError / ValueError of building a
+    model from its fields (a field missing or of the wrong type, deeper than
+    :func:`check_model_meta` looks) into one UserError line naming the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is not None and issubclass(kind, (KeyError, TypeError, ValueError, AttributeError, IndexError)):
+            what = f"field {err}" if kind is KeyError else " ".join(str(err).split())[:120]
+            raise UserError(f"{self.path}: cannot build the model ({kind.__name__}: {what}); "
+                            f"re-train or re-export the model") from None
+        return False
+
+
 def load(spec: str, device: Optional[str] = None) -> Model:
-    """Load a run folder, ``gmm:FILE.npz`` or ``diffusers:PATH`` as a :class:`Model`."""
+    """Load a run folder, ``gmm:FILE.npz`` or ``diffusers:PATH`` as a :class:`Model`; a
+    ``device`` that does not exist here is one line naming the available ones."""
+    device = resolve_device(device)
     spec = str(spec)
     if spec.startswith("gmm:"):
         return _load_gmm(spec[4:], device)

@@ -18,8 +18,24 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _checks() -> tuple:
+    """The rules of this command's values (:class:`fewstep.train.options.Option`)."""
+    from fewstep.train.options import Option, option
+
+    return (Option("n", int, None, "", low=10, none="the default", example=2000),
+            Option("nll", int, None, "", low=0, none="the default", example=250),
+            Option("label", int, None, "", none="drawn labels", example=0),
+            Option("guidance", float, None, "", low=0.0, none="1", example=2.0), option("seed"), option("device"))
+
+
+def _not_a_run(path) -> bool:
+    """A non-empty --out is fine unless it is a run folder (a report would mix into it)."""
+    return not any((path / name).is_file() for name in ("config.json", "model.json"))
+
+
 def add_parser(sub) -> None:
     from fewstep.report.bench import DEFAULT_NFE, DEFAULT_SAMPLERS
+    from fewstep.train.options import cli_number
 
     p = sub.add_parser(
         "bench", help="compare samplers and distilled students of one teacher; write a report",
@@ -39,18 +55,18 @@ def add_parser(sub) -> None:
     p.add_argument("--grids", default="", help="comma-separated grid files from 'fewstep schedule', each run with "
                                                "its sampler at its NFE as the method 'SAMPLER @ FILE'")
     p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
-    p.add_argument("--n", type=int, help="samples per method (default 2000 for points, 500 for images)")
+    p.add_argument("--n", type=cli_number, help="samples per method (default 2000 for points, 500 for images)")
     p.add_argument("--data", help="the teacher's dataset, if its run folder does not say")
-    p.add_argument("--nll", type=int, help="held-out samples for the teacher's NLL (default 250 points, "
+    p.add_argument("--nll", type=cli_number, help="held-out samples for the teacher's NLL (default 250 points, "
                                            "32 images; 0 skips it)")
     p.add_argument("--no-reference", action="store_true", help="skip the accurate ODE solution (no flow error)")
-    p.add_argument("--label", type=int, help="class-conditional teacher: every sample of this class (default: "
+    p.add_argument("--label", type=cli_number, help="class-conditional teacher: every sample of this class (default: "
                                              "labels drawn from --seed, with an exact mixture's class prior or "
                                              "uniformly); per-class rows are written either way")
-    p.add_argument("--guidance", type=float, help="class-conditional teacher: classifier-free guidance scale of its "
+    p.add_argument("--guidance", type=cli_number, help="class-conditional teacher: classifier-free guidance scale of its "
                                                   "samplers and reference (students distilled at another guidance "
                                                   "are skipped)")
-    p.add_argument("--seed", type=int, default=0, help="noise and data seed (default 0)")
+    p.add_argument("--seed", type=cli_number, default=0, help="noise and data seed (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
@@ -59,10 +75,16 @@ def add_parser(sub) -> None:
 def cmd_bench(a) -> int:
     from fewstep.report.bench import run_bench
 
-    if a.n is not None and a.n < 10:
-        raise UserError(f"--n {a.n}: use at least 10 samples per method")
-    if a.nll is not None and a.nll < 0:
-        raise UserError(f"--nll {a.nll}: give a count >= 0")
+    from fewstep.train.options import check_args, check_batch_memory
+    from fewstep.train.runfolder import check_output
+
+    check_args(a, _checks())
+    check_output(a.out, allow=_not_a_run)
+    if a.n is not None and a.n > 100_000:  # only then is the teacher's sample size worth a look
+        from fewstep.model import load
+
+        check_batch_memory("--n", a.n, load(a.teacher, device=a.device).shape, copies=4,
+                           fix="give a smaller --n (samples per method)")
     _, path = run_bench(a.teacher, samplers=a.samplers, students=a.students, nfe=_ints(a.nfe), out=a.out, n=a.n,
                         seed=a.seed, data=a.data, nll_n=a.nll, reference=not a.no_reference, device=a.device,
                         progress=not a.quiet, grids=[g for g in a.grids.split(",") if g],

@@ -55,7 +55,11 @@ def add_parser(sub) -> None:
                             help=f"{text} [{dflt[key]}]")
         mp.add_argument("--out", required=True, help="student run folder to create (or continue with --resume)")
         mp.add_argument("--config", help="JSON file of options")
-        mp.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        mp.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint: repeat the command that started "
+                        "it and add --resume; options that differ from the stored ones are refused, except "
+                        "--steps, --lr, --warmup, --grad-clip, --log-every, --checkpoint-every, --keep-checkpoints, "
+                        "--device and --mixed-precision, which may change")
         mp.add_argument("--quiet", action="store_true", help="no progress bars")
         mp.set_defaults(func=cmd_distill, method_options=list(COMMON_HELP) + list(LOOP_NAMES) + list(COND_HELP)
                         + list(mod.HELP))
@@ -70,13 +74,13 @@ def _no_method(a) -> int:
 
 def cmd_distill(a) -> int:
     from ..methods import distill
-    from ..train.options import validate_loop
 
+    # with --resume the options given are checked against the stored run (fewstep.train.resume)
     overrides = {k: getattr(a, k) for k in a.method_options}
-    if a.resume and (a.config or any(v is not None for k, v in overrides.items() if k != "steps")):
-        raise UserError("--resume continues the run with its stored config; give only --out (and optionally --steps)")
-    if a.resume and a.steps is not None:
-        overrides["steps"] = validate_loop({"steps": a.steps})["steps"]
+    if not a.resume:  # a new run: --out checked before any work (fewstep.train.runfolder.check_output)
+        from ..train.runfolder import check_output
+
+        check_output(a.out, kind=a.method)
     out = distill(a.method, overrides, a.out, a.config, resume=a.resume, progress=not a.quiet)
     print(f"student written to {out}")
     return 0

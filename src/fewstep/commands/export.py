@@ -6,6 +6,8 @@ FORMATS = ("diffusers",)
 
 
 def add_parser(sub) -> None:
+    from fewstep.train.options import cli_number
+
     p = sub.add_parser(
         "export", help="export a distilled student (e.g. for diffusers' from_pretrained)",
         description="Write a distilled student as a diffusers model folder: FewstepUNet (config.json + "
@@ -15,12 +17,17 @@ def add_parser(sub) -> None:
     p.add_argument("--format", choices=FORMATS, default="diffusers", help="output format (default diffusers)")
     p.add_argument("student", metavar="STUDENT_DIR", help="run folder written by 'fewstep distill'")
     p.add_argument("out", metavar="OUT_DIR", help="folder to create (absent or empty)")
-    p.add_argument("--nfe", type=int, help="progressive students: the round of this many steps (default: the fewest)")
+    p.add_argument("--nfe", type=cli_number, help="progressive students: the round of this many steps (default: the fewest)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(a) -> int:
     from fewstep.errors import UserError
+    from fewstep.train.options import Option, check_args
+    from fewstep.train.runfolder import check_output
+
+    check_args(a, (Option("nfe", int, None, "", low=1, none="the fewest", example=1),))
+    check_output(a.out, flag="OUT_DIR", allow=lambda p: True)  # a non-empty folder: the exporter says so
 
     try:
         from fewstep.interop.diffusers_export import export_diffusers

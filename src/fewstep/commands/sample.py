@@ -6,20 +6,31 @@ from pathlib import Path
 from ..errors import UserError
 
 
+def _checks() -> tuple:
+    """The rules of this command's values (:class:`fewstep.train.options.Option`)."""
+    from ..train.options import Option, option
+
+    return (Option("nfe", int, None, "", low=1, example=8), Option("n", int, 1000, "", low=1),
+            Option("guidance", float, None, "", low=0.0, none="1", example=2.0),
+            Option("label", int, None, "", none="none", example=0), option("seed"), option("device"))
+
+
 def add_parser(sub) -> None:
+    from ..train.options import cli_number
+
     p = sub.add_parser("sample", help="sample a run folder or an exact teacher",
                        description="Sample RUN_OR_SPEC (a run folder or gmm:FILE.npz) and write FILE.npz "
                                    "(array 'samples', plus 'labels' for a conditional model) and a PNG beside it.")
     p.add_argument("model", metavar="RUN_OR_SPEC", help="run folder, or gmm:FILE.npz for an exact Gaussian mixture")
     p.add_argument("--sampler", help="sampler name (default: the model's own); see 'fewstep samplers'")
-    p.add_argument("--nfe", type=int, required=True, help="network evaluations to spend")
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--nfe", type=cli_number, required=True, help="network evaluations to spend")
+    p.add_argument("--n", type=cli_number, default=1000, help="number of samples (default 1000)")
     p.add_argument("--grid", default="karras", help="sigma grid: karras, logsnr, polyexponential, time, "
                                                     "time-leading, time-trailing, or FILE.json")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (conditional models)")
-    p.add_argument("--label", type=int, help="class label for all samples (conditional models)")
+    p.add_argument("--guidance", type=cli_number, help="classifier-free guidance scale (conditional models)")
+    p.add_argument("--label", type=cli_number, help="class label for all samples (conditional models)")
     p.add_argument("--out", required=True, help="output .npz file")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=cli_number, default=0, help="random seed (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_sample)
 
@@ -32,12 +43,17 @@ def cmd_sample(a) -> int:
     from ..plots import save_samples_png
     from ..io import atomic_write
 
+    from ..train.options import check_args, check_batch_memory
+    from ..train.runfolder import check_output
+
     out = Path(a.out)
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: the output must be a .npz file")
-    if a.n < 1 or a.nfe < 1:
-        raise UserError("--n and --nfe must be at least 1")
+    check_args(a, _checks())
+    check_output(out, file=True)
+    check_output(out.with_suffix(".png"), flag="--out (its PNG)", file=True)
     model = load(a.model, device=a.device)
+    check_batch_memory("--n", a.n, model.shape, copies=4, fix="sample fewer at a time (--n) and join the files")
     labels = torch.full((a.n,), a.label, dtype=torch.long) if a.label is not None else None
     x_T = None
     if str(a.grid).endswith(".json"):  # a grid file (e.g. from fewstep schedule): start as noise at its first level

@@ -9,8 +9,18 @@ from pathlib import Path
 from fewstep.errors import UserError
 
 
+def _checks() -> tuple:
+    """The rules of this command's values (:class:`fewstep.train.options.Option`)."""
+    from fewstep.train.options import Option, option
+
+    return (Option("nfe", int, None, "", low=1, example=8), Option("n", int, 256, "", low=2),
+            Option("candidates", int, 100, "", low=2), Option("iters", int, 150, "", low=1),
+            option("seed"), option("device"))
+
+
 def add_parser(sub) -> None:
     from fewstep.schedules import COSTS, METHODS
+    from fewstep.train.options import cli_number
 
     p = sub.add_parser(
         "schedule", help="learn the sigma grid for a teacher, a sampler and an NFE budget",
@@ -21,18 +31,18 @@ def add_parser(sub) -> None:
                     "measured on as many fresh ones; written with its metadata to --out (a grid JSON file).")
     p.add_argument("--teacher", required=True, metavar="RUN_OR_SPEC", help="teacher run folder or gmm:FILE.npz")
     p.add_argument("--sampler", required=True, help="sampler name (see 'fewstep samplers'; not adaptive ones)")
-    p.add_argument("--nfe", type=int, required=True, help="evaluation budget; the grid never spends more")
+    p.add_argument("--nfe", type=cli_number, required=True, help="evaluation budget; the grid never spends more")
     p.add_argument("--out", required=True, metavar="FILE.json", help="output grid file")
     p.add_argument("--method", default="dp+optimize", choices=METHODS, help="default dp+optimize")
     p.add_argument("--cost", default="local", choices=COSTS, help="DP cost (default local)")
-    p.add_argument("--n", type=int, default=256, help="training starts (default 256); as many fresh ones measure it")
-    p.add_argument("--candidates", type=int, default=100, help="DP candidate levels before refining (default 100)")
-    p.add_argument("--iters", type=int, default=150, help="Adam steps of the direct optimisation (default 150)")
+    p.add_argument("--n", type=cli_number, default=256, help="training starts (default 256); as many fresh ones measure it")
+    p.add_argument("--candidates", type=cli_number, default=100, help="DP candidate levels before refining (default 100)")
+    p.add_argument("--iters", type=cli_number, default=150, help="Adam steps of the direct optimisation (default 150)")
     p.add_argument("--eval-levels", action="store_true",
                    help="also learn decoupled evaluation levels (the teacher at step i asked at a learned sigma'_i, "
                         "LD3-style), jointly with the grid; stored in the file as eval_sigmas, same NFE")
     p.add_argument("--data", help="the teacher's dataset (for --cost elbo), if its run folder does not say")
-    p.add_argument("--seed", type=int, default=0, help="training-noise seed (default 0); fresh noise uses seed + 1")
+    p.add_argument("--seed", type=cli_number, default=0, help="training-noise seed (default 0); fresh noise uses seed + 1")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_schedule)
@@ -65,16 +75,19 @@ def cmd_schedule(a) -> int:
     out = Path(a.out)
     if out.suffix != ".json":
         raise UserError(f"--out {out}: the grid file must end in .json")
-    if a.nfe < 1:
-        raise UserError(f"--nfe {a.nfe}: give at least 1 evaluation")
-    if a.n < 2:
-        raise UserError(f"--n {a.n}: use at least 2 training starts")
-    if a.candidates < 2 or a.iters < 1:
-        raise UserError("--candidates must be >= 2 and --iters >= 1")
+    from fewstep.train.options import check_args, check_batch_memory, check_memory
+    from fewstep.train.runfolder import check_output
+
+    check_args(a, _checks())
+    check_output(out, file=True)
+    m = a.candidates
+    check_memory(f"--candidates {m:,}", 3 * 8 * float(m + 1) ** 2, f"3 float64 matrices of {m + 1:,} x {m + 1:,} "
+                 f"level-pair costs", "give fewer --candidates (default 100)")
     info(a.sampler)  # unknown names fail before any work
     say = (lambda m: None) if a.quiet else (lambda m: print(m, flush=True))
     t0 = time.time()
     model = load(a.teacher, device=a.device)
+    check_batch_memory("--n", a.n, model.shape, copies=8, fix="give fewer --n training starts")  # train + fresh
     x_T, x0, flow = _starts(model, a.teacher, a.n, a.seed, a.cost == "elbo", a.data)
     prob = Problem(model.denoiser, a.sampler, a.nfe, model.sigma_min, model.sigma_max, x_T, exact_flow=flow,
                    x0=x0, seed=a.seed)

@@ -34,7 +34,11 @@ def add_parser(sub) -> None:
     p.add_argument("--n-data", type=int, help="number of training samples (default: the dataset's)")
     p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
     p.add_argument("--config", help="JSON file of training options")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint: repeat the command that started "
+                   "it and add --resume; options that differ from the stored ones are refused, except "
+                   "--steps, --lr, --warmup, --grad-clip, --log-every, --checkpoint-every, --keep-checkpoints, "
+                   "--device and --mixed-precision, which may change")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     notes = {k: f"kept from before, so existing teachers train the same; fewstep distill's is {option(k).default!r}"
              for k in TRAIN_LOOP_OVERRIDES}
@@ -105,14 +109,15 @@ def _parser(key: str, default):
 
 
 def cmd_train(a) -> int:
-    from ..train.options import LOOP_NAMES, validate_loop
+    from ..train.options import LOOP_NAMES
     from ..train.teacher import train_teacher
 
+    # with --resume the options given are checked against the stored run (fewstep.train.resume)
     overrides = {k: getattr(a, k) for k in TRAIN_KEYS + ("family",) + LOOP_NAMES + tuple(family_keys())}
-    if a.resume and (a.config or any(v is not None for k, v in overrides.items() if k != "steps")):
-        raise UserError("--resume continues the run with its stored config; give only --out (and optionally --steps)")
-    if a.resume and a.steps is not None:
-        overrides["steps"] = validate_loop({"steps": a.steps})["steps"]
+    if not a.resume:  # a new run: --out checked before any work (fewstep.train.runfolder.check_output)
+        from ..train.runfolder import check_output
+
+        check_output(a.out, kind="teacher")
     out = train_teacher(overrides, a.out, a.config, resume=a.resume, progress=not a.quiet)
     print(f"teacher written to {out}")
     return 0

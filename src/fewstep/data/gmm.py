@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..checks import finite, whole
 from ..errors import UserError
 
 __all__ = ["GaussianMixture", "GMMModel"]
@@ -44,28 +45,32 @@ __all__ = ["GaussianMixture", "GMMModel"]
 class GaussianMixture:
     """Mixture of full-covariance Gaussians with an exact denoiser and flow map.
 
-    Args: weights [K] (normalised here), means [K, d], covs [K, d, d] (symmetric PSD),
-    labels [K] (optional): the class of each component, integers 0..C-1, every class
-    owning at least one component. ``num_classes`` is C (0 when unconditional).
+    Args: weights [K] (positive, finite; normalised here), means [K, d] (finite), covs
+    [K, d, d] (finite, symmetric to round-off, positive definite), labels [K] (optional):
+    the class of each component, integers 0..C-1, every class owning at least one
+    component. ``num_classes`` is C (0 when unconditional). Anything else is one UserError
+    line starting with ``where`` (a file's name when :meth:`load` reads one); a covariance
+    is never symmetrised beyond round-off (:data:`SYMMETRY_RTOL`).
     """
 
-    def __init__(self, weights, means, covs, labels=None):
-        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-        mu = torch.as_tensor(means, dtype=torch.float64)
-        S = torch.as_tensor(covs, dtype=torch.float64)
+    def __init__(self, weights, means, covs, labels=None, *, where: str = "GaussianMixture"):
+        w = _as_array(weights, f"{where}: weights").flatten()
+        mu = _as_array(means, f"{where}: means")
+        S = _as_array(covs, f"{where}: covs")
         if mu.ndim != 2 or S.ndim != 3 or S.shape != (mu.shape[0], mu.shape[1], mu.shape[1]) or w.shape[0] != mu.shape[0]:
-            raise UserError(f"GaussianMixture: want weights [K], means [K, d], covs [K, d, d]; got "
+            raise UserError(f"{where}: want weights [K], means [K, d], covs [K, d, d]; got "
                             f"{list(w.shape)}, {list(mu.shape)}, {list(S.shape)}")
-        if not bool((w > 0).all()):
-            raise UserError("GaussianMixture: weights must be positive")
+        if mu.shape[0] == 0 or mu.shape[1] == 0:
+            raise UserError(f"{where}: needs at least one component and one dimension, got K={mu.shape[0]}, "
+                            f"d={mu.shape[1]}")
+        _check_values(w, mu, S, where)
         S = 0.5 * (S + S.transpose(1, 2))
         lam, U = torch.linalg.eigh(S)
-        if float(lam.min()) < -1e-10:
-            raise UserError("GaussianMixture: covariances must be positive semi-definite")
+        _check_definite(S, lam, where)
         self.weights, self.means, self.covs = w / w.sum(), mu, S
         self.lam, self.U = lam.clamp_min(0.0), U
         self.K, self.dim = mu.shape
-        self.labels: Optional[Tensor] = None if labels is None else _check_labels(labels, self.K, "GaussianMixture: labels")
+        self.labels: Optional[Tensor] = None if labels is None else _check_labels(labels, self.K, f"{where}: labels")
         self.num_classes = 0 if self.labels is None or not self.K else int(self.labels.max()) + 1
         # class prior pi_c = sum of the class's weights (None when unconditional)
         self.class_weights: Optional[Tensor] = None if self.labels is None else torch.zeros(
@@ -79,6 +84,9 @@ class GaussianMixture:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"gmm spec {path} not found; give a .npz with weights, means, covs")
+        from .images import check_array_headers
+
+        check_array_headers(path, f"gmm spec {path}")  # absurd or truncated shapes, before any allocation
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in ("weights", "means", "covs")}
@@ -89,7 +97,7 @@ class GaussianMixture:
             raise UserError(f"gmm spec {path} is not a readable .npz ({type(e).__name__}); write it with numpy.savez") from None
         if labels is not None:
             labels = _check_labels(labels, int(np.asarray(arrays["weights"]).size), f"labels in {path}")
-        return cls(**arrays, labels=labels)
+        return cls(**arrays, labels=labels, where=f"gmm spec {path}")
 
     def save(self, path) -> None:
         """Write the ``.npz`` that :meth:`load` reads (with ``labels`` when conditional)."""
@@ -117,6 +125,9 @@ class GaussianMixture:
     @classmethod
     def ring(cls, k: int = 8, radius: float = 2.0, std: float = 0.1, dim: int = 2) -> "GaussianMixture":
         """k equal isotropic modes on a circle in the first two coordinates."""
+        k, dim = whole(k, "GaussianMixture.ring: k"), whole(dim, "GaussianMixture.ring: dim", low=2)
+        radius = finite(radius, "GaussianMixture.ring: radius")
+        std = finite(std, "GaussianMixture.ring: std", low=0.0, above=True)
         ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
         means = torch.zeros(k, dim, dtype=torch.float64)
         means[:, 0], means[:, 1] = radius * torch.cos(ang), radius * torch.sin(ang)
@@ -138,6 +149,10 @@ class GaussianMixture:
     @classmethod
     def random(cls, k: int = 4, dim: int = 16, seed: int = 0, spread: float = 1.0, scale: float = 0.3) -> "GaussianMixture":
         """Random weights, means and full covariances (A A^T / d + small ridge), seeded."""
+        k, dim = whole(k, "GaussianMixture.random: k"), whole(dim, "GaussianMixture.random: dim")
+        seed = whole(seed, "GaussianMixture.random: seed", low=-2**63, high=2**64 - 1)
+        spread = finite(spread, "GaussianMixture.random: spread")
+        scale = finite(scale, "GaussianMixture.random: scale", low=0.0, above=True)
         g = torch.Generator().manual_seed(seed)
         w = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
         means = spread * torch.randn(k, dim, generator=g, dtype=torch.float64)
@@ -155,6 +170,7 @@ class GaussianMixture:
         x0 ~ p(x | c) per sample. Without it the random draws are those of an
         unconditional mixture, unchanged.
         """
+        n = whole(n, "GaussianMixture.sample: n")
         if labels is None:
             k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         else:
@@ -169,6 +185,7 @@ class GaussianMixture:
         """n class labels (LongTensor) drawn with the class prior (each class's total weight)."""
         if self.labels is None:
             raise UserError("GaussianMixture.sample_labels: this mixture has no classes (no labels)")
+        n = whole(n, "GaussianMixture.sample_labels: n")
         return torch.multinomial(self.class_weights, n, replacement=True, generator=generator)
 
     # --- per-sample class conditioning ---------------------------------------------------
@@ -275,7 +292,12 @@ class GaussianMixture:
         """
         from torchdiffeq import odeint
 
-        atol = rtol if atol is None else atol
+        sigma_from = finite(sigma_from, "GaussianMixture.flow: sigma_from", low=0.0)
+        sigma_to = finite(sigma_to, "GaussianMixture.flow: sigma_to", low=0.0)
+        rtol = finite(rtol, "GaussianMixture.flow: rtol", low=0.0, above=True)
+        atol = rtol if atol is None else finite(atol, "GaussianMixture.flow: atol", low=0.0)
+        if guidance is not None:
+            guidance = finite(guidance, "GaussianMixture.flow: guidance")
         rtol, atol = 0.01 * rtol, 0.01 * atol
         shape, y0 = y.shape, self._flat(y).to(torch.float64)
         lab = self._class_labels(labels, y0.shape[0], y0.device)
@@ -328,6 +350,55 @@ class GMMModel(nn.Module):
         y = x64 / c.alpha
         x0 = self.gmm.denoise(y, self.process.sigma(t), labels)
         return from_x0(x0, x_t=x64, c=c, prediction=self.prediction).to(x.dtype)
+
+
+SYMMETRY_RTOL = 1e-6  # |S - S^T| allowed, relative to max |S|: float32 round-off, not a typo'd matrix
+DEFINITE_RTOL = 1e-12  # the smallest eigenvalue must exceed this times max |S|
+
+
+def _as_array(value, where: str) -> Tensor:
+    """``value`` (array, tensor or nested list of real numbers) as a float64 tensor, else one
+    UserError line (strings, objects, complex numbers, ragged lists)."""
+    kind = value.dtype.kind if isinstance(value, np.ndarray) else None
+    if isinstance(value, Tensor) and (value.is_complex() or value.dtype == torch.bool):
+        kind = "c"
+    if kind is not None and kind not in "iuf":
+        raise UserError(f"{where} must be real numbers, got an array of dtype {value.dtype}")
+    try:
+        return torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where} must be an array of real numbers ({' '.join(str(e).split())[:80]})") from None
+
+
+def _check_values(w: Tensor, mu: Tensor, S: Tensor, where: str) -> None:
+    """Weights positive and finite, means and covariances finite, covariances symmetric
+    within :data:`SYMMETRY_RTOL` of their scale (never symmetrised silently)."""
+    bad = ~(torch.isfinite(w) & (w > 0))
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise UserError(f"{where}: weights must be positive and finite, weight {k} is {float(w[k])}")
+    for name, a in (("means", mu), ("covs", S)):
+        if not bool(torch.isfinite(a).all()):
+            k = int((~torch.isfinite(a)).reshape(a.shape[0], -1).any(1).nonzero()[0])
+            raise UserError(f"{where}: {name} must be finite, component {k} has NaN or infinite entries")
+    scale = S.abs().amax(dim=(1, 2))
+    asym = (S - S.transpose(1, 2)).abs().amax(dim=(1, 2))
+    bad = asym > SYMMETRY_RTOL * scale
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise UserError(f"{where}: covs[{k}] is not symmetric (|S - S^T| up to {float(asym[k]):.3g} at scale "
+                        f"{float(scale[k]):.3g}); give symmetric covariances, e.g. (S + S^T) / 2")
+
+
+def _check_definite(S: Tensor, lam: Tensor, where: str) -> None:
+    """Every covariance positive definite: its smallest eigenvalue above
+    :data:`DEFINITE_RTOL` times its scale."""
+    scale = S.abs().amax(dim=(1, 2))
+    bad = lam.amin(dim=1) <= DEFINITE_RTOL * scale
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise UserError(f"{where}: covs[{k}] is not positive definite (smallest eigenvalue {float(lam[k].min()):.3g}); "
+                        f"give each component a positive variance in every direction (e.g. add 1e-6 I)")
 
 
 def _check_labels(labels, K: int, where: str) -> Tensor:

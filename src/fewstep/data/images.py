@@ -278,9 +278,88 @@ _CLOUD_KEYS = ("clouds", "points")
 _Y_KEYS = ("labels", "y")
 
 
+def _npy_header(fp) -> Optional[tuple]:
+    """``(shape, fortran_order, dtype)`` from the header of the ``.npy`` stream ``fp`` (left at
+    the first data byte), without reading the data; None where it is no readable header (the
+    loader then says what is wrong)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            return fmt.read_array_header_1_0(fp)
+        if version == (2, 0):
+            return fmt.read_array_header_2_0(fp)
+        impl = getattr(np.lib, "_format_impl", None)  # 3.0 (utf-8 field names): numpy's own reader
+        return impl._read_array_header(fp, version) if impl is not None else None
+    except (ValueError, OSError, EOFError, AttributeError, SyntaxError, TypeError):
+        return None
+
+
+def _memory_bytes() -> Optional[int]:
+    """This machine's physical memory in bytes (None where it cannot be told)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_claim(where: str, header: tuple, holds: int) -> None:
+    """Refuse an array whose header claims more bytes than its file holds (``holds``) or than
+    this machine's memory: numpy would try to allocate them before noticing."""
+    shape, _, dtype = header
+    if dtype.hasobject:  # refused by the loader (no pickles)
+        return
+    count = math.prod(int(n) for n in shape)
+    need = count * dtype.itemsize
+    if need > holds:
+        raise UserError(f"{where}: the header claims shape {tuple(shape)} of {dtype} ({count:,} elements, {need:,} "
+                        f"bytes) but the file holds only {max(holds, 0):,} data bytes; it is truncated or corrupt: "
+                        f"save it again with numpy.save / numpy.savez")
+    mem = _memory_bytes()
+    if mem is not None and need > mem:
+        raise UserError(f"{where}: shape {tuple(shape)} of {dtype} needs {need / 2**30:.1f} GiB, more than this "
+                        f"machine's {mem / 2**30:.1f} GiB of memory; use a smaller file")
+
+
+def check_array_headers(path: PathLike, where: Optional[str] = None) -> None:
+    """Read the header of a ``.npy`` (or of each ``.npy`` member of an ``.npz``) and refuse, with
+    one UserError line starting with ``where`` (default: the path), an array that claims more
+    elements than the file holds or this machine can allocate (a header claiming 2e12
+    elements), before numpy allocates anything. Files that are no arrays at all are left to
+    the loader, which says so."""
+    path = Path(path)
+    where = where or str(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+            f.seek(0)
+            if head == b"\x93NUMPY":
+                header = _npy_header(f)
+                if header is not None:
+                    _check_claim(where, header, path.stat().st_size - f.tell())
+                return
+            if not head.startswith(b"PK"):
+                return
+            with zipfile.ZipFile(f) as z:
+                for info in z.infolist():
+                    if not info.filename.endswith(".npy"):
+                        continue
+                    with z.open(info) as member:
+                        header = _npy_header(member)
+                        if header is not None:
+                            _check_claim(f"{where} (array '{info.filename[:-4]}')", header,
+                                         info.file_size - member.tell())
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, NotImplementedError, RuntimeError):
+        return  # not an archive numpy can read either: the loader's own line
+
+
 def _load_arrays(path: Path) -> tuple[np.ndarray, Optional[np.ndarray], Optional[str]]:
     """``(x, labels, key)`` from a ``.npy`` (no labels, key None) or ``.npz`` (keys
-    x/samples/data or clouds/points, and labels/y), never unpickling."""
+    x/samples/data or clouds/points, and labels/y), never unpickling; absurd headers are
+    refused before any allocation (:func:`check_array_headers`)."""
+    check_array_headers(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):

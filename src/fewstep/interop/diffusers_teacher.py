@@ -1,9 +1,10 @@
 """A diffusers model as a fewstep teacher: ``fewstep.load("diffusers:PATH")``.
 
 PATH is a folder written by ``save_pretrained``: either a pipeline folder (``unet/`` and
-``scheduler/`` subfolders) or a model folder (``config.json`` of a ``UNet2DModel``, or any
-diffusers model class with the ``model(x, t).sample`` call) with ``scheduler_config.json``
-beside it. The scheduler config gives the discrete VP schedule (``trained_betas`` or
+``scheduler/`` subfolders) or a model folder (``config.json`` of a ``UNet2DModel``) with
+``scheduler_config.json`` beside it. Only the model classes in :data:`MODEL_CLASSES` load: a
+``_class_name`` naming any other diffusers class is refused with one line. The scheduler
+config gives the discrete VP schedule (``trained_betas`` or
 ``beta_start``/``beta_end``/``beta_schedule``/``num_train_timesteps``), the prediction type
 (``epsilon`` -> eps, ``v_prediction`` -> v, ``sample`` -> x0), clipping (``clip_sample``,
 ``clip_sample_range``) and the timestep spacing, and maps it onto the sigma-space core:
@@ -24,6 +25,13 @@ from torch import nn
 from ..errors import UserError
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# the model classes a diffusers teacher may be: called as model(x, t, class_labels=...).sample on
+# [B, C, H, W] images (UNet2DConditionModel needs text embeddings; others are not denoisers of images)
+MODEL_CLASSES = ("UNet2DModel",)
+
+
+def _brief(e: Exception) -> str:
+    return " ".join(str(e).split())[:160]
 
 
 class DiffusersNet(nn.Module):
@@ -93,11 +101,23 @@ def load_diffusers_teacher(spec_path: str, device=None):
         import diffusers
     except ImportError:
         raise UserError("diffusers is not installed; pip install diffusers to load diffusers: teachers") from None
-    mcfg = json.loads((model_dir / "config.json").read_text())
+    try:
+        mcfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"diffusers:{path}: {model_dir / 'config.json'} is not readable JSON ({_brief(e)}); "
+                        "write it again with save_pretrained") from None
+    if not isinstance(mcfg, dict):
+        raise UserError(f"diffusers:{path}: {model_dir / 'config.json'} must hold a JSON object (a model config)")
     cls_name = mcfg.get("_class_name", "UNet2DModel")
+    # only the classes this loader calls as model(x, t[, class_labels]).sample: a config must not
+    # make it instantiate whatever diffusers exports (pipelines, other models, mixins)
+    if not isinstance(cls_name, str) or cls_name not in MODEL_CLASSES:
+        raise UserError(f"diffusers:{path}: _class_name {cls_name!r} in {model_dir / 'config.json'} is not a model "
+                        f"class this loader supports; supported: {', '.join(MODEL_CLASSES)}")
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
-        raise UserError(f"diffusers:{path}: unknown model class {cls_name} in {model_dir / 'config.json'}")
+        raise UserError(f"diffusers:{path}: diffusers {diffusers.__version__} has no model class {cls_name}; "
+                        "update diffusers")
     try:
         model = cls.from_pretrained(str(model_dir), use_safetensors=True)
     except Exception as e:  # never fall back to pickle weights

@@ -58,11 +58,28 @@ def defaults(name: str) -> dict:
     return {**COMMON_DEFAULTS, **getattr(mod, "COMMON_OVERRIDES", {}), **mod.DEFAULTS}
 
 
+def options(name: str) -> tuple:
+    """Every option of method ``name`` (:class:`fewstep.train.options.Option`): the shared ones
+    (:data:`fewstep.methods.common.COMMON_OPTIONS`), the loop's (with the method's
+    ``COMMON_OVERRIDES`` as defaults) and the method's own ``OPTIONS``."""
+    import dataclasses
+
+    from ..train.options import LOOP_OPTIONS
+    from .common import COMMON_OPTIONS
+
+    mod = get(name)
+    over = getattr(mod, "COMMON_OVERRIDES", {})
+    loop = tuple(dataclasses.replace(o, default=over[o.name]) if o.name in over else o for o in LOOP_OPTIONS)
+    return COMMON_OPTIONS + loop + tuple(getattr(mod, "OPTIONS", ()))
+
+
 def resolve(name: str, overrides: Optional[dict] = None, file: Optional[str] = None) -> dict:
-    """Defaults <- config file <- explicit overrides (None values ignored), validated (the
-    loop options by :func:`fewstep.train.options.validate_loop`, as for ``fewstep train``)."""
+    """Defaults <- config file <- explicit overrides (None values ignored), validated before
+    anything is written: every value by its option's rule (:func:`options`, one line naming
+    the option, and the file for a config file's value), the student's ``net`` config, then
+    the rules between options (the method module's ``check_options``)."""
     from ..train.config import read_config_file
-    from ..train.options import validate_loop
+    from ..train.options import check_net, validate
 
     cfg = defaults(name)
     from_file = read_config_file(file) if file else {}
@@ -72,7 +89,13 @@ def resolve(name: str, overrides: Optional[dict] = None, file: Optional[str] = N
     unknown = sorted(set(cfg) - set(defaults(name)) - {"method"})
     if unknown:
         raise UserError(f"unknown option(s) for '{name}': {', '.join(unknown)}; valid: {', '.join(defaults(name))}")
-    validate_loop(cfg, file, set(from_file) - set(given))
+    file_keys = set(from_file) - set(given)
+    validate(cfg, options(name), file, file_keys)
+    if cfg.get("net") is not None:
+        check_net(cfg["net"], f'config file {file}: "net"' if "net" in file_keys else "--net")
+    check = getattr(get(name), "check_options", None)
+    if check is not None:
+        check(cfg)
     cfg["method"] = name
     return cfg
 
@@ -81,17 +104,34 @@ def distill(name: str, overrides: Optional[dict] = None, out: str = "runs/studen
             resume: bool = False, progress: bool = True) -> str:
     """``fewstep distill NAME``: train a student into run folder ``out``; returns its path.
 
-    With ``resume`` the stored config of ``out`` is used (``steps`` may be raised)."""
-    from ..train.runfolder import RunFolder
-
+    With ``resume`` the stored config of ``out`` is used: the options given may repeat it (the
+    same command plus ``--resume``); those that differ must be ones that may change on resume
+    (``--steps``, ``--lr``, ...: :mod:`fewstep.train.resume`), others are refused."""
     if resume:
-        cfg = RunFolder.open(out).config
-        if cfg.get("method") != name:
-            raise UserError(f"{out} is a '{cfg.get('method')}' run, not '{name}'")
-        if overrides and overrides.get("steps"):
-            cfg["steps"] = int(overrides["steps"])
+        cfg = _resume_config(name, overrides, out, config_file)
     else:
+        from ..train.lock import check_free
+
+        check_free(out)  # a folder another process writes: that first, not "exists and is not empty"
         cfg = resolve(name, overrides, config_file)
     from ..train.job import run_job
 
     return run_job(get(name), cfg, out, resume=resume, progress=progress)
+
+
+def _resume_config(name: str, overrides: Optional[dict], out: str, config_file: Optional[str]) -> dict:
+    """The stored config of run ``out`` with the given options merged
+    (:func:`fewstep.train.resume.merge`); the given ones are validated first, as for a new run."""
+    from ..train.lock import check_free
+    from ..train.resume import given_options, merge, stored_config
+
+    given, from_file = given_options(overrides, config_file)
+    fresh = resolve(name, overrides, config_file)  # one line per mistake, as for a new run
+    stored = stored_config(out)
+    if stored.get("method") != name:
+        what = f"a '{stored['method']}' run" if stored.get("method") else "not a distillation run"
+        hint = f"fewstep distill {stored['method']} --resume" if stored.get("method") else "fewstep train --resume"
+        raise UserError(f"{out} is {what}, not '{name}'; continue it with {hint}")
+    check_free(out)
+    keys = list(dict.fromkeys([*from_file, *given]))
+    return merge(out, stored, fresh, keys, defaults(name), config_file, set(from_file) - set(given))

@@ -20,29 +20,43 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..train.options import loop_defaults
+from ..train.options import Option, check_batch_memory, loop_defaults
 
-# options every method takes (the student's net, the data, and the loop's, declared once in
-# fewstep.train.options and shared with fewstep train); methods add theirs
+# options every method takes (the teacher, the student's net, the data, conditioning; and the
+# loop's, declared once in fewstep.train.options and shared with fewstep train); methods add theirs
+COMMON_OPTIONS = (
+    Option("teacher", str, None, "teacher: a run folder or gmm:FILE.npz (an exact Gaussian mixture)",
+           none="none (methods that train from data)"),
+    Option("data", str, None, "training data where the method needs it: a dataset or gmm:FILE.npz",
+           none="the teacher's"),
+    Option("net", (dict, str), None, "student network as JSON or a .json file", none="the teacher's; an MLP for gmm",
+           must="a JSON net config object (or its text, or a .json file)"),
+    Option("guidance", float, None, "conditional teachers: classifier-free guidance w of the teacher's targets, "
+           "D(null) + w (D(c) - D(null)); 1 = plain conditional (default)", low=0.0, none="1, plain conditional",
+           example=2.0),
+    Option("label_dropout", float, 0.0, "conditional teachers: probability of a null label in a batch, so the "
+           "student also learns the unconditional model and takes --guidance when sampled (default 0)",
+           low=0.0, high=1.0),
+)
 COMMON_DEFAULTS = {
-    "teacher": None,         # run folder or gmm:FILE.npz
-    "data": None,            # dataset spec or gmm:FILE.npz (default: the teacher's)
-    "net": None,             # student net config (default: the teacher's, or an MLP)
-    "guidance": None,        # conditional teachers: the target's guidance scale w (None = 1, plain conditional)
-    "label_dropout": 0.0,    # conditional teachers: share of null labels (the student learns D(null) too)
+    **{o.name: o.default for o in COMMON_OPTIONS},
     **loop_defaults(),       # steps (per round for progressive), batch_size, lr, ...
 }
-COMMON_HELP = {
-    "guidance": "conditional teachers: classifier-free guidance w of the teacher's targets, "
-                "D(null) + w (D(c) - D(null)); 1 = plain conditional (default)",
-    "label_dropout": "conditional teachers: probability of a null label in a batch, so the student also "
-                     "learns the unconditional model and takes --guidance when sampled (default 0)",
-}
+COMMON_HELP = {o.name: o.help for o in COMMON_OPTIONS if o.name in ("guidance", "label_dropout")}
+
+# the kinds of data every method takes unless its module says otherwise (KINDS)
+KINDS = ("points", "image", "clouds")
 
 
 # ----------------------------------------------------------------------------- teacher
-def load_teacher(spec: Optional[str], device=None, required: bool = True):
-    """The frozen teacher Model (``fewstep.load``), or None when not given and not required."""
+def load_teacher(spec: Optional[str], device=None, required: bool = True, cfg: Optional[dict] = None,
+                 kinds: tuple = KINDS, method: str = "this method"):
+    """The frozen teacher Model (``fewstep.load``), or None when not given and not required.
+
+    Refused in one line: a few-step student (trained only at its own levels; a reflow round,
+    a flow over all levels, is a teacher), a teacher whose data is not of the method's
+    ``kinds``, and (with the run's ``cfg``) a ``--batch-size`` whose batch alone exceeds
+    this machine's memory."""
     if not spec:
         if required:
             raise UserError("--teacher is required: give a run folder or gmm:FILE.npz")
@@ -50,8 +64,20 @@ def load_teacher(spec: Optional[str], device=None, required: bool = True):
     from ..model import load
 
     teacher = load(spec, device=device)
-    if teacher.meta.get("role") == "student" and teacher.meta.get("denoiser"):
-        raise UserError(f"teacher {spec} is a {teacher.meta.get('method')} student; give a diffusion teacher")
+    meta = teacher.meta
+    if meta.get("role") == "student" and meta.get("w_input"):
+        raise UserError(f"teacher {spec} is a guided student already (w is its input); give the guided teacher it "
+                        f"was distilled from ({meta.get('teacher')})")
+    if meta.get("role") == "student" and not (meta.get("method") == "reflow" and "round" in meta):
+        raise UserError(f"teacher {spec} is a {meta.get('method')} student (a few-step model, trained only at its own "
+                        f"levels), not a teacher; give the teacher it was distilled from ({meta.get('teacher')}) or "
+                        f"a reflow round")
+    if teacher.kind not in kinds:
+        others = {"clouds": "fewstep distill pointcloud, knowledge or reflow"}.get(teacher.kind, "another method")
+        raise UserError(f"teacher {spec} models {teacher.kind}, but {method} distillation takes "
+                        f"{' or '.join(kinds)} teachers; use {others}")
+    if cfg is not None:
+        check_batch_memory("--batch-size", int(cfg["batch_size"]), teacher.shape)
     if isinstance(teacher.denoiser, nn.Module):
         teacher.denoiser.eval().requires_grad_(False)
     return teacher

@@ -44,54 +44,67 @@ from ..errors import UserError, unknown_name
 from ..grids import karras
 from ..students import ConsistencyDenoiser
 from ..train.job import Plan, Task
+from ..train.options import Option, check_batch_memory, table_defaults, table_help
 from .common import (Conditioning, bcast, call_denoiser, check_student_net, conditioning, data_source, fixed_grids,
                      is_exact, load_teacher, net_config, solve_rows, student_meta, teacher_net_state)
 
-DEFAULTS = {
-    "mode": "distillation",   # distillation (CD, needs --teacher) | training (CT, no teacher)
-    "schedule": None,         # constant | ct | ict (default: constant for CD, ct for CT)
-    "n": 18,                  # N of the constant schedule
-    "mu": None,               # target EMA rate (constant: 0.95), mu0 (ct: 0.9)
-    "s0": None,               # curriculum start (ct: 2, ict: 10)
-    "s1": None,               # curriculum end (ct: 150, ict: 1280)
-    "solver": "heun",         # the teacher's ODE step (CD)
-    "loss": None,             # l2 | pseudo_huber (default: pseudo_huber for ict, else l2)
-    "huber_c": None,          # pseudo-Huber c (default 0.00054 sqrt(d))
-    "weighting": None,        # uniform | ict (1/(sigma_{n+1} - sigma_n)); default: ict for ict
-    "levels": None,           # uniform | lognormal (default: lognormal for ict)
-    "p_mean": -1.1,
-    "p_std": 2.0,
-    "sigma_min": 0.002,
-    "sigma_max": None,        # default: the teacher's (80 without one)
-    "rho": 7.0,
-    "init": "auto",           # auto | teacher | random
-    "level_groups": 8,        # CD: distinct levels per batch (teacher calls are grouped by level)
-    "sample_levels": None,    # multistep sampling levels {"2": [tau_1], ...} (default: a ladder)
-    "tune_levels": 0,         # samples for a greedy search of the levels (points data); 0: off
-}
-HELP = {
-    "mode": "distillation (with a teacher's ODE step) or training (CT: no teacher)",
-    "schedule": "curriculum N(k), mu(k): constant, ct (Song et al. 2023) or ict (Song & Dhariwal 2023)",
-    "n": "N (number of levels) of the constant schedule (18 as in the paper; 2-D toys do better with ~40)",
-    "mu": "target EMA rate mu (constant, default 0.95) or mu0 (ct, default 0.9)",
-    "s0": "curriculum start s0 (ct 2, ict 10)",
-    "s1": "curriculum end s1 (ct 150, ict 1280)",
-    "solver": "teacher ODE step: any deterministic sampler (euler, heun, dpm_solver_2, ...)",
-    "loss": "distance: l2 or pseudo_huber",
-    "huber_c": "pseudo-Huber c (default 0.00054 sqrt(d))",
-    "weighting": "lambda(sigma_n): uniform or ict (1/(sigma_{n+1} - sigma_n))",
-    "levels": "level draw: uniform or lognormal (P_mean, P_std)",
-    "p_mean": "log-normal level draw: mean of ln sigma",
-    "p_std": "log-normal level draw: std of ln sigma",
-    "sigma_min": "boundary level epsilon: f(x, epsilon) = x",
-    "sigma_max": "largest level T (default: the teacher's, else 80)",
-    "rho": "Karras rho of the levels",
-    "init": "student start: auto (teacher weights when an EDM net of the same architecture), teacher, random",
-    "level_groups": "CD: distinct levels per batch (>= batch size: one per sample)",
-    "sample_levels": 'multistep sampling levels after sigma_max, JSON {"2": [0.8], "3": [1.5, 0.3]}',
-    "tune_levels": "samples for a greedy search of the multistep levels on sliced-W2 to the data (0: off)",
-}
 SCHEDULES = ("constant", "ct", "ict")
+OPTIONS = (
+    Option("mode", str, "distillation", "distillation (with a teacher's ODE step) or training (CT: no teacher)",
+           choices=("distillation", "training")),
+    Option("schedule", str, None, "curriculum N(k), mu(k): constant, ct (Song et al. 2023) or ict (Song & Dhariwal "
+           "2023)", choices=SCHEDULES, none="constant for distillation, ct for training", example="ct"),
+    Option("n", int, 18, "N (number of levels) of the constant schedule (18 as in the paper; 2-D toys do better "
+           "with ~40)", low=2),
+    Option("mu", float, None, "target EMA rate mu (constant, default 0.95) or mu0 (ct, default 0.9)", low=0.0,
+           high=1.0, none="0.95 (constant), 0.9 (ct)", example=0.95),
+    Option("s0", int, None, "curriculum start s0 (ct 2, ict 10)", low=1, none="2 (ct), 10 (ict)", example=2),
+    Option("s1", int, None, "curriculum end s1 (ct 150, ict 1280)", low=1, none="150 (ct), 1280 (ict)", example=150),
+    Option("solver", str, "heun", "teacher ODE step: any deterministic sampler (euler, heun, dpm_solver_2, ...)"),
+    Option("loss", str, None, "distance: l2 or pseudo_huber", choices=("l2", "pseudo_huber"),
+           none="pseudo_huber for ict, else l2", example="l2"),
+    Option("huber_c", float, None, "pseudo-Huber c (default 0.00054 sqrt(d))", low=0.0, above=True,
+           none="0.00054 sqrt(d)", example=0.03),
+    Option("weighting", str, None, "lambda(sigma_n): uniform or ict (1/(sigma_{n+1} - sigma_n))",
+           choices=("uniform", "ict"), none="ict for ict, else uniform", example="uniform"),
+    Option("levels", str, None, "level draw: uniform or lognormal (P_mean, P_std)", choices=("uniform", "lognormal"),
+           none="lognormal for ict, else uniform", example="uniform"),
+    Option("p_mean", float, -1.1, "log-normal level draw: mean of ln sigma"),
+    Option("p_std", float, 2.0, "log-normal level draw: std of ln sigma", low=0.0, above=True),
+    Option("sigma_min", float, 0.002, "boundary level epsilon: f(x, epsilon) = x", low=0.0, above=True),
+    Option("sigma_max", float, None, "largest level T (default: the teacher's, else 80)", low=0.0, above=True,
+           none="the teacher's, else 80", example=80.0),
+    Option("rho", float, 7.0, "Karras rho of the levels", low=0.0, above=True),
+    Option("init", str, "auto", "student start: auto (teacher weights when an EDM net of the same architecture), "
+           "teacher, random", choices=("auto", "teacher", "random")),
+    Option("level_groups", int, 8, "CD: distinct levels per batch (>= batch size: one per sample)", low=1),
+    Option("sample_levels", (str, dict), None, 'multistep sampling levels after sigma_max, JSON {"2": [0.8], '
+           '"3": [1.5, 0.3]}', none="a ladder", must='a JSON object such as {"2": [0.8]} (or its text)'),
+    Option("tune_levels", int, 0, "samples for a greedy search of the multistep levels on sliced-W2 to the data "
+           "(0: off)", low=0),
+)
+DEFAULTS = table_defaults(OPTIONS)
+HELP = table_help(OPTIONS)
+KINDS = ("points", "image")  # a cloud teacher: fewstep distill pointcloud (or knowledge, reflow)
+
+
+def check_options(cfg: dict) -> None:
+    """The rules between options, checked before anything is written: the curriculum's
+    s0 < s1 (with the schedule's defaults for the one not given), s0 / s1 only with a
+    curriculum (ct, ict), and sigma_min < sigma_max when both are given."""
+    schedule = cfg["schedule"] or ("constant" if cfg["mode"] == "distillation" else "ct")
+    given = [k for k in ("s0", "s1") if cfg.get(k) is not None]
+    if schedule == "constant" and given:
+        raise UserError(f"--{given[0]} sets the ct / ict curriculum; the constant schedule takes --n (N) instead: "
+                        f"drop --{given[0]} or give --schedule ct")
+    if schedule in ("ct", "ict"):
+        s0, s1 = cfg.get("s0") or (2 if schedule == "ct" else 10), cfg.get("s1") or (150 if schedule == "ct" else 1280)
+        if s0 >= s1:
+            raise UserError(f"--s0 {s0} must be below --s1 {s1}: the {schedule} curriculum grows N from s0 to s1")
+    if cfg.get("sigma_max") is not None and not float(cfg["sigma_min"]) < float(cfg["sigma_max"]):
+        raise UserError(f"--sigma-min {cfg['sigma_min']} must be below --sigma-max {cfg['sigma_max']}")
+
+
 MAX_RULE_NFE = 8
 
 
@@ -327,12 +340,20 @@ def sampling_rule(cfg: dict, sigma_data: float, tuned: Optional[dict] = None) ->
             chosen = json.loads(chosen)
         except json.JSONDecodeError as e:
             raise UserError(f"--sample-levels {chosen}: not JSON ({e.msg})") from None
-    chosen = {**(tuned or {}), **{int(k): list(v) for k, v in (chosen or {}).items()}}
+    form = 'a JSON object of step counts and levels, e.g. {"2": [0.8], "3": [1.5, 0.3]}'
+    if chosen is not None and not isinstance(chosen, dict):
+        raise UserError(f"--sample-levels must be {form}, got {json.dumps(chosen)}")
+    try:
+        chosen = {**(tuned or {}), **{int(k): [float(x) for x in v] for k, v in (chosen or {}).items()}}
+    except (TypeError, ValueError):
+        given = cfg["sample_levels"]
+        raise UserError(f"--sample-levels must be {form}, got {given if isinstance(given, str) else json.dumps(given)}"
+                        ) from None
     grids = {}
     for k in range(1, MAX_RULE_NFE + 1):
         lv = chosen.get(k, default_levels(k, sigma_data))
         grid = [float(cfg["sigma_max"])] + [float(v) for v in lv] + [0.0]
-        if len(grid) != k + 1 or any(b >= a for a, b in zip(grid, grid[1:])):
+        if len(grid) != k + 1 or not all(math.isfinite(v) for v in grid) or any(b >= a for a, b in zip(grid, grid[1:])):
             raise UserError(f"--sample-levels for {k} steps must be {k - 1} decreasing levels below sigma_max, got {lv}")
         grids[k] = grid
     return {"sampler": "consistency", "grids": fixed_grids(grids), "options": {"epsilon": float(cfg["sigma_min"])}}
@@ -342,9 +363,15 @@ def stages(job):
     """One stage in the top folder: the curriculum's training, then the sampling rule."""
     from ..samplers import info
 
-    teacher = load_teacher(job.cfg["teacher"], job.device, required=job.cfg["mode"] == "distillation")
+    teacher = load_teacher(job.cfg["teacher"], job.device, required=job.cfg["mode"] == "distillation", cfg=job.cfg,
+                           kinds=KINDS, method="consistency")
     cfg = resolve(job.cfg, teacher)
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
+    if teacher is None:  # consistency training: the data's kind and batch (a teacher's are checked on load)
+        if data.kind not in KINDS:
+            raise UserError(f"--data {data.name} holds {data.kind}; consistency models take {' or '.join(KINDS)} "
+                            f"(point clouds: fewstep distill pointcloud)")
+        check_batch_memory("--batch-size", int(cfg["batch_size"]), data.shape)
     cond = conditioning(cfg, teacher, data)
     if cond.on and not data.num_classes:
         raise UserError(f"the teacher is class-conditional but the training data {data.name} has no labels; "

@@ -39,34 +39,34 @@ import torch
 
 from ..errors import UserError
 from ..train.job import Plan, Task, Top
+from ..train.options import Option, table_defaults, table_help
 from .common import (bcast, call_denoiser, check_student_net, conditioning, data_source, is_exact, load_teacher,
                      log2_int, net_config, student_meta)
+from .progressive import OPTIONS as PD_OPTIONS
+from .progressive import STUDENT_PREDICTIONS  # one set of student parametrizations
 
-DEFAULTS = {
-    "w_min": 1.0,             # the w range every stage learns (ours: D(null) + w (D(c) - D(null)))
-    "w_max": 5.0,
-    "w_default": None,        # w when sampled without --guidance (default: the middle of the range)
-    "stage1_steps": None,     # steps of stage one (default: --steps)
-    "start_steps": 64,        # stage two: DDIM steps of its first teacher (the stage-one student)
-    "end_steps": 1,
-    "process": "vp_cosine",   # whose time gives the levels (stage one: uniform t; stage two: its grid)
-    "prediction": None,       # x0 | v | edm (default: the teacher's if one of these, else v)
-    "weighting": "truncated_snr",
-    "level_groups": 8,
-}
-HELP = {
-    "w_min": "smallest guidance w the student learns, w >= 0 (1 = plain conditional; default 1.0)",
-    "w_max": "largest guidance w the student learns (default 5.0; the paper's [0, 4] is our [1, 5])",
-    "w_default": "w the student samples at without --guidance (default: the middle of [w_min, w_max])",
-    "stage1_steps": "training steps of stage one, the w-conditioned student (default: --steps)",
-    "start_steps": "stage two: DDIM steps of its first teacher, a power of two (default 64)",
-    "end_steps": "steps of the last student, a power of two (default 1)",
-    "process": "process whose time gives the levels (uniform t): vp_cosine (default), vp, edm, flow, ...",
-    "prediction": "student parametrization: x0, v or edm (default: the teacher's if one of these, else v)",
-    "weighting": "loss weight on the x0 error: truncated_snr (max(SNR,1), default), v (SNR+1), x0, snr",
-    "level_groups": "stage two: distinct levels per batch (teacher calls are grouped by level)",
-}
-STUDENT_PREDICTIONS = ("x0", "v", "edm")
+OPTIONS = (
+    Option("w_min", float, 1.0, "smallest guidance w the student learns, w >= 0 (1 = plain conditional; default 1.0)",
+           low=0.0, must="a finite number, 0 (unconditional) or more"),
+    Option("w_max", float, 5.0, "largest guidance w the student learns (default 5.0; the paper's [0, 4] is our "
+           "[1, 5])", low=0.0),
+    Option("w_default", float, None, "w the student samples at without --guidance (default: the middle of [w_min, "
+           "w_max])", none="the middle of [w_min, w_max]", example=3.0),
+    Option("stage1_steps", int, None, "training steps of stage one, the w-conditioned student (default: --steps)",
+           low=1, none="--steps", example=2000),
+    *PD_OPTIONS,  # stage two is progressive distillation: its options, as they are there
+)
+DEFAULTS = table_defaults(OPTIONS)
+HELP = table_help(OPTIONS)
+KINDS = ("points", "image")  # class-conditional points or images
+
+
+def check_options(cfg: dict) -> None:
+    """The rules between options, checked before anything is written: w_min <= w_max with
+    the default w inside, end_steps below start_steps."""
+    w_range(cfg)
+    if int(cfg["end_steps"]) >= int(cfg["start_steps"]):
+        raise UserError(f"--end-steps {cfg['end_steps']} must be below --start-steps {cfg['start_steps']}")
 
 
 def _number(cfg: dict, key: str) -> float:
@@ -187,7 +187,7 @@ def stages(job):
 
     P = get("progressive")
     cfg = job.cfg
-    teacher = load_teacher(cfg["teacher"], job.device)
+    teacher = load_teacher(cfg["teacher"], job.device, cfg=cfg, kinds=KINDS, method="guided")
     n0, n_end, w_lo, w_hi, w_def, s1_steps = _check(cfg, teacher)
     _check_null_branch(teacher)
     process = process_from_config(cfg["process"])

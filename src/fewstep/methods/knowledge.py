@@ -27,31 +27,28 @@ from ..errors import UserError, unknown_name
 from ..process import EDM
 from ..students import Generator
 from ..train.job import Plan, Task
+from ..train.options import Option, table_defaults, table_help
 from .common import call_denoiser, check_student_net, conditioning, fixed_grids, gmm_sigma_data, is_exact, \
     load_teacher, net_config, student_meta, teacher_net_state
 from .pairs import make_pairs, pair_spec
 
-DEFAULTS = {
-    "pair_sampler": None,   # the teacher's default sampler (heun)
-    "pair_nfe": 64,
-    "pair_grid": "karras",
-    "pairs": 20000,
-    "pair_batch": 1000,
-    "init": "auto",         # auto (teacher weights when the architecture matches) | teacher | random
-    "latent_dim": None,     # stochastic-generator form: the latent's own dimension
-    "distance": "mse",      # mse (eq. 40) | chamfer | emd (point sets, PSF eq. 45)
-}
-HELP = {
-    "pair_sampler": "sampler that makes the teacher's pairs (default: the teacher's own, heun)",
-    "pair_nfe": "teacher evaluations per pair (default 64)",
-    "pair_grid": "sigma grid of the pair sampler (default karras)",
-    "pairs": "number of (x_T, x_0) pairs (default 20000)",
-    "pair_batch": "pairs made per teacher batch, one resumable chunk each (default 1000)",
-    "init": "student start: auto, teacher (its weights) or random",
-    "latent_dim": "stochastic-generator form: a latent of this dimension (default: x_T itself)",
-    "distance": "student loss: mse (eq. 40), or for point clouds chamfer / emd (PSF eq. 45)",
-}
 DISTANCES = ("mse", "chamfer", "emd")
+OPTIONS = (
+    Option("pair_sampler", str, None, "sampler that makes the teacher's pairs (default: the teacher's own, heun)",
+           none="the teacher's own sampler", example="heun"),
+    Option("pair_nfe", int, 64, "teacher evaluations per pair (default 64)", low=1),
+    Option("pair_grid", str, "karras", "sigma grid of the pair sampler (default karras)"),
+    Option("pairs", int, 20000, "number of (x_T, x_0) pairs (default 20000)", low=1),
+    Option("pair_batch", int, 1000, "pairs made per teacher batch, one resumable chunk each (default 1000)", low=1),
+    Option("init", str, "auto", "student start: auto, teacher (its weights) or random",
+           choices=("auto", "teacher", "random")),
+    Option("latent_dim", int, None, "stochastic-generator form: a latent of this dimension (default: x_T itself)",
+           low=1, none="x_T itself", example=2),
+    Option("distance", str, "mse", "student loss: mse (eq. 40), or for point clouds chamfer / emd (PSF eq. 45)",
+           choices=DISTANCES),
+)
+DEFAULTS = table_defaults(OPTIONS)
+HELP = table_help(OPTIONS)
 
 
 def distance_fn(name: str):
@@ -99,7 +96,7 @@ def build_student(teacher, cfg: dict):
 def stages(job):
     """One stage in the top folder: the teacher's pairs, then eq. 40 on them."""
     cfg = job.cfg
-    teacher = load_teacher(cfg["teacher"], job.device)
+    teacher = load_teacher(cfg["teacher"], job.device, cfg=cfg, method="knowledge")
     cond = conditioning(cfg, teacher)
     D, module, net_cfg = build_student(teacher, cfg)  # bad options fail before any work
     if cond.on:

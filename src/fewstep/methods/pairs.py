@@ -34,6 +34,11 @@ def pair_spec(cfg: dict, teacher, cond: Conditioning = Conditioning()) -> dict:
             raise UserError(f"--{key.replace('_', '-')} must be an integer of at least 1, got {cfg[key]!r}")
     if cfg.get("latent_dim") is not None and (not isinstance(cfg["latent_dim"], int) or int(cfg["latent_dim"]) < 1):
         raise UserError(f"--latent-dim must be an integer of at least 1, got {cfg['latent_dim']!r}")
+    from ..train.options import check_batch_memory
+
+    check_batch_memory("--pairs", int(cfg["pairs"]), teacher.shape, copies=2, fix="make fewer pairs")
+    check_batch_memory("--pair-batch", int(cfg["pair_batch"]), teacher.shape, copies=4,
+                       fix="make them in smaller batches")
     spec = {"teacher": str(cfg["teacher"]), "sampler": sampler, "nfe": int(cfg["pair_nfe"]),
             "grid": cfg["pair_grid"], "pairs": int(cfg["pairs"]), "batch": int(cfg["pair_batch"]),
             "seed": int(cfg["seed"]), "latent_dim": cfg.get("latent_dim"), "sigma_max": teacher.sigma_max}

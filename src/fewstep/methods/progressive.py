@@ -34,26 +34,36 @@ import torch
 
 from ..errors import UserError
 from ..train.job import Plan, Task, Top
+from ..train.options import Option, power_of_two, table_defaults, table_help
 from .common import (bcast, call_denoiser, check_student_net, conditioning, data_source, fixed_grids, group_levels,
                      is_exact, load_teacher, log2_int, net_config, solve_rows, student_meta)
 
-DEFAULTS = {
-    "start_steps": 64,        # N of the first teacher (its DDIM steps)
-    "end_steps": 1,
-    "process": "vp_cosine",   # whose uniform time grid gives the levels
-    "prediction": None,       # x0 | v | edm (default: the teacher's if x0/v/edm, else v)
-    "weighting": "truncated_snr",
-    "level_groups": 8,
-}
-HELP = {
-    "start_steps": "DDIM steps of the first teacher, a power of two (default 64)",
-    "end_steps": "steps of the last student, a power of two (default 1)",
-    "process": "process whose uniform time grid gives the levels: vp_cosine (default), vp, edm, flow, ...",
-    "prediction": "student parametrization: x0, v or edm (default: the teacher's if one of these, else v)",
-    "weighting": "loss weight on the x0 error: truncated_snr (max(SNR,1), default), v (SNR+1), x0, snr",
-    "level_groups": "distinct levels per batch (teacher calls are grouped by level; >= batch: one per sample)",
-}
 STUDENT_PREDICTIONS = ("x0", "v", "edm")
+OPTIONS = (
+    Option("start_steps", int, 64, "DDIM steps of the first teacher, a power of two (default 64)", test=power_of_two,
+           must="a power of two (1, 2, 4, ...)"),
+    Option("end_steps", int, 1, "steps of the last student, a power of two (default 1)", test=power_of_two,
+           must="a power of two (1, 2, 4, ...)"),
+    Option("process", (str, dict), "vp_cosine", "process whose uniform time grid gives the levels: vp_cosine "
+           "(default), vp, edm, flow, ...", must="a process name (vp_cosine, vp, edm, flow, ...) or a process config "
+           "object"),
+    Option("prediction", str, None, "student parametrization: x0, v or edm (default: the teacher's if one of these, "
+           "else v)", choices=STUDENT_PREDICTIONS, none="the teacher's if x0, v or edm, else v", example="v"),
+    Option("weighting", str, "truncated_snr", "loss weight on the x0 error: truncated_snr (max(SNR,1), default), "
+           "v (SNR+1), x0, snr"),
+    Option("level_groups", int, 8, "distinct levels per batch (teacher calls are grouped by level; >= batch: one "
+           "per sample)", low=1),
+)
+DEFAULTS = table_defaults(OPTIONS)
+HELP = table_help(OPTIONS)
+KINDS = ("points", "image")  # a cloud teacher: fewstep distill pointcloud (or knowledge, reflow)
+
+
+def check_options(cfg: dict) -> None:
+    """The rules between options, checked before anything is written (the teacher's own
+    rules, e.g. end_steps == start_steps only for an exact teacher, in :func:`_check`)."""
+    if int(cfg["end_steps"]) > int(cfg["start_steps"]):
+        raise UserError(f"--end-steps {cfg['end_steps']} must be below --start-steps {cfg['start_steps']}")
 
 
 def level_grid(process, n: int, sigma_max: float) -> torch.Tensor:
@@ -127,7 +137,7 @@ def stages(job):
     from ..process import process_from_config
 
     cfg = job.cfg
-    teacher = load_teacher(cfg["teacher"], job.device)
+    teacher = load_teacher(cfg["teacher"], job.device, cfg=cfg, kinds=KINDS, method="progressive")
     n0, n_end, prediction, copy = _check(cfg, teacher)
     process = process_from_config(cfg["process"])
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))

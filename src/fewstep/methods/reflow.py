@@ -49,47 +49,51 @@ from ..grids import time_uniform
 from ..process import LinearFlow
 from ..io import read_json, write_json
 from ..train.job import Plan, Task, Top
-from ..train.options import LOOP_NAMES
+from ..train.options import LOOP_NAMES, Option, check_batch_memory, table_defaults, table_help
 from ..train.losses import DenoisingLoss
 from .common import (Conditioning, bcast, check_student_net, conditioning, data_source, data_spec, fixed_grids,
                      is_exact, load_teacher, net_config, quiet_sample, student_meta, teacher_net_state)
 from .pairs import make_pairs, pair_spec
 
-DEFAULTS = {
-    "couplings": None,        # independent | teacher (default: teacher when --teacher is given)
-    "rounds": 2,              # flows trained: round 1 on the couplings, then k - 1 reflows
-    "pairs": 20000,           # couplings per round made by a teacher or the previous round
-    "pair_batch": 1000,
-    "pair_sampler": None,     # the teacher's sampler for round 1 (default: its own)
-    "pair_nfe": 64,
-    "pair_grid": None,        # default: karras; time-trailing for a flow teacher
-    "reflow_sampler": "dpmpp_2m",  # a round's ODE solver for the next round's couplings
-    "reflow_nfe": 64,
-    "init": "auto",           # auto: the previous round's (or a flow teacher's) weights | random
-    "distill_steps": None,    # one-step student: knowledge-distillation steps (default: --steps; 0: none)
-    "round_steps": None,      # training steps of each round (default: --steps for every round)
-    "distance": "mse",        # the one-step student's loss: mse | chamfer | emd (point clouds, PSF)
-    "n_data": None,           # training samples drawn from --data (default: the data set's size)
-    "eval_samples": 2000,
-}
-HELP = {
-    "couplings": "round 1 couplings: independent (data x noise, 1-rectified flow) or teacher (z, teacher(z))",
-    "rounds": "number of flows: round 1, then rounds - 1 reflows on the previous round's couplings",
-    "pairs": "couplings per round made by the teacher or the previous round (default 20000)",
-    "pair_batch": "couplings made per batch, one resumable chunk each (default 1000)",
-    "pair_sampler": "the teacher's sampler for round 1's couplings (default: its own)",
-    "pair_nfe": "teacher evaluations per coupling (default 64)",
-    "pair_grid": "sigma grid of the teacher's sampler (default karras; time-trailing for a flow teacher)",
-    "reflow_sampler": "sampler of a round's ODE for the next round's couplings (default dpmpp_2m: exact on "
-                      "straight paths)",
-    "reflow_nfe": "evaluations of that ODE per coupling (default 64)",
-    "init": "auto (previous round's weights; a flow teacher's for round 1) or random",
-    "distill_steps": "steps of the one-step student (knowledge distillation of the final flow); 0: none",
-    "round_steps": "training steps of each round, comma-separated (e.g. 4000,2000; default: --steps each)",
-    "distance": "the one-step student's loss: mse, or for point clouds chamfer / emd (PSF)",
-    "n_data": "training samples drawn from --data (default: the data set's own size)",
-    "eval_samples": "evaluation samples per round (default 2000)",
-}
+OPTIONS = (
+    # couplings and init keep their own refusals in _check ("use independent or teacher")
+    Option("couplings", str, None, "round 1 couplings: independent (data x noise, 1-rectified flow) or teacher "
+           "(z, teacher(z))", none="teacher when --teacher is given, else independent", example="independent"),
+    Option("rounds", int, 2, "number of flows: round 1, then rounds - 1 reflows on the previous round's couplings",
+           low=1),
+    Option("pairs", int, 20000, "couplings per round made by the teacher or the previous round (default 20000)",
+           low=1),
+    Option("pair_batch", int, 1000, "couplings made per batch, one resumable chunk each (default 1000)", low=1),
+    Option("pair_sampler", str, None, "the teacher's sampler for round 1's couplings (default: its own)",
+           none="the teacher's own", example="heun"),
+    Option("pair_nfe", int, 64, "teacher evaluations per coupling (default 64)", low=1),
+    Option("pair_grid", str, None, "sigma grid of the teacher's sampler (default karras; time-trailing for a flow "
+           "teacher)", none="karras; time-trailing for a flow teacher", example="karras"),
+    Option("reflow_sampler", str, "dpmpp_2m", "sampler of a round's ODE for the next round's couplings (default "
+           "dpmpp_2m: exact on straight paths)"),
+    Option("reflow_nfe", int, 64, "evaluations of that ODE per coupling (default 64)", low=1),
+    Option("init", str, "auto", "auto (previous round's weights; a flow teacher's for round 1) or random"),
+    Option("distill_steps", int, None, "steps of the one-step student (knowledge distillation of the final flow); "
+           "0: none", low=0, none="--steps", example=2000),
+    Option("round_steps", (str, list, int), None, "training steps of each round, comma-separated (e.g. 4000,2000; "
+           "default: --steps each)", none="--steps each", must="comma-separated whole numbers, one per round "
+           "(e.g. 4000,2000), or a list of them"),
+    Option("distance", str, "mse", "the one-step student's loss: mse, or for point clouds chamfer / emd (PSF)",
+           choices=("mse", "chamfer", "emd")),
+    Option("n_data", int, None, "training samples drawn from --data (default: the data set's own size)", low=1,
+           none="the data set's own size", example=2000),
+    Option("eval_samples", int, 2000, "evaluation samples per round (default 2000)", low=2),
+)
+DEFAULTS = table_defaults(OPTIONS)
+HELP = table_help(OPTIONS)
+
+
+def check_options(cfg: dict) -> None:
+    """The rules between options, checked before anything is written: one --round-steps
+    entry per round."""
+    round_steps(cfg)
+
+
 EVAL_NFES = (1, 2, 4)
 RULE_NFES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128)  # NFE of a round's own Euler rule
 FLOW_GRID = "time-trailing"
@@ -414,9 +418,11 @@ def stages(job):
     from . import get
 
     cfg = job.cfg
-    teacher = load_teacher(cfg["teacher"], job.device, required=False)
+    teacher = load_teacher(cfg["teacher"], job.device, required=False, cfg=cfg, method="reflow")
     couplings = _check(cfg, teacher)
     data = _data(cfg, teacher, couplings)
+    if teacher is None and data is not None:  # a teacher's batch is checked on load
+        check_batch_memory("--batch-size", int(cfg["batch_size"]), data.shape)
     cond = conditioning(cfg, teacher, data)
     if cond.on and couplings == "independent" and (data is None or not data.num_classes):
         raise UserError("independent couplings of a class-conditional run need labelled --data")

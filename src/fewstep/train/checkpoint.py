@@ -162,9 +162,12 @@ def _write_state(folder: Path, step: int, modules: Mapping, optimizers: Mapping,
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while process ``pid`` of this machine exists (signal 0 probes, sends nothing)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False  # 0 and negative pids name process groups, not a process
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except (PermissionError, OSError):
         return True
@@ -237,19 +240,71 @@ def save_state(folder: str | Path, step: int, modules: Mapping[str, nn.Module | 
     return final
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """True when ``path`` (symlinks followed) lies inside folder ``root``."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) == top and real != top
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
     """The newest complete checkpoint folder of run ``folder``, or None.
 
-    Follows the ``latest`` pointer; if it is missing or stale, takes the highest step.
+    Follows the ``latest`` pointer; if it is missing or stale, takes the highest step. A
+    pointer (or a step folder) that leads outside ``folder/checkpoints/`` (``../../other/...``,
+    a symlink into another run) is refused with one line, never used: resuming from another
+    run's state would silently train the wrong thing.
     """
     ckdir = Path(folder) / CHECKPOINTS
     pointer = ckdir / LATEST
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8").strip()
+        if name and (not _STEP_DIR.fullmatch(name) or not _inside(ckdir / name, ckdir)):
+            raise UserError(f"{pointer} points outside its run folder ({name[:120]!r} is not a step_* folder of "
+                            f"{ckdir}), so it is not used: delete it (the newest step_* folder there is then "
+                            "used) or restore it")
         if name and (ckdir / name / f"{STATE}.json").is_file():
             return ckdir / name
     steps = _step_dirs(ckdir)
+    if steps and not _inside(steps[-1], ckdir):
+        raise UserError(f"checkpoint {steps[-1]} leads outside its run folder (a link to "
+                        f"{os.path.realpath(steps[-1])}); remove it or copy the checkpoint into {ckdir}")
     return steps[-1] if steps else None
+
+
+def checkpoint_steps(folder: str | Path) -> list[int]:
+    """The steps of the complete checkpoints of run ``folder``, increasing."""
+    return [int(_STEP_DIR.fullmatch(p.name).group(1)) for p in _step_dirs(Path(folder) / CHECKPOINTS)]
+
+
+def prune(folder: str | Path, keep: int | None) -> None:
+    """Keep only the newest ``keep`` checkpoints of run ``folder`` (None: all)."""
+    ckdir = Path(folder) / CHECKPOINTS
+    if keep is not None and ckdir.is_dir():
+        steps = _step_dirs(ckdir)
+        _prune(ckdir, keep, steps[-1] if steps else ckdir)
+
+
+def drop_from(folder: str | Path, step: int) -> int | None:
+    """Remove the checkpoints of run ``folder`` at ``step`` and later (a diverged run's: their
+    weights gave a NaN loss), point ``latest`` at the newest one left; return its step or None."""
+    ckdir = Path(folder) / CHECKPOINTS
+    left = None
+    for p in _step_dirs(ckdir):
+        s = int(_STEP_DIR.fullmatch(p.name).group(1))
+        if s >= int(step):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            left = (s, p)
+    if left is not None:
+        atomic_write_text(ckdir / LATEST, left[1].name + "\n")
+        return left[0]
+    if ckdir.is_dir():  # none left: no checkpoints/ at all (a run that holds nothing worth resuming)
+        (ckdir / LATEST).unlink(missing_ok=True)
+        try:
+            ckdir.rmdir()
+        except OSError:
+            pass
+    return None
 
 
 def _resolve(path: str | Path) -> Path:

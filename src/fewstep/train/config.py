@@ -7,26 +7,39 @@ from typing import Any, Optional
 
 from ..errors import UserError
 from ..process import PROCESS_ALIASES  # noqa: F401  (defined in fewstep.process)
-from .options import loop_defaults, validate_loop
+from .options import LOOP_OPTIONS, Option, check_net, loop_defaults, validate
 
 # the loop options are declared once, in fewstep.train.options (shared with fewstep distill);
 # teachers keep their own learning rate, so existing teachers train as they always have
 TRAIN_LOOP_OVERRIDES: dict[str, Any] = {"lr": 2e-3}
 
+# the teacher's own options (the loop's are LOOP_OPTIONS): type, range, default and help, once
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("family", str, "diffusion", "model family: diffusion, arm, ebm, sm or ncsn (fewstep.families)"),
+    Option("data", str, "moons", "dataset spec (a name, mnist:DIR, a .npy/.npz file, ...) or gmm:FILE.npz"),
+    Option("n_data", int, None, "number of training samples", low=1, none="the dataset's default size"),
+    Option("process", (str, dict), "edm", "noise process: vp, vp_cosine, vp_discrete, ve, edm, flow, or a process "
+           "config object", must="a process name (vp, vp_cosine, vp_discrete, ve, edm, flow) or a process config "
+           "object"),
+    Option("prediction", str, "edm", "network parametrization: eps, x0, v, score, flow or edm (EDM preconditioning)"),
+    Option("weighting", str, "simple", "loss weighting (fewstep.train.losses.WEIGHTINGS)"),
+    Option("sigma_data", float, 0.5, "standard deviation of the data (EDM preconditioning)", low=0.0, above=True,
+           cli=False),
+    Option("net", dict, None, "network config {\"kind\": ..., **options}", none="a default for the data", cli=False,
+           must="a JSON object such as {\"kind\": \"mlp\", \"hidden\": 128}, or null"),
+    Option("conditional", bool, False, "class-conditional (when the data has labels)"),
+    Option("label_dropout", float, 0.1, "classifier-free guidance: null-label probability (conditional only)",
+           low=0.0, high=1.0, cli=False),
+    Option("eval_samples", int, 2000, "samples for the final quality number (points); images use 256", low=1,
+           cli=False),
+    Option("eval_nfe", int, 100, "evaluations of the final quality number's Euler sampler", low=1,
+           none="the family's own sampling cost", cli=False),
+)
+
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "family": "diffusion",   # diffusion | arm | ebm | sm | ncsn (fewstep.families)
-    "data": "moons",
-    "n_data": None,          # None: the dataset's default size
-    "process": "edm",        # vp | vp_cosine | vp_discrete | ve | edm | flow, or a process config dict
-    "prediction": "edm",     # eps | x0 | v | score | flow | edm (EDM preconditioning)
-    "weighting": "simple",   # see fewstep.train.losses.WEIGHTINGS
-    "sigma_data": 0.5,
-    "net": None,             # None: a default for the data, or {"kind": ..., **options}
-    "conditional": False,    # class-conditional (when the data has labels)
-    "label_dropout": 0.1,    # classifier-free guidance: null-label probability (conditional only)
+    **{o.name: o.default for o in TRAIN_OPTIONS[:10]},
     **loop_defaults(TRAIN_LOOP_OVERRIDES),  # steps, batch_size, lr, ... (fewstep.train.options)
-    "eval_samples": 2000,    # samples for the final quality number (points); images use 256
-    "eval_nfe": 100,
+    **{o.name: o.default for o in TRAIN_OPTIONS[10:]},
 }
 
 
@@ -61,7 +74,8 @@ def resolve(overrides: Optional[dict] = None, file: Optional[str] = None) -> dic
     chosen = {**from_file, **given}
     family = chosen.get("family", "diffusion")
     if not isinstance(family, str) or family not in FAMILIES:
-        raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+        where = f'config file {file}: "family"' if "family" in from_file and "family" not in given else "--family"
+        raise UserError(f"{where} {family!r}: choose one of {', '.join(FAMILIES)}")
     valid = dict(TRAIN_DEFAULTS)
     if family != "diffusion":
         valid.update(get(family).DEFAULTS)
@@ -79,4 +93,8 @@ def resolve(overrides: Optional[dict] = None, file: Optional[str] = None) -> dic
                   and any(k in get(f).DEFAULTS for k in unknown)]
         hint = f" (an option of --family {others[0]})" if others else ""
         raise UserError(f"unknown training option(s) {', '.join(unknown)}{hint}; valid: {', '.join(valid)}")
-    return validate_loop(cfg, file, set(from_file) - set(given))
+    file_keys = set(from_file) - set(given)
+    validate(cfg, TRAIN_OPTIONS + LOOP_OPTIONS, file, file_keys)
+    if cfg.get("net") is not None:
+        check_net(cfg["net"], f'config file {file}: "net"' if "net" in file_keys else '"net"')
+    return cfg

@@ -189,7 +189,9 @@ def _run_stages(module, job: Job) -> None:
 
 def run_job(module, cfg: dict, out: str, resume: bool = False, progress: bool = True) -> str:
     """``fewstep distill``: run ``module.stages`` as a job into the run folder ``out``."""
+    from .lock import locked_run
+
     acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
-    with open_run(acc, out, cfg, resume) as top:
+    with locked_run(acc, out, cfg, resume) as top:  # one writer per run folder (main process)
         _run_stages(module, Job(cfg, acc, top, progress))
     return str(top.root)

@@ -18,9 +18,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..checks import resolve_device
 from ..errors import UserError
 from .ema import EMA
-from .runfolder import RunFolder
+from .checkpoint import checkpoint_steps, drop_from, prune
+from .runfolder import METRICS, RunFolder
 
 
 def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
@@ -33,10 +35,9 @@ def make_accelerator(device: Optional[str] = None, mixed_precision: str = "no"):
     from accelerate import Accelerator
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    if device not in (None, "cpu") and str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
     if device not in (None, "cpu") and not str(device).startswith("cuda"):
         raise UserError(f"--device {device}: use cpu, cuda or cuda:N")
+    resolve_device(device, "--device")  # one line naming the available devices (fewstep.checks)
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision if not cpu else "no")
 
 
@@ -92,10 +93,18 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
     student = task.student
     opt = torch.optim.AdamW(student.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
     ema = EMA(student, float(cfg["ema_decay"]))
-    start = 0
+    start, running = 0, None
     extra = run.load({"net": student, "ema": ema, **task.extra}, {"opt": opt})
     if extra is not None:
         start = int(extra["step"])
+        running = extra.get("running_loss")  # the logged running loss goes on as if never stopped
+    elif acc.is_main_process and (run.root / METRICS).is_file():
+        run._truncate_metrics(0)  # resumed without a checkpoint: every row is logged again
+    if start > int(cfg["steps"]):
+        raise UserError(f"--steps {cfg['steps']} is below step {start} of the latest checkpoint in {run.root}; "
+                        f"give --steps {start} or more")
+    keep = cfg.get("keep_checkpoints")
+    prune_due = extra is not None  # older checkpoints go once a step from the newest gave a finite loss
     warm, base_lr = max(1, int(cfg["warmup"])), float(cfg["lr"])
     model, opt = acc.prepare(student, opt)
     ema.module.to(acc.device)
@@ -104,15 +113,16 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
     steps, B = int(cfg["steps"]), int(cfg["batch_size"])
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not (progress and acc.is_main_process),
                desc="train", dynamic_ncols=True, mininterval=1.0)
-    running = None
     for step in bar:
         batch = slice_batch(task.draw(step_generator(cfg["seed"], step), step), B, acc.process_index,
                             acc.num_processes, acc.device)
         with acc.autocast():
             loss = task.loss(model, batch).mean()
-        if not torch.isfinite(loss):
-            raise UserError(f"training diverged at step {step}: loss is {float(loss.detach())}; lower --lr "
-                            f"(now {cfg['lr']}) or --grad-clip, then start again or --resume from the last checkpoint")
+        if not torch.isfinite(loss):  # the weights after `step` steps gave it: checkpoint `step` is not good
+            raise diverged(run, acc, step + 1, step, f"loss is {float(loss.detach())}", cfg)
+        if prune_due and acc.is_main_process:
+            prune(run.root, keep)
+        prune_due = False
         lr = base_lr * min(1.0, (step + 1) / warm)  # linear warm-up
         for group in opt.param_groups:
             group["lr"] = lr
@@ -132,8 +142,46 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
             if done % int(cfg["log_every"]) == 0 or done == steps:
                 run.log(done, loss=running, lr=lr)
             if done % int(cfg["checkpoint_every"]) == 0 or done == steps:
-                run.save(done, {"net": acc.unwrap_model(model), "ema": ema, **task.extra}, {"opt": opt},
-                         keep=cfg.get("keep_checkpoints"))
+                parts = {"net": acc.unwrap_model(model), "ema": ema, **task.extra}
+                if not finite_state(parts, opt):
+                    raise diverged(run, acc, done, done, "the weights hold NaN or inf", cfg)
+                # pruned only after the next step's loss is finite (above): a checkpoint whose weights
+                # then give NaN is dropped, and the good one before it must still be there
+                run.save(done, parts, {"opt": opt}, extra={"running_loss": running}, keep=None)
+                prune_due = True
         acc.wait_for_everyone()
     bar.close()
+    if acc.is_main_process:
+        prune(run.root, keep)
     return ema
+
+
+def finite_state(modules: dict, opt) -> bool:
+    """True when every floating tensor of ``modules`` (EMA shadows included) and of the
+    optimizer's state is finite: a checkpoint is only written of a state that can go on."""
+    tensors = []
+    for m in modules.values():
+        tensors += list((m.module if isinstance(m, EMA) else m).state_dict().values())
+    for state in getattr(opt, "optimizer", opt).state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return bool(torch.stack([f.to("cpu") for f in flags]).all()) if flags else True
+
+
+def diverged(run: RunFolder, acc, at: int, bad_from: int, why: str, cfg: dict) -> UserError:
+    """The one line for a diverging run, after dropping the checkpoints from step ``bad_from`` on
+    (their weights gave a NaN or inf loss): the newest one kept is the last good one."""
+    if acc.is_main_process:
+        good = drop_from(run.root, bad_from)
+    else:
+        good = max([s for s in checkpoint_steps(run.root) if s < bad_from], default=None)
+    lower = f"lower --lr (now {cfg['lr']}) or --grad-clip (now {cfg.get('grad_clip')})"
+    if good is not None:
+        then = (f"the last good checkpoint, step {good}, is kept in {run.root}; {lower} and continue from it: "
+                "the same command plus --resume and the lower --lr")
+    elif run.committed:
+        then = (f"no checkpoint before it was good; {lower}, then the same command plus --resume and the lower "
+                f"--lr starts {run.root} again from step 0")
+    else:
+        then = f"nothing was kept; {lower} and start again"
+    return UserError(f"training diverged at step {at} of {cfg['steps']}: {why}; {then}")

@@ -50,6 +50,79 @@ def _first_missing_ancestor(path: Path) -> Path | None:
     return top
 
 
+def run_kind(config: dict) -> str:
+    """What made a run folder, from its config: ``"teacher"`` (fewstep train) or the method."""
+    method = config.get("method") if isinstance(config, dict) else None
+    return str(method) if method else "teacher"
+
+
+def _kind_text(kind: str) -> str:
+    return "teacher run (fewstep train)" if kind == "teacher" else f"'{kind}' distillation run"
+
+
+def _writable(folder: Path) -> bool:
+    """Can files be created in ``folder``? (Tried: permissions, read-only mounts and immutable
+    folders all refuse, even for root; the probe is removed at once.)"""
+    import os
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fewstep-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
+
+
+def check_output(out: str | Path, flag: str = "--out", file: bool = False, kind: str | None = None,
+                 allow=None) -> Path:
+    """Refuse, before any work starts, an output path that cannot be written, one UserError
+    line each: a file where a folder is needed (or, ``file``, a folder where a file is); a
+    parent that is a file; a folder that cannot be written (permissions, a read-only mount,
+    an immutable folder); and for a folder that is not empty: unless ``allow(path)`` accepts
+    it, refused, naming the run it holds (``kind``: the run being started, ``"teacher"`` or a
+    method, says whether ``--resume`` would continue it). Returns ``Path(out)``.
+
+    Every command that writes calls it first (train, distill, sample, bench, schedule,
+    export, demo); :meth:`RunFolder.create` calls it for a new run."""
+    root = Path(out)
+    if file:
+        if root.is_dir():
+            raise UserError(f"{flag} {root} is a folder; give a file path for {flag}")
+    elif root.exists() and not root.is_dir():
+        raise UserError(f"{flag} {root} is a file; choose a folder path for {flag}")
+    elif root.is_dir() and any(root.iterdir()) and not (allow is not None and allow(root)):
+        from .lock import check_free
+
+        check_free(root)  # a folder another process writes: that first, not "exists and is not empty"
+        stored = None
+        if (root / CONFIG).is_file():
+            try:
+                stored = run_kind(read_json(root / CONFIG))
+            except UserError:
+                stored = None
+        if stored is None:
+            why = "; choose another --out (or empty it)"
+        elif kind is None:  # not a command that runs in a run folder (bench, export)
+            why = f": it holds a {_kind_text(stored)}; choose another {flag}"
+        elif stored != kind:
+            why = f": it holds a {_kind_text(stored)}, not a {_kind_text(kind)}; choose another {flag}"
+        else:
+            why = "; pass --resume to continue it or choose another --out"
+        raise UserError(f"output folder {root} exists and is not empty{why}")
+    anchor = root.parent if file else root
+    for p in [anchor, *anchor.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{flag} {root}: {p} is a file, not a folder; choose another {flag}")
+            if not _writable(p):
+                raise UserError(f"{flag} {root}: the folder {p} is not writable (permissions, a read-only file "
+                                f"system or an immutable folder); choose another {flag}")
+            break
+    return root
+
+
 class RunFolder:
     """A run folder; make one with :meth:`create` or :meth:`open`."""
 
@@ -71,11 +144,7 @@ class RunFolder:
                 raise UserError(f"cannot resume: {root} has no {CONFIG}, so it is not a "
                                 "fewstep run folder; run without --resume to start one")
             return cls.open(root)
-        if root.exists() and not root.is_dir():
-            raise UserError(f"--out {root} is a file; choose a folder path for --out")
-        if root.is_dir() and any(root.iterdir()):
-            raise UserError(f"output folder {root} exists and is not empty; pass --resume "
-                            "to continue it or choose another --out")
+        check_output(root, kind=run_kind(config))
         top = _first_missing_ancestor(root)
         root.mkdir(parents=True, exist_ok=True)
         run = cls(root, dict(config), committed=False, remove_on_abort=top)
@@ -205,4 +274,4 @@ def open_run(acc, out: str | Path, config: dict, resume: bool = False, cls: type
     return run if run is not None else cls.open(out)
 
 
-__all__ = ["RunFolder", "CONFIG", "METRICS", "open_run"]
+__all__ = ["RunFolder", "CONFIG", "METRICS", "open_run", "check_output", "run_kind"]

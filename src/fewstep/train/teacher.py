@@ -19,7 +19,7 @@ from ..process import process_from_config  # methods/progressive.py imports it f
 from .config import resolve
 from .loop import Task, fit, make_accelerator
 from .losses import DenoisingLoss
-from .runfolder import RunFolder, open_run
+from .runfolder import RunFolder
 
 
 def denoising_task(D: ModelDenoiser, data: Dataset, cfg: dict) -> Task:
@@ -85,14 +85,26 @@ def model_meta(cfg: dict, D: ModelDenoiser, data: Dataset) -> dict:
 
 def train_teacher(overrides: dict | None = None, out: str = "runs/teacher", config_file: str | None = None,
                   resume: bool = False, progress: bool = True, evaluate: bool = True) -> str:
-    """``fewstep train``: returns the run folder path."""
+    """``fewstep train``: returns the run folder path.
+
+    With ``resume`` the stored config of ``out`` is used: the options given may repeat it (the
+    same command plus ``--resume``); those that differ must be ones that may change on resume
+    (``--steps``, ``--lr``, ...: :mod:`fewstep.train.resume`), others are refused."""
     if resume:
-        cfg = RunFolder.open(out).config
-        if overrides and overrides.get("steps"):
-            cfg["steps"] = int(overrides["steps"])  # extending a finished run is allowed
+        from .resume import train_config
+
+        cfg = train_config(overrides, out, config_file)
     else:
+        from .lock import check_free
+
+        check_free(out)  # a folder another process writes: that first, not "exists and is not empty"
         cfg = resolve(overrides, config_file)
     data = load_dataset(cfg["data"], n=cfg["n_data"], seed=int(cfg["seed"]))
+    from .options import check_batch_memory
+
+    check_batch_memory("--batch-size", int(cfg["batch_size"]), data.shape)  # a batch beyond this machine: refused
+    if evaluate and cfg.get("eval_samples") is not None:
+        check_batch_memory('"eval_samples"', int(cfg["eval_samples"]), data.shape, copies=4)
     family = cfg.get("family", "diffusion")
     if family == "diffusion":
         D = build_teacher(cfg, data)
@@ -100,8 +112,10 @@ def train_teacher(overrides: dict | None = None, out: str = "runs/teacher", conf
         describe = lambda module: model_meta(cfg, D, data)  # noqa: E731
     else:
         task, describe = family_task(cfg, data)
+    from .lock import locked_run
+
     acc = make_accelerator(cfg["device"], cfg["mixed_precision"])
-    with open_run(acc, out, cfg, resume) as run:
+    with locked_run(acc, out, cfg, resume) as run:  # one writer per run folder (main process)
         t0 = time.time()
         ema = fit(task, run, cfg, accelerator=acc, progress=progress)
         elapsed = time.time() - t0
