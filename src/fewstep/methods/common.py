@@ -20,7 +20,27 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..train.options import Option, check_batch_memory, loop_defaults
+from ..train.options import Option, check_batch_memory, loop_defaults, power_of_two
+
+# progressive distillation's options and student parametrizations: the method's own, and stage two
+# of guided distillation (its rounds), so they are declared once
+STUDENT_PREDICTIONS = ("x0", "v", "edm")
+PD_OPTIONS = (
+    Option("start_steps", int, 64, "DDIM steps of the first teacher, a power of two (default 64)", test=power_of_two,
+           must="a power of two (1, 2, 4, ...)"),
+    Option("end_steps", int, 1, "steps of the last student, a power of two (default 1)", test=power_of_two,
+           must="a power of two (1, 2, 4, ...)"),
+    Option("process", (str, dict), "vp_cosine", "process whose uniform time grid gives the levels: vp_cosine "
+           "(default), vp, edm, flow, ...", must="a process name (vp_cosine, vp, edm, flow, ...) or a process config "
+           "object"),
+    Option("prediction", str, None, "student parametrization: x0, v or edm (default: the teacher's if one of these, "
+           "else v)", choices=STUDENT_PREDICTIONS, none="the teacher's if x0, v or edm, else v", example="v"),
+    Option("weighting", str, "truncated_snr", "loss weight on the x0 error: truncated_snr (max(SNR,1), default), "
+           "v (SNR+1), x0, snr"),
+    Option("level_groups", int, 8, "distinct levels per batch (teacher calls are grouped by level; >= batch: one "
+           "per sample)", low=1),
+)
+
 
 # options every method takes (the teacher, the student's net, the data, conditioning; and the
 # loop's, declared once in fewstep.train.options and shared with fewstep train); methods add theirs

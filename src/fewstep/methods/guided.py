@@ -40,10 +40,8 @@ import torch
 from ..errors import UserError
 from ..train.job import Plan, Task, Top
 from ..train.options import Option, table_defaults, table_help
-from .common import (bcast, call_denoiser, check_student_net, conditioning, data_source, is_exact, load_teacher,
-                     log2_int, net_config, student_meta)
-from .progressive import OPTIONS as PD_OPTIONS
-from .progressive import STUDENT_PREDICTIONS  # one set of student parametrizations
+from .common import (PD_OPTIONS, STUDENT_PREDICTIONS, bcast, call_denoiser, check_student_net, conditioning,
+                     data_source, is_exact, load_teacher, log2_int, net_config, student_meta)
 
 OPTIONS = (
     Option("w_min", float, 1.0, "smallest guidance w the student learns, w >= 0 (1 = plain conditional; default 1.0)",

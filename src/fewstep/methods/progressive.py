@@ -34,26 +34,12 @@ import torch
 
 from ..errors import UserError
 from ..train.job import Plan, Task, Top
-from ..train.options import Option, power_of_two, table_defaults, table_help
-from .common import (bcast, call_denoiser, check_student_net, conditioning, data_source, fixed_grids, group_levels,
-                     is_exact, load_teacher, log2_int, net_config, solve_rows, student_meta)
+from ..train.options import table_defaults, table_help
+from .common import (PD_OPTIONS, STUDENT_PREDICTIONS, bcast, call_denoiser, check_student_net, conditioning,
+                     data_source, fixed_grids, group_levels, is_exact, load_teacher, log2_int, net_config, solve_rows,
+                     student_meta)
 
-STUDENT_PREDICTIONS = ("x0", "v", "edm")
-OPTIONS = (
-    Option("start_steps", int, 64, "DDIM steps of the first teacher, a power of two (default 64)", test=power_of_two,
-           must="a power of two (1, 2, 4, ...)"),
-    Option("end_steps", int, 1, "steps of the last student, a power of two (default 1)", test=power_of_two,
-           must="a power of two (1, 2, 4, ...)"),
-    Option("process", (str, dict), "vp_cosine", "process whose uniform time grid gives the levels: vp_cosine "
-           "(default), vp, edm, flow, ...", must="a process name (vp_cosine, vp, edm, flow, ...) or a process config "
-           "object"),
-    Option("prediction", str, None, "student parametrization: x0, v or edm (default: the teacher's if one of these, "
-           "else v)", choices=STUDENT_PREDICTIONS, none="the teacher's if x0, v or edm, else v", example="v"),
-    Option("weighting", str, "truncated_snr", "loss weight on the x0 error: truncated_snr (max(SNR,1), default), "
-           "v (SNR+1), x0, snr"),
-    Option("level_groups", int, 8, "distinct levels per batch (teacher calls are grouped by level; >= batch: one "
-           "per sample)", low=1),
-)
+OPTIONS = PD_OPTIONS
 DEFAULTS = table_defaults(OPTIONS)
 HELP = table_help(OPTIONS)
 KINDS = ("points", "image")  # a cloud teacher: fewstep distill pointcloud (or knowledge, reflow)
