@@ -104,7 +104,7 @@ def _copy(finished, tmp_path, name="run"):
 
 
 # ------------------------------------------------- (a) kill -9, then the same command + --resume
-def _commands(spec, evcfg):
+def _commands(spec, evcfg, cspec):
     return {
         "train": ["train", "--data", "moons", *LOOP, "--seed", "3", "--config", evcfg],
         "knowledge": ["distill", "knowledge", "--teacher", spec, "--net", NET, *LOOP, "--pairs", "256",
@@ -114,6 +114,13 @@ def _commands(spec, evcfg):
         "progressive": ["distill", "progressive", "--teacher", spec, "--net", NET, *LOOP, "--start-steps", "4"],
         "reflow": ["distill", "reflow", "--teacher", spec, "--net", NET, *LOOP, "--pairs", "256", "--pair-nfe", "4",
                    "--pair-batch", "64", "--reflow-nfe", "4", "--distill-steps", "20", "--eval-samples", "64"],
+        # guided: a w-conditioned stage one, then progressive rounds, on the exact conditional mixture
+        "guided": ["distill", "guided", "--teacher", cspec, "--net", json.dumps({**SMALL_MLP, "num_classes": 3}), *LOOP,
+                   "--start-steps", "4"],
+        # PSF: its own teacher, a reflow round and the one-step student, on procedural point clouds
+        "pointcloud": ["distill", "pointcloud", "--data", "pointclouds:points=16", "--n-data", "32", *LOOP,
+                       "--batch-size", "8", "--teacher-steps", "20", "--reflow-steps", "20", "--pairs", "32",
+                       "--pair-nfe", "2", "--pair-batch", "16", "--eval-clouds", "4", "--eval-nfe", "2", "--renders", "1"],
     }
 
 
@@ -144,15 +151,16 @@ def _run_and_kill(cmd, out: Path, until, timeout=120.0):
 KILLS = [("train", "checkpoint", 20), ("train", "random", 1),
          ("knowledge", "pairs", 2), ("knowledge", "random", 2),
          ("consistency", "checkpoint", 30), ("consistency", "random", 3),
-         ("progressive", "random", 4), ("progressive", "random", 5), ("reflow", "random", 6), ("reflow", "random", 7)]
+         ("progressive", "random", 4), ("progressive", "random", 5), ("reflow", "random", 6), ("reflow", "random", 7),
+         ("guided", "random", 8), ("pointcloud", "random", 9)]
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, spec, evcfg):
+def references(tmp_path_factory, spec, evcfg, cspec):
     """Uninterrupted runs of each command: (folder, seconds from folder to exit)."""
     root = tmp_path_factory.mktemp("ref")
     refs = {}
-    for name, cmd in _commands(spec, evcfg).items():
+    for name, cmd in _commands(spec, evcfg, cspec).items():
         code, appeared, total, err = _run_and_kill(cmd, root / name, None)
         assert code == 0, err
         refs[name] = (root / name, total - (appeared or 0.0))
@@ -160,8 +168,8 @@ def references(tmp_path_factory, spec, evcfg):
 
 
 @pytest.mark.parametrize("name, how, arg", KILLS, ids=[f"{n}-{h}-{a}" for n, h, a in KILLS])
-def test_killed_run_resumes_bit_identical(name, how, arg, references, spec, evcfg, tmp_path):
-    cmd = _commands(spec, evcfg)[name]
+def test_killed_run_resumes_bit_identical(name, how, arg, references, spec, evcfg, cspec, tmp_path):
+    cmd = _commands(spec, evcfg, cspec)[name]
     ref, span = references[name]
     out = tmp_path / "cut"
     if how == "checkpoint":
