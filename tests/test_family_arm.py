@@ -372,3 +372,19 @@ def test_check_refuses_what_cannot_work():
     arm.check(_cfg(arm_output="gaussian"), image)  # images: default range [-1, 1], gaussian allowed
     with pytest.raises(UserError, match="values in"):
         arm.check(_cfg(), Dataset(x=image.x * 2, labels=None, num_classes=0, kind="image", name="i"))
+
+
+def test_bench_nll_of_an_image_arm_uses_its_own_bins():
+    """The bench's NLL of a uniform 256-bin ARM is 8 bits/dim on any image data, digits'
+    17 levels (quantum 1/8) included: -log2 P of the ARM's bins, not the density shifted by
+    the data's quantum (which would read 8 - log2(255 / 16) = 4.0 bits/dim too little)."""
+    from fewstep.report.bench import family_nll
+
+    data = load_dataset("digits", n=16, seed=0)
+    cfg = _cfg(data="digits", n_data=16, arm_hidden=4, arm_layers=1, eval_samples=16)
+    arm.check(cfg, data)
+    obj = arm.objective(cfg, data)
+    _freeze_outputs(obj.module.net)
+    model = arm.as_model(obj.module, arm.meta(cfg, obj.module, data), "u", "cpu")
+    res = family_nll(model, data.x, "digits")
+    assert abs(res["teacher_nll_bits_per_dim"] - 8.0) < 1e-6

@@ -392,15 +392,23 @@ def teacher_nll(teacher, spec: str, held: Tensor, data_spec: str, progress: bool
 
 
 def family_nll(model, held: Tensor, data_spec: str) -> dict:
-    """Bits/dim of held-out data under a family's exact likelihood (the ARM's); images in
-    the discrete 8-bit sense where the data is 8-bit (the log-density of the bins' width)."""
+    """Bits/dim of held-out data under a family's exact likelihood (the ARM's). An image ARM
+    is a discrete model over its own bins (its ``log_prob`` is ``log P - d log w`` with its
+    bin width w), so its bits/dim are ``-log2 P / d`` with that w: the discrete likelihood of
+    the data's values, which the ARM maps one to one onto its bins, whatever the data's own
+    quantum (digits' 1/8, 8-bit's 2/255); comparable with the dequantised NLL of a diffusion
+    teacher on the same data."""
     from fewstep.metrics.likelihood import bits_per_dim
 
     d = held[0].numel()
     t0 = time.time()
     with torch.no_grad():
         v = -model.log_prob(held.to(model.device, model.dtype)).double().cpu()
-    bw = _bin_width(data_spec) if model.kind == "image" else None
+    arm = model.meta.get("arm") or {}
+    if model.kind == "image" and arm.get("range") and arm.get("bins"):
+        bw = (float(arm["range"][1]) - float(arm["range"][0])) / (int(arm["bins"]) - 1)  # the ARM's own bins
+    else:
+        bw = _bin_width(data_spec) if model.kind == "image" else None
     return {"teacher_nll_bits_per_dim": bits_per_dim(v, d, bw),
             "teacher_nll_stderr_bits_per_dim": float(v.std() / math.sqrt(len(v))) / d / math.log(2)
             if len(v) > 1 else None, "nll_samples": len(v), "nll_divergence": "exact (autoregressive)",
