@@ -178,6 +178,19 @@ def test_load_state_user_errors(tmp_path):
         load_state(ck, {})
 
 
+@pytest.mark.parametrize("part, drop", [("state.json", "rng"), ("state.json", "extra"), ("state.json", "step"),
+                                        ("opt.optimizer.json", "state_dict")])
+def test_checkpoint_json_without_a_field_is_one_line(tmp_path, part, drop):
+    model, opt, _ = make_parts(0)
+    ck = save_state(tmp_path, 1, {"model": model}, {"opt": opt})
+    meta = json.loads((ck / part).read_text())
+    meta.pop(drop)
+    (ck / part).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="damaged or incomplete") as e:
+        load_state(tmp_path, {"model": model}, {"opt": opt})
+    assert "\n" not in str(e.value) and str(ck) in str(e.value)
+
+
 # --------------------------------------------------------------------------- EMA
 def test_ema_update_is_lerp_and_state_round_trips():
     model = nn.Linear(3, 2)

@@ -365,11 +365,16 @@ def load_state(folder: str | Path, modules: Mapping[str, nn.Module | EMA],
     meta = read_json(ck / f"{STATE}.json")
     if not isinstance(meta, dict) or meta.get("kind") != STATE:
         raise UserError(f"{ck / (STATE + '.json')} is not a fewstep training state")
-    tensors = load_weights(ck / f"{STATE}.safetensors")
-    for name, obj in modules.items():
-        _load_module(ck, name, obj)
-    for name, opt in (optimizers or {}).items():
-        _load_optimizer(ck, name, opt)
-    _set_rng_state(meta["rng"], tensors)
-    extra = decode_tree(meta["extra"], tensors)
-    return {**extra, "step": int(meta["step"])}
+    try:
+        tensors = load_weights(ck / f"{STATE}.safetensors")
+        for name, obj in modules.items():
+            _load_module(ck, name, obj)
+        for name, opt in (optimizers or {}).items():
+            _load_optimizer(ck, name, opt)
+        _set_rng_state(meta["rng"], tensors)
+        extra = decode_tree(meta["extra"], tensors)
+        return {**extra, "step": int(meta["step"])}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a field missing or of a wrong type
+        what = f"missing {e}" if isinstance(e, KeyError) else _brief(e)
+        raise UserError(f"checkpoint {ck} is damaged or incomplete ({what}); delete that folder to resume from "
+                        "the checkpoint before it, or start anew with another --out") from None
