@@ -30,9 +30,9 @@ DEMO_NFE = (1, 2, 4, 8, 16, 32)
 # (measured in docs/BENCHMARKS.md, "make demo from a clean clone")
 DEMO_STUDENTS = {
     "knowledge": {"steps": 1500, "pairs": 8000},
-    "progressive": {"steps": 300, "start_steps": 32, "end_steps": 1},  # 5 rounds of 300 steps
-    "consistency": {"steps": 1500, "n": 40, "tune_levels": 1000},
-    "reflow": {"rounds": 1, "pairs": 8000, "steps": 1500, "distill_steps": 1000, "reflow_nfe": 16},
+    "progressive": {"steps": 200, "start_steps": 32, "end_steps": 1},  # 5 rounds of 200 steps
+    "consistency": {"steps": 1000, "n": 40, "tune_levels": 500},
+    "reflow": {"rounds": 1, "pairs": 4000, "steps": 1000, "distill_steps": 600, "reflow_nfe": 16},
 }
 DEMO_SAMPLERS = ("euler", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ipndm", "era")
 
