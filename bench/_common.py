@@ -106,3 +106,20 @@ def merge_section(doc, heading: str, md: str) -> str:
     _, old = _blocks(text[start:end if end >= 0 else len(text)])
     head, new = _blocks(md)
     return head.rstrip() + "\n\n" + "\n".join({**old, **new}.values())
+
+
+def publish(md: str, doc, heading: str) -> None:
+    """Print a bench's markdown and, with ``doc``, merge it into that file's section ``heading``."""
+    print(md)
+    if doc:
+        replace_section(doc, heading, merge_section(doc, heading, md))
+
+
+def fmt(v, p: int = 4) -> str:
+    """A table cell: '-' for None, a float to ``p`` decimals, anything else as text."""
+    return "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+
+
+def where(m: dict) -> str:
+    """The machine line of a table from :func:`machine`'s dict."""
+    return f"{m['nproc']} cores ({m['cpu']}), torch {m['torch']}, {m['date']}, commit {m['commit']}"

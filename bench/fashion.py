@@ -32,7 +32,8 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, merge_section, replace_section  # noqa: E402
+from _common import fmt, machine, publish  # noqa: E402
+from _common import where as machine_line  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 RUNS = OUT / "fashion_runs"
@@ -149,14 +150,13 @@ def part_bench(conditional: bool, scale: float, methods, students: bool) -> dict
 
 # -------------------------------------------------------------------------------- markdown
 def _f(v, p=2):
-    return "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+    return fmt(v, p)
 
 
 def markdown(results: list) -> str:
     lines = [HEADING, ""]
     for res in results:
-        m = res["machine"]
-        where = f"{m['nproc']} cores ({m['cpu']}), torch {m['torch']}, {m['date']}, commit {m['commit']}"
+        where = machine_line(res["machine"])
         if res["part"] == "classifier":
             lines += ["### Feature classifiers", "",
                       f"`.venv/bin/python -m fewstep.metrics.features --write-assets fashion fashion_b`, then "
@@ -171,8 +171,8 @@ def markdown(results: list) -> str:
             lines.append("")
             continue
         kind = "class-conditional" if res["conditional"] else "unconditional"
-        cmd = f"`.venv/bin/python bench/fashion.py --part {res['part']}{' --conditional' if res['conditional'] else ''}" \
-              f"{'' if res['scale'] == 1 else f' --scale {res['scale']:g}'}`"
+        flags = (" --conditional" if res["conditional"] else "") + ("" if res["scale"] == 1 else f" --scale {res['scale']:g}")
+        cmd = f"`.venv/bin/python bench/fashion.py --part {res['part']}{flags}`"
         lines += [f"### {kind.capitalize()} teacher: {res['part']}", "",
                   f"{cmd} ({where}). FD to {res['n']} test images on the classifier's features (FD check: the "
                   "second classifier), all from the same noise.", ""]
@@ -221,10 +221,7 @@ def main() -> None:
         name = f"fashion_{a.part}{'_cond' if a.conditional else ''}.json"
         (OUT / name).write_text(json.dumps(res, indent=1))
         results = [res]
-    md = markdown(results)
-    print(md)
-    if a.doc:
-        replace_section(a.doc, HEADING, merge_section(a.doc, HEADING, md))
+    publish(markdown(results), a.doc, HEADING)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, merge_section, replace_section  # noqa: E402
+from _common import fmt, machine, publish  # noqa: E402
+from _common import where as machine_line  # noqa: E402
 
 from fewstep.data.gmm import GaussianMixture  # noqa: E402
 from fewstep.metrics import energy_distance  # noqa: E402
@@ -226,14 +227,13 @@ def part_side(data: str, reuse: bool, steps=None) -> dict:
 
 # -------------------------------------------------------------------------------- markdown
 def _f(v, p=4):
-    return "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+    return fmt(v, p)
 
 
 def markdown(results: list) -> str:
     lines = [HEADING, ""]
     for res in results:
-        m = res["machine"]
-        where = f"{m['nproc']} cores ({m['cpu']}), torch {m['torch']}, {m['date']}, commit {m['commit']}"
+        where = machine_line(res["machine"])
         if "score" in res:
             lines += [f"### On the exact mixture ({res['mixture']})", "",
                       f"`.venv/bin/python bench/foundations.py --part exact` ({where}).", "",
@@ -310,10 +310,7 @@ def main() -> None:
         name = "foundations_exact.json" if a.part == "exact" else f"foundations_side_{a.data}.json"
         (OUT / name).write_text(json.dumps(res, indent=1))
         results = [res]
-    md = markdown(results)
-    print(md)
-    if a.doc:
-        replace_section(a.doc, HEADING, merge_section(a.doc, HEADING, md))
+    publish(markdown(results), a.doc, HEADING)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from _exact import SMALL_MLP
 from fewstep.cli import main
+from test_cli import run as _run  # main(args) -> (code, out, err)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 NET = json.dumps(SMALL_MLP)
@@ -66,12 +67,6 @@ def _latest_step(run: Path) -> int:
         return int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     except (OSError, IndexError, ValueError):
         return -1
-
-
-def _run(args, capsys):
-    code = main(args)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
