@@ -100,7 +100,10 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     full = tmp_path / "full"
     subprocess.run(_train_cmd(full, steps), check=True, env=env, capture_output=True)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_train_cmd(cut, steps), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a child inherits an ignored SIGINT (a pytest-xdist worker may ignore it), and Python then keeps
+    # ignoring it: restore the default so Ctrl-C reaches the run as it does in a terminal
+    proc = subprocess.Popen(_train_cmd(cut, steps), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (cut / "checkpoints" / "latest").exists() and time.time() < deadline:
         time.sleep(0.05)
