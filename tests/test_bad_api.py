@@ -317,14 +317,14 @@ def test_valid_sample_call_is_the_sampler_itself(ctx):
     from fewstep import grids, samplers
 
     x = 80.0 * _x(16).double()
-    got = fewstep.sample(ctx.ring, x, sampler="heun", nfe=9, sigma_min=0.002, sigma_max=80.0)
+    got = fewstep.sample(ctx.ring, x, sampler="heun", nfe=9, grid="karras", sigma_min=0.002, sigma_max=80.0)
     want = samplers.get("heun")(ctx.ring, x, grids.karras(5, 0.002, 80.0))
     assert torch.equal(got, want)
     # a grid file gives the same as its tensor; numpy ints and whole floats still count as nfe
     path = ctx.root.parent / "valid_grid.json"
     grids.save(path, grids.karras(5, 0.002, 80.0))
     assert torch.equal(fewstep.sample(ctx.ring, x, sampler="heun", nfe=np.int64(9), grid=str(path)), want)
-    assert torch.equal(fewstep.sample(ctx.ring, x, sampler="heun", nfe=9.0, sigma_min=0.002, sigma_max=80.0), want)
+    assert torch.equal(fewstep.sample(ctx.ring, x, sampler="heun", nfe=9.0, grid="karras", sigma_min=0.002, sigma_max=80.0), want)
 
 
 def test_valid_model_calls(ctx):

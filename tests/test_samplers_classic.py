@@ -108,7 +108,8 @@ def test_registered_defaults_spend_the_budget():
     for name, nfe, steps in [("heun", 9, 5), ("pndm", 19, 10), ("plms", 11, 10), ("pc", 10, 5)]:
         assert S.steps_for_nfe(name, nfe) == steps
         counter = NFECounter(gmm)
-        S.sample(counter, start(gmm, 4, SIGMA_MAX), name, nfe=nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+        S.sample(counter, start(gmm, 4, SIGMA_MAX), name, nfe=nfe, grid="karras", sigma_min=SIGMA_MIN,
+                 sigma_max=SIGMA_MAX)
         assert counter.nfe == nfe
 
 

@@ -175,7 +175,7 @@ def test_cli_schedule_then_sample(tmp_path, capsys):
                  "--n", "16", "--candidates", "8", "--iters", "3", "--quiet"])
     assert code == 0
     meta = json.loads(out.read_text())
-    for k in ("teacher", "sampler", "nfe", "method", "cost", "seed", "rms_train", "rms_fresh", "nfe_spent"):
+    for k in ("teacher", "sampler", "nfe", "method", "cost", "seed", "rms_train", "rms_heldout", "rms_val", "afs", "nfe_spent"):
         assert k in meta
     assert meta["nfe_spent"] <= 4 and G.load(out)[0] == 80.0
     assert main(["sample", f"gmm:{spec}", "--sampler", "dpmpp_2m", "--nfe", "4", "--grid", str(out), "--n", "8",
@@ -345,6 +345,42 @@ def test_cli_schedule_with_evaluation_levels(tmp_path):
     assert main(["schedule", "--teacher", f"gmm:{spec}", "--sampler", "dpmpp_2m", "--nfe", "4", "--out", str(out),
                  "--n", "16", "--method", "optimize", "--iters", "3", "--eval-levels", "--quiet"]) == 0
     meta = json.loads(out.read_text())
-    assert len(meta["eval_sigmas"]) == 4 and meta["nfe_spent"] == 4
+    assert len(meta["eval_sigmas"]) == sum(v > 0 for v in meta["sigmas"]) and meta["nfe_spent"] == 4
     assert main(["sample", f"gmm:{spec}", "--sampler", "dpmpp_2m", "--nfe", "4", "--grid", str(out), "--n", "8",
                  "--out", str(tmp_path / "s.npz")]) == 0
+
+
+# ----------------------------------------------------------------------------- issue 21
+def test_warm_start_splits_the_widest_positive_steps():
+    from fewstep.schedules import warm_start
+
+    w = warm_start([80.0, 1.0, 0.002, 0.0], 5)
+    assert len(w) == 6 and float(w[-1]) == 0 and bool((w[1:] < w[:-1]).all())
+    assert {80.0, 1.0, 0.002} <= {round(float(v), 12) for v in w}  # the old levels stay
+    with pytest.raises(UserError, match="adds levels"):
+        warm_start([80.0, 1.0, 0.0], 1)
+
+
+def test_problem_with_afs_buys_one_more_step_and_matches_the_sampler():
+    gmm = gmm2()
+    x = 80.0 * torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p0 = Problem(gmm, "dpmpp_2m", 5, 0.002, 80.0, x, exact_flow=gmm.flow, final_zero=False)
+    p1 = Problem(gmm, "dpmpp_2m", 5, 0.002, 80.0, x, exact_flow=gmm.flow, final_zero=False, afs=True)
+    assert (p0.steps, p1.steps) == (5, 6)
+    sig = G.vp_time(6, 0.002, 80.0, final_zero=False)
+    direct = S.sample(gmm, x.clone(), "dpmpp_2m", 5, sig, afs=True)
+    torch.testing.assert_close(p1.run(sig), direct)
+    assert p1.cost(sig) == 5
+
+
+def test_learn_stops_on_held_out_starts_and_is_never_worse_there_than_its_start():
+    gmm = gmm2()
+    g = torch.Generator().manual_seed(3)
+    x, xv = (80.0 * torch.randn(64, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    prob = Problem(gmm, "dpmpp_2m", 4, 0.002, 80.0, x, exact_flow=gmm.flow)
+    val = prob.on(xv)
+    lines = []
+    sig, info = learn(prob, method="optimize", iters=60, lr=0.1, val=val, patience=5, log=lines.append)
+    assert info["rms_val"] <= info["rms_val_start"] + 1e-12
+    assert abs(val.error(sig) - info["rms_val"]) < 1e-12
+    assert val.x_T is xv and prob.x_T is x and val._target is not prob._target

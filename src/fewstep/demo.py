@@ -34,7 +34,7 @@ DEMO_STUDENTS = {
     "consistency": {"steps": 1000, "n": 40, "tune_levels": 500},
     "reflow": {"rounds": 1, "pairs": 4000, "steps": 1000, "distill_steps": 600, "reflow_nfe": 16},
 }
-DEMO_SAMPLERS = ("euler", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ipndm", "era")
+DEMO_SAMPLERS = ("auto", "euler", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ipndm", "era")
 
 
 def _students(names) -> list[str]:
@@ -96,7 +96,7 @@ def run_demo(out: str, data: str = "moons", steps: int = 3000, seed: int = 0, de
     if chosen:
         print(f"[demo] 2/4 distilling the teacher into {len(chosen)} few-step students: {', '.join(chosen)}")
     student_s = distil_students(teacher_dir, chosen, seed=seed, device=device, progress=progress)
-    samplers = [s for s in DEMO_SAMPLERS if s in names() and not info(s).stochastic]
+    samplers = [s for s in DEMO_SAMPLERS if s == "auto" or (s in names() and not info(s).stochastic)]
     specs = [str(teacher_dir.parent / "students" / c) for c in chosen]
     print(f"[demo] 3/4 the teacher's exact ODE answer (adaptive RK45, tolerance 1e-5), then {len(samplers)} "
           f"samplers and {len(specs)} students at NFE {', '.join(map(str, DEMO_NFE))} from the same noise")

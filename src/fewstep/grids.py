@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .errors import UserError, unknown_name
 
-__all__ = ["karras", "logsnr_uniform", "time_uniform", "polyexponential", "as_sigmas", "GRIDS",
+__all__ = ["karras", "logsnr_uniform", "time_uniform", "polyexponential", "vp_time", "as_sigmas", "GRIDS",
            "make_grid", "load", "save"]
 
 
@@ -53,6 +53,42 @@ def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0
     _check(n, sigma_min, sigma_max)
     ramp = torch.linspace(1, 0, _levels(n, final_zero), dtype=torch.float64) ** rho
     sig = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    return _finish(sig, final_zero)
+
+
+VP_T_MIN = 1e-3  # the VP time at sigma_min of :func:`vp_time` (DPM-Solver's and diff-sampler's epsilon)
+
+
+def vp_time(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0, t_min: float = VP_T_MIN,
+            final_zero: bool = True) -> Tensor:
+    """Uniform (rho = 1) or polynomial (rho > 1) in the time of a linear-beta VP process
+    fitted to the range: the "time uniform" schedule of DPM-Solver, DEIS and diff-sampler.
+
+    The VP process sigma(t) = sqrt(exp(beta_min t + beta_d t^2 / 2) - 1) on t in [t_min, 1]
+    is the one with sigma(1) = sigma_max and sigma(t_min) = sigma_min (two equations, two
+    unknowns: beta_d = 2 (log(1 + smin^2) / t_min - log(1 + smax^2)) / (t_min - 1),
+    beta_min = log(1 + smax^2) - beta_d / 2), and the levels are sigma(t_i) at
+    t_i = (1 + i/(m-1) (t_min^(1/rho) - 1))^rho, i = 0..m-1. rho > 1 crowds the levels
+    towards t_min (small sigma), as Karras' rho does in sigma. It places far fewer levels at
+    large sigma than a Karras or log-SNR grid (a VP time step near t = 1 spans a large
+    sigma range), which is what wins at few steps on many teachers.
+    """
+    _check(n, sigma_min, sigma_max)
+    rho, t_min = float(rho), float(t_min)
+    if not (math.isfinite(rho) and rho > 0):
+        raise UserError(f"grid 'vp-time': rho must be a positive number, got {rho}")
+    if not 0 < t_min < 1:
+        raise UserError(f"grid 'vp-time': t_min must lie in (0, 1), got {t_min}")
+    m = _levels(n, final_zero)
+    a_max, a_min = math.log1p(sigma_max**2), math.log1p(sigma_min**2)
+    beta_d = 2 * (a_min / t_min - a_max) / (t_min - 1)
+    beta_min = a_max - 0.5 * beta_d
+    ramp = torch.linspace(0, 1, m, dtype=torch.float64) if m > 1 else torch.zeros(1, dtype=torch.float64)
+    t = (1 + ramp * (t_min ** (1 / rho) - 1)) ** rho
+    sig = torch.expm1(beta_min * t + 0.5 * beta_d * t**2).sqrt()
+    sig[0] = sigma_max  # exactly the ends (the formula gives them to rounding)
+    if m > 1:
+        sig[-1] = sigma_min
     return _finish(sig, final_zero)
 
 
@@ -143,12 +179,13 @@ GRIDS = {
     "karras": karras,
     "logsnr": logsnr_uniform,
     "polyexponential": polyexponential,
+    "vp-time": vp_time,
 }
 
 
 def make_grid(name, n: int, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, process=None,
               **kw) -> Tensor:
-    """A grid by name: ``karras``, ``logsnr``, ``polyexponential``, ``time`` (process time,
+    """A grid by name: ``karras``, ``logsnr``, ``polyexponential``, ``vp-time``, ``time`` (process time,
     linspace), ``time-leading``/``time-trailing``, a path to a grid JSON file, or a tensor.
 
     The sigma-range grids take ``sigma_min``/``sigma_max``, by default the process's range

@@ -69,11 +69,14 @@ def guided_stochastic(denoiser, x: torch.Tensor, sigmas, extra_args=None, genera
     return x
 
 
+OWN_RULE_GRID = "karras"  # the grid of a student's own sampling rule when it names none
+
+
 class Model:
     """A sampleable model: a sigma-space denoiser plus what sampling it needs."""
 
     def __init__(self, denoiser, process, shape, sigma_min: float, sigma_max: float, num_classes: int = 0,
-                 default_sampler: str = "heun", kind: str = "points", name: str = "", meta: Optional[dict] = None,
+                 default_sampler: Optional[str] = None, kind: str = "points", name: str = "", meta: Optional[dict] = None,
                  device="cpu", dtype=torch.float32, latent_shape=None):
         self.denoiser, self.process, self.shape = denoiser, process, tuple(shape)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
@@ -120,16 +123,21 @@ class Model:
         if str(nfe) in rule.get("variants", {}):
             return None, grid, options, nfe, self.variant(nfe)
         fixed = rule.get("grids", {}).get(str(nfe))
-        if fixed is not None and isinstance(grid, str) and grid == "karras":
+        if fixed is not None and grid is None:
             grid = torch.tensor(fixed, dtype=torch.float64)
-        elif rule.get("grid") and isinstance(grid, str) and grid == "karras":  # a named grid (NCSN: logsnr)
+        elif rule.get("grid") and grid is None:  # a named grid (NCSN: logsnr)
             grid = rule["grid"]
+        elif grid is None:  # a student's rule samples on the grid it was distilled for, not the teachers' defaults
+            grid = OWN_RULE_GRID
         return rule.get("sampler", self.default_sampler), grid, {**rule.get("options", {}), **options}, nfe, None
 
     @torch.no_grad()
     def sample(self, n: int, nfe: int, sampler: Optional[str] = None, seed: Optional[int] = None,
-               labels=None, grid="karras", x=None, guidance: Optional[float] = None, **options):
-        """Draw n samples with ``sampler`` (default: the model's own) at ``nfe`` evaluations.
+               labels=None, grid=None, x=None, guidance: Optional[float] = None, **options):
+        """Draw n samples with ``sampler`` (default: the model's own rule, else its default
+        sampler, else the configuration measured best for ``nfe``) at ``nfe`` evaluations, on
+        ``grid`` (default: that sampler's measured best grid; :func:`fewstep.samplers.recommend`).
+        The samples tensor's ``choice`` attribute says what ran.
 
         Returns ``(samples, labels)``; labels is None for an unconditional model.
         """
@@ -145,12 +153,15 @@ class Model:
             sampler, grid, options, nfe, other = self._own_rule(int(nfe), grid, options)
             if other is not None:
                 return other.sample(n, nfe, None, seed, labels, grid, x, guidance, **options)
-        sampler = sampler or self.default_sampler
-        info(sampler)  # unknown names fail before any work
+        from .samplers import AUTO
+
+        sampler = None if sampler == AUTO else sampler or self.default_sampler
+        if sampler is not None:
+            info(sampler)  # unknown names fail before any work
         self.check_conditioning(labels, guidance)
         x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
         D, extra, labels = self._conditioned(n, seed, labels, guidance)
-        if sampler not in ("rk45",) and "generator" not in options:
+        if sampler not in ("rk45", None) and "generator" not in options:
             from .samplers import info as _info
 
             if _info(sampler).stochastic:
@@ -344,7 +355,7 @@ def check_model_meta(meta, path) -> dict:
         raise bad("data.kind", "a data kind (points, image, clouds)")
     if meta.get("latent_shape") is not None and not _positive_ints(meta["latent_shape"]):
         raise bad("latent_shape", "a list of positive whole numbers")
-    if not isinstance(meta.get("default_sampler", "heun"), str):
+    if not isinstance(meta.get("default_sampler"), (str, type(None))):
         raise bad("default_sampler", "a sampler name")
     if meta.get("sampling") is not None and not isinstance(meta["sampling"], dict):
         raise bad("sampling", "an object (the model's own sampling rule)")
@@ -387,6 +398,15 @@ def check_weights(state: dict, path, into=None) -> None:
     for key, t in state.items():
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise UserError(f"{path}: tensor '{key}' holds NaN or infinite values (a diverged or damaged model); {fix}")
+
+
+def _default_sampler(meta: dict) -> Optional[str]:
+    """A run folder's default sampler; None (the measured default for each budget) for a
+    teacher, including teachers written before the measured defaults, which named "heun"."""
+    name = meta.get("default_sampler")
+    if name == "heun" and not meta.get("sampling"):
+        return None
+    return name
 
 
 def _load_gmm(path: str, device) -> Model:
@@ -442,7 +462,7 @@ def _load_run(path: Path, device) -> Model:
     D.to(dev).eval()
     data = meta["data"]
     return Model(D, D.process, data["shape"], meta["sigma_min"], meta["sigma_max"], data.get("num_classes", 0),
-                 meta.get("default_sampler", "heun"), data.get("kind", "points"), str(path), meta, device=dev,
+                 _default_sampler(meta), data.get("kind", "points"), str(path), meta, device=dev,
                  latent_shape=meta.get("latent_shape"))
 
 

@@ -25,8 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", help="sampler name (default: the model's own); see 'fewstep samplers'")
     p.add_argument("--nfe", type=cli_number, required=True, help="network evaluations to spend")
     p.add_argument("--n", type=cli_number, default=1000, help="number of samples (default 1000)")
-    p.add_argument("--grid", default="karras", help="sigma grid: karras, logsnr, polyexponential, time, "
-                                                    "time-leading, time-trailing, or FILE.json")
+    p.add_argument("--grid", help="sigma grid: karras, logsnr, polyexponential, vp-time, time, time-leading, "
+                                  "time-trailing, or FILE.json (default: the sampler's measured best for --nfe)")
+    p.add_argument("--afs", action="store_true", help="answer the first evaluation analytically (one fewer)")
     p.add_argument("--guidance", type=cli_number, help="classifier-free guidance scale (conditional models)")
     p.add_argument("--label", type=cli_number, help="class label for all samples (conditional models)")
     p.add_argument("--out", required=True, help="output .npz file")
@@ -61,7 +62,10 @@ def cmd_sample(a) -> int:
 
         x_T = model.noise(a.n, a.seed) * (float(load_grid(a.grid)[0]) / model.sigma_max)
     x, labels = model.sample(a.n, a.nfe, sampler=a.sampler, seed=a.seed, labels=labels, grid=a.grid,
-                             x=x_T, guidance=a.guidance)
+                             x=x_T, guidance=a.guidance, **({"afs": True} if a.afs else {}))
+    choice = getattr(x, "choice", None)
+    if choice is not None:
+        print(f"sampled with {choice.describe()}")
     arrays = {"samples": x.float().cpu().numpy()}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
@@ -73,6 +77,7 @@ def cmd_sample(a) -> int:
 
     atomic_write(out, write)
     png = save_samples_png(x, out.with_suffix(".png"), labels=labels,
-                           title=f"{a.sampler or model.default_sampler}, {a.nfe} NFE")
+                           title=f"{choice.sampler if choice else a.sampler or model.default_sampler}, "
+                                 f"{a.nfe} NFE")
     print(f"wrote {out} and {png}")
     return 0

@@ -13,9 +13,21 @@ def _checks() -> tuple:
     """The rules of this command's values (:class:`fewstep.train.options.Option`)."""
     from fewstep.train.options import Option, option
 
-    return (Option("nfe", int, None, "", low=1, example=8), Option("n", int, 256, "", low=2),
-            Option("candidates", int, 100, "", low=2), Option("iters", int, 150, "", low=1),
-            option("seed"), option("device"))
+    return (Option("n", int, 512, "", low=2), Option("candidates", int, 100, "", low=2),
+            Option("iters", int, 150, "", low=1), Option("patience", int, 25, "", low=1),
+            Option("seconds", float, 120.0, "", above=0.0, example=60), option("seed"), option("device"))
+
+
+def _nfes(text) -> list:
+    """--nfe as a sorted list of budgets: 8, or 3,4,6,8."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        vals = sorted({int(p) for p in parts})
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals) or any(str(int(p)) != p for p in parts):
+        raise UserError(f"--nfe {text}: give one or more whole numbers >= 1, e.g. 8 or 3,4,6,8")
+    return vals
 
 
 def add_parser(sub) -> None:
@@ -27,22 +39,38 @@ def add_parser(sub) -> None:
         description="Choose the sampler's noise levels for this teacher: by dynamic programming over candidate "
                     "levels (Watson et al. 2022; cost 'local': the sampler's one-step error against the teacher's "
                     "accurate ODE solution, 'elbo': the variational bound of ancestral sampling) and/or by "
-                    "optimising the levels directly against the final error. Learned on --n training starts, "
-                    "measured on as many fresh ones; written with its metadata to --out (a grid JSON file).")
+                    "optimising the levels directly against the final error, then (by default) the evaluation "
+                    "levels with them. Learned on --n training starts, stopped early on --n/2 held-out starts, "
+                    "reported on --n more that neither saw; written with its metadata to --out (a grid JSON file). "
+                    "Several budgets (--nfe 3,4,6,8) are learned in order, each warm-started from the one below.")
     p.add_argument("--teacher", required=True, metavar="RUN_OR_SPEC", help="teacher run folder or gmm:FILE.npz")
-    p.add_argument("--sampler", required=True, help="sampler name (see 'fewstep samplers'; not adaptive ones)")
-    p.add_argument("--nfe", type=cli_number, required=True, help="evaluation budget; the grid never spends more")
-    p.add_argument("--out", required=True, metavar="FILE.json", help="output grid file")
+    p.add_argument("--sampler", help="sampler name (default: the measured default's sampler at each budget; "
+                                     "see 'fewstep samplers --nfe K')")
+    p.add_argument("--nfe", required=True, help="evaluation budget(s), e.g. 8 or 3,4,6,8; a grid never spends more")
+    p.add_argument("--out", required=True, metavar="FILE.json",
+                   help="output grid file; with several budgets it must contain {nfe}, e.g. grids/g{nfe}.json")
     p.add_argument("--method", default="dp+optimize", choices=METHODS, help="default dp+optimize")
     p.add_argument("--cost", default="local", choices=COSTS, help="DP cost (default local)")
-    p.add_argument("--n", type=cli_number, default=256, help="training starts (default 256); as many fresh ones measure it")
+    p.add_argument("--n", type=cli_number, default=512,
+                   help="training starts (default 512); n/2 more stop the optimisation, n more measure the result")
     p.add_argument("--candidates", type=cli_number, default=100, help="DP candidate levels before refining (default 100)")
-    p.add_argument("--iters", type=cli_number, default=150, help="Adam steps of the direct optimisation (default 150)")
-    p.add_argument("--eval-levels", action="store_true",
-                   help="also learn decoupled evaluation levels (the teacher at step i asked at a learned sigma'_i, "
-                        "LD3-style), jointly with the grid; stored in the file as eval_sigmas, same NFE")
+    p.add_argument("--iters", type=cli_number, default=150, help="most Adam steps per phase (default 150)")
+    p.add_argument("--patience", type=cli_number, default=25,
+                   help="stop a phase after this many steps without held-out improvement (default 25)")
+    p.add_argument("--seconds", type=cli_number, default=120.0,
+                   help="time budget of the optimisation per NFE (default 120 s)")
+    lv = p.add_mutually_exclusive_group()
+    lv.add_argument("--eval-levels", dest="eval_levels", action="store_true", default=True,
+                    help="also learn decoupled evaluation levels (the teacher at step i asked at a learned sigma'_i, "
+                         "LD3-style), jointly with the grid; stored as eval_sigmas, same NFE (the default)")
+    lv.add_argument("--no-eval-levels", dest="eval_levels", action="store_false", help="learn the grid only")
+    p.add_argument("--afs", choices=("auto", "on", "off"), default="auto",
+                   help="analytical first step: auto (as the sampler's measured default at that budget), on, off")
+    p.add_argument("--end", choices=("auto", "zero", "sigma-min"), default="auto",
+                   help="grid ends at 0 or at sigma_min (auto: as the sampler's measured default)")
     p.add_argument("--data", help="the teacher's dataset (for --cost elbo), if its run folder does not say")
-    p.add_argument("--seed", type=cli_number, default=0, help="training-noise seed (default 0); fresh noise uses seed + 1")
+    p.add_argument("--seed", type=cli_number, default=0,
+                   help="training-noise seed (default 0); held-out starts use seed + 1 and seed + 2")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_schedule)
@@ -67,46 +95,92 @@ def _starts(model, spec: str, n: int, seed: int, with_data: bool, data=None):
     return model.noise(n, seed), x0, None
 
 
+def _setting(a, sampler: str, nfe: int) -> tuple:
+    """(sampler, afs, final_zero) at ``nfe``: as asked, else the measured default's."""
+    from fewstep.samplers import recommend
+
+    try:
+        rec = recommend(nfe, sampler)
+    except UserError:  # a budget the sampler is refused at by default: still learnable
+        rec = None
+    name = sampler or rec.sampler
+    afs = {"on": True, "off": False}.get(a.afs, bool(rec.afs) if rec else False)
+    fz = {"zero": True, "sigma-min": False}.get(a.end, bool((rec.grid_options if rec else {}).get("final_zero",
+                                                                                                   True)))
+    return name, afs, fz
+
+
 def cmd_schedule(a) -> int:
+    import torch
+
     from fewstep.model import load
     from fewstep.samplers import info
-    from fewstep.schedules import Problem, best_fixed, learn, save_schedule
+    from fewstep.schedules import Problem, best_fixed, learn, save_schedule, warm_start
 
-    out = Path(a.out)
-    if out.suffix != ".json":
-        raise UserError(f"--out {out}: the grid file must end in .json")
+    nfes = _nfes(a.nfe)
+    if not str(a.out).endswith(".json"):
+        raise UserError(f"--out {a.out}: the grid file must end in .json")
+    if len(nfes) > 1 and "{nfe}" not in str(a.out):
+        raise UserError(f"--out {a.out}: with several budgets the file name must contain {{nfe}}, "
+                        f"e.g. {Path(a.out).with_name(Path(a.out).stem + '_{nfe}.json')}")
+    outs = {k: Path(str(a.out).replace("{nfe}", str(k))) for k in nfes}
     from fewstep.train.options import check_args, check_batch_memory, check_memory
     from fewstep.train.runfolder import check_output
 
     check_args(a, _checks())
-    check_output(out, file=True)
+    for out in outs.values():
+        check_output(out, file=True)
     m = a.candidates
     check_memory(f"--candidates {m:,}", 3 * 8 * float(m + 1) ** 2, f"3 float64 matrices of {m + 1:,} x {m + 1:,} "
                  f"level-pair costs", "give fewer --candidates (default 100)")
-    info(a.sampler)  # unknown names fail before any work
+    if a.sampler is not None:
+        info(a.sampler)  # unknown names fail before any work
+        if info(a.sampler).adaptive:
+            raise UserError(f"sampler '{a.sampler}' chooses its own steps (adaptive): a schedule cannot be learned "
+                            f"for it")
     say = (lambda m: None) if a.quiet else (lambda m: print(m, flush=True))
-    t0 = time.time()
     model = load(a.teacher, device=a.device)
-    check_batch_memory("--n", a.n, model.shape, copies=8, fix="give fewer --n training starts")  # train + fresh
+    check_batch_memory("--n", a.n, model.shape, copies=10, fix="give fewer --n training starts")
     x_T, x0, flow = _starts(model, a.teacher, a.n, a.seed, a.cost == "elbo", a.data)
-    prob = Problem(model.denoiser, a.sampler, a.nfe, model.sigma_min, model.sigma_max, x_T, exact_flow=flow,
-                   x0=x0, seed=a.seed)
-    say(f"[schedule] {a.teacher}: {a.sampler}, {a.nfe} NFE = {prob.steps} steps, {a.method} ({a.cost}), n = {a.n}")
-    sigmas, meta = learn(prob, method=a.method, cost=a.cost, m=a.candidates, iters=a.iters, process=model.process,
-                         log=say, levels=a.eval_levels)
-    ev = meta.pop("eval_sigmas", None)
-    # fresh noise: the learned grid and the best fixed grid (chosen on the training starts)
-    xf, _, _ = _starts(model, a.teacher, a.n, a.seed + 1, False)
-    fresh = Problem(model.denoiser, a.sampler, a.nfe, model.sigma_min, model.sigma_max, xf, exact_flow=flow)
-    fixed_name, fixed, _ = best_fixed(prob, model.process)
-    meta.update(rms_fresh=fresh.error(sigmas, levels=ev), rms_fresh_best_fixed=fresh.error(fixed))
-    say(f"[schedule] RMS to the teacher's ODE solution on fresh noise: learned {meta['rms_fresh']:.4g}, "
-        f"best fixed grid ({fixed_name}) {meta['rms_fresh_best_fixed']:.4g}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_schedule(out, sigmas, ev, teacher=a.teacher, sampler=a.sampler, nfe=a.nfe, seed=a.seed, n=a.n,
-           sigma_min=model.sigma_min, sigma_max=model.sigma_max, seconds=time.time() - t0,
-           reference="exact flow" if flow is not None else "Heun on a fine grid", **meta)
-    print(f"wrote {out}: {len(sigmas) - 1} steps, {meta['nfe_spent']} evaluations, "
-          f"sigmas {', '.join(f'{float(s):.4g}' for s in sigmas)}"
-          + (f"; evaluation levels {', '.join(f'{float(s):.4g}' for s in ev)}" if ev is not None else ""))
+    x_val = _starts(model, a.teacher, max(2, a.n // 2), a.seed + 1, False)[0]
+    x_test = _starts(model, a.teacher, a.n, a.seed + 2, False)[0]
+    prev = None  # (sigmas, validation RMS) of the budget below
+    for nfe in nfes:
+        t0 = time.time()
+        sampler, afs, fz = _setting(a, a.sampler, nfe)
+        prob = Problem(model.denoiser, sampler, nfe, model.sigma_min, model.sigma_max, x_T, exact_flow=flow,
+                       x0=x0, seed=a.seed, afs=afs, final_zero=fz)
+        val, test = prob.on(x_val), prob.on(x_test)
+        inits = {}
+        if prev is not None and (float(prev[0][-1]) == 0) == fz and len(prev[0]) - 1 <= prob.steps:
+            inits["warm start"] = warm_start(prev[0], prob.steps)
+        say(f"[schedule] {a.teacher}: {sampler}, {nfe} NFE = {prob.steps} steps"
+            f"{' with AFS' if afs else ''}, ending at {'0' if fz else 'sigma_min'}, {a.method} ({a.cost}), "
+            f"{a.n} training / {len(x_val)} stopping / {len(x_test)} held-out starts")
+        sigmas, meta = learn(prob, method=a.method, cost=a.cost, m=a.candidates, iters=a.iters, process=model.process,
+                             log=say, levels=a.eval_levels, val=val, patience=a.patience, seconds=a.seconds,
+                             inits=inits)
+        ev = meta.pop("eval_sigmas", None)
+        ev = None if ev is None else torch.tensor(ev, dtype=torch.float64)
+        fixed_name, fixed, _ = best_fixed(prob, model.process)
+        e_val = val.error(sigmas, levels=ev)
+        if prev is not None and "warm start" in inits and e_val > prev[1]:  # monotone in NFE where it can be
+            w = inits["warm start"]
+            if val.error(w) < e_val:
+                sigmas, ev, e_val = w, None, val.error(w)
+                meta["kept_warm_start"] = True
+        meta.update(rms_heldout=test.error(sigmas, levels=ev), rms_heldout_best_fixed=test.error(fixed),
+                    rms_val=e_val, n_train=a.n, n_val=len(x_val), n_heldout=len(x_test))
+        say(f"[schedule] RMS to the teacher's ODE solution on {len(x_test)} held-out starts (used neither to train "
+            f"nor to stop): learned {meta['rms_heldout']:.4g}, best fixed grid ({fixed_name}) "
+            f"{meta['rms_heldout_best_fixed']:.4g}")
+        out = outs[nfe]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_schedule(out, sigmas, ev, teacher=a.teacher, sampler=sampler, nfe=nfe, seed=a.seed, n=a.n,
+                      sigma_min=model.sigma_min, sigma_max=model.sigma_max, seconds=time.time() - t0,
+                      afs=afs or False, reference="exact flow" if flow is not None else "Heun on a fine grid", **meta)
+        print(f"wrote {out}: {len(sigmas) - 1} steps, {meta['nfe_spent']} evaluations, "
+              f"sigmas {', '.join(f'{float(s):.4g}' for s in sigmas)}"
+              + (f"; evaluation levels {', '.join(f'{float(s):.4g}' for s in ev)}" if ev is not None else ""))
+        prev = (sigmas, e_val)
     return 0

@@ -199,7 +199,7 @@ class FamilyModel:
 
     @torch.no_grad()
     def sample(self, n: int, nfe: Optional[int] = None, sampler: Optional[str] = None, seed: Optional[int] = None,
-               labels=None, grid="karras", x=None, guidance: Optional[float] = None, **options):
+               labels=None, grid=None, x=None, guidance: Optional[float] = None, **options):
         """``(samples, None)`` by the family's own rule, which spends ``cost`` evaluations
         (one per coordinate for the ARM); ``nfe`` below that is refused."""
         name = self.name or "the model"
@@ -208,7 +208,7 @@ class FamilyModel:
                             f"('{self.default_sampler}'); give no --sampler")
         if options:
             raise UserError(f"sampler '{self.default_sampler}' takes no options ({', '.join(sorted(options))})")
-        if not (isinstance(grid, str) and grid == "karras"):  # "karras" is only the default's name here
+        if grid is not None:
             raise UserError(f"{name} samples one coordinate at a time: it takes no --grid")
         self.check_conditioning(labels, guidance)
         if nfe is not None and int(nfe) < self.cost:

@@ -34,7 +34,7 @@ from .pairs import make_pairs, pair_spec
 
 DISTANCES = ("mse", "chamfer", "emd")
 OPTIONS = (
-    Option("pair_sampler", str, None, "sampler that makes the teacher's pairs (default: the teacher's own, heun)",
+    Option("pair_sampler", str, None, "sampler that makes the teacher's pairs (default: the teacher's own, else heun)",
            none="the teacher's own sampler", example="heun"),
     Option("pair_nfe", int, 64, "teacher evaluations per pair (default 64)", low=1),
     Option("pair_grid", str, "karras", "sigma grid of the pair sampler (default karras)"),

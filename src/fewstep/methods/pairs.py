@@ -19,13 +19,16 @@ from ..io import load_weights, read_json, save_checkpoint, write_json
 from .common import Conditioning, EvalCounter, quiet_sample
 
 
+PAIR_SAMPLER = "heun"  # a teacher with no sampler of its own makes pairs with Heun (accurate at pair budgets)
+
+
 def pair_spec(cfg: dict, teacher, cond: Conditioning = Conditioning()) -> dict:
     """The pairs a config asks for (``pair_sampler``, ``pair_nfe``, ``pair_grid``, ``pairs``,
     ``pair_batch``, ``seed``, ``latent_dim``), checked before any work."""
     from ..grids import make_grid
     from ..samplers import info
 
-    sampler = cfg["pair_sampler"] or teacher.default_sampler
+    sampler = cfg["pair_sampler"] or teacher.default_sampler or PAIR_SAMPLER
     info(sampler)  # unknown names fail before any work
     if isinstance(cfg["pair_grid"], str) and not cfg["pair_grid"].endswith(".json"):
         make_grid(cfg["pair_grid"], 2, teacher.sigma_min, teacher.sigma_max, process=teacher.process)

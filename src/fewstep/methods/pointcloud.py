@@ -188,7 +188,7 @@ def evaluate(cfg: dict, data, teacher, reflowed, student) -> tuple[dict, dict]:
     results, clouds = {}, {"data": real}
     among = {d: PAIRWISE[d][0](real, real) for d in (("chamfer", "emd") if cfg["eval_emd"] else ("chamfer",))}
     for key, (model, nfe, sampler) in runs.items():
-        x, _ = model.sample(n, nfe, sampler=sampler, grid="time" if sampler else "karras", x=noise)
+        x, _ = model.sample(n, nfe, sampler=sampler, grid="time" if sampler else None, x=noise)
         x = x.float().cpu()
         m = {"nfe": nfe, "sampler": sampler or "euler"}
         if torch.isfinite(x).all():

@@ -53,7 +53,7 @@ from ..train.options import LOOP_NAMES, Option, check_batch_memory, table_defaul
 from ..train.losses import DenoisingLoss
 from .common import (Conditioning, bcast, check_student_net, conditioning, data_source, data_spec, fixed_grids,
                      is_exact, load_teacher, net_config, quiet_sample, student_meta, teacher_net_state)
-from .pairs import make_pairs, pair_spec
+from .pairs import PAIR_SAMPLER, make_pairs, pair_spec
 
 OPTIONS = (
     # couplings and init keep their own refusals in _check ("use independent or teacher")
@@ -247,7 +247,7 @@ class Evaluation:
             self.reference = "exact"
         elif teacher is not None:
             pc = _pair_cfg(cfg, teacher, "", 1)
-            x = teacher.sample(n, pc["pair_nfe"], sampler=pc["pair_sampler"] or teacher.default_sampler,
+            x = teacher.sample(n, pc["pair_nfe"], sampler=pc["pair_sampler"] or teacher.default_sampler or PAIR_SAMPLER,
                                grid=pc["pair_grid"], x=s_ref * self.z, guidance=cond.guidance if cond.on else None,
                                **lab)[0]
             self.ref, self.reference = x.float().to(device), "teacher"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -23,7 +24,8 @@ import torch
 from ..checks import finite, whole
 from ..errors import UserError, unknown_name
 
-__all__ = ["register", "names", "get", "info", "SamplerInfo", "sample", "steps_for_nfe"]
+__all__ = ["register", "names", "get", "info", "SamplerInfo", "sample", "steps_for_nfe", "spent", "recommend",
+           "Choice", "AnalyticFirst"]
 
 
 @dataclass
@@ -47,6 +49,7 @@ class SamplerInfo:
 _REGISTRY: dict[str, SamplerInfo] = {}
 MAX_STEPS = 100000  # steps_for_nfe stops here (one step past it)
 HUGE_NFE = 10000    # fewstep.sample warns, with the cost, above this many evaluations
+AUTO = "auto"       # the sampler name of the measured default (the same as giving none)
 
 
 def register(name: str, *, cost: Optional[Callable[..., int]] = None, order=None,
@@ -73,6 +76,9 @@ def names() -> list[str]:
 
 
 def info(name: str) -> SamplerInfo:
+    if name == AUTO:
+        raise UserError(f"'{AUTO}' is the measured default, not a sampler of its own; "
+                        f"see fewstep.samplers.recommend(nfe)")
     if name not in _REGISTRY:
         raise unknown_name("sampler", name, names())
     return _REGISTRY[name]
@@ -83,15 +89,23 @@ def get(name: str) -> Callable:
     return info(name).fn
 
 
-def steps_for_nfe(name: str, nfe: int, **options) -> int:
-    """The largest number of steps whose cost is at most ``nfe`` evaluations (0 if none)."""
-    cost = info(name).cost
+def steps_for_nfe(name: str, nfe: int, final_zero: bool = True, afs: bool = False, **options) -> int:
+    """The largest number of steps whose cost is at most ``nfe`` evaluations (0 if none), on
+    a grid ending at 0 (``final_zero``) or at a positive sigma, with the first evaluation
+    answered analytically (``afs``: one evaluation fewer) or not."""
     steps = 0
-    while cost(steps + 1, **options) <= nfe:
+    while spent(name, steps + 1, final_zero, afs, **options) <= nfe:
         steps += 1
         if steps > MAX_STEPS:
             break
     return steps
+
+
+def spent(name: str, steps: int, final_zero: bool = True, afs: bool = False, **options) -> int:
+    """Denoiser evaluations of ``steps`` steps of sampler ``name``: its cost on a grid ending at
+    0 or not, one fewer with the analytical first step."""
+    c = info(name).cost(steps, **{**options, "final_zero": bool(final_zero)})
+    return max(0, c - int(bool(afs) and steps > 0))
 
 
 def _check_options(sampler: str, fn: Callable, options: dict) -> None:
@@ -150,10 +164,79 @@ def _check_range(sigma_min, sigma_max, grid) -> None:
             raise UserError(f"sigma_min ({sigma_min}) must be below sigma_max ({sigma_max})")
 
 
-def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, grid="karras",
+class AnalyticFirst:
+    """A denoiser whose first call, at the grid's first level ``sigma0``, is answered without
+    the network: the analytical first step (AFS; Dockhorn et al. 2022, GENIE sec. 3.2, and
+    diff-sampler). At sigma_max the data are nearly invisible, so their posterior mean is
+    what a simple prior says it is:
+
+    ``"prior"`` (True): a Gaussian prior N(0, s^2 I), s the denoiser's ``sigma_data`` (else 1),
+        D = x s^2 / (s^2 + sigma^2), the exact posterior mean under that prior;
+    ``"unit"``: diff-sampler's rule eps = x / sqrt(1 + sigma^2), D = x - sigma eps.
+
+    Every later call goes to the network. Attributes are the wrapped denoiser's."""
+
+    MODES = ("prior", "unit")
+
+    def __init__(self, denoiser, sigma0: float, mode="prior"):
+        self.inner, self.sigma0 = denoiser, float(sigma0)
+        self.mode = "prior" if mode is True else mode
+        self.used = False
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["inner"], name)
+
+    def __call__(self, x, sigma, **kw):
+        if not self.used:
+            self.used = True
+            s = float(torch.as_tensor(sigma).flatten()[0])
+            if abs(s - self.sigma0) > 1e-5 * self.sigma0:  # float32 levels round at 6e-8
+                raise UserError(f"afs: the sampler's first evaluation is at sigma={s:g}, not at the grid's first "
+                                f"level {self.sigma0:g}; use afs with a deterministic grid sampler")
+            if self.mode == "unit":
+                return x - x * (s / (1 + s * s) ** 0.5)
+            sd = float(getattr(self.inner, "sigma_data", 1.0) or 1.0)
+            return x * (sd * sd / (sd * sd + s * s))
+        return self.inner(x, sigma, **kw)
+
+
+def _file_afs(path):
+    """The ``afs`` a grid file records (``fewstep schedule`` writes it), else None."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None  # grids.load says what is wrong with the file
+    return data.get("afs") if isinstance(data, dict) and data.get("afs") else None
+
+
+def _afs_mode(afs, sampler: str):
+    """``afs`` as False, "prior" or "unit", checked against the sampler (one UserError line)."""
+    if afs is None or afs is False:
+        return False
+    if afs is True:
+        afs = "prior"
+    if afs not in AnalyticFirst.MODES:
+        raise UserError(f"afs must be True, False, 'prior' or 'unit', got {afs!r}")
+    si = info(sampler)
+    if si.stochastic or si.adaptive:
+        raise UserError(f"afs (the analytical first step) applies to deterministic grid samplers, not to "
+                        f"'{sampler}' ({'stochastic' if si.stochastic else 'adaptive'}); drop afs")
+    return afs
+
+
+def sample(denoiser, x: torch.Tensor, sampler: Optional[str] = None, nfe: int = 10, grid=None,
            sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, process=None,
-           grid_options: Optional[dict] = None, **options) -> torch.Tensor:
+           grid_options: Optional[dict] = None, afs=None, **options) -> torch.Tensor:
     """Run ``sampler`` with as many steps as ``nfe`` network evaluations allow.
+
+    With neither ``sampler`` nor ``grid`` it runs the configuration recommended for ``nfe``
+    (:func:`fewstep.samplers.recommend`: sampler, grid, grid options and analytical first
+    step that measure best at that budget on the project's exact teachers); with a
+    ``sampler`` and no ``grid``, that sampler's best grid for ``nfe`` (a sampler that cannot
+    be made stable at that budget refuses with one line naming what to use). What was run
+    is the returned tensor's ``choice`` attribute (a :class:`Choice`).
 
     ``grid`` is a grid name of :mod:`fewstep.grids`, a path to a grid JSON file (with
     its decoupled evaluation levels, if it has them: :mod:`fewstep.levels`), or a
@@ -162,10 +245,12 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
     ``process=``, else the denoiser's (its ``sigma_min``/``sigma_max`` attributes, else
     its ``process``'s); the time grids (``time``,
     ``time-leading``, ``time-trailing``) need only the process. ``grid_options`` go to the
-    grid function (e.g. ``{"steps_offset": 1}`` for ``time-leading``, ``{"rho": 5}``).
-    ``process=`` is also handed to samplers that take it. Spends exactly ``nfe``
-    evaluations where the sampler's cost allows, else fewer, with a warning; never more.
-    Adaptive samplers get ``max_nfe=nfe``.
+    grid function (e.g. ``{"steps_offset": 1}`` for ``time-leading``, ``{"rho": 5}``,
+    ``{"final_zero": False}`` to end at sigma_min without a step to 0).
+    ``afs=True`` answers the first evaluation analytically (:class:`AnalyticFirst`), one
+    evaluation fewer. ``process=`` is also handed to samplers that take it. Spends exactly
+    ``nfe`` evaluations where the sampler's cost allows, else fewer, with a warning; never
+    more. Adaptive samplers get ``max_nfe=nfe``.
 
     Arguments that cannot be meant (``nfe`` not a whole number >= 1, ``x`` not a tensor, an
     option the sampler does not take, a non-finite sigma range or sigma_min >= sigma_max)
@@ -173,14 +258,26 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
     :data:`HUGE_NFE` runs, with a warning stating its cost.
     """
     from .. import grids as G
+    from ._choice import Choice, resolve
 
-    si = info(sampler)
     nfe = whole(nfe, "nfe")
     if not isinstance(x, torch.Tensor):
         raise UserError(f"x must be a torch.Tensor of starting points at the grid's first level, got "
                         f"{type(x).__name__}; convert it with torch.as_tensor(x)")
+    if sampler == AUTO:
+        sampler = None
+    if sampler is not None:  # what the caller named is checked before a default is looked up
+        _check_options(sampler, info(sampler).fn, options)
+    if grid_options is not None and not isinstance(grid_options, dict):
+        raise UserError(f"grid_options must be a dict of the grid's keywords, got {type(grid_options).__name__}")
+    if afs is None and isinstance(grid, (str, Path)) and str(grid).endswith(".json"):
+        afs = _file_afs(grid)  # a learned schedule says whether it was learned with the analytical first step
+    choice = resolve(nfe, sampler, grid, grid_options, afs)
+    sampler, grid, grid_options, afs = choice.sampler, choice.grid, choice.grid_options, choice.afs
+    si = info(sampler)
     _check_options(sampler, si.fn, options)
-    opts = {**si.defaults, **options}
+    opts = {**si.defaults, **choice.options, **options}
+    afs = _afs_mode(afs, sampler)
     if process is None:  # else make_grid takes the range of the process given
         sigma_min = sigma_min if sigma_min is not None else getattr(denoiser, "sigma_min", None)
         sigma_max = sigma_max if sigma_max is not None else getattr(denoiser, "sigma_max", None)
@@ -188,40 +285,52 @@ def sample(denoiser, x: torch.Tensor, sampler: str = "euler", nfe: int = 10, gri
     _check_grid_options(grid, grid_options)
     grid_process = process if process is not None else getattr(denoiser, "process", None)
     user_grid = isinstance(grid, (torch.Tensor, list, tuple)) or str(grid).endswith(".json")
+    cost_opts = {k: v for k, v in opts.items() if k not in ("callback", "extra_args", "generator")}
     if user_grid:  # the grid fixes the steps; nfe is only a budget check
         sigmas = G.make_grid(grid, 0, 0, 0)
         if not isinstance(grid, (torch.Tensor, list, tuple)):  # a file's evaluation levels (fewstep.levels)
             from ..levels import load_schedule
 
             denoiser = load_schedule(grid)[1](denoiser)
-        spent = si.cost(len(sigmas) - 1, **opts, **({"final_zero": False} if sigmas[-1] > 0 else {}))
-        if not si.adaptive and spent > nfe:
-            raise UserError(f"the grid has {len(sigmas) - 1} steps: sampler '{sampler}' would spend "
-                            f"{spent} > {nfe} evaluations")
+        steps = len(sigmas) - 1
+        used = spent(sampler, steps, bool(sigmas[-1] == 0), afs, **cost_opts)
+        if not si.adaptive and used > nfe:
+            raise UserError(f"the grid has {steps} steps: sampler '{sampler}' would spend "
+                            f"{used} > {nfe} evaluations")
         if si.adaptive:
             opts.setdefault("max_nfe", nfe)
     else:
+        final_zero = bool((grid_options or {}).get("final_zero", True))
         if si.adaptive:
             opts.setdefault("max_nfe", nfe)
             steps = 2  # the grid gives only the end points sigma_max, sigma_min (then 0)
+            used = nfe
         else:
-            steps = steps_for_nfe(sampler, nfe, **opts)
+            steps = steps_for_nfe(sampler, nfe, final_zero, afs, **cost_opts)
             if steps == 0:
                 raise UserError(f"sampler '{sampler}' needs more than {nfe} evaluations for one step; raise --nfe")
+            used = spent(sampler, steps, final_zero, afs, **cost_opts)
         sigmas = G.make_grid(grid, steps, sigma_min, sigma_max, process=grid_process, **(grid_options or {}))
-        spent = si.cost(steps, **opts)
         if not si.adaptive and nfe > HUGE_NFE:
             most = f", the most steps a sampler takes ({MAX_STEPS:,})" if steps > MAX_STEPS else ""
-            warnings.warn(f"nfe={nfe:,} is very large: sampler '{sampler}' will make {spent:,} denoiser evaluations "
+            warnings.warn(f"nfe={nfe:,} is very large: sampler '{sampler}' will make {used:,} denoiser evaluations "
                           f"({steps:,} steps{most}) on a batch of {x.shape[0] if x.ndim else 1}; few-step samplers "
                           f"converge far below {HUGE_NFE:,}: lower nfe unless you mean it", stacklevel=2)
-        elif not si.adaptive and spent < nfe:
-            warnings.warn(f"sampler '{sampler}' spends {spent} evaluations ({steps} steps), not {nfe}: "
-                          f"its steps cost {si.cost(steps + 1, **opts) - spent} each", stacklevel=2)
+        elif not si.adaptive and used < nfe:
+            step_cost = spent(sampler, steps + 1, final_zero, afs, **cost_opts) - used
+            warnings.warn(f"sampler '{sampler}' spends {used} evaluations ({steps} steps), not {nfe}: "
+                          f"its steps cost {step_cost} each", stacklevel=2)
+    choice.warn_if_diverges(nfe)
     sigmas = sigmas.to(device=x.device)
     if process is not None and "process" in inspect.signature(si.fn).parameters:
         opts.setdefault("process", process)
-    return si.fn(denoiser, x, sigmas, **opts)
+    if afs:
+        denoiser = AnalyticFirst(denoiser, float(sigmas[0]), afs)
+    out = si.fn(denoiser, x, sigmas, **opts)
+    out.choice = Choice(sampler, grid if not isinstance(grid, torch.Tensor) else "given", grid_options or {},
+                        afs, choice.options, choice.source, nfe=nfe, spent=used, steps=steps, row=choice.row)
+    return out
 
 
 _load_all()
+from ._choice import Choice, recommend  # noqa: E402

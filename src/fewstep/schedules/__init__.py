@@ -18,7 +18,10 @@ evaluations, so it never spends more. Learn on one batch of noise, measure on an
 from __future__ import annotations
 
 import math
+import time
+from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .. import grids as G
@@ -30,7 +33,7 @@ from .problem import Problem, candidates
 
 __all__ = ["Problem", "learn", "fixed_grids", "best_fixed", "dp_grid", "optimize_grid", "shortest_path",
            "local_costs", "elbo_costs", "candidates", "to_sigmas", "from_sigmas", "differentiable", "METHODS", "COSTS",
-           "EvalLevels", "load_schedule", "save_schedule", "optimize_levels"]
+           "EvalLevels", "load_schedule", "save_schedule", "optimize_levels", "warm_start"]
 
 METHODS = ("dp", "optimize", "dp+optimize")
 COSTS = ("local", "elbo")
@@ -38,16 +41,37 @@ COSTS = ("local", "elbo")
 
 def fixed_grids(problem: Problem, process=None) -> dict:
     """The training-free grids of :mod:`fewstep.grids` with the problem's steps and range
-    (Karras rho 7, log-SNR, polyexponential rho 2, and the process time grids if given)."""
+    (Karras rho 7 and 3, log-SNR, polyexponential rho 2, VP-time rho 1, 2 and 3, and the
+    process time grids if given)."""
     n, lo, hi, fz = problem.steps, problem.sigma_min, problem.sigma_max, problem.final_zero
-    out = {"karras": G.karras(n, lo, hi, final_zero=fz), "logsnr": G.logsnr_uniform(n, lo, hi, final_zero=fz),
+    out = {"karras": G.karras(n, lo, hi, final_zero=fz), "karras3": G.karras(n, lo, hi, rho=3.0, final_zero=fz),
+           "logsnr": G.logsnr_uniform(n, lo, hi, final_zero=fz),
            "poly2": G.polyexponential(n, lo, hi, rho=2.0, final_zero=fz)}
+    for rho in (1.0, 2.0, 3.0):
+        out[f"vp-time{rho:g}"] = G.vp_time(n, lo, hi, rho=rho, final_zero=fz)
     if process is not None:
         for sp in ("trailing", "linspace"):
             g = G.time_uniform(process, n, sp, final_zero=fz)
             if abs(float(g[0]) / hi - 1) < 1e-6:  # same start level only
                 out[f"time-{sp}"] = g
     return out
+
+
+def warm_start(sigmas: Tensor, steps: int) -> Tensor:
+    """A grid of ``steps`` steps from a learned grid with fewer: the widest steps (in log
+    sigma; a step to 0 is never split) halved at their geometric midpoints until the count
+    is reached. A larger budget warm-started here begins where the smaller one ended, so
+    the learned errors fall with NFE instead of wandering (issue 21)."""
+    lv = [float(v) for v in G.as_sigmas(sigmas)]
+    if steps < len(lv) - 1:
+        raise UserError(f"a warm start adds levels: {len(lv) - 1} steps cannot become {steps}")
+    while len(lv) - 1 < steps:
+        widths = [(math.log(a / b), i) for i, (a, b) in enumerate(zip(lv[:-1], lv[1:])) if b > 0]
+        if not widths:
+            raise UserError("a warm start needs a step between two positive levels to split")
+        _, i = max(widths)
+        lv.insert(i + 1, math.sqrt(lv[i] * lv[i + 1]))
+    return torch.tensor(lv, dtype=torch.float64)
 
 
 def best_fixed(problem: Problem, process=None) -> tuple[str, Tensor, float]:
@@ -62,9 +86,17 @@ def best_fixed(problem: Problem, process=None) -> tuple[str, Tensor, float]:
 
 def learn(problem: Problem, method: str = "dp+optimize", cost: str = "local", m: int = 100, refine: int = 5,
           iters: int = 150, lr: float = 0.05, grad: str = "auto", process=None, log=None,
-          levels: bool = False) -> tuple[Tensor, dict]:
+          levels: bool = False, val: Optional[Problem] = None, patience: Optional[int] = None,
+          seconds: Optional[float] = None, inits: Optional[dict] = None) -> tuple[Tensor, dict]:
     """The learned grid and what it took (module docstring). ``info`` holds the training
-    RMS of the grid (``rms_train``), of the best fixed grid and the evaluations spent."""
+    RMS of the grid (``rms_train``), of the best fixed grid and the evaluations spent.
+
+    ``val`` (the problem on held-out starts, :meth:`Problem.on`) chooses among iterates and
+    stops the optimisation after ``patience`` steps without held-out improvement; then the
+    result is never worse on those starts than the grid it started from (else that grid is
+    returned). ``seconds`` bounds the optimisation time; ``inits`` are more starting grids
+    (name -> sigmas with ``problem.steps`` steps, e.g. a smaller budget's learned grid with a
+    level added: :func:`warm_start`), tried beside the fixed grids and the DP grid."""
     if method not in METHODS:
         raise unknown_name("method", method, METHODS)
     if cost not in COSTS:
@@ -74,22 +106,46 @@ def learn(problem: Problem, method: str = "dp+optimize", cost: str = "local", m:
     fixed_name, fixed, fixed_rms = best_fixed(problem, process)
     info = {"method": method, "cost": cost, "steps": problem.steps, "best_fixed_grid": fixed_name,
             "rms_train_best_fixed": fixed_rms}
+    for name, g in (inits or {}).items():  # more starting points: kept where they train better
+        g = G.as_sigmas(g, where=f"starting grid {name}")
+        if len(g) - 1 != problem.steps:
+            raise UserError(f"starting grid {name} has {len(g) - 1} steps, the budget buys {problem.steps}")
+        e = problem.error(g)
+        if math.isfinite(e) and e < fixed_rms:
+            fixed_name, fixed, fixed_rms = name, g, e
+            info.update(best_start=name, rms_train_best_start=e)
+    deadline = None if seconds is None else time.monotonic() + float(seconds)
+    stop = {"val": val, "patience": patience, "deadline": deadline}
     if method in ("dp", "dp+optimize"):
         sig, dpi = dp_grid(problem, cost, m=m, refine=refine, log=log)
         info.update(dpi, rms_train_dp=problem.error(sig))
     if method == "optimize":
-        sig, oi = optimize_grid(problem, fixed, iters=iters, lr=lr, grad=grad, log=log)
+        start = fixed
+        sig, oi = optimize_grid(problem, fixed, iters=iters, lr=lr, grad=grad, log=log, **stop)
         info.update(oi)
     elif method == "dp+optimize":
         start = sig if info["rms_train_dp"] <= fixed_rms else fixed
         info["optimize_from"] = "dp" if start is sig else fixed_name
-        sig, oi = optimize_grid(problem, start, iters=iters, lr=lr, grad=grad, log=log)
+        sig, oi = optimize_grid(problem, start, iters=iters, lr=lr, grad=grad, log=log, **stop)
         info.update(oi)
+    else:
+        start = sig if info["rms_train_dp"] <= fixed_rms else fixed
+    ev = None
     if levels:
         info["rms_train_grid_only"] = problem.error(sig)
-        sig, ev, li = optimize_levels(problem, sig, iters=iters, lr=lr, log=log)
-        info.update(eval_sigmas=ev.tolist(), rms_train_levels_init=li["rms_init"])
-    info["rms_train"] = problem.error(sig, levels=ev if levels else None)
+        sig, ev, li = optimize_levels(problem, sig, iters=iters, lr=lr, log=log, **stop)
+        info.update(rms_train_levels_init=li["rms_init"])
+    if val is not None:  # never worse on held-out starts than where it started
+        e_new, e_start = val.error(sig, levels=ev), val.error(start)
+        info.update(rms_val=e_new, rms_val_start=e_start)
+        if not e_new <= e_start:
+            log and log(f"[schedule] the learned grid is worse on held-out starts ({e_new:.4g}) than its start "
+                        f"({e_start:.4g}): keeping the start")
+            sig, ev = start, None
+            info.update(kept_start=True, rms_val=e_start)
+    if ev is not None:
+        info["eval_sigmas"] = ev.tolist()
+    info["rms_train"] = problem.error(sig, levels=ev)
     info["nfe_spent"] = problem.cost(sig)
     if info["nfe_spent"] > problem.nfe:  # the parametrisation keeps the step count; this never happens
         raise RuntimeError(f"learned grid spends {info['nfe_spent']} > {problem.nfe} evaluations")

@@ -23,6 +23,8 @@ NFE <= 10). The best theta seen is kept.
 from __future__ import annotations
 
 import math
+import time
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -110,9 +112,12 @@ def _grad_fd(problem: Problem, theta: Tensor, h: float = 1e-4):
 
 
 def optimize_grid(problem: Problem, init: Tensor, iters: int = 150, lr: float = 0.05, grad: str = "auto",
-                  log=None) -> tuple[Tensor, dict]:
+                  log=None, val: Optional[Problem] = None, patience: Optional[int] = None,
+                  deadline: Optional[float] = None) -> tuple[Tensor, dict]:
     """Adam on the logits from the grid ``init`` (``problem.steps`` steps); returns the
-    best grid seen and info (initial / final training loss as RMS, gradient used)."""
+    best grid seen (by the held-out error on ``val``'s starts when given, with early
+    stopping after ``patience`` steps without improvement) and info (initial / final
+    training loss as RMS, gradient used)."""
     say = log or (lambda *_: None)
     if len(init) - 1 != problem.steps:
         raise UserError(f"the initial grid has {len(init) - 1} steps, the budget buys {problem.steps}")
@@ -122,30 +127,53 @@ def optimize_grid(problem: Problem, init: Tensor, iters: int = 150, lr: float = 
     if grad not in ("autograd", "fd"):
         raise UserError(f"unknown gradient '{grad}'; valid: auto, autograd, fd")
     step = _grad_autograd if grad == "autograd" else _grad_fd
+    val_of = None if val is None else _grid_loss(val)
     best_theta, first, best_loss = _adam(lambda t: step(problem, t), _grid_loss(problem), theta, iters, lr, say,
-                                         "optimise")
+                                         "optimise", val_of, patience, deadline)
     sig = to_sigmas(best_theta, problem.sigma_min, problem.sigma_max, problem.final_zero).detach()
     return sig, {"gradient": grad, "iters": iters, "lr": lr, "rms_init": math.sqrt(first),
                  "rms_train": math.sqrt(best_loss)}
 
 
-def _adam(value_and_grad, loss_of, v: Tensor, iters: int, lr: float, say, what: str):
+def _adam(value_and_grad, loss_of, v: Tensor, iters: int, lr: float, say, what: str, val_of=None,
+          patience: Optional[int] = None, deadline: Optional[float] = None):
     """Adam on a mean squared error from ``value_and_grad(v) -> (loss, gradient)``; stops at
-    a non-finite gradient. Returns the best v seen and the (first, best) losses."""
+    a non-finite gradient. Returns the best v seen and the (first, best) losses.
+
+    With ``val_of`` (v -> held-out loss) the best v is the one with the lowest held-out
+    loss, and the run stops once it has not improved for ``patience`` steps (early
+    stopping on starts the gradient never saw); ``deadline`` (time.monotonic()) ends it in
+    any case. The losses returned are then the training loss at the start and at that v."""
     v = v.clone()
     opt = torch.optim.Adam([v], lr=lr)
     best_loss, best_v, first = math.inf, v.clone(), None
+    best_val, since = math.inf, 0
     for it in range(iters):
         loss, g = value_and_grad(v)
         first = loss if first is None else first
-        if math.isfinite(loss) and loss < best_loss:
+        if val_of is not None:
+            lv = val_of(v)
+            if math.isfinite(lv) and lv < best_val:
+                best_val, best_v, best_loss, since = lv, v.detach().clone(), loss, 0
+            else:
+                since += 1
+            if patience is not None and since >= patience:
+                say(f"[schedule] {what}: held-out RMS has not improved for {patience} steps; stopped at {it}")
+                break
+        elif math.isfinite(loss) and loss < best_loss:
             best_loss, best_v = loss, v.detach().clone()
+        if deadline is not None and time.monotonic() > deadline:
+            say(f"[schedule] {what}: time budget spent at step {it}")
+            break
         if not bool(torch.isfinite(g).all()):
             break
         v.grad = g
         opt.step()
         if it % 25 == 0:
-            say(f"[schedule] {what} {it}/{iters}: training RMS {math.sqrt(loss):.4g}")
+            extra = f", held-out {math.sqrt(best_val):.4g}" if val_of is not None and math.isfinite(best_val) else ""
+            say(f"[schedule] {what} {it}/{iters}: training RMS {math.sqrt(loss):.4g}{extra}")
+    if val_of is not None:
+        return best_v, first, loss_of(best_v)
     return best_v, first, min(best_loss, loss_of(best_v))
 
 
@@ -159,7 +187,8 @@ def levels_of(problem: Problem, v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def optimize_levels(problem: Problem, init: Tensor, init_levels=None, iters: int = 150, lr: float = 0.05,
-                    h: float = 1e-4, log=None) -> tuple[Tensor, Tensor, dict]:
+                    h: float = 1e-4, log=None, val: Optional[Problem] = None, patience: Optional[int] = None,
+                    deadline: Optional[float] = None) -> tuple[Tensor, Tensor, dict]:
     """The grid and decoupled evaluation levels (:mod:`.levels`) learned jointly: parameters
     v = [theta, delta], the grid sigma(theta) of the module docstring and the evaluation
     levels sigma'_k = sigma_k exp(delta_k) at its positive levels, the loss the final error
@@ -178,11 +207,15 @@ def optimize_levels(problem: Problem, init: Tensor, init_levels=None, iters: int
         torch.log(torch.as_tensor(init_levels, dtype=torch.float64)) - torch.log(pos)
     v0 = torch.cat([theta, delta])
 
-    def f(v):
-        sig, ev = levels_of(problem, v)
-        return float(_loss(problem, sig, levels=ev))
+    def loss_on(prob):
+        def f(v):
+            sig, ev = levels_of(prob, v)
+            return float(_loss(prob, sig, levels=ev))
+        return f
 
-    best, first, loss = _adam(lambda v: _fd(f, v, h), f, v0, iters, lr, say, "optimise grid + evaluation levels")
+    f = loss_on(problem)
+    best, first, loss = _adam(lambda v: _fd(f, v, h), f, v0, iters, lr, say, "optimise grid + evaluation levels",
+                              None if val is None else loss_on(val), patience, deadline)
     sig, ev = levels_of(problem, best)
     return sig.detach(), ev.detach(), {"gradient": "fd", "iters": iters, "lr": lr, "rms_init": math.sqrt(first),
                                        "rms_train": math.sqrt(loss)}

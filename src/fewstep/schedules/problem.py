@@ -50,7 +50,8 @@ class Problem:
     def __init__(self, denoiser: Callable, sampler: str, nfe: int, sigma_min: float, sigma_max: float,
                  x_T: Tensor, *, options: Optional[dict] = None, exact_flow: Optional[Callable] = None,
                  x0: Optional[Tensor] = None, final_zero: bool = True, extra_args: Optional[dict] = None,
-                 rtol: float = 1e-7, max_log_step: float = 0.03, seed: int = 0, target: Optional[Tensor] = None):
+                 rtol: float = 1e-7, max_log_step: float = 0.03, seed: int = 0, target: Optional[Tensor] = None,
+                 afs=False):
         si = S.info(sampler)
         if si.adaptive:
             raise UserError(f"sampler '{sampler}' chooses its own steps (adaptive): a schedule cannot be learned for it")
@@ -63,8 +64,9 @@ class Problem:
         self.options = {**si.defaults, **(options or {})}
         self.exact_flow, self.x0, self.x_T, self.extra_args = exact_flow, x0, x_T, extra_args
         self.rtol, self.max_log_step, self.seed = rtol, max_log_step, seed
-        cost_opts = {**self.options, **({} if final_zero else {"final_zero": False})}
-        self.steps = S.steps_for_nfe(sampler, self.nfe, **cost_opts)
+        self.afs = S._afs_mode(afs, sampler)  # the first evaluation answered analytically: one more step
+        cost_opts = {**self.options, "final_zero": bool(final_zero)}
+        self.steps = S.steps_for_nfe(sampler, self.nfe, afs=self.afs, **cost_opts)
         if self.steps == 0:
             raise UserError(f"sampler '{sampler}' needs more than {nfe} evaluations for one step; raise --nfe")
         self._cost_opts = cost_opts
@@ -73,7 +75,7 @@ class Problem:
     # ------------------------------------------------------------------ budget
     def cost(self, sigmas: Tensor) -> int:
         """Evaluations the sampler spends on ``sigmas`` (the registry's cost function)."""
-        return self.info.cost(len(sigmas) - 1, **self._cost_opts)
+        return S.spent(self.sampler, len(sigmas) - 1, afs=self.afs, **self._cost_opts)
 
     @property
     def end(self) -> float:
@@ -89,6 +91,8 @@ class Problem:
         (:class:`~fewstep.levels.EvalLevels`)."""
         fn = self.info.fn
         den = self.denoiser if levels is None else EvalLevels(self.denoiser, sigmas, levels)
+        if self.afs and abs(float(sigmas[0]) - self.sigma_max) <= 1e-12 * self.sigma_max:  # from the top only
+            den = S.AnalyticFirst(den, float(sigmas[0]), self.afs)
         opts = dict(self.options)
         if self.info.stochastic:
             opts.setdefault("generator", torch.Generator().manual_seed(self.seed + 7))
@@ -127,6 +131,14 @@ class Problem:
         if self._target is None:
             self._target = self.path(torch.tensor([self.sigma_max, self.end], dtype=torch.float64))[-1]
         return self._target
+
+    def on(self, x_T: Tensor, target: Optional[Tensor] = None) -> "Problem":
+        """The same teacher, sampler, budget and reference on other starts ``x_T`` (held-out
+        starts for stopping and reporting)."""
+        other = Problem.__new__(Problem)
+        other.__dict__.update(self.__dict__)
+        other.x_T, other._target = x_T, target
+        return other
 
     def error(self, sigmas: Tensor, x: Optional[Tensor] = None, target: Optional[Tensor] = None,
               levels: Optional[Tensor] = None) -> float:
