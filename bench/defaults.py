@@ -215,8 +215,8 @@ def choose(data: dict) -> dict:
     """The table :mod:`fewstep.samplers._choice` reads."""
     errs = {t: {k: {int(n): v for n, v in row.items()} for k, row in rows.items()} for t, rows in
             data["errors"].items()}
-    keys = list(next(iter(errs.values())))
-    parsed = {k: json.loads(k) for k in keys}
+    parsed = {k: json.loads(k) for k in next(iter(errs.values()))}
+    keys = [k for k, p in parsed.items() if not p[4] or S.info(p[0]).afs]  # AFS only where the sampler takes it
     by_nfe, by_sampler, diverges = {}, {}, {}
     for nfe in data["nfes"]:
         best = {t: min(v[nfe] for v in errs[t].values() if v.get(nfe) is not None) for t in errs}
@@ -250,6 +250,7 @@ def choose(data: dict) -> dict:
             if max(e / errs[t][euler_k][nfe] for e, t in zip(v, errs)) > REFUSE:
                 diverges.setdefault(name, {}).setdefault(grid, []).append(nfe)
         _choose_stochastic(data, nfe, euler_k, parsed, by_sampler)
+    _apply_confirm(data, by_sampler)
     return {"format": 1, "chosen_on": data["teachers"], "sigma_max": SIGMA_MAX, "sigma_min": SIGMA_MIN,
             "criterion": "smallest worst-case ratio to the best error per teacher (RMS vs the exact flow)",
             "refuse_above": RATIO, "command": "bench/defaults.py", "date": data["machine"]["date"],
@@ -281,8 +282,92 @@ def _choose_stochastic(data: dict, nfe: int, euler_k: str, parsed: dict, by_samp
         entry = _entry(json.loads(k), sc)
         entry["vs_euler"] = round(sc, 3)
         if sc > REFUSE:
-            entry = {"refuse": f"{sc:.3g}x Euler's distance to the data", "vs_euler": round(sc, 3)}
+            entry = {"refuse": f"{sc:.3g}x Euler's distance to the data", "vs_euler": round(sc, 3), "best": entry}
         by_sampler.setdefault(name, {})[str(nfe)] = entry
+
+
+CONFIRM_NFES = list(range(1, 51))
+CONFIRM_SEED = 77
+
+
+def _row_config(rows: dict, nfe: int) -> dict:
+    """The configuration a table row gives at ``nfe`` (the row at or below it), refused or not."""
+    below = [int(j) for j in rows if int(j) <= nfe]
+    if not below:
+        return None
+    e = rows[str(max(below))]
+    return e.get("best", e) if e.get("refuse") else e
+
+
+def _teacher_confirm(args) -> tuple:
+    """(teacher, {sampler: {nfe: SW2 ratio to Euler}}) on a fresh draw (seed CONFIRM_SEED), at
+    every NFE 1..50, each stochastic sampler on the configuration its table row gives (the
+    row below for budgets between rows), Euler on its own: the refusal then rests on a draw
+    the grid was not chosen on (no winner's curse) and on every budget, not only the rows."""
+    from fewstep.metrics import sliced_w2
+
+    tname, table = args
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    gmm = TEACHERS[tname][0]()
+    g = torch.Generator().manual_seed(CONFIRM_SEED)
+    data = gmm.sample(N_DRAWS, generator=g)
+    y = SIGMA_MAX * torch.randn((N_DRAWS, gmm.dim), generator=g, dtype=torch.float64)
+
+    def sw(x):
+        return sliced_w2(x, data, n_projections=128, generator=torch.Generator().manual_seed(7))
+
+    def run(name, nfe, cfg, **kw):
+        return S.sample(gmm, y.clone(), name, nfe, cfg["grid"], sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                        grid_options=cfg.get("grid_options") or None, afs=cfg.get("afs") or None,
+                        **cfg.get("options", {}), **kw)
+
+    floor = sw(gmm.sample(N_DRAWS, generator=g))
+    out = {}
+    for nfe in CONFIRM_NFES:
+        ref = max(sw(run("euler", nfe, _row_config(table["by_sampler"]["euler"], nfe))), floor)
+        for name in table["stochastic"]:
+            try:
+                x = run(name, nfe, _row_config(table["by_sampler"][name], nfe),
+                        generator=torch.Generator().manual_seed(nfe))
+                r = sw(x) / ref if bool(torch.isfinite(x).all()) else float("inf")
+            except Exception:
+                r = None
+            out.setdefault(name, {})[str(nfe)] = r
+    return tname, out
+
+
+def confirm(data: dict, table: dict, jobs: int = 2) -> dict:
+    import multiprocessing as mp
+
+    table = {**table, "stochastic": sorted(n for n in table["by_sampler"] if S.info(n).stochastic)}
+    out = {}
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for tname, rows in pool.imap(_teacher_confirm, [(t, table) for t in TEACHERS]):
+            out[tname] = rows
+            print(f"{tname}: stochastic samplers confirmed at NFE 1-50", flush=True)
+    return out
+
+
+def _apply_confirm(data: dict, by_sampler: dict) -> None:
+    """Stochastic samplers' rows from the confirming draw: every NFE 1..50, the row's
+    configuration, refused where its ratio to Euler exceeds REFUSE on a teacher."""
+    conf = data.get("confirm")
+    if not conf:
+        return
+    for name in next(iter(conf.values())):
+        rows = by_sampler[name]
+        new = {}
+        for nfe in CONFIRM_NFES:
+            cfg = _row_config(rows, nfe)
+            v = [conf[t][name].get(str(nfe)) for t in conf]
+            if cfg is None or any(r is None for r in v):
+                continue
+            worst, cfg = max(v), dict(cfg)
+            cfg["vs_euler"] = round(worst, 3)
+            new[str(nfe)] = cfg if worst <= REFUSE else {"refuse": f"{worst:.3g}x Euler's distance to the data",
+                                                        "vs_euler": round(worst, 3), "best": cfg}
+        by_sampler[name] = new
 
 
 def _entry(p: list, score: float) -> dict:
@@ -345,15 +430,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="7 NFE values (a smoke run; writes no asset)")
     ap.add_argument("--from-json", help="rebuild table and docs from a saved run")
     ap.add_argument("--doc", help="rewrite the section in this markdown file")
-    ap.add_argument("--part", choices=["all", "flow", "distribution", "adaptive"], default="all",
+    ap.add_argument("--part", choices=["all", "flow", "distribution", "adaptive", "confirm"], default="all",
                     help="flow: deterministic samplers (RMS); distribution: stochastic ones (SW2), added to --out")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "defaults.json"))
     a = ap.parse_args(argv)
     if a.from_json:
         data = json.loads(Path(a.from_json).read_text())
     else:
-        old = json.loads(Path(a.out).read_text()) if a.part in ("distribution", "adaptive") else {}
-        new = measure(a.quick, part=a.part, nfes=old.get("nfes"))
+        old = json.loads(Path(a.out).read_text()) if a.part in ("distribution", "adaptive", "confirm") else {}
+        new = measure(a.quick, part=a.part, nfes=old.get("nfes")) if a.part != "confirm" else {}
         for part in ("errors", "distribution"):  # an adaptive part adds rows to each teacher's
             if a.part == "adaptive" and part in old:
                 for t, rows in new.get(part, {}).items():
@@ -361,6 +446,10 @@ def main(argv=None) -> int:
                 new.pop(part, None)
         data = json.loads(json.dumps({**old, **new}))  # NFE keys as strings, as when read back
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(data))
+    if a.part in ("all", "confirm") and not a.from_json and not a.quick:  # on a fresh draw, every NFE
+        data.pop("confirm", None)
+        data["confirm"] = confirm(data, choose(data))
         Path(a.out).write_text(json.dumps(data))
     table = choose(data)
     if not a.quick:

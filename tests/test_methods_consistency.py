@@ -73,7 +73,7 @@ def _errors(model, spec, k=1, n=1000):
     teacher, gmm = load(spec), gmm2()
     x_T = teacher.noise(n, seed=11)
     ref = gmm.flow(x_T, teacher.sigma_max, 0.0, rtol=1e-7)
-    return rms(model.sample(n, k, x=x_T.float(), seed=1)[0], ref), rms(teacher.sample(n, k, "euler", x=x_T)[0], ref), ref
+    return rms(model.sample(n, k, x=x_T.float(), seed=1)[0], ref), rms(teacher.sample(n, k, "euler", x=x_T, grid="karras")[0], ref), ref
 
 
 def test_cd_student_beats_ddim_and_its_initialisation(spec, tmp_path):
@@ -94,7 +94,7 @@ def test_cd_student_beats_ddim_and_its_initialisation(spec, tmp_path):
         x = student.sample(2000, k, seed=2)[0]
         student.denoiser = inner
         assert counter.nfe == k
-        assert sliced_w2(x, data) < 0.3 * sliced_w2(load(spec).sample(2000, k, "euler", seed=2)[0], data)
+        assert sliced_w2(x, data) < 0.3 * sliced_w2(load(spec).sample(2000, k, "euler", seed=2, grid="karras")[0], data)
     meta = json.loads((tmp_path / "cd" / "model.json").read_text())
     assert meta["cost"]["teacher_evals"] == 600 * 256 * 2  # one Heun step = 2 evaluations per sample
 
@@ -108,7 +108,7 @@ def test_ict_without_a_teacher_beats_ddim(spec, tmp_path):
     data = gmm2().sample(2000, generator=torch.Generator().manual_seed(3))
     sw = sliced_w2(student.sample(2000, 1, seed=2)[0], data)
     # measured ~0.12 (data floor ~0.05); one Euler step ~1.4
-    assert sw < 0.2 * sliced_w2(load(spec).sample(2000, 1, "euler", seed=2)[0], data), sw
+    assert sw < 0.2 * sliced_w2(load(spec).sample(2000, 1, "euler", seed=2, grid="karras")[0], data), sw
 
 
 def test_interrupted_distillation_resumes_identically(spec, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ def _flow_error(model, spec, n=1000):
     teacher = load(spec)
     x_T = teacher.noise(n, seed=11)
     ref = gmm2().flow(x_T, teacher.sigma_max, 0.0, rtol=1e-7)
-    return rms(model.sample(n, 1, x=x_T.float())[0], ref), rms(teacher.sample(n, 1, "euler", x=x_T)[0], ref), ref
+    return rms(model.sample(n, 1, x=x_T.float())[0], ref), rms(teacher.sample(n, 1, "euler", x=x_T, grid="karras")[0], ref), ref
 
 
 def test_student_beats_ddim_and_its_initialisation(spec, tmp_path):
@@ -39,7 +39,7 @@ def test_student_beats_ddim_and_its_initialisation(spec, tmp_path):
     # measured: student ~0.2, DDIM (one Euler step) and the initialisation (the mean) ~1.4
     assert err < 0.25 * err_ddim and err < 0.25 * err_init, (err, err_ddim, err_init)
     data = gmm2().sample(1000, generator=torch.Generator().manual_seed(3))
-    sw_ddim = sliced_w2(load(spec).sample(1000, 1, "euler", seed=1)[0], data)
+    sw_ddim = sliced_w2(load(spec).sample(1000, 1, "euler", seed=1, grid="karras")[0], data)
     assert sliced_w2(student.sample(1000, 1, seed=1)[0], data) < 0.35 * sw_ddim
     meta = json.loads((tmp_path / "kd" / "model.json").read_text())
     assert meta["cost"]["teacher_evals"] == 2000 * 15  # heun: 8 steps = 15 evaluations per pair

@@ -166,7 +166,7 @@ def test_budget_sampling_and_callback_and_float32(name):
     kw = {"generator": torch.Generator().manual_seed(0)} if name == "dpmpp_2m_sde" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = sample(counter, x, name, nfe=10, sigma_min=0.02, sigma_max=20.0, callback=seen.append, **kw)
+        out = sample(counter, x, name, nfe=10, grid="karras", sigma_min=0.02, sigma_max=20.0, callback=seen.append, **kw)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert counter.nfe <= 10 and len(seen) >= 1 and {"i", "x", "sigma", "sigma_next", "denoised"} <= set(seen[0])
 

@@ -34,7 +34,9 @@ class SamplerInfo:
 
     ``cost(steps, **options)`` is the number of denoiser calls for ``steps`` steps on a
     grid ending at 0; ``order`` the ODE convergence order (None for stochastic samplers);
-    ``adaptive`` samplers choose their own steps (the grid gives only its end points).
+    ``adaptive`` samplers choose their own steps (the grid gives only its end points);
+    ``afs``: whether the analytical first step may replace its first evaluation (not for
+    samplers that need the denoiser itself, e.g. the splitting samplers' guided split).
     """
 
     name: str
@@ -44,6 +46,7 @@ class SamplerInfo:
     stochastic: bool = False
     adaptive: bool = False
     defaults: dict = field(default_factory=dict)
+    afs: bool = True
 
 
 _REGISTRY: dict[str, SamplerInfo] = {}
@@ -53,12 +56,12 @@ AUTO = "auto"       # the sampler name of the measured default (the same as givi
 
 
 def register(name: str, *, cost: Optional[Callable[..., int]] = None, order=None,
-             stochastic: bool = False, adaptive: bool = False, **defaults):
+             stochastic: bool = False, adaptive: bool = False, afs: bool = True, **defaults):
     """Decorator: ``@register("euler", order=1)`` adds a sampler to the registry."""
 
     def deco(fn):
         _REGISTRY[name] = SamplerInfo(name, fn, cost or (lambda steps, **_: steps), order, stochastic,
-                                      adaptive, defaults)
+                                      adaptive, defaults, afs=afs and not (stochastic or adaptive))
         return fn
 
     return deco
@@ -220,9 +223,10 @@ def _afs_mode(afs, sampler: str):
     if afs not in AnalyticFirst.MODES:
         raise UserError(f"afs must be True, False, 'prior' or 'unit', got {afs!r}")
     si = info(sampler)
-    if si.stochastic or si.adaptive:
+    if not si.afs:
+        kind = "stochastic" if si.stochastic else "adaptive" if si.adaptive else "it needs the denoiser itself"
         raise UserError(f"afs (the analytical first step) applies to deterministic grid samplers, not to "
-                        f"'{sampler}' ({'stochastic' if si.stochastic else 'adaptive'}); drop afs")
+                        f"'{sampler}' ({kind}); drop afs")
     return afs
 
 

@@ -177,7 +177,7 @@ def _split_or_none(name, denoiser, x, extra_args, base, max_order):
     return None
 
 
-@register("ltsp", order=1, cost=_ltsp_cost)
+@register("ltsp", order=1, cost=_ltsp_cost, afs=False)
 @torch.no_grad()
 def sample_ltsp(denoiser, x, sigmas, *, max_order=4, variable_step=False, base="cond", callback=None,
                 extra_args=None):
@@ -205,7 +205,7 @@ def sample_ltsp(denoiser, x, sigmas, *, max_order=4, variable_step=False, base="
     return x
 
 
-@register("stsp", order=1, cost=_stsp_cost)
+@register("stsp", order=1, cost=_stsp_cost, afs=False)
 @torch.no_grad()
 def sample_stsp(denoiser, x, sigmas, *, max_order=4, variable_step=False, base="cond", fsal=True,
                 callback=None, extra_args=None):
