@@ -276,7 +276,9 @@ def sample(denoiser, x: torch.Tensor, sampler: Optional[str] = None, nfe: int = 
         raise UserError(f"grid_options must be a dict of the grid's keywords, got {type(grid_options).__name__}")
     if afs is None and isinstance(grid, (str, Path)) and str(grid).endswith(".json"):
         afs = _file_afs(grid)  # a learned schedule says whether it was learned with the analytical first step
-    choice = resolve(nfe, sampler, grid, grid_options, afs)
+    tuned = sampler is not None and info(sampler).adaptive and bool(set(options) - {"callback", "extra_args",
+                                                                                       "generator"})
+    choice = resolve(nfe, sampler, grid, grid_options, afs, tuned)
     sampler, grid, grid_options, afs = choice.sampler, choice.grid, choice.grid_options, choice.afs
     si = info(sampler)
     _check_options(sampler, si.fn, options)

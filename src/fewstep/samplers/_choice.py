@@ -111,9 +111,11 @@ def recommend(nfe: int, sampler: Optional[str] = None) -> Choice:
         if k is None:
             return Choice("euler", FALLBACK_GRID, source="not measured")
         return _config(rows[str(k)], "recommended", k)
-    info(sampler)
+    si = info(sampler)
     rows = t.get("by_sampler", {}).get(sampler)
     k = _row(rows, int(nfe)) if rows else None
+    if k is not None and si.adaptive and int(nfe) > max(map(int, rows)):
+        k = None  # an adaptive sampler's own budget logic decides beyond the measured budgets
     if k is None:
         return Choice(sampler, FALLBACK_GRID, source="not measured")
     entry = rows[str(k)]
@@ -126,11 +128,15 @@ def recommend(nfe: int, sampler: Optional[str] = None) -> Choice:
     return _config(entry, "sampler default", k)
 
 
-def resolve(nfe: int, sampler: Optional[str], grid, grid_options: Optional[dict], afs) -> Choice:
+def resolve(nfe: int, sampler: Optional[str], grid, grid_options: Optional[dict], afs, tuned: bool = False) -> Choice:
     """What :func:`fewstep.sample` runs for its arguments: the recommended configuration when
     neither ``sampler`` nor ``grid`` is given, the sampler's best grid when only the sampler
     is, Euler when only the grid is, else as asked. ``grid_options`` and ``afs``, when given,
-    override the table's."""
+    override the table's. ``tuned``: the caller set an adaptive sampler's tolerances, so the
+    table (measured at its default tolerances) does not speak for it: Karras end points."""
+    if grid is None and tuned:
+        return Choice(sampler, FALLBACK_GRID, dict(grid_options or {}), afs if afs is not None else False,
+                      source="as asked")
     if grid is None:
         c = recommend(nfe, sampler)
         if grid_options:
