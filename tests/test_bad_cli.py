@@ -255,6 +255,8 @@ CASES = [
     ("schedule", SC + ["--sampler", "eulr"], "eulr"), ("schedule", SC + ["--method", "nope"], "--method"),
     ("schedule", SC + ["--cost", "nope"], "--cost"), ("schedule", SC + ["--seed", "-1"], "--seed"),
     ("schedule", SC + ["--device", "bogus"], "--device"),
+    ("schedule", SC + ["--seconds", "-5"], "--seconds"), ("schedule", SC + ["--sigma-max", "nan"], "--sigma-max"),
+    ("schedule", SC + ["--sigma-max", "0.001"], "--sigma-max"),
     ("schedule", SC[:-3] + ["--out", "@W/s.txt"], ".json"), ("schedule", SC[:-3] + ["--out", RO + "/s.json"], "not writable"),
     ("schedule", SC[:-3] + ["--out", "@FX/dir.json"], "is a folder"),
     ("schedule", ["schedule", "--teacher", "@W/missing", "--sampler", "euler", "--nfe", "4", "--out", "@W/s.json"],

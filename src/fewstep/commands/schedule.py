@@ -15,7 +15,9 @@ def _checks() -> tuple:
 
     return (Option("n", int, 512, "", low=2), Option("candidates", int, 100, "", low=2),
             Option("iters", int, 150, "", low=1), Option("patience", int, 25, "", low=1),
-            Option("seconds", float, 120.0, "", above=0.0, example=60), option("seed"), option("device"))
+            Option("seconds", float, 120.0, "", low=0.0, above=True, example=60),
+            Option("sigma_max", float, None, "", low=0.0, above=True, none="the teacher's sigma_max", example=157.4),
+            option("seed"), option("device"))
 
 
 def _nfes(text) -> list:
@@ -68,6 +70,9 @@ def add_parser(sub) -> None:
                    help="analytical first step: auto (as the sampler's measured default at that budget), on, off")
     p.add_argument("--end", choices=("auto", "zero", "sigma-min"), default="auto",
                    help="grid ends at 0 or at sigma_min (auto: as the sampler's measured default)")
+    p.add_argument("--sigma-max", type=cli_number, default=None, metavar="S",
+                   help="start level of the grid (default: the teacher's sigma_max); e.g. 157.4 to match diffusers' "
+                        "linear-beta VP start")
     p.add_argument("--data", help="the teacher's dataset (for --cost elbo), if its run folder does not say")
     p.add_argument("--seed", type=cli_number, default=0,
                    help="training-noise seed (default 0); held-out starts use seed + 1 and seed + 2")
@@ -76,7 +81,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_schedule)
 
 
-def _starts(model, spec: str, n: int, seed: int, with_data: bool, data=None):
+def _starts(model, spec: str, n: int, seed: int, with_data: bool, data=None, sigma_max=None):
     """(x_T at sigma_max, data samples or None, exact flow or None) for seed."""
     import torch
 
@@ -86,13 +91,17 @@ def _starts(model, spec: str, n: int, seed: int, with_data: bool, data=None):
     if gmm is not None:  # the exact marginal at sigma_max: x0 + sigma_max eps
         g = torch.Generator().manual_seed(seed)
         x0 = gmm.sample(n, generator=g)
-        return x0 + model.sigma_max * torch.randn(x0.shape, generator=g, dtype=torch.float64), x0, gmm.flow
+        top = model.sigma_max if sigma_max is None else sigma_max
+        return x0 + top * torch.randn(x0.shape, generator=g, dtype=torch.float64), x0, gmm.flow
     x0 = None
     if with_data:
         from fewstep.report.bench import real_sets
 
         x0 = real_sets(model, spec, n, seed, data)[0].to(model.device, model.dtype)
-    return model.noise(n, seed), x0, None
+    x_T = model.noise(n, seed)  # x at the teacher's sigma_max: N(0, sigma_max^2) to its resolution
+    if sigma_max is not None:
+        x_T = x_T * (sigma_max / model.sigma_max)
+    return x_T, x0, None
 
 
 def _setting(a, sampler: str, nfe: int) -> tuple:
@@ -140,15 +149,19 @@ def cmd_schedule(a) -> int:
                             f"for it")
     say = (lambda m: None) if a.quiet else (lambda m: print(m, flush=True))
     model = load(a.teacher, device=a.device)
+    top = model.sigma_max if a.sigma_max is None else float(a.sigma_max)
+    if not (top > model.sigma_min) or top != top or top == float("inf"):
+        raise UserError(f"--sigma-max {a.sigma_max}: give a finite level above the teacher's sigma_min "
+                        f"{model.sigma_min:g} (its sigma_max is {model.sigma_max:g})")
     check_batch_memory("--n", a.n, model.shape, copies=10, fix="give fewer --n training starts")
-    x_T, x0, flow = _starts(model, a.teacher, a.n, a.seed, a.cost == "elbo", a.data)
-    x_val = _starts(model, a.teacher, max(2, a.n // 2), a.seed + 1, False)[0]
-    x_test = _starts(model, a.teacher, a.n, a.seed + 2, False)[0]
+    x_T, x0, flow = _starts(model, a.teacher, a.n, a.seed, a.cost == "elbo", a.data, a.sigma_max)
+    x_val = _starts(model, a.teacher, max(2, a.n // 2), a.seed + 1, False, sigma_max=a.sigma_max)[0]
+    x_test = _starts(model, a.teacher, a.n, a.seed + 2, False, sigma_max=a.sigma_max)[0]
     prev = None  # (sigmas, validation RMS) of the budget below
     for nfe in nfes:
         t0 = time.time()
         sampler, afs, fz = _setting(a, a.sampler, nfe)
-        prob = Problem(model.denoiser, sampler, nfe, model.sigma_min, model.sigma_max, x_T, exact_flow=flow,
+        prob = Problem(model.denoiser, sampler, nfe, model.sigma_min, top, x_T, exact_flow=flow,
                        x0=x0, seed=a.seed, afs=afs, final_zero=fz)
         val, test = prob.on(x_val), prob.on(x_test)
         inits = {}
@@ -177,7 +190,7 @@ def cmd_schedule(a) -> int:
         out = outs[nfe]
         out.parent.mkdir(parents=True, exist_ok=True)
         save_schedule(out, sigmas, ev, teacher=a.teacher, sampler=sampler, nfe=nfe, seed=a.seed, n=a.n,
-                      sigma_min=model.sigma_min, sigma_max=model.sigma_max, seconds=time.time() - t0,
+                      sigma_min=model.sigma_min, sigma_max=top, seconds=time.time() - t0,
                       afs=afs or False, reference="exact flow" if flow is not None else "Heun on a fine grid", **meta)
         print(f"wrote {out}: {len(sigmas) - 1} steps, {meta['nfe_spent']} evaluations, "
               f"sigmas {', '.join(f'{float(s):.4g}' for s in sigmas)}"
