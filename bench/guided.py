@@ -10,9 +10,15 @@
     .venv/bin/python bench/guided.py --part student --from-json bench/out/guided_student_ring2.json \
         bench/out/guided_student_mix8.json --doc docs/BENCHMARKS.md
 
+    .venv/bin/python bench/guided.py --part digits                   # ~20 min on 2 cores (teacher + student)
+    .venv/bin/python bench/guided.py --part digits --quick           # ~2 min: tiny budgets, n = 100
+    .venv/bin/python bench/guided.py --part digits --from-json bench/out/guided_digits.json --doc docs/BENCHMARKS.md
+
 Results go to ``bench/out/guided_<part>.json`` (part student with ``--mixture M``:
 ``bench/out/guided_student_M.json``); the markdown tables are printed, and with
 ``--doc`` they replace the part's own section of that file (appended at the end if absent).
+Part digits with ``--quick`` writes ``bench/out/guided_digits_quick.json`` (its runs under
+``bench/out/guided_digits_runs/quick/``), so the check never overwrites the full run.
 
 Part ``splitting`` (issue 13): the splitting samplers LTSP / STSP (Wizadwongsa &
 Suwajanakorn 2023; :mod:`fewstep.samplers.splitting`) against PLMS, Euler (DDIM) and
@@ -41,6 +47,23 @@ teacher's Euler (DDIM) and DPM-Solver++(2M) (calls and passes counted) and the p
 stochastic sampler at NFE 2, 4, 8; the teacher at 16, 32, 64 NFE; the target (the 4-step
 student at most the teacher's DPM-Solver++(2M) at 8 NFE, per w); the note a w outside
 [w_min, w_max] gets.
+
+Part ``digits`` (issue 13): the same on a class-conditional image teacher, 8x8 digits. A
+teacher (``train_teacher``, as ``fewstep train --data digits --conditional``: label dropout
+0.1 for the null branch, an MLP on the 64 pixels, ``DIGITS_TEACHER_BUDGET``, ~5 min) on the
+first ``DIGITS_TRAIN_N`` = 797 digits of their seeded order, the other 1000 held out
+(``fewstep.data.registry.held_out``); one w-input guided student of it (``distill("guided",
+...)``, w in [1, 8], stage one then rounds 16 -> 1, ``DIGITS_STUDENT_BUDGET``, ~14 min, on the
+teacher's training digits). Run folders ``bench/out/guided_digits_runs/{teacher,student}``
+are kept (a rerun only evaluates; an interrupted one resumes). For w in 1, 2, 4, 8 and NFE
+1, 2, 4, 8, from the same x_T and balanced labels (n = 500, 50 per class): the classifier
+Frechet distance (the digits classifier's features, as ``fewstep bench``'s FD) to 500
+held-out digits (50 per class) and the classifier's accuracy on the asked label, of the
+student (its own rule; ``guided_stochastic`` at NFE 2, 4, 8) beside the guided teacher's
+Euler (DDIM) and DPM-Solver++(2M) on the Karras grid (calls and passes counted: 2 passes per
+step under guidance), the teacher at 16, 32, 64 NFE, and the target: the student's accuracy
+at most 2 points below the guided teacher's DPM-Solver++(2M) at 64 NFE, per w and NFE. Data
+floor: the FD of other held-out digits to the reference, the classifier's accuracy on them.
 """
 from __future__ import annotations
 
@@ -579,14 +602,361 @@ Measured:
     return text.rstrip() + "\n"
 
 
+# ------------------------------------------------------------------------------ part digits
+DIGITS_HEADING = "## Guided distillation on 8x8 digits (issue 13)"
+DIGITS_CLASSES = 10
+# the teacher trains on the first 797 of the 1797 digits in their seeded order; the other 1000
+# (fewstep.data.registry.held_out) are never trained on: n / 10 per class of them are the FD
+# reference, the next (up to n / 10 per class) the data floor's real set
+DIGITS_TRAIN_N = 797
+DIGITS_NET = {"kind": "mlp", "dim": 64, "hidden": 512, "depth": 4, "emb_dim": 128, "num_classes": DIGITS_CLASSES}
+# the CPU budgets (recorded in the JSON and the docs): the teacher ~5 min, the student ~14 min on 2 cores
+DIGITS_TEACHER_BUDGET = {"data": "digits", "n_data": DIGITS_TRAIN_N, "conditional": True, "label_dropout": 0.1,
+                         "net": DIGITS_NET, "steps": 5000, "batch_size": 128, "device": "cpu", "seed": 0}
+DIGITS_TEACHER_QUICK = {"steps": 300}
+DIGITS_STUDENT_BUDGET = {"w_min": 1.0, "w_max": 8.0, "stage1_steps": 2500, "steps": 1000, "start_steps": 16,
+                         "end_steps": 1, "batch_size": 256, "lr": 1e-3, "warmup": 100, "ema_decay": 0.995,
+                         "device": "cpu", "seed": 0}
+DIGITS_STUDENT_QUICK = {"stage1_steps": 100, "steps": 40}
+DIGITS_TEACHER_MORE = [16, 32, 64]  # the guided teacher beyond the table; 64 NFE is the accuracy reference
+DIGITS_REF = ("dpmpp_2m", 64)  # the target's reference: the guided teacher's DPM-Solver++(2M) at 64 NFE
+DIGITS_POINTS = 2.0  # the student's accuracy may lie at most this many points below that reference
+DIGITS_TEACHER_KEYS = ("process", "prediction", "weighting", "lr", "warmup", "ema_decay", "grad_clip")
+
+
+def _same_budget(folder: Path, budget: dict, skip=()) -> None:
+    """A kept run folder must have been made with ``budget`` (else: delete it, or keep the old budget)."""
+    saved = json.loads((folder / "config.json").read_text())
+    for key, want in budget.items():
+        have = saved.get(key)
+        if key == "net" and isinstance(have, dict) and isinstance(want, dict):
+            have = {k: have.get(k) for k in want}
+        if key not in skip and have != want:
+            raise SystemExit(f"{folder} was made with {key} = {have!r}, not {want!r} (this budget); delete the "
+                             f"folder to train it again")
+
+
+def _digits_run(folder: Path, budget: dict, train) -> tuple:
+    """(run folder, train seconds, how): a finished folder (model.json) is kept, an
+    interrupted one (config.json, no model.json) resumed from its last checkpoint, else trained."""
+    if (folder / "model.json").exists():
+        _same_budget(folder, budget, skip=("teacher", "data"))
+        how = "kept"
+    else:
+        resume = (folder / "config.json").exists()
+        if resume:
+            _same_budget(folder, budget, skip=("teacher", "data"))
+        train(str(folder), resume)
+        how = "resumed" if resume else "trained"
+    meta = json.loads((folder / "model.json").read_text())
+    seconds = meta["train_seconds"] if "train_seconds" in meta else meta.get("cost", {}).get("seconds")
+    return str(folder), float(seconds), how
+
+
+def _digits_sets(n: int) -> tuple:
+    """(reference A, its labels, floor set B, its labels, where they come from): held-out digits
+    never trained on by the teacher, A with n / 10 per class in the order of the asked labels
+    arange(n) % 10, B the next ones of each class (at most n / 10)."""
+    from fewstep.data.registry import held_out
+
+    pool, source = held_out("digits", 1797 - DIGITS_TRAIN_N, 0, DIGITS_TRAIN_N, 0)
+    assert source == "held-out", source
+    lab = torch.arange(n) % DIGITS_CLASSES
+    a = pool.x.new_empty((n,) + tuple(pool.x.shape[1:]))
+    b, b_lab = [], []
+    for c in range(DIGITS_CLASSES):
+        pos, src = (lab == c).nonzero().flatten(), (pool.labels == c).nonzero().flatten()
+        assert len(src) >= len(pos), f"held-out digits of class {c}: {len(src)}, need {len(pos)}"
+        a[pos] = pool.x[src[:len(pos)]]
+        rest = src[len(pos):2 * len(pos)]
+        b.append(pool.x[rest])
+        b_lab.append(torch.full((len(rest),), c))
+    where = f"{source}: {len(pool.x)} digits after the teacher's {DIGITS_TRAIN_N}"
+    return a, lab, torch.cat(b), torch.cat(b_lab), where
+
+
+class _DigitsMetrics:
+    """The classifier Frechet distance (the digits classifier's 64 features, as ``fewstep bench``
+    computes "FD") to the reference set and the classifier's accuracy on the asked label."""
+
+    def __init__(self, ref: torch.Tensor):
+        from fewstep.metrics.features import classifier_for, feature_extractor, logits_extractor
+
+        clf = classifier_for("digits")
+        self.info = dict(getattr(clf, "train_info", {}))
+        self.features, self.logits = feature_extractor(clf), logits_extractor(clf)
+        self.ref_f = self.features(ref.float())
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+        from fewstep.metrics import frechet_distance
+
+        x = x.detach().float().cpu()
+        if not torch.isfinite(x).all():
+            return {"fd": None, "accuracy": None, "finite": False}
+        return {"fd": frechet_distance(self.features(x), self.ref_f),
+                "accuracy": float((self.logits(x).argmax(1) == labels.cpu()).double().mean()), "finite": True}
+
+
+def _counted(model, n: int, draw) -> tuple:
+    """(samples, calls, passes per sample) of ``draw()``, counted at ``model``'s denoiser."""
+    counter = Passes(model.denoiser, n)
+    inner, model.denoiser = model.denoiser, counter
+    try:
+        x = draw()
+    finally:
+        model.denoiser = inner
+    return x, counter.calls, counter.passes
+
+
+def run_digits(quick: bool) -> dict:
+    """A class-conditional digits teacher with a null branch (label dropout), one guided student
+    of it (``distill("guided", ...)``, w in [1, 8]), then for each w and NFE the classifier FD to
+    held-out digits and the accuracy on the asked label of the student (its own rule and the
+    stochastic sampler) and of the guided teacher's Euler (DDIM) and DPM-Solver++(2M)."""
+    from fewstep import load
+    from fewstep.methods import distill
+    from fewstep.train.teacher import train_teacher
+
+    n = 100 if quick else 500
+    t_budget = {**DIGITS_TEACHER_BUDGET, **(DIGITS_TEACHER_QUICK if quick else {})}
+    s_budget = {**DIGITS_STUDENT_BUDGET, **(DIGITS_STUDENT_QUICK if quick else {})}
+    root = Path("bench/out/guided_digits_runs") / ("quick" if quick else "")
+    root.mkdir(parents=True, exist_ok=True)
+    res = {"part": "digits", "n": n, "guidance": STUDENT_WS, "nfes": STUDENT_NFES, "stochastic_nfes": STOCH_NFES,
+           "teacher_more_nfes": DIGITS_TEACHER_MORE, "reference_sampler": list(DIGITS_REF), "points": DIGITS_POINTS,
+           "train_n": DIGITS_TRAIN_N, "teacher_budget": t_budget, "student_budget": s_budget, "cases": []}
+
+    t0 = time.time()
+    t_run, t_s, t_how = _digits_run(root / "teacher", t_budget, lambda out, resume: train_teacher(
+        dict(t_budget), out, resume=resume, progress=False))
+    print(json.dumps({"teacher": t_run, "how": t_how, "train_seconds": round(t_s, 1),
+                      "wall": round(time.time() - t0, 1)}), flush=True)
+    # the student learns from the teacher's own training digits (by default a run-folder teacher's
+    # data is its data set by name, all 1797 digits, the held-out ones too)
+    from fewstep.data.registry import load_dataset
+
+    train = load_dataset("digits", n=DIGITS_TRAIN_N, seed=int(t_budget["seed"]))
+    data_file = root / f"digits_train{DIGITS_TRAIN_N}.npz"
+    import numpy as np
+
+    np.savez(data_file, x=train.x.float().numpy(), labels=train.labels.numpy())
+    cfg = {**s_budget, "teacher": t_run, "data": str(data_file)}
+    t0 = time.time()
+    s_run, s_s, s_how = _digits_run(root / "student", s_budget, lambda out, resume: distill(
+        "guided", cfg, out, resume=resume, progress=False))
+    print(json.dumps({"student": s_run, "how": s_how, "train_seconds": round(s_s, 1),
+                      "wall": round(time.time() - t0, 1)}), flush=True)
+    t_cfg = json.loads((Path(t_run) / "config.json").read_text())
+    s_meta = json.loads((Path(s_run) / "model.json").read_text())
+    res.update({"teacher_run": t_run, "teacher_train_seconds": t_s, "teacher_how": t_how,
+                "teacher_config": {k: t_cfg.get(k) for k in DIGITS_TEACHER_KEYS},
+                "student_run": s_run, "student_train_seconds": s_s, "student_how": s_how,
+                "student_cost": s_meta.get("cost"), "student_stage1": s_meta.get("stage1"),
+                "student_rounds": s_meta.get("rounds"), "student_data": str(data_file)})
+
+    t1 = time.time()
+    ref, lab, floor_x, floor_lab, source = _digits_sets(n)
+    metric = _DigitsMetrics(ref)
+    res["reference"] = {"source": source, "n": len(ref), "floor_n": len(floor_x),
+                        "floor_per_class": torch.bincount(floor_lab, minlength=DIGITS_CLASSES).tolist(),
+                        "classifier": metric.info}
+    res["floor"] = {"fd": metric(floor_x, floor_lab)["fd"], "accuracy_reference": metric(ref, lab)["accuracy"],
+                    "accuracy_floor_set": metric(floor_x, floor_lab)["accuracy"]}
+    top, teacher = load(s_run), load(t_run)
+    x_T = top.noise(n, seed=100)  # the same start for every row
+    assert abs(float(top.sigma_max) - float(teacher.sigma_max)) < 1e-6, (top.sigma_max, teacher.sigma_max)
+    for w in STUDENT_WS:
+        case = {"w": w, "rows": [], "teacher_more": []}
+
+        def add(rows, model, nfe, drawn, **extra):
+            x, calls, passes = drawn
+            rows.append({"model": model, "nfe": nfe, "calls": calls, "passes": passes, **extra, **metric(x, lab)})
+
+        for nfe in STUDENT_NFES:
+            add(case["rows"], "student", nfe, _counted(top.variant(nfe), n, lambda: _quiet_sample(
+                top, n, nfe, x=x_T, labels=lab, guidance=w)))
+        for nfe in STOCH_NFES:
+            add(case["rows"], "student, guided_stochastic", nfe, _counted(top.variant(nfe // 2), n, lambda: (
+                _quiet_sample(top, n, nfe, "guided_stochastic", seed=7, x=x_T, labels=lab, guidance=w))))
+        for sampler, label in (("euler", "teacher euler (DDIM)"), ("dpmpp_2m", "teacher dpmpp_2m")):
+            for nfe in STUDENT_NFES:
+                add(case["rows"], label, nfe, _counted(teacher, n, lambda: _quiet_sample(
+                    teacher, n, nfe, sampler, x=x_T, labels=lab, guidance=w, grid="karras")))
+        for sampler in ("euler", "dpmpp_2m"):
+            for nfe in DIGITS_TEACHER_MORE:
+                add(case["teacher_more"], f"teacher {sampler}", nfe, _counted(teacher, n, lambda: _quiet_sample(
+                    teacher, n, nfe, sampler, x=x_T, labels=lab, guidance=w, grid="karras")), sampler=sampler)
+        case["target"] = digits_target(case)
+        res["cases"].append(case)
+        ref_t = case["target"][0]
+        print(json.dumps({"w": w, "student_fd_acc": [f"{_g(t['student_fd'])} / {_pct(t['student_accuracy'])}"
+                                                     for t in case["target"]],
+                          "teacher_ref": f"{_g(ref_t['teacher_fd'])} / {_pct(ref_t['teacher_accuracy'])}",
+                          "met": [t["met"] for t in case["target"]]}), flush=True)
+    res["evaluation_seconds"] = time.time() - t1
+    return res
+
+
+def digits_target(case: dict) -> list:
+    """Per student NFE: its accuracy against the guided teacher's at ``DIGITS_REF``, met when
+    at most ``DIGITS_POINTS`` points below it (non-finite samples: missed)."""
+    ref = next(r for r in case["teacher_more"] if (r["sampler"], r["nfe"]) == DIGITS_REF)
+    out = []
+    for s in (r for r in case["rows"] if r["model"] == "student"):
+        ok = s["accuracy"] is not None and ref["accuracy"] is not None
+        diff = 100 * (s["accuracy"] - ref["accuracy"]) if ok else None
+        out.append({"nfe": s["nfe"], "student_accuracy": s["accuracy"], "student_fd": s["fd"],
+                    "teacher_accuracy": ref["accuracy"], "teacher_fd": ref["fd"], "points": diff,
+                    "met": bool(ok and diff >= -DIGITS_POINTS - 1e-9)})  # 1e-9: -2.0 points is within 2
+    return out
+
+
+def _pct(v) -> str:
+    return "non-finite" if v is None else f"{100 * v:.1f}%"
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _fd_acc(r: dict) -> str:
+    return "non-finite" if r.get("fd") is None else f"{r['fd']:.3g} / {100 * r['accuracy']:.1f}%"
+
+
+def digits_tables(res: dict) -> str:
+    out = []
+    nfes, fl = res["nfes"], res["floor"]
+    ref_s, ref_k = res["reference_sampler"]
+    for case in res["cases"]:
+        out.append(f"### digits, w = {case['w']:g}: classifier FD to held-out digits / accuracy on the asked label "
+                   f"(n = {res['n']}; floor {fl['fd']:.3g} / {100 * fl['accuracy_floor_set']:.1f}%)\n")
+        out.append("| model | calls (passes) per sample | " + " | ".join(f"NFE {j}" for j in nfes) + " |")
+        out.append("|---|---|" + "---|" * len(nfes))
+        models = list(dict.fromkeys(r["model"] for r in case["rows"]))
+        for m in models:
+            rows = {r["nfe"]: r for r in case["rows"] if r["model"] == m}
+            cost = ", ".join(f"{r['calls']} ({r['passes']:g})" for r in rows.values())
+            out.append(f"| {m} | {cost} | " + " | ".join(_fd_acc(rows[j]) if j in rows else "-" for j in nfes) + " |")
+        out.append("")
+    more = res["cases"][0]["teacher_more"]
+    out.append("### digits: the guided teacher at more NFE, FD / accuracy\n")
+    out.append("| w | calls (passes) per sample | " + " | ".join(f"{t['model']} {t['nfe']}" for t in more) + " |")
+    out.append("|---|---|" + "---|" * len(more))
+    for case in res["cases"]:
+        cost = {r["nfe"]: f"{r['calls']} ({r['passes']:g})" for r in case["teacher_more"]}
+        out.append(f"| {case['w']:g} | {', '.join(cost.values())} | "
+                   + " | ".join(_fd_acc(t) for t in case["teacher_more"]) + " |")
+    out.append("")
+    out.append(f"### digits: target, the student's accuracy within {res['points']:g} points of the guided teacher's "
+               f"{ref_s} at {ref_k} NFE\n")
+    out.append(f"| w | student NFE | student accuracy | student FD | teacher {ref_s} {ref_k}: accuracy | its FD | "
+               f"points | verdict |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for case in res["cases"]:
+        for t in case["target"]:
+            out.append(f"| {case['w']:g} | {t['nfe']} | {_pct(t['student_accuracy'])} | {_g(t['student_fd'])} | "
+                       f"{_pct(t['teacher_accuracy'])} | {_g(t['teacher_fd'])} | "
+                       f"{'-' if t['points'] is None else format(t['points'], '+.1f')} | "
+                       f"{'met' if t['met'] else 'missed'} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def digits_summary(res: dict) -> str:
+    """The measured facts the section rests on."""
+    cs, fl = res["cases"], res["floor"]
+
+    def get(case, model, nfe, key):
+        rows = case["rows"] + case["teacher_more"]
+        v = next(r[key] for r in rows if r["model"] == model and r["nfe"] == nfe)
+        return "n/a" if v is None else (f"{100 * v:.1f}" if key == "accuracy" else f"{v:.3g}")
+
+    ref_s, ref_k = res["reference_sampler"]
+    lines = [f"- data floor: FD {fl['fd']:.3g} ({res['reference']['floor_n']} other held-out digits against the "
+             f"reference); the classifier's accuracy on the real held-out digits {100 * fl['accuracy_reference']:.1f}% "
+             f"(reference set), {100 * fl['accuracy_floor_set']:.1f}% (floor set)"]
+    lines.append(f"- target (student accuracy at most {res['points']:g} points below the teacher's {ref_s} at {ref_k} "
+                 f"NFE): " + "; ".join(f"w = {c['w']:g}: " + ", ".join(
+                     f"NFE {t['nfe']} {'met' if t['met'] else 'missed'}"
+                     + (f" ({t['points']:+.1f})" if t["points"] is not None else "") for t in c["target"]) for c in cs))
+    for key, what in (("accuracy", "accuracy %"), ("fd", "FD")):
+        lines.append(f"- guided teacher at {ref_k} NFE, {what} euler / dpmpp_2m: " + "; ".join(
+            f"w = {c['w']:g}: {get(c, 'teacher euler', ref_k, key)} / {get(c, 'teacher dpmpp_2m', ref_k, key)}"
+            for c in cs))
+        lines.append(f"- student, {what} at NFE " + " / ".join(map(str, res["nfes"])) + ": " + "; ".join(
+            f"w = {c['w']:g}: " + " / ".join(get(c, "student", j, key) for j in res["nfes"]) for c in cs))
+        lines.append(f"- guided teacher at 8 NFE (16 passes; w = 1: 8), {what} euler / dpmpp_2m: " + "; ".join(
+            f"w = {c['w']:g}: {get(c, 'teacher euler (DDIM)', 8, key)} / {get(c, 'teacher dpmpp_2m', 8, key)}"
+            for c in cs))
+    return "\n".join(lines)
+
+
+def digits_section(res: dict) -> str:
+    m, tb, sb, tc = res["machine"], res["teacher_budget"], res["student_budget"], res["teacher_config"]
+    how = {"trained": "trained in this run", "resumed": "resumed in this run (seconds of the last session only)",
+           "kept": "kept from an earlier run"}
+    clf, ref = res["reference"]["classifier"], res["reference"]
+    st1 = (res.get("student_stage1") or {}).get("init", "?")
+    quick = "--quick" in res["command"]
+    out, runs = ("guided_digits_quick.json", "guided_digits_runs/quick/") if quick else ("guided_digits.json",
+                                                                                        "guided_digits_runs/")
+    text = f"""{DIGITS_HEADING}
+
+`{res['command']}`: {res['seconds']:.0f} s in all, of it the teacher {res['teacher_train_seconds']:.0f} s \
+({how[res['teacher_how']]}), the student {res['student_train_seconds']:.0f} s ({how[res['student_how']]}), the \
+evaluation {res['evaluation_seconds']:.0f} s; {m['nproc']} cores ({m['cpu']}, shared with other jobs: load average \
+{m['load_average'][0]:.1f}), torch {m['torch']}, {m['torch_threads']} thread(s), {m['date']} UTC, commit \
+{m['commit']}. Tables rebuilt with `python bench/guided.py --part digits --from-json bench/out/{out} \
+--doc docs/BENCHMARKS.md`. Raw numbers: `bench/out/{out}`; run folders under `bench/out/{runs}` (kept: a rerun \
+evaluates them again, an interrupted one resumes).
+
+Teacher (`fewstep.train.teacher.train_teacher`, what `fewstep train --data digits --conditional --n-data \
+{tb['n_data']} --steps {tb['steps']} --batch-size {tb['batch_size']}` runs with a config file giving `net` and \
+`label_dropout`): class-conditional on the first {tb['n_data']} of the 1797 8x8 digits (seeded order, seed \
+{tb['seed']}), label dropout {tb['label_dropout']:g} (the null label -1 of classifier-free guidance), an MLP on the 64 \
+pixels (hidden {DIGITS_NET['hidden']}, depth {DIGITS_NET['depth']}, embeddings {DIGITS_NET['emb_dim']}), process \
+{tc['process'] if isinstance(tc['process'], str) else tc['process'].get('kind')}, prediction {tc['prediction']}, \
+weighting {tc['weighting']}, lr {tc['lr']:g}, warm-up {tc['warmup']}, EMA {tc['ema_decay']}. Student \
+(`distill("guided", ...)`, Meng et al. 2022, `fewstep.methods.guided`): ONE student, w ~ U[{sb['w_min']:g}, \
+{sb['w_max']:g}] as its input, the teacher's net with a w embedding (stage one starts from the teacher's \
+weights: init `{st1}`), stage one {sb['stage1_steps']} steps, then progressive rounds {sb['start_steps']} -> \
+{sb['end_steps']} steps ({sb['steps']} steps per round), batch {sb['batch_size']}, lr {sb['lr']:g}, warm-up \
+{sb['warmup']}, EMA {sb['ema_decay']}, seed {sb['seed']}; its training data the teacher's {res['train_n']} \
+training digits (`--data` a file of them: by default a run-folder teacher's data set is taken by name, all 1797 \
+digits).
+
+Evaluation, n = {res['n']} with balanced labels arange(n) % 10, all from the same x_T = `top.noise(n, seed=100)`: \
+the student `fewstep.load(run).sample(n, nfe, x=x_T, labels, guidance=w)` (its own rule, the round of nfe steps) \
+and `sampler="guided_stochastic"` (the paper's stochastic sampler, nfe = 2 x the round's steps, seed 7); the guided \
+teacher `fewstep.load(teacher).sample(n, nfe, "euler" | "dpmpp_2m", grid="karras", x=x_T, labels, guidance=w)`, \
+one batched CFG call of 2 passes per step (1 at w = 1). Calls and passes are counted at each model's denoiser. \
+Metrics: the classifier Frechet distance (the 64 features of the digits classifier \
+`fewstep.metrics.features.classifier_for("digits")`, as `fewstep bench` computes FD; NOT comparable with FID) to \
+{ref['n']} held-out digits ({ref['n'] // 10} per class; {ref['source']}, never trained on by the teacher or the \
+student), and the accuracy on the asked label (the share of samples the classifier puts in it). Data floor: \
+{ref['floor_n']} other held-out digits (per class {ref['floor_per_class']}) against the reference. The classifier is \
+the shipped one, trained on 90% of all 1797 digits (its own held-out accuracy \
+{100 * float(clf.get('val_accuracy', float('nan'))):.1f}%), so its accuracy on "held-out" digits is mostly on \
+digits it was trained on: held out from the teacher, not from the classifier.
+
+Measured:
+{digits_summary(res)}
+
+{digits_tables(res)}"""
+    return text.rstrip() + "\n"
+
+
 PARTS = {"splitting": (run_splitting, splitting_tables, splitting_section, SPLITTING_HEADING),
-         "student": (run_student, student_tables, student_section, STUDENT_HEADING)}
+         "student": (run_student, student_tables, student_section, STUDENT_HEADING),
+         "digits": (run_digits, digits_tables, digits_section, DIGITS_HEADING)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=sorted(PARTS), required=True)
-    ap.add_argument("--quick", action="store_true", help="fewer starts, one guidance scale")
+    ap.add_argument("--quick", action="store_true",
+                    help="splitting: fewer starts, one guidance scale; student / digits: fewer samples, tiny training "
+                         "budgets (digits: its own run folders and bench/out/guided_digits_quick.json)")
     ap.add_argument("--out", default=None, help="result JSON (default bench/out/guided_<part>.json)")
     ap.add_argument("--from-json", default=None, nargs="+",
                     help="rebuild tables / the docs section from a saved run (part student: one file per mixture)")
@@ -607,6 +977,8 @@ def main() -> None:
         res.update({"command": "python bench/guided.py " + " ".join(sys.argv[1:]), "machine": machine(),
                     "seconds": time.time() - t0})
         name = a.part if not (a.part == "student" and a.mixture) else f"student_{a.mixture}"
+        if a.part == "digits" and a.quick:  # the quick check does not overwrite the full run's results
+            name = "digits_quick"
         out = Path(a.out or f"bench/out/guided_{name}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))

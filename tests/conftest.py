@@ -48,3 +48,25 @@ def class_unet_spec(tmp_path_factory):
     unet.save_pretrained(root / "unet")
     diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False).save_pretrained(root / "scheduler")
     return f"diffusers:{root}"
+
+
+@pytest.fixture(scope="session")
+def null_class_unet_specs(tmp_path_factory):
+    """A tiny diffusers UNet2DModel with 11 class rows, saved twice: declared to have its null
+    class in row 4 (fewstep.json; a teacher of the 10 digit classes: labels 0-3 -> rows 0-3,
+    4-9 -> rows 5-10, -1 -> row 4) and without the declaration (11 classes, labels = rows)."""
+    import shutil
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(16, 32), norm_num_groups=8, num_class_embeds=11,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    base = tmp_path_factory.mktemp("null_unet")
+    plain = base / "plain"
+    unet.save_pretrained(plain / "unet")
+    diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False).save_pretrained(plain / "scheduler")
+    shutil.copytree(plain, base / "null")
+    (base / "null" / "unet" / "fewstep.json").write_text('{"null_class": 4}')
+    return f"diffusers:{base / 'null'}", f"diffusers:{plain}"

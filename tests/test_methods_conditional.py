@@ -156,6 +156,13 @@ def test_gmm_labels_not_one_integer_per_component(labels, tmp_path, capsys):
     assert not (tmp_path / "z").exists()
 
 
+def test_data_with_other_classes_than_the_teacher_is_refused(class_unet_spec, tmp_path, capsys):
+    # a 3-class teacher and the 10-class digits: labels 3-9 would index past its class rows
+    _fails(["distill", "progressive", "--teacher", class_unet_spec, "--data", "digits", "--steps", "1",
+            "--start-steps", "2", "--out", str(tmp_path / "k")], capsys, "10 classes")
+    assert not (tmp_path / "k").exists()
+
+
 def test_diffusers_unet_without_a_null_class_refuses_guidance(class_unet_spec, tmp_path, capsys):
     spec = class_unet_spec
     _fails(["sample", spec, "--nfe", "2", "--n", "2", "--label", "1", "--guidance", "2", "--out",

@@ -248,6 +248,42 @@ def test_diffusers_unet_without_a_null_class_is_refused(class_unet_spec, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+def test_diffusers_unet_with_a_declared_null_class(null_class_unet_specs, tmp_path):
+    """fewstep.json {"null_class": 4} on 11 rows: the 10 digit classes around row 4 (each label's
+    output equals that row of the same weights loaded without the declaration); guidance
+    combines those rows, and guided distillation on digits runs on the teacher."""
+    from fewstep.denoiser import CFGDenoiser
+
+    spec, plain_spec = null_class_unet_specs
+    teacher, plain = load(spec, device="cpu"), load(plain_spec, device="cpu")
+    assert teacher.num_classes == 10 and teacher.meta["null_class"] == 4 and plain.num_classes == 11
+    y = 3.0 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = torch.full((4,), 3.0)
+    with torch.no_grad():
+        got = {c: teacher.denoiser(y, s, labels=torch.full((4,), c)) for c in (-1, 0, 3, 4, 9)}
+        for c, row in ((-1, 4), (0, 0), (3, 3), (4, 5), (9, 10)):
+            assert torch.equal(got[c], plain.denoiser(y, s, labels=torch.full((4,), row))), c
+        assert not torch.allclose(got[0], got[9]) and not torch.allclose(got[0], got[-1])  # the rows are used
+        cfg = CFGDenoiser(teacher.denoiser, 3.0)(y, s, labels=torch.full((4,), 9))
+        assert torch.allclose(cfg, got[-1] + 3.0 * (got[9] - got[-1]), atol=1e-5)
+    out = distill("guided", {"teacher": spec, "stage1_steps": 2, "steps": 2, "start_steps": 2, "batch_size": 4,
+                             "device": "cpu", "data": "digits"}, str(tmp_path / "g"), progress=False)
+    assert json.loads((tmp_path / "g" / "model.json").read_text())["method"] == "guided"
+    assert _quiet(load(out).sample, 2, 1, labels=torch.tensor([0, 9]), guidance=2.0)[0].shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("decl", ['{"null_class": 3}', '{"null_class": -1}', '{"null_class": true}', '[1]', "{"])
+def test_diffusers_null_class_declaration_checked(class_unet_spec, tmp_path, capsys, decl):
+    import shutil
+
+    root = tmp_path / "pipe"
+    shutil.copytree(class_unet_spec[len("diffusers:"):], root)
+    (root / "fewstep.json").write_text(decl)
+    _fails(["sample", f"diffusers:{root}", "--nfe", "2", "--n", "2", "--out", str(tmp_path / "a.npz")], capsys,
+           "fewstep.json")
+    assert not (tmp_path / "a.npz").exists()
+
+
 def test_interrupted_run_resumes_identically(cspec, tmp_path, monkeypatch):
     cfg = {**LOOP, "teacher": cspec, "stage1_steps": 20, "steps": 20, "start_steps": 2, "checkpoint_every": 10,
            "batch_size": 32}

@@ -45,7 +45,9 @@ STOCHASTIC = "guided_stochastic"  # a guided student's own stochastic rule (no r
 
 @torch.no_grad()
 def guided_stochastic(denoiser, x: torch.Tensor, sigmas, extra_args=None, generator=None) -> torch.Tensor:
-    """The N-step stochastic sampler of Meng et al. 2022 (sec. 3.2) on levels sigmas[0..N]
+    """The N-step stochastic sampler of Meng et al. 2022 (their "N-step deterministic and
+    stochastic sampling": one deterministic step of twice the step length, then one stochastic
+    step back up of the original length, after Karras et al. 2022) on levels sigmas[0..N]
     (decreasing, sigmas[N] = 0), one evaluation per level but the last: from level i a
     deterministic DDIM step of twice the grid's step, to level min(i + 2, N), then fresh
     noise back up to level i + 1, the forward process q(z_{i+1} | z_{i+2}); the evaluation at

@@ -13,6 +13,14 @@ config gives the discrete VP schedule (``trained_betas`` or
 
 with t the (possibly fractional) diffusers timestep that the UNet receives, exactly as
 diffusers' Euler-type schedulers call it.
+
+Class labels and the null class. A ``UNet2DModel`` with ``num_class_embeds = N`` has N rows
+and no marker of which (if any) is the unconditional one that classifier-free guidance and
+label dropout need. A model trained with a null class says so in ``fewstep.json`` beside its
+``config.json`` (or in the pipeline folder): ``{"null_class": K}``. Then the teacher has N - 1
+classes, fewstep's labels 0..N-2 are the other rows in order (label c is row c + (c >= K)) and
+label -1 (null) is row K; with K = N - 1 (the convention of fewstep's own nets) the labels are
+the rows. Without it the N rows are N classes and guidance is refused in one line.
 """
 from __future__ import annotations
 
@@ -34,18 +42,32 @@ def _brief(e: Exception) -> str:
     return " ".join(str(e).split())[:160]
 
 
-class DiffusersNet(nn.Module):
-    """Adapter: ``net(x, c_noise, labels=None, cond=None)`` -> ``model(x, t).sample``."""
+NULL_CLASS_FILE = "fewstep.json"
+NO_NULL = ("has no null class (label -1), so it has no unconditional branch for classifier-free guidance; if it "
+           f"was trained with one, write {{\"null_class\": K}} (its row) into {NULL_CLASS_FILE} beside its "
+           "config.json, else leave out --guidance / --label-dropout")
 
-    def __init__(self, model: nn.Module):
+
+class DiffusersNet(nn.Module):
+    """Adapter: ``net(x, c_noise, labels=None, cond=None)`` -> ``model(x, t).sample``; labels
+    are mapped onto the class-embedding rows around the null row (module docstring)."""
+
+    def __init__(self, model: nn.Module, null_class=None):
         super().__init__()
-        self.model = model
+        self.model, self.null_class = model, null_class
+
+    def rows(self, labels):
+        """fewstep labels (-1 = null) -> the model's class-embedding rows."""
+        labels = torch.as_tensor(labels)
+        if self.null_class is None:
+            if bool((labels < 0).any()):
+                raise UserError("this diffusers model " + NO_NULL)
+            return labels
+        k = int(self.null_class)
+        return torch.where(labels < 0, torch.full_like(labels, k), labels + (labels >= k).to(labels.dtype))
 
     def forward(self, x, c_noise, labels=None, cond=None):
-        if labels is not None and bool((torch.as_tensor(labels) < 0).any()):
-            raise UserError("this diffusers model has no null class (label -1), so it has no unconditional branch "
-                            "for classifier-free guidance: leave out --guidance / --label-dropout, or distil another way")
-        kw = {"class_labels": labels} if labels is not None else {}
+        kw = {"class_labels": self.rows(labels).to(x.device)} if labels is not None else {}
         out = self.model(x, c_noise.to(x.dtype), **kw)
         return out.sample if hasattr(out, "sample") else out[0]
 
@@ -129,8 +151,10 @@ def load_diffusers_teacher(spec_path: str, device=None):
         raise UserError(f"diffusers:{path}: prediction_type '{pred}' is not supported; "
                         f"valid: {', '.join(PREDICTION_TYPES)}")
     process = process_from_scheduler_config(scfg)
+    rows = int(mcfg.get("num_class_embeds") or 0)
+    null = _null_class(path, model_dir, rows)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = DiffusersNet(model).to(dev).eval()
+    net = DiffusersNet(model, null).to(dev).eval()
     D = ModelDenoiser(net, process, PREDICTION_TYPES[pred])
     if scfg.get("clip_sample", False):
         D = ClippedDenoiser(D, scfg.get("clip_sample_range", 1.0))
@@ -138,8 +162,29 @@ def load_diffusers_teacher(spec_path: str, device=None):
     size = (size, size) if isinstance(size, int) else tuple(size)
     shape = (int(mcfg.get("in_channels", 3)), *size)
     spacing = scfg.get("timestep_spacing", "leading")
-    meta = {"role": "diffusers-teacher", "scheduler": scfg, "model_class": cls_name,
+    meta = {"role": "diffusers-teacher", "scheduler": scfg, "model_class": cls_name, "null_class": null,
             "default_grid": f"time-{spacing}" if spacing in ("leading", "trailing", "linspace") else "karras"}
     return Model(D, process, shape, process.sigma_min, process.sigma_max,
-                 int(mcfg.get("num_class_embeds") or 0), "dpmpp_2m", "image", f"diffusers:{path}", meta,
+                 rows - 1 if null is not None else rows, "dpmpp_2m", "image", f"diffusers:{path}", meta,
                  device=dev)
+
+
+def _null_class(path: Path, model_dir: Path, rows: int):
+    """The null class row declared in fewstep.json (model folder first, then the pipeline
+    folder), or None."""
+    for f in (model_dir / NULL_CLASS_FILE, path / NULL_CLASS_FILE):
+        if not f.is_file():
+            continue
+        try:
+            decl = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"diffusers:{path}: {f} is not readable JSON ({_brief(e)}); write "
+                            f'{{"null_class": K}}') from None
+        k = decl.get("null_class") if isinstance(decl, dict) else None
+        if isinstance(k, bool) or not isinstance(k, int) or rows < 2 or not 0 <= k < rows:
+            raise UserError(f"diffusers:{path}: {f} must hold {{\"null_class\": K}} with K a whole number from 0 to "
+                            f"{rows - 1} (the model has {rows} class rows)" if rows >= 2 else
+                            f"diffusers:{path}: {f} declares a null class but the model has {rows} class rows "
+                            f"(num_class_embeds); a null class needs at least 2; remove {f}")
+        return k
+    return None

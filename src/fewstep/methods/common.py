@@ -184,9 +184,11 @@ def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
     if w is not None and float(w) < 0:
         raise UserError(f"--guidance must be 0 (unconditional) or more, got {w}")
     needs_null = (w is not None and float(w) != 1.0) or float(p) > 0
-    if needs_null and teacher is not None and teacher.meta.get("role") == "diffusers-teacher":
-        raise UserError(f"{teacher.name} has no null class (label -1), so it cannot be guided (--guidance) or "
-                        f"give null-label targets (--label-dropout); leave both out")
+    if (needs_null and teacher is not None and teacher.meta.get("role") == "diffusers-teacher"
+            and teacher.meta.get("null_class") is None):
+        from fewstep.interop.diffusers_teacher import NO_NULL
+
+        raise UserError(f"{teacher.name} {NO_NULL}")
     prior = None
     if teacher is not None and is_exact(teacher):
         prior = teacher.denoiser.class_weights
@@ -270,6 +272,10 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0, n: Optional[in
     x = ds.x.float()
     if teacher is not None and tuple(ds.shape) != tuple(teacher.shape):
         raise UserError(f"--data {spec} has samples of shape {list(ds.shape)}, the teacher {list(teacher.shape)}")
+    k = int(ds.num_classes or 0)
+    if teacher is not None and k and teacher.num_classes and k != teacher.num_classes:
+        raise UserError(f"--data {spec} has {k} classes, the teacher {teacher.num_classes}: its labels would ask "
+                        f"the teacher for classes it does not have; give the teacher's labelled data")
 
     def draw(n, g):
         return x[torch.randint(0, len(x), (n,), generator=g)]
