@@ -406,3 +406,41 @@ def test_learn_stops_on_held_out_starts_and_is_never_worse_there_than_its_start(
     assert info["rms_val"] <= info["rms_val_start"] + 1e-12
     assert abs(val.error(sig) - info["rms_val"]) < 1e-12
     assert val.x_T is xv and prob.x_T is x and val._target is not prob._target
+
+
+def test_cli_several_budgets_are_monotone_and_keep_the_smaller_schedule(tmp_path, monkeypatch):
+    """--nfe 3,4,5: learned in order; each budget's validation RMS is at most the one below it.
+    Where learning (and the warm start) at 5 NFE come out worse than the 4-NFE schedule (forced
+    here with a poor grid), the 5-NFE file is the 4-NFE schedule whole, spending 4."""
+    import fewstep.schedules as SCH
+
+    real_learn, real_warm = SCH.learn, SCH.warm_start
+
+    def poor(prob):
+        return G.karras(prob.steps, SMIN, SMAX, rho=0.5, final_zero=True)
+
+    def learn(prob, **kw):
+        sig, meta = real_learn(prob, **kw)
+        if prob.nfe == 5:
+            meta.pop("eval_sigmas", None)
+            return poor(prob), {**meta, "nfe_spent": prob.cost(poor(prob))}
+        return sig, meta
+
+    def warm(prev, steps):
+        return G.karras(steps, SMIN, SMAX, rho=0.5, final_zero=True) if steps >= 5 else real_warm(prev, steps)
+
+    monkeypatch.setattr(SCH, "learn", learn)
+    monkeypatch.setattr(SCH, "warm_start", warm)
+    spec = tmp_path / "g.npz"
+    gmm2().save(spec)
+    out = tmp_path / "g{nfe}.json"
+    assert main(["schedule", "--teacher", f"gmm:{spec}", "--sampler", "euler", "--nfe", "5,3,4", "--out", str(out),
+                 "--n", "64", "--candidates", "12", "--iters", "10", "--end", "zero", "--afs", "off",
+                 "--quiet"]) == 0
+    metas = {k: json.loads((tmp_path / f"g{k}.json").read_text()) for k in (3, 4, 5)}
+    assert metas[4]["rms_val"] <= metas[3]["rms_val"] + 1e-12 and metas[5]["rms_val"] <= metas[4]["rms_val"] + 1e-12
+    assert metas[5]["kept_smaller_budget"] == 4 and metas[5]["sigmas"] == metas[4]["sigmas"]
+    assert metas[5]["nfe_spent"] == 4 and metas[5]["rms_heldout"] == metas[4]["rms_heldout"]
+    counter = NFECounter(gmm2())
+    S.sample(counter, 80.0 * torch.randn(8, 2, dtype=torch.float64), "euler", 5, str(tmp_path / "g5.json"))
+    assert counter.nfe == 4

@@ -157,7 +157,7 @@ def cmd_schedule(a) -> int:
     x_T, x0, flow = _starts(model, a.teacher, a.n, a.seed, a.cost == "elbo", a.data, a.sigma_max)
     x_val = _starts(model, a.teacher, max(2, a.n // 2), a.seed + 1, False, sigma_max=a.sigma_max)[0]
     x_test = _starts(model, a.teacher, a.n, a.seed + 2, False, sigma_max=a.sigma_max)[0]
-    prev = None  # (sigmas, validation RMS) of the budget below
+    prev = None  # the budget below: its grid, levels, sampler, AFS, validation RMS and metadata
     for nfe in nfes:
         t0 = time.time()
         sampler, afs, fz = _setting(a, a.sampler, nfe)
@@ -165,8 +165,8 @@ def cmd_schedule(a) -> int:
                        x0=x0, seed=a.seed, afs=afs, final_zero=fz)
         val, test = prob.on(x_val), prob.on(x_test)
         inits = {}
-        if prev is not None and (float(prev[0][-1]) == 0) == fz and len(prev[0]) - 1 <= prob.steps:
-            inits["warm start"] = warm_start(prev[0], prob.steps)
+        if prev is not None and (float(prev["sigmas"][-1]) == 0) == fz and len(prev["sigmas"]) - 1 <= prob.steps:
+            inits["warm start"] = warm_start(prev["sigmas"], prob.steps)
         say(f"[schedule] {a.teacher}: {sampler}, {nfe} NFE = {prob.steps} steps"
             f"{' with AFS' if afs else ''}, ending at {'0' if fz else 'sigma_min'}, {a.method} ({a.cost}), "
             f"{a.n} training / {len(x_val)} stopping / {len(x_test)} held-out starts")
@@ -177,13 +177,24 @@ def cmd_schedule(a) -> int:
         ev = None if ev is None else torch.tensor(ev, dtype=torch.float64)
         fixed_name, fixed, _ = best_fixed(prob, model.process)
         e_val = val.error(sigmas, levels=ev)
-        if prev is not None and "warm start" in inits and e_val > prev[1]:  # monotone in NFE where it can be
+        if prev is not None and "warm start" in inits and e_val > prev["e_val"]:  # monotone in NFE where it can be
             w = inits["warm start"]
             if val.error(w) < e_val:
                 sigmas, ev, e_val = w, None, val.error(w)
                 meta["kept_warm_start"] = True
-        meta.update(rms_heldout=test.error(sigmas, levels=ev), rms_heldout_best_fixed=test.error(fixed),
-                    rms_val=e_val, n_train=a.n, n_val=len(x_val), n_heldout=len(x_test))
+        heldout = None
+        if prev is not None and e_val > prev["e_val"]:
+            # still worse on the stopping starts than the budget below: a budget may spend fewer
+            # evaluations than it allows, so it keeps the smaller budget's schedule whole
+            say(f"[schedule] {nfe} NFE: learned {e_val:.4g} on the stopping starts, worse than the {prev['nfe']}-NFE "
+                f"schedule's {prev['e_val']:.4g}: keeping that one (it spends {prev['meta']['nfe_spent']})")
+            sigmas, ev, e_val, sampler, afs = prev["sigmas"], prev["ev"], prev["e_val"], prev["sampler"], prev["afs"]
+            meta = {k: v for k, v in prev["meta"].items() if k not in ("rms_heldout_best_fixed", "kept_smaller_budget")}
+            meta["kept_smaller_budget"] = prev["nfe"]
+            heldout = prev["meta"]["rms_heldout"]
+        meta.update(rms_heldout=test.error(sigmas, levels=ev) if heldout is None else heldout,
+                    rms_heldout_best_fixed=test.error(fixed), rms_val=e_val, n_train=a.n, n_val=len(x_val),
+                    n_heldout=len(x_test))
         say(f"[schedule] RMS to the teacher's ODE solution on {len(x_test)} held-out starts (used neither to train "
             f"nor to stop): learned {meta['rms_heldout']:.4g}, best fixed grid ({fixed_name}) "
             f"{meta['rms_heldout_best_fixed']:.4g}")
@@ -195,5 +206,5 @@ def cmd_schedule(a) -> int:
         print(f"wrote {out}: {len(sigmas) - 1} steps, {meta['nfe_spent']} evaluations, "
               f"sigmas {', '.join(f'{float(s):.4g}' for s in sigmas)}"
               + (f"; evaluation levels {', '.join(f'{float(s):.4g}' for s in ev)}" if ev is not None else ""))
-        prev = (sigmas, e_val)
+        prev = {"nfe": nfe, "sigmas": sigmas, "ev": ev, "e_val": e_val, "sampler": sampler, "afs": afs, "meta": meta}
     return 0
