@@ -63,6 +63,7 @@ CASES = [
     ("train", T + ["--steps", "0"], "--steps"), ("train", T + ["--steps", "-3"], "--steps"),
     ("train", T + ["--steps", "2.5"], "--steps"), ("train", T + ["--steps", "abc"], "--steps"),
     ("train", T + ["--steps", "nan"], "--steps"),
+    ("train", T + ["--label-dropout", "0.3"], "unconditional"), ("train", T + ["--conditional", "--label-dropout", "1"], "--label-dropout"),
     ("train", T + ["--batch-size", "0"], "--batch-size"), ("train", T + ["--batch-size", "1.5"], "--batch-size"),
     ("train", T + ["--batch-size", HUGE], "memory"),
     ("train", T + ["--lr", "0"], "--lr"), ("train", T + ["--lr", "-1"], "--lr"), ("train", T + ["--lr", "nan"], "--lr"),

@@ -102,3 +102,19 @@ def test_a_trained_teacher_is_copied_not_refit(tmp_path):
     assert [r["student_steps"] for r in meta["rounds"]] == [2] and meta["prediction"] == "edm"
     assert meta["process"]["kind"] == "edm" and abs(meta["sigma_max"] - 80.0) < 1e-9
     assert load(out).sample(5, 2, seed=0)[0].shape == (5, 2)
+
+
+def test_students_train_on_the_teachers_own_subset(tmp_path):
+    """A teacher trained on --n-data 40 digits (seed 3): a method's data source (no --data) draws
+    only those 40, never the digits held out from the teacher."""
+    from fewstep.data.registry import load_dataset
+    from fewstep.methods.common import data_source
+    from fewstep.train.teacher import train_teacher
+
+    teacher = train_teacher({"data": "digits", "steps": 2, "batch_size": 8, "n_data": 40, "seed": 3, "device": "cpu"},
+                            str(tmp_path / "t"), progress=False, evaluate=False)
+    src = data_source(None, load(teacher))
+    x = src.draw(2000, torch.Generator().manual_seed(0)).reshape(2000, -1)
+    subset = load_dataset("digits", n=40, seed=3).x.float().reshape(40, -1)
+    assert torch.cdist(x, subset).min(dim=1).values.max() == 0  # every draw is one of the teacher's 40
+    assert len(torch.unique(x, dim=0)) == 40

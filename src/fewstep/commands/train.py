@@ -9,12 +9,12 @@ from __future__ import annotations
 from ..errors import UserError
 
 # the teacher's own options (the loop's come from fewstep.train.options)
-TRAIN_KEYS = ("data", "process", "prediction", "weighting", "conditional", "n_data")
+TRAIN_KEYS = ("data", "process", "prediction", "weighting", "conditional", "label_dropout", "n_data")
 
 
 def add_parser(sub) -> None:
     from ..train.config import TRAIN_DEFAULTS, TRAIN_LOOP_OVERRIDES
-    from ..train.options import add_loop_arguments, option
+    from ..train.options import add_loop_arguments, cli_number, option
 
     p = sub.add_parser("train", help="train a diffusion teacher into a run folder",
                        description="Train a teacher by weighted denoising score matching. Options not given "
@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prediction", help="network parametrization: eps, x0, v, score, flow, edm")
     p.add_argument("--weighting", help="loss weighting: simple, x0, snr, truncated_snr, min_snr, v, edm, likelihood")
     p.add_argument("--conditional", action="store_true", default=None, help="class-conditional (labelled data)")
+    p.add_argument("--label-dropout", type=cli_number, default=None, metavar="P",
+                   help="conditional: share of training labels replaced by the null label, the branch classifier-free "
+                        "guidance needs (default 0.1)")
     p.add_argument("--n-data", type=int, help="number of training samples (default: the dataset's)")
     p.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
     p.add_argument("--config", help="JSON file of training options")

@@ -241,9 +241,15 @@ def data_spec(spec: Optional[str], teacher=None) -> Optional[str]:
 
 def data_source(spec: Optional[str], teacher=None, seed: int = 0, n: Optional[int] = None) -> DataSource:
     """``spec`` (a dataset spec or gmm:FILE.npz) or, when None, the teacher's own data: its
-    mixture for an exact teacher, its training set (by name, :func:`data_spec`) for a run folder."""
+    mixture for an exact teacher, its training set (by name, :func:`data_spec`) for a run folder:
+    the very subset it trained on where it was given ``--n-data`` (its ``n`` and ``seed``), so a
+    student never trains on the samples held out from its teacher."""
     from ..data.gmm import GaussianMixture
 
+    if spec is None and n is None and teacher is not None and not is_exact(teacher):
+        told = teacher.meta.get("data", {})  # the subset the teacher was trained on (its --n-data, --seed)
+        if isinstance(told.get("n"), int) and told["n"] >= 1:
+            n, seed = int(told["n"]), int(told.get("seed", seed))
     spec = data_spec(spec, teacher)
     if spec is None and teacher is not None and is_exact(teacher):
         gmm, name = teacher.denoiser, teacher.name

@@ -29,7 +29,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            must="a JSON object such as {\"kind\": \"mlp\", \"hidden\": 128}, or null"),
     Option("conditional", bool, False, "class-conditional (when the data has labels)"),
     Option("label_dropout", float, 0.1, "classifier-free guidance: null-label probability (conditional only)",
-           low=0.0, high=1.0, cli=False),
+           low=0.0, high=1.0),
     Option("eval_samples", int, 2000, "samples for the final quality number (points); images use 256", low=1,
            cli=False),
     Option("eval_nfe", int, 100, "evaluations of the final quality number's Euler sampler", low=1,
@@ -95,6 +95,10 @@ def resolve(overrides: Optional[dict] = None, file: Optional[str] = None) -> dic
         raise UserError(f"unknown training option(s) {', '.join(unknown)}{hint}; valid: {', '.join(valid)}")
     file_keys = set(from_file) - set(given)
     validate(cfg, TRAIN_OPTIONS + LOOP_OPTIONS, file, file_keys)
+    if "label_dropout" in chosen and not cfg.get("conditional") and float(cfg["label_dropout"]) != 0.0:
+        where = f'config file {file}: "label_dropout"' if "label_dropout" in file_keys else "--label-dropout"
+        raise UserError(f"{where} {cfg['label_dropout']}: the teacher is unconditional (no --conditional), so it has "
+                        f"no labels to drop; add --conditional or leave it out")
     if cfg.get("net") is not None:
         check_net(cfg["net"], f'config file {file}: "net"' if "net" in file_keys else '"net"')
     return cfg

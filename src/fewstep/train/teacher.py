@@ -76,7 +76,8 @@ def model_meta(cfg: dict, D: ModelDenoiser, data: Dataset) -> dict:
         "prediction": D.prediction,
         "sigma_data": D.sigma_data,
         "data": {"name": data.name, "kind": data.kind, "shape": list(data.shape),
-                 "num_classes": data.num_classes if cfg["conditional"] else 0},
+                 "num_classes": data.num_classes if cfg["conditional"] else 0,
+                 "n": cfg["n_data"], "seed": int(cfg["seed"])},  # the subset trained on: load_dataset(name, n, seed)
         "sigma_min": D.process.sigma_min,
         "sigma_max": D.process.sigma_max,
         "default_sampler": None,  # the measured default for each budget (fewstep.samplers.recommend)
@@ -147,7 +148,8 @@ def family_task(cfg: dict, data: Dataset):
     def describe(module) -> dict:
         meta = {"format": "fewstep-model-1", "role": "teacher", **fam.meta(cfg, module, data),
                 "family": cfg["family"],
-                "data": {"name": data.name, "kind": data.kind, "shape": list(data.shape), "num_classes": 0}}
+                "data": {"name": data.name, "kind": data.kind, "shape": list(data.shape), "num_classes": 0,
+                         "n": cfg["n_data"], "seed": int(cfg["seed"])}}
         return meta
 
     return task, describe
