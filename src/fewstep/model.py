@@ -22,6 +22,15 @@ input: its ``"w_input": [w_min, w_max]`` (and ``"w_default"``) make ``sample(gui
 pass w as the net's ``cond`` rather than wrap classifier-free guidance; its rounds also
 carry the paper's N-step stochastic rule (``sampling.stochastic``), which
 ``sample(..., sampler="guided_stochastic")`` runs (:func:`guided_stochastic`).
+
+A MeanFlow student (``fewstep distill meanflow``, Geng et al. 2025; ``"denoiser": {"kind":
+"meanflow"}``, :class:`MeanFlowDenoiser`) is a flow model whose net also takes the interval:
+``sampling.sampler == "meanflow"`` makes ``sample(n, k)`` run its own k-step rule on the uniform
+t grid (:func:`meanflow_sample`); a named sampler samples its flow (r = t).
+
+A shortcut model (``fewstep distill shortcut``, Frans et al. 2024) is a flow model whose net also
+takes the step size d: ``sampling.sampler == "shortcut"`` makes ``sample(n, k)`` take k Euler steps
+of d = 1/k with that d as its input (:func:`shortcut_sample`); a named sampler samples its flow (d = 0).
 """
 from __future__ import annotations
 
@@ -41,6 +50,8 @@ GMM_SIGMA_MIN, GMM_SIGMA_MAX = 0.002, 80.0
 MODEL_FORMAT = "fewstep-model-1"  # the "format" of the model.json files this version writes and reads
 SEED_RANGE = (-2**63, 2**63 - 3)  # torch's manual_seed range, less the offsets the samplers add
 STOCHASTIC = "guided_stochastic"  # a guided student's own stochastic rule (no registered sampler)
+MEANFLOW = "meanflow"  # a MeanFlow student's own rule (no registered sampler)
+SHORTCUT = "shortcut"  # a shortcut model's own rule (no registered sampler)
 
 
 @torch.no_grad()
@@ -68,6 +79,80 @@ def guided_stochastic(denoiser, x: torch.Tensor, sigmas, extra_args=None, genera
         x = den + (sig[k] / sig[i]) * (x - den) if sig[k] > 0 else den
         if i + 1 < N:
             x = x + (sig[i + 1] ** 2 - sig[k] ** 2) ** 0.5 * noise_like(x, generator)
+    return x
+
+
+def mean_velocity(net, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, time_scale: float = 1.0,
+                  **cond) -> torch.Tensor:
+    """The average velocity u(z, r, t) of a MeanFlow net (Geng et al. 2025) on the linear flow
+    z_t = (1 - t) x + t eps: the net's level input is s t and its scalar ``cond`` input
+    s (t - r), s = ``time_scale`` (1: t and t - r in [0, 1], as the paper's code); r = t
+    (cond 0) is the instantaneous velocity v(z, t)."""
+    s = float(time_scale)
+    return net(z, s * t, cond=s * (t - r), **cond)
+
+
+class MeanFlowDenoiser(torch.nn.Module):
+    """A MeanFlow student (``model.json["denoiser"]``: ``{"kind": "meanflow", "time_scale": s}``)
+    as a sigma-space denoiser of the linear flow: at r = t its net is the flow velocity, so
+    D(y, sigma) = z_t - t v(z_t, t) with t = sigma / (1 + sigma), z_t = (1 - t) y (the flow
+    prediction), which every sampler can use; :meth:`u` is the average velocity."""
+
+    prediction = "meanflow"
+
+    def __init__(self, net, sigma_data: float = 0.5, time_scale: float = 1.0):
+        super().__init__()
+        from .process import LinearFlow
+
+        self.net, self.sigma_data, self.time_scale = net, float(sigma_data), float(time_scale)
+        self.process = LinearFlow()
+
+    def u(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return mean_velocity(self.net, z, r, t, self.time_scale, **cond)
+
+    def forward(self, y: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
+        t = (sigma.expand(y.shape[0]) if sigma.ndim == 0 else sigma) / (1 + sigma)
+        tb = t.reshape((-1,) + (1,) * (y.ndim - 1))
+        z = (1 - tb) * y
+        return z - tb * self.u(z, t, t, **cond).to(y.dtype)
+
+
+@torch.no_grad()
+def meanflow_sample(denoiser: MeanFlowDenoiser, z: torch.Tensor, times, extra_args=None) -> torch.Tensor:
+    """MeanFlow's few-step rule on decreasing times t_0 > t_1 > ... > t_k of the linear flow
+    (t = 1 noise, t = 0 data), one evaluation per step:
+
+        z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_{i+1}, t_i)
+
+    (one step from t = 1: z_0 = z_1 - u(z_1, 0, 1)); ``z`` is at t_0 in x-space."""
+    ts = [float(v) for v in torch.as_tensor(times, dtype=torch.float64).tolist()]
+    for t, r in zip(ts[:-1], ts[1:]):
+        tt = torch.full((z.shape[0],), t, dtype=z.dtype, device=z.device)
+        z = z - (t - r) * denoiser.u(z, torch.full_like(tt, r), tt, **(extra_args or {})).to(z.dtype)
+    return z
+
+
+def shortcut_velocity(net, process, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, base: int,
+                      **cond) -> torch.Tensor:
+    """s(x_t, t, d) of a shortcut net (Frans et al. 2024) on the linear flow x_t = (1 - t) x0 + t eps:
+    the net's level input is c_noise(t) (1000 t), its scalar ``cond`` input the step size as
+    c_noise(d) (1000 d), except that a step of at most 1/base (the finest, which the paper takes as
+    d = 0) is cond 0: the flow velocity v(x_t, t), what the flow denoiser of the same net returns."""
+    d = torch.where(d <= 1.0 / int(base), torch.zeros_like(d), d)
+    return net(x, process.c_noise(t), cond=process.c_noise(d), **cond).to(x.dtype)
+
+
+@torch.no_grad()
+def shortcut_sample(denoiser, x: torch.Tensor, steps: int, base: int, extra_args=None) -> torch.Tensor:
+    """A shortcut model's k-step rule: k Euler steps of d = 1/k from t = 1 (``x``, the noise eps in
+    x-space) to t = 0, each asking the net for the step it takes: x_{t - d} = x_t - d s(x_t, t, d).
+    ``denoiser`` is the student's flow ``ModelDenoiser`` (its ``net`` takes ``cond``)."""
+    k = int(steps)
+    d = torch.full((x.shape[0],), 1.0 / k, dtype=x.dtype, device=x.device)
+    for i in range(k):
+        t = torch.full_like(d, (k - i) / k)
+        x = x - (1.0 / k) * shortcut_velocity(denoiser.net, denoiser.process, x, t, d, base, **(extra_args or {}))
     return x
 
 
@@ -151,6 +236,10 @@ class Model:
                             f"convert it with torch.as_tensor(x)")
         if sampler == STOCHASTIC:
             return self._sample_stochastic(n, int(nfe), seed, labels, x, guidance, **options)
+        if sampler == MEANFLOW or (sampler is None and self.sampling.get("sampler") == MEANFLOW):
+            return self._sample_meanflow(n, int(nfe), seed, labels, x, guidance, grid, options)
+        if sampler == SHORTCUT or (sampler is None and self.sampling.get("sampler") == SHORTCUT):
+            return self._sample_shortcut(n, int(nfe), seed, labels, x, guidance, grid, options)
         if sampler is None and self.sampling:
             sampler, grid, options, nfe, other = self._own_rule(int(nfe), grid, options)
             if other is not None:
@@ -246,6 +335,50 @@ class Model:
             generator = torch.Generator(device=self.device).manual_seed((seed or 0) + 2)
         grid = torch.tensor(st["grid"], dtype=torch.float64)
         return guided_stochastic(D, x, grid, extra, generator), labels
+
+    def _sample_meanflow(self, n: int, nfe: int, seed, labels, x, guidance, grid, options):
+        """A MeanFlow student's own rule: ``nfe`` steps uniform in t from t = 1 (z_1 = x / sigma_max,
+        the model's noise eps) to 0 (:func:`meanflow_sample`)."""
+        name = self.name or "the model"
+        D = self.denoiser
+        while not isinstance(D, MeanFlowDenoiser) and hasattr(D, "inner"):  # e.g. an evaluation counter
+            D = D.inner
+        if self.sampling.get("sampler") != MEANFLOW or not isinstance(D, MeanFlowDenoiser):
+            raise UserError(f"{name} has no MeanFlow rule: sampler '{MEANFLOW}' samples the students of "
+                            f"'fewstep distill meanflow'; name another --sampler")
+        if grid is not None or options:
+            given = "grid" if grid is not None else f"option(s) ({', '.join(sorted(options))})"
+            raise UserError(f"{name} samples with its own MeanFlow rule ({nfe} steps uniform in t), which takes no "
+                            f"{given}; name a --sampler (e.g. euler) to sample its flow on a grid")
+        self.check_conditioning(labels, guidance)
+        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
+        _, extra, labels = self._conditioned(n, seed, labels, guidance)
+        times = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
+        return meanflow_sample(D, x / self.sigma_max, times, extra), labels
+
+    def _sample_shortcut(self, n: int, nfe: int, seed, labels, x, guidance, grid, options):
+        """A shortcut model's own rule (:func:`shortcut_sample`) from t = 1 (x / sigma_max, the noise
+        eps): ``nfe`` steps when a power of two or at least its base steps M (all of them then the
+        flow, d <= 1/M), else the largest power of two below, with a note."""
+        name = self.name or "the model"
+        if self.sampling.get("sampler") != SHORTCUT:
+            raise UserError(f"{name} has no shortcut rule: sampler '{SHORTCUT}' samples the students of "
+                            f"'fewstep distill shortcut'; name another --sampler")
+        if grid is not None or options:
+            given = "a grid" if grid is not None else f"option(s) {', '.join(sorted(options))}"
+            raise UserError(f"{name} samples with its own shortcut rule ({nfe} steps of d = 1/{nfe}), which takes "
+                            f"no {given}; name a --sampler (e.g. euler) to sample its flow on a grid")
+        base, k = int(self.sampling["base_steps"]), nfe
+        if k < base and k & (k - 1):
+            k = 1 << (k.bit_length() - 1)
+            warnings.warn(f"{name} learned steps of d = 1, 1/2, 1/4, ..., 1/{base}: using {k} steps, not {nfe}",
+                          stacklevel=3)
+        self.check_conditioning(labels, guidance)
+        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
+        D, extra, labels = self._conditioned(n, seed, labels, guidance)
+        while not hasattr(D, "net") and hasattr(D, "inner"):  # e.g. an evaluation counter around it
+            D = D.inner
+        return shortcut_sample(D, x / self.sigma_max, k, base, extra), labels
 
     def check_conditioning(self, labels, guidance) -> None:
         """Labels and guidance that this model can take, else one clear UserError: labels
@@ -428,6 +561,9 @@ def denoiser_from_meta(meta: dict):
     from .process import make_process
 
     net = build_net(meta["net"])
+    if isinstance(meta.get("denoiser"), dict) and meta["denoiser"].get("kind") == MEANFLOW:
+        spec = meta["denoiser"]
+        return MeanFlowDenoiser(net, float(spec.get("sigma_data", 0.5)), float(spec.get("time_scale", 1.0))), net
     if isinstance(meta.get("denoiser"), dict):  # a distilled student's own parametrization
         from .students import build_denoiser
 

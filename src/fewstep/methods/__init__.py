@@ -12,6 +12,8 @@ public module of this package that defines ``stages`` is discovered by name.
     reflow       Liu et al. 2022: rectified flow, k reflow rounds (each a flow model), one-step student
     pointcloud   Wu et al. 2022 (PSF): reflow's stages on clouds, a one-step student with Chamfer / EMD
     guided       Meng et al. 2022: a w-input student of the guided teacher, then progressive rounds with w
+    shortcut     Frans et al. 2024: one flow net s(x, t, d) also given the step d (flow matching + self-consistency)
+    meanflow     Geng et al. 2025: average velocity u(z, r, t) by the MeanFlow identity (JVP); 1- and k-step rule
 """
 from __future__ import annotations
 

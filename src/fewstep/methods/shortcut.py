@@ -1,0 +1,285 @@
+"""Shortcut models (Frans, Hafner, Levine & Abbeel 2024, "One step diffusion via shortcut models").
+
+One network s_theta(x_t, t, d) is conditioned on the time t and on the step size d it is asked
+to take, on the linear interpolant of fewstep's flow (:class:`~fewstep.process.LinearFlow`:
+t = 1 noise, t = 0 data, the paper's time reversed, as reflow's):
+
+    x_t = (1 - t) x0 + t x1,  x0 data, x1 ~ N(0, I),   dx_t/dt = x1 - x0 in expectation
+    the shortcut step         x_{t - d} = x_t - d s(x_t, t, d)                        (a step of d down in t)
+
+The paper's objective L^S (its Sec. 3), trained jointly on one batch:
+
+    flow matching       || s(x_t, t, 0) - (x1 - x0) ||^2                    (d = 0: the empirical velocity)
+    self-consistency    || s(x_t, t, 2d) - sg(s_target) ||^2,
+                        s_target = ( s(x_t, t, d) + s(x'_{t-d}, t - d, d) ) / 2,   x'_{t-d} = x_t - d s(x_t, t, d)
+
+(one step of 2d is two steps of d; :func:`shortcut_target`). The squared errors are means over
+coordinates, as the paper's code (``jnp.mean(..., axis=(1, 2, 3))``). Sampling with k steps
+(k = 1, 2, 4, ...) is k Euler steps of d = 1/k with the same network and that d as its input:
+x_{t - d} = x_t - d s(x_t, t, d) from t = 1 (:func:`fewstep.model.shortcut_sample`; model.json's
+``"sampling": {"sampler": "shortcut", "base_steps": M}`` makes ``fewstep.load(run).sample(n, k)``
+and ``fewstep sample RUN --nfe k`` run it). The flow d = 0 is an ordinary flow model: a named
+``--sampler`` (euler, heun, ...) samples it on its grid.
+
+The step-size input: the nets' scalar ``cond`` input (``use_cond``, :mod:`fewstep.nets.embed`,
+the input guided distillation gives w) carries d, on the scale of the level input c_noise(t) =
+1000 t: cond = 1000 d (:func:`fewstep.model.shortcut_velocity`, also MeanFlow's scale for its
+interval t - r). The finest step 1/M is the paper's d = 0 (the flow) and is cond 0, so a net
+called without cond, the run's flow ``ModelDenoiser``, is s(x, t, 0). (The paper's code embeds the
+level index log2(1/d), ``dt_base``, with a second sinusoidal embedder of its own; here the nets'
+existing cond embedding takes 1000 d, which also gives d = 0 a finite input.)
+
+What the paper's code does and this module follows (github:kvfrans/shortcut-models,
+``targets_shortcut.py`` ``get_targets`` and ``train.py``), and where it differs:
+  * step sizes: powers of two; the self-consistency part trains s(., ., 2d) for 2d = 1, 1/2, ...,
+    2/M in equal shares (the code's ``dt_base = log2_sections - 1 - arange(log2_sections)``), its
+    two half steps d = 1/2, ..., 1/M queried at d (the code's ``dt_base + 1``); the code's
+    finest level ``dt_base = log2(M)`` is also its flow-matching level, which is d = 0 here
+    (the paper's text). ``--base-steps`` is M (the code's ``denoise_timesteps``, 128).
+    The code repeats the levels in fixed blocks and puts the remainder at 2d = 1; here row i of
+    the self-consistency part takes level (i + step) mod log2(M) (equal shares when the part is
+    a multiple of log2(M), every level in turn when it is smaller).
+  * times: t on the grid of multiples of the step being trained (the code's ``t =
+    randint(0, 2^dt_base) / 2^dt_base``): the self-consistency rows at t in {1, 1 - 2d, ..., 2d}
+    (so t - 2d >= 0), the flow-matching rows at t in {1, 1 - 1/M, ..., 1/M} (the code's
+    ``randint(0, denoise_timesteps)``), here reversed in time.
+  * the batch split: the first int(B f) rows of each batch are self-consistency rows, the rest
+    flow matching (``--sc-fraction`` f: 1/4 as the paper says; the code's default
+    ``bootstrap_every = 8`` is 1/8); each row has its own data draw and noise (the code takes
+    both parts from one batch of images with fresh noise).
+  * the target network: an EMA of the student (the code's ``bootstrap_ema = 1``,
+    ``call_model_ema`` with ``target_update_rate`` 0.999: ``--target-ema``; 0 uses the student
+    itself), kept in the checkpoints beside the student; the saved model is the loop's own EMA
+    (``--ema-decay``), as every fewstep method's.
+  * not followed: the code's clipping of x'_{t-d} and of the target to [-4, 4] (fitted to its
+    unit-scale latents; fewstep data need not lie there), its (1 - 1e-5) t noise factor, its
+    classifier-free guidance inside the target (``bootstrap_cfg``) and class labels: class
+    conditioning and guidance are not implemented (refused in one line); its AdamW settings
+    (lr 1e-4, weight decay 0.1) and DiT are the shared runner's options and nets.
+
+Couplings (``--couplings``): ``independent`` (x0 ~ --data, x1 ~ N(0, I) fresh every step: the
+paper, training from scratch) or ``teacher`` (distillation: x1 = z, x0 = teacher sampler(sigma_max
+z), a fixed set of pairs made once, as reflow's round 1; :mod:`fewstep.methods.pairs`). A teacher
+given with independent couplings supplies its data set (``--data`` default).
+
+``shortcut.json`` (written with the model): energy distance and sliced-W2 of the EMA student's 1,
+2, 4 and 8-step samples (fixed noise) to fresh data draws (exact samples for a mixture; the
+teacher's pairs where there is no data).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import UserError
+from ..io import write_json
+from ..model import SHORTCUT, shortcut_sample, shortcut_velocity
+from ..process import LinearFlow
+from ..train.ema import EMA
+from ..train.job import Plan, Task
+from ..train.options import Option, check_batch_memory, power_of_two, table_defaults, table_help
+from .common import bcast, conditioning, data_source, load_teacher, net_config, student_meta
+from .pairs import make_pairs, pair_spec
+
+COUPLINGS = ("independent", "teacher")
+OPTIONS = (
+    Option("base_steps", int, 128, "M: steps d = 1, 1/2, ..., 1/M are learned, the finest 1/M taken as the flow "
+           "(d = 0); a power of two of at least 2 (default 128, the paper's)",
+           test=lambda n: n >= 2 and power_of_two(n), must="a power of two of at least 2 (2, 4, ..., 128)",
+           example=128),
+    Option("sc_fraction", float, 0.25, "share of each batch trained on the self-consistency target, the rest on "
+           "flow matching; in [0, 1) (default 0.25, the paper's 1/4)", low=0.0, high=1.0),
+    Option("target_ema", float, 0.999, "EMA rate of the network that makes the self-consistency targets; 0: the "
+           "student itself (default 0.999, the paper's code; runs of a few thousand steps do far better with 0.99)",
+           low=0.0, high=1.0),
+    Option("couplings", str, None, "independent (data x noise, fresh each step: the paper) or teacher ((z, "
+           "teacher(z)) pairs)", choices=COUPLINGS, none="teacher when --teacher is given, else independent",
+           example="independent"),
+    Option("pairs", int, 20000, "teacher couplings made once (default 20000)", low=1),
+    Option("pair_batch", int, 1000, "couplings made per batch, one resumable chunk each (default 1000)", low=1),
+    Option("pair_sampler", str, None, "the teacher's sampler for its couplings (default: its own)",
+           none="the teacher's own", example="heun"),
+    Option("pair_nfe", int, 64, "teacher evaluations per coupling (default 64)", low=1),
+    Option("pair_grid", str, None, "sigma grid of the teacher's sampler (default karras; time-trailing for a flow "
+           "teacher)", none="karras; time-trailing for a flow teacher", example="karras"),
+    Option("n_data", int, None, "training samples drawn from --data (default: the data set's own size)", low=1,
+           none="the data set's own size", example=2000),
+    Option("eval_samples", int, 2000, "samples of the 1, 2, 4 and 8-step evaluation in shortcut.json (default 2000)",
+           low=2),
+)
+DEFAULTS = table_defaults(OPTIONS)
+HELP = table_help(OPTIONS)
+EVAL_STEPS = (1, 2, 4, 8)
+FLOW_GRID = "time-trailing"
+
+
+def check_options(cfg: dict) -> None:
+    """The rules between options, before anything is written: teacher couplings need a teacher."""
+    if cfg["couplings"] == "teacher" and not cfg["teacher"]:
+        raise UserError("--couplings teacher needs --teacher (a run folder or gmm:FILE.npz)")
+
+
+# ------------------------------------------------------------------------ the idea
+@torch.no_grad()
+def shortcut_target(net, process, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, base: int,
+                    **cond) -> torch.Tensor:
+    """The self-consistency target of s(x_t, t, 2d), stop-gradient: two steps of d with ``net``,
+    (s(x_t, t, d) + s(x'_{t-d}, t - d, d)) / 2 with x'_{t-d} = x_t - d s(x_t, t, d). At d = 0 it
+    is s(x_t, t, 0) itself; for a field that does not depend on x or t it is that field."""
+    s1 = shortcut_velocity(net, process, x, t, d, base, **cond)
+    x2 = x - bcast(d, x) * s1
+    s2 = shortcut_velocity(net, process, x2, t - d, d, base, **cond)
+    return (s1 + s2) / 2
+
+
+def draw_times(B: int, n_sc: int, base: int, gen: torch.Generator, step: int = 0):
+    """(t, d), each [B]: rows 0..n_sc-1 self-consistency rows, row i training s(., t, 2d) with 2d =
+    2^-b, b = L - 1 - ((i + step) mod L), L = log2(base) (2d = 2/M ... 1), its half step d > 0 and t
+    a multiple of 2d in [2d, 1]; the other rows flow matching, d = 0 and t in {1/M, 2/M, ..., 1}."""
+    L = int(round(math.log2(base)))
+    b = (L - 1 - (torch.arange(n_sc) + int(step)) % L).double()
+    cells = 2.0 ** b  # the 2d grid's cells: t = 1 - j 2d, j < cells
+    j = torch.minimum(torch.floor(torch.rand(n_sc, generator=gen, dtype=torch.float64) * cells), cells - 1)
+    t_sc, d_sc = 1.0 - j / cells, 0.5 / cells
+    t_fm = torch.randint(1, int(base) + 1, (B - n_sc,), generator=gen).double() / int(base)
+    return torch.cat([t_sc, t_fm]).float(), torch.cat([d_sc, torch.zeros(B - n_sc, dtype=torch.float64)]).float()
+
+
+def shortcut_loss(model, target, process, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                  base: int) -> torch.Tensor:
+    """Per-sample L^S: flow-matching rows (d = 0) || s(x_t, t, 0) - (x1 - x0) ||^2, self-consistency
+    rows (d > 0) || s(x_t, t, 2d) - sg(s_target) ||^2 with the ``target`` net's two steps of d
+    (means over coordinates)."""
+    x_t = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * x1
+    pred = shortcut_velocity(model, process, x_t, t, 2 * d, base)
+    goal = x1 - x0
+    sc = d > 0
+    if bool(sc.any()):
+        goal = goal.clone()
+        goal[sc] = shortcut_target(target, process, x_t[sc], t[sc], d[sc], base).to(goal.dtype)
+    return (pred - goal).pow(2).flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(D, reference: torch.Tensor, shape, base: int, n: int, seed: int, device) -> dict:
+    """1, 2, 4 and 8-step samples of the shortcut rule from fixed noise against ``reference``
+    samples: energy distance and sliced-W2."""
+    from ..metrics import energy_distance, sliced_w2
+
+    g = torch.Generator().manual_seed(int(seed) + 424242)
+    z = torch.randn((n,) + tuple(shape), generator=g).to(device)
+    ref = reference.to(device)
+    out = {"energy_distance": {}, "sliced_w2": {}, "eval_samples": n}
+    for k in EVAL_STEPS:
+        x = shortcut_sample(D, z, k, base)
+        out["energy_distance"][str(k)] = energy_distance(x.flatten(1), ref.flatten(1))
+        out["sliced_w2"][str(k)] = sliced_w2(x, ref)
+    return out
+
+
+# ----------------------------------------------------------------------- the stage
+def _net_config(cfg: dict, teacher, shape, kind) -> dict:
+    """``--net``, else the teacher's, else the data's default, with use_cond on (d goes through ``cond``)."""
+    net_cfg = net_config(cfg["net"], teacher, shape, kind)
+    if cfg["net"] and net_cfg.get("use_cond") is False:
+        raise UserError("--net has use_cond false, but a shortcut model takes the step size d through the net's "
+                        "cond input; drop use_cond or set it true")
+    if int(net_cfg.get("num_classes", 0) or 0):
+        raise UserError("--net has num_classes: shortcut trains unconditional models here (class conditioning and "
+                        "guidance are not implemented); drop num_classes")
+    return {**net_cfg, "use_cond": True}
+
+
+def _pair_cfg(cfg: dict, teacher) -> dict:
+    grid = cfg["pair_grid"] or (FLOW_GRID if isinstance(teacher.process, LinearFlow) else "karras")
+    return {"teacher": str(cfg["teacher"]), "pair_sampler": cfg["pair_sampler"], "pair_nfe": int(cfg["pair_nfe"]),
+            "pair_grid": grid, "pairs": int(cfg["pairs"]), "pair_batch": int(cfg["pair_batch"]),
+            "seed": int(cfg["seed"]) + 1, "latent_dim": None}
+
+
+def stages(job):
+    """One stage in the top folder: L^S on data x noise (or the teacher's couplings)."""
+    from ..denoiser import ModelDenoiser
+    from ..nets import build_net
+
+    cfg = job.cfg
+    teacher = load_teacher(cfg["teacher"], job.device, required=False, cfg=cfg, method="shortcut")
+    couplings = cfg["couplings"] or ("teacher" if teacher is not None else "independent")
+    if teacher is not None and int(teacher.num_classes or 0):
+        raise UserError(f"teacher {teacher.name} is class-conditional: shortcut trains unconditional models here "
+                        f"(class conditioning and guidance are not implemented); give an unconditional teacher")
+    try:
+        data = data_source(cfg["data"], teacher, int(cfg["seed"]), cfg["n_data"])
+    except UserError:
+        if couplings == "independent" or cfg["data"] is not None:
+            raise
+        data = None  # teacher couplings need no data; the evaluation then compares with the teacher's pairs
+    if data is not None and teacher is not None and tuple(data.shape) != tuple(teacher.shape):
+        raise UserError(f"--data {data.name} has samples of shape {list(data.shape)}, the teacher "
+                        f"{list(teacher.shape)}")
+    shape = tuple(data.shape) if data is not None else tuple(teacher.shape)
+    kind = data.kind if data is not None else teacher.kind
+    if teacher is None:  # a teacher's batch is checked on load
+        check_batch_memory("--batch-size", int(cfg["batch_size"]), shape)
+    conditioning(cfg, teacher, data)  # unconditional: refuses --guidance and --label-dropout in one line
+    pcfg = _pair_cfg(cfg, teacher) if couplings == "teacher" else None
+    if pcfg is not None:
+        pair_spec(pcfg, teacher)  # bad pair options fail before any work
+    net_cfg = _net_config(cfg, teacher, shape, kind)
+    torch.manual_seed(int(cfg["seed"]))
+    net = build_net(net_cfg)
+    net_cfg = dict(getattr(net, "config", net_cfg))
+    process, M = LinearFlow(), int(cfg["base_steps"])
+    sd = data.sigma_data if data is not None else float(teacher.meta.get("sigma_data", 0.5))
+    D = ModelDenoiser(net, process, "flow", sd)
+    rate = float(cfg["target_ema"])
+    target = EMA(net, rate) if rate > 0 else None
+    B = int(cfg["batch_size"])
+    n_sc = int(B * float(cfg["sc_fraction"]))
+
+    def plan(st):
+        pinfo = {"teacher_evals": 0}
+        x0_all = x1_all = None
+        if pcfg is not None:
+            lat, x0_all, pinfo = make_pairs(teacher, pcfg, st)
+            pinfo.pop("labels")
+            x1_all = lat / float(pinfo["sigma_max"])  # x_T = sigma_max z: the noise end is z
+
+        def draw(gen, step):
+            if x0_all is None:
+                x0 = data.draw(B, gen)
+                x1 = torch.randn(x0.shape, generator=gen)
+            else:
+                idx = torch.randint(0, len(x0_all), (B,), generator=gen)
+                x0, x1 = x0_all[idx], x1_all[idx]
+            t, d = draw_times(B, n_sc, M, gen, step)
+            return {"x0": x0, "x1": x1, "t": t, "d": d}
+
+        def loss(model, b):
+            """L^S per sample (module docstring); the targets from the EMA target net (or the student)."""
+            return shortcut_loss(model, target.module if target is not None else model, process, b["x0"], b["x1"],
+                                 b["t"], b["d"], M)
+
+        def describe(ema_module):
+            D_ema = ModelDenoiser(ema_module, process, "flow", sd).eval()
+            n = int(cfg["eval_samples"])
+            g = torch.Generator().manual_seed(int(cfg["seed"]) + 77)
+            ref = data.draw(n, g) if data is not None else x0_all[torch.randperm(len(x0_all), generator=g)[:n]]
+            measures = {**evaluate(D_ema, ref, shape, M, n, int(cfg["seed"]), st.job.device),
+                        "reference": "data" if data is not None else "teacher pairs"}
+            write_json(st.folder / "shortcut.json", measures)  # before model.json: a finished run has both
+            return student_meta("shortcut", D, net_cfg, shape, kind, data.name if data is not None else teacher.name,
+                                process.sigma_min, process.sigma_max, {"sampler": SHORTCUT, "base_steps": M}, cfg,
+                                couplings=couplings,
+                                shortcut={"base_steps": M, "sc_fraction": float(cfg["sc_fraction"]),
+                                          "target_ema": rate, "level": "1000 t",
+                                          "cond": f"1000 d (0 for d <= 1/{M})"},
+                                cost={"teacher_evals": int(pinfo["teacher_evals"]), "seconds": st.seconds})
+
+        extra = {"target": target.module} if target is not None else {}
+        after = (lambda model, step: target.update()) if target is not None else None
+        return Plan(Task(student=net, draw=draw, loss=loss, extra=extra, after_step=after), describe)
+
+    job.stage("", plan)
