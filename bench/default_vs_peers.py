@@ -226,6 +226,8 @@ def markdown(data: dict) -> str:
              "\"default\" is `fewstep.sample(D, x, nfe=K)` with nothing else given; the peers' columns are the best "
              "of their methods per mixture and NFE (an oracle choice; configurations in the JSON); ratio = default "
              "/ min(peers' best); Euler/Karras is the old default.", ""]
+    if data.get("learned_run"):
+        lines += [f"Learned columns and the diffusers table: {data['learned_run']}.", ""]
     for tname, r in data["rows"].items():
         lr = data.get("learned", {}).get(tname, {})
         lines += [f"**{tname}**", "", "| NFE | default | k-diffusion best | diff-sampler best | ratio | Euler/Karras "
@@ -305,6 +307,9 @@ def main(argv=None) -> int:
             data.update(measure())
         if "learned" in parts:
             data["learned"], data["learned_seconds"] = learned(a.seconds), a.seconds
+        if parts & {"learned", "diffusers"}:
+            m = machine()
+            data["learned_run"] = f"parts {a.parts}: {m['date']}, commit {m['commit']}, {m['nproc']} cores"
         if "diffusers" in parts:
             data["diffusers"] = against_diffusers(a.seconds)
         if "rows" not in data:
