@@ -44,6 +44,10 @@ PD_OPTIONS = (
 
 # options every method takes (the teacher, the student's net, the data, conditioning; and the
 # loop's, declared once in fewstep.train.options and shared with fewstep train); methods add theirs
+# a method that trains on --data: how many samples of it (one declaration for every such method)
+N_DATA = Option("n_data", int, None, "training samples drawn from --data (default: the data set's own size)", low=1,
+                none="the data set's own size", example=2000)
+
 COMMON_OPTIONS = (
     Option("teacher", str, None, "teacher: a run folder or gmm:FILE.npz (an exact Gaussian mixture)",
            none="none (methods that train from data)"),

@@ -86,7 +86,7 @@ from ..model import MEANFLOW, MeanFlowDenoiser, mean_velocity, meanflow_sample
 from ..process import LinearFlow
 from ..train.job import Plan, Task
 from ..train.options import Option, check_batch_memory, table_defaults, table_help
-from .common import bcast, conditioning, data_source, is_exact, load_teacher, net_config, student_meta
+from .common import N_DATA, bcast, conditioning, data_source, is_exact, load_teacher, net_config, student_meta
 
 TIME_DISTS = ("logit_normal", "uniform")
 OPTIONS = (
@@ -104,8 +104,7 @@ OPTIONS = (
            low=0.0, above=True),
     Option("init", str, "auto", "student start: auto (a flow teacher's weights where the nets agree, else random) "
            "or random", choices=("auto", "random")),
-    Option("n_data", int, None, "training samples drawn from --data (default: the data set's own size)", low=1,
-           none="the data set's own size", example=2000),
+    N_DATA,
     Option("eval_samples", int, 2000, "samples of the 1- and 2-step evaluation in meanflow.json (default 2000)",
            low=2),
 )

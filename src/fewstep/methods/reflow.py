@@ -51,7 +51,7 @@ from ..io import read_json, write_json
 from ..train.job import Plan, Task, Top
 from ..train.options import LOOP_NAMES, Option, check_batch_memory, table_defaults, table_help
 from ..train.losses import DenoisingLoss
-from .common import (Conditioning, bcast, check_student_net, conditioning, data_source, data_spec, fixed_grids,
+from .common import (N_DATA, Conditioning, bcast, check_student_net, conditioning, data_source, data_spec, fixed_grids,
                      is_exact, load_teacher, net_config, quiet_sample, student_meta, teacher_net_state)
 from .pairs import PAIR_SAMPLER, make_pairs, pair_spec
 
@@ -80,8 +80,7 @@ OPTIONS = (
            "(e.g. 4000,2000), or a list of them"),
     Option("distance", str, "mse", "the one-step student's loss: mse, or for point clouds chamfer / emd (PSF)",
            choices=("mse", "chamfer", "emd")),
-    Option("n_data", int, None, "training samples drawn from --data (default: the data set's own size)", low=1,
-           none="the data set's own size", example=2000),
+    N_DATA,
     Option("eval_samples", int, 2000, "evaluation samples per round (default 2000)", low=2),
 )
 DEFAULTS = table_defaults(OPTIONS)

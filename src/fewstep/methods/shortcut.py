@@ -79,7 +79,7 @@ from ..process import LinearFlow
 from ..train.ema import EMA
 from ..train.job import Plan, Task
 from ..train.options import Option, check_batch_memory, power_of_two, table_defaults, table_help
-from .common import bcast, conditioning, data_source, load_teacher, net_config, student_meta
+from .common import N_DATA, bcast, conditioning, data_source, load_teacher, net_config, student_meta
 from .pairs import make_pairs, pair_spec
 
 COUPLINGS = ("independent", "teacher")
@@ -103,8 +103,7 @@ OPTIONS = (
     Option("pair_nfe", int, 64, "teacher evaluations per coupling (default 64)", low=1),
     Option("pair_grid", str, None, "sigma grid of the teacher's sampler (default karras; time-trailing for a flow "
            "teacher)", none="karras; time-trailing for a flow teacher", example="karras"),
-    Option("n_data", int, None, "training samples drawn from --data (default: the data set's own size)", low=1,
-           none="the data set's own size", example=2000),
+    N_DATA,
     Option("eval_samples", int, 2000, "samples of the 1, 2, 4 and 8-step evaluation in shortcut.json (default 2000)",
            low=2),
 )
