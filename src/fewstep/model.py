@@ -156,6 +156,13 @@ def shortcut_sample(denoiser, x: torch.Tensor, steps: int, base: int, extra_args
     return x
 
 
+def _unwrap(D, found):
+    """The denoiser inside wrappers such as an evaluation counter (``.inner``) that ``found`` accepts."""
+    while not found(D) and hasattr(D, "inner"):
+        D = D.inner
+    return D
+
+
 OWN_RULE_GRID = "karras"  # the grid of a student's own sampling rule when it names none
 
 
@@ -336,20 +343,24 @@ class Model:
         grid = torch.tensor(st["grid"], dtype=torch.float64)
         return guided_stochastic(D, x, grid, extra, generator), labels
 
+    def _check_own_rule(self, rule: str, title: str, method: str, steps: str, grid, options, ok: bool = True):
+        """A student's own rule (MeanFlow, shortcut) asked by name: the model must have it, and it
+        takes no grid or sampler options; else one UserError."""
+        name = self.name or "the model"
+        if self.sampling.get("sampler") != rule or not ok:
+            raise UserError(f"{name} has no {title} rule: sampler '{rule}' samples the students of "
+                            f"'fewstep distill {method}'; name another --sampler")
+        if grid is not None or options:
+            given = "grid" if grid is not None else f"option(s) {', '.join(sorted(options))}"
+            raise UserError(f"{name} samples with its own {title} rule ({steps}), which takes no {given}; name a "
+                            f"--sampler (e.g. euler) to sample its flow on a grid")
+
     def _sample_meanflow(self, n: int, nfe: int, seed, labels, x, guidance, grid, options):
         """A MeanFlow student's own rule: ``nfe`` steps uniform in t from t = 1 (z_1 = x / sigma_max,
         the model's noise eps) to 0 (:func:`meanflow_sample`)."""
-        name = self.name or "the model"
-        D = self.denoiser
-        while not isinstance(D, MeanFlowDenoiser) and hasattr(D, "inner"):  # e.g. an evaluation counter
-            D = D.inner
-        if self.sampling.get("sampler") != MEANFLOW or not isinstance(D, MeanFlowDenoiser):
-            raise UserError(f"{name} has no MeanFlow rule: sampler '{MEANFLOW}' samples the students of "
-                            f"'fewstep distill meanflow'; name another --sampler")
-        if grid is not None or options:
-            given = "grid" if grid is not None else f"option(s) ({', '.join(sorted(options))})"
-            raise UserError(f"{name} samples with its own MeanFlow rule ({nfe} steps uniform in t), which takes no "
-                            f"{given}; name a --sampler (e.g. euler) to sample its flow on a grid")
+        D = _unwrap(self.denoiser, lambda d: isinstance(d, MeanFlowDenoiser))
+        self._check_own_rule(MEANFLOW, "MeanFlow", "meanflow", f"{nfe} steps uniform in t", grid, options,
+                             isinstance(D, MeanFlowDenoiser))
         self.check_conditioning(labels, guidance)
         x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
         _, extra, labels = self._conditioned(n, seed, labels, guidance)
@@ -361,13 +372,7 @@ class Model:
         eps): ``nfe`` steps when a power of two or at least its base steps M (all of them then the
         flow, d <= 1/M), else the largest power of two below, with a note."""
         name = self.name or "the model"
-        if self.sampling.get("sampler") != SHORTCUT:
-            raise UserError(f"{name} has no shortcut rule: sampler '{SHORTCUT}' samples the students of "
-                            f"'fewstep distill shortcut'; name another --sampler")
-        if grid is not None or options:
-            given = "a grid" if grid is not None else f"option(s) {', '.join(sorted(options))}"
-            raise UserError(f"{name} samples with its own shortcut rule ({nfe} steps of d = 1/{nfe}), which takes "
-                            f"no {given}; name a --sampler (e.g. euler) to sample its flow on a grid")
+        self._check_own_rule(SHORTCUT, "shortcut", "shortcut", f"{nfe} steps of d = 1/{nfe}", grid, options)
         base, k = int(self.sampling["base_steps"]), nfe
         if k < base and k & (k - 1):
             k = 1 << (k.bit_length() - 1)
@@ -376,8 +381,7 @@ class Model:
         self.check_conditioning(labels, guidance)
         x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
         D, extra, labels = self._conditioned(n, seed, labels, guidance)
-        while not hasattr(D, "net") and hasattr(D, "inner"):  # e.g. an evaluation counter around it
-            D = D.inner
+        D = _unwrap(D, lambda d: hasattr(d, "net"))
         return shortcut_sample(D, x / self.sigma_max, k, base, extra), labels
 
     def check_conditioning(self, labels, guidance) -> None:
