@@ -14,6 +14,8 @@ public module of this package that defines ``stages`` is discovered by name.
     guided       Meng et al. 2022: a w-input student of the guided teacher, then progressive rounds with w
     shortcut     Frans et al. 2024: one flow net s(x, t, d) also given the step d (flow matching + self-consistency)
     meanflow     Geng et al. 2025: average velocity u(z, r, t) by the MeanFlow identity (JVP); 1- and k-step rule
+    dmd2         Yin et al. 2024: a generator by distribution matching against an online fake score (TTUR, GAN head)
+    sid          Zhou et al. 2024: a data-free one-step generator by the score-identity loss, fake score alternately
 """
 from __future__ import annotations
 

@@ -439,3 +439,94 @@ def log2_int(n: int, what: str) -> int:
     if n < 1 or 2**k != n:
         raise UserError(f"{what} must be a power of two (1, 2, 4, ...), got {n}")
     return k
+
+
+# ------------------------------------------------------- students shaped like the teacher
+def teacher_like_denoiser(teacher, net_cfg: dict, init: str = "auto"):
+    """(denoiser, net) of a fresh ``net_cfg`` network: with the teacher's parametrization and
+    weights when its net has this architecture and ``init`` is auto or teacher; else fresh
+    weights under EDM preconditioning on the teacher's sigma range (an exact teacher has no
+    net). ``init`` teacher without such a net is one line."""
+    from ..denoiser import ModelDenoiser
+    from ..nets import build_net
+    from ..process import EDM
+
+    net = build_net(net_cfg)
+    state = None if init == "random" else teacher_net_state(teacher, dict(getattr(net, "config", net_cfg)))
+    if init == "teacher" and state is None:
+        raise UserError("--init teacher: the teacher has no network of the student's architecture; use --init random")
+    if state is not None:
+        net.load_state_dict(state)
+        T = teacher.denoiser
+        return ModelDenoiser(net, T.process, T.prediction, T.sigma_data), net
+    sd = gmm_sigma_data(teacher.denoiser) if is_exact(teacher) else float(teacher.meta.get("sigma_data", 0.5))
+    return ModelDenoiser(net, EDM(teacher.sigma_min, teacher.sigma_max), "edm", sd), net
+
+
+def edm_dsm_loss(D, net, x0: Tensor, sigma: Tensor, eps: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    """Per-sample denoising score matching of ``D`` (its net ``net``) on x0 at levels ``sigma``
+    with the EDM weighting (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 (Karras et al. 2022, eq. 8;
+    = 1/sigma^2 + 1/sigma_d^2, DMD2's "snr + 1 / sigma_data^2"), means over coordinates."""
+    from ..train.losses import x0_weight
+
+    pred = call_denoiser(D, net, x0 + bcast(sigma, x0) * eps, sigma, labels)
+    w = x0_weight("edm", sigma, D.process, float(D.sigma_data))
+    return w * (pred - x0).pow(2).flatten(1).mean(1)
+
+
+def evaluation_data(cfg: dict, teacher, required: bool = False) -> Optional[DataSource]:
+    """The data of a data-free method (its evaluation's reference; its GAN's real samples):
+    ``--data``, else the teacher's (an exact mixture's samples, a run's training set); None when
+    the teacher names none and the method does not need it (``required``: one line then)."""
+    try:
+        return data_source(cfg["data"], teacher, int(cfg["seed"]))
+    except UserError:
+        if required or cfg["data"] is not None:
+            raise
+        return None
+
+
+def reference_samples(teacher, data: Optional[DataSource], n: int, seed: int) -> tuple:
+    """(n reference samples, what they are): draws of the data (exact samples of a mixture),
+    else the teacher's own samples (its default sampler at 64 evaluations)."""
+    g = torch.Generator().manual_seed(int(seed) + 77)
+    if data is not None:
+        return data.draw(n, g), "data"
+    x, _ = teacher.sample(n, 64, seed=int(seed) + 77)
+    return x.float().cpu(), "teacher samples (64 evaluations)"
+
+
+@torch.no_grad()
+def step_measures(sample_k: Callable[[int], Tensor], reference: Tensor, steps) -> dict:
+    """Energy distance and sliced-W2 of ``sample_k(k)`` (samples of a k-step rule, fixed noise)
+    to ``reference`` for each k in ``steps``."""
+    from ..metrics import energy_distance, sliced_w2
+
+    out = {"energy_distance": {}, "sliced_w2": {}, "eval_samples": int(len(reference))}
+    for k in steps:
+        x = sample_k(int(k)).to(reference.device, reference.dtype)
+        out["energy_distance"][str(k)] = energy_distance(x.flatten(1), reference.flatten(1))
+        out["sliced_w2"][str(k)] = sliced_w2(x, reference)
+    return out
+
+
+@torch.no_grad()
+def consistency_rule_measures(D, grids: dict, shape, cond: "Conditioning", reference: Tensor, seed: int,
+                              device) -> dict:
+    """:func:`step_measures` of a student sampled by the consistency multistep rule (denoise,
+    re-noise, denoise; the registered ``consistency`` sampler) on its fixed ``grids`` ({k:
+    levels}), from fixed noise at each grid's first level; labels from the prior when
+    conditional (the reference is then the unconditional mixture of the classes)."""
+    from ..samplers import get
+
+    n = len(reference)
+    g = torch.Generator().manual_seed(int(seed) + 424242)
+    z = torch.randn((n,) + tuple(shape), generator=g).to(device)
+    extra = {"extra_args": {"labels": cond.draw(n, g).to(device)}} if cond.on else {}
+
+    def sample_k(k):
+        gk = torch.Generator(device=device).manual_seed(int(seed) + 5)
+        grid = torch.tensor(grids[k], dtype=torch.float64)
+        return get("consistency")(D, float(grid[0]) * z, grid, generator=gk, **extra).cpu()
+
+    return step_measures(sample_k, reference.cpu(), sorted({k for k in (1, 2, 4, 8, max(grids)) if k in grids}))

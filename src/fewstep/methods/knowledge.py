@@ -24,12 +24,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError, unknown_name
-from ..process import EDM
 from ..students import Generator
 from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
-from .common import call_denoiser, check_student_net, conditioning, fixed_grids, gmm_sigma_data, is_exact, \
-    load_teacher, net_config, student_meta, teacher_net_state
+from .common import call_denoiser, check_student_net, conditioning, fixed_grids, load_teacher, net_config, \
+    student_meta, teacher_like_denoiser
 from .pairs import make_pairs, pair_spec
 
 DISTANCES = ("mse", "chamfer", "emd")
@@ -66,31 +65,20 @@ def distance_fn(name: str):
 def build_student(teacher, cfg: dict):
     """(denoiser, trained module, net config): the teacher's architecture (weights too with
     init auto/teacher), an EDM-preconditioned MLP for an exact teacher, or a Generator."""
-    from ..denoiser import ModelDenoiser
     from ..nets import build_net
 
     net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
-    torch.manual_seed(int(cfg["seed"]))
-    net = build_net(net_cfg)
-    net_cfg = getattr(net, "config", net_cfg)
     if cfg["init"] not in ("auto", "teacher", "random"):
         raise UserError(f"--init {cfg['init']}: use auto, teacher or random")
+    torch.manual_seed(int(cfg["seed"]))
     if cfg["latent_dim"] is not None:
         if not isinstance(cfg["latent_dim"], int) or int(cfg["latent_dim"]) < 1:
             raise UserError(f"--latent-dim must be an integer of at least 1, got {cfg['latent_dim']!r}")
+        net = build_net(net_cfg)
         G = Generator(net, int(cfg["latent_dim"]), teacher.shape, teacher.sigma_max)
-        return G, G, net_cfg
-    state = None if cfg["init"] == "random" else teacher_net_state(teacher, net_cfg)
-    if cfg["init"] == "teacher" and state is None:
-        raise UserError("--init teacher: the teacher has no network of the student's architecture; use --init random")
-    if state is not None:
-        net.load_state_dict(state)
-        T = teacher.denoiser
-        D = ModelDenoiser(net, T.process, T.prediction, T.sigma_data)
-    else:
-        sd = gmm_sigma_data(teacher.denoiser) if is_exact(teacher) else teacher.meta.get("sigma_data", 0.5)
-        D = ModelDenoiser(net, EDM(teacher.sigma_min, teacher.sigma_max), "edm", sd)
-    return D, net, net_cfg
+        return G, G, getattr(net, "config", net_cfg)
+    D, net = teacher_like_denoiser(teacher, net_cfg, cfg["init"])
+    return D, net, getattr(net, "config", net_cfg)
 
 
 def stages(job):

@@ -53,7 +53,8 @@ class Task:
     parameters are trained and EMA-averaged) on that slice. ``frozen`` modules (teacher,
     target) are moved to the device and never trained; ``extra`` modules are saved in
     (and restored from) the checkpoints beside the student (e.g. a consistency target);
-    ``after_step(model, step)`` runs after each optimiser step (e.g. a target's EMA)."""
+    ``after_step(model, step)`` runs after each optimiser step (e.g. a target's EMA); a
+    ``critic`` (:class:`Critic`) is a second network trained alternately with the student."""
 
     student: nn.Module
     draw: Callable
@@ -61,6 +62,35 @@ class Task:
     frozen: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     after_step: Optional[Callable] = None
+    critic: Optional["Critic"] = None
+    betas: tuple = (0.9, 0.999)  # the student's AdamW betas (SiD: beta1 = 0)
+
+
+@dataclass
+class Critic:
+    """A second network trained beside the student, alternately with it (the "fake" score of
+    DMD2 and SiD, a GAN discriminator head): ``loss(critic_model, student_model, batch) -> [b]``
+    is its per-sample loss on this process's slice of the step's batch (the student's output
+    inside it is the method's to detach), minimised by its own AdamW (``lr``, ``betas``; the
+    run's ``--lr`` / ``--weight-decay`` when None) with the run's warm-up and clipping. The
+    critic is updated every step; the student on steps ``student_from + k * student_every``
+    only (two time-scale updates: DMD2's update ratio; a critic-only start), ``critic_first``
+    says which goes first within a step. While the student's loss runs, the critic's weights
+    take no gradient (its inputs still do: SiD differentiates through it); the student's loss
+    reaches it through the method's own reference to ``module``. The critic and its optimizer
+    are saved in the same checkpoints, so a run resumes bit for bit."""
+
+    module: nn.Module
+    loss: Callable
+    lr: Optional[float] = None
+    betas: tuple = (0.9, 0.999)
+    weight_decay: Optional[float] = None
+    student_every: int = 1
+    student_from: int = 0
+    critic_first: bool = True
+
+    def student_turn(self, step: int) -> bool:
+        return step >= self.student_from and (step - self.student_from) % self.student_every == 0
 
 
 def batch_slice(B: int, rank: int, world: int) -> slice:
@@ -90,14 +120,23 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
     from tqdm.auto import tqdm
 
     acc = accelerator or make_accelerator(cfg.get("device"), cfg.get("mixed_precision", "no"))
-    student = task.student
-    opt = torch.optim.AdamW(student.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    student, critic = task.student, task.critic
+    opt = torch.optim.AdamW(student.parameters(), lr=float(cfg["lr"]), betas=tuple(task.betas),
+                            weight_decay=float(cfg["weight_decay"]))
     ema = EMA(student, float(cfg["ema_decay"]))
-    start, running = 0, None
-    extra = run.load({"net": student, "ema": ema, **task.extra}, {"opt": opt})
+    modules, opts = {"net": student, "ema": ema, **task.extra}, {"opt": opt}
+    copt = None
+    if critic is not None:
+        copt = torch.optim.AdamW(critic.module.parameters(), lr=float(critic.lr or cfg["lr"]), betas=critic.betas,
+                                 weight_decay=float(cfg["weight_decay"] if critic.weight_decay is None
+                                                    else critic.weight_decay))
+        modules["critic"], opts["critic_opt"] = critic.module, copt
+    start, running, running_critic = 0, None, None
+    extra = run.load(modules, opts)
     if extra is not None:
         start = int(extra["step"])
         running = extra.get("running_loss")  # the logged running loss goes on as if never stopped
+        running_critic = extra.get("running_critic_loss")
     elif acc.is_main_process and (run.root / METRICS).is_file():
         run._truncate_metrics(0)  # resumed without a checkpoint: every row is logged again
     if start > int(cfg["steps"]):
@@ -106,48 +145,90 @@ def fit(task: Task, run: RunFolder, cfg: dict, accelerator=None, progress: bool 
     keep = cfg.get("keep_checkpoints")
     prune_due = extra is not None  # older checkpoints go once a step from the newest gave a finite loss
     warm, base_lr = max(1, int(cfg["warmup"])), float(cfg["lr"])
-    model, opt = acc.prepare(student, opt)
+    if critic is None:
+        model, opt = acc.prepare(student, opt)
+        cmodel = None
+    else:
+        model, opt, cmodel, copt = acc.prepare(student, opt, critic.module, copt)
+        critic_lr = float(critic.lr or cfg["lr"])
     ema.module.to(acc.device)
     for m in list(task.frozen.values()) + list(task.extra.values()):
         m.to(acc.device)
     steps, B = int(cfg["steps"]), int(cfg["batch_size"])
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not (progress and acc.is_main_process),
                desc="train", dynamic_ncols=True, mininterval=1.0)
+
+    def update(o, params, value, lr, step):
+        """One optimiser step of ``value`` (a finite scalar) on ``o`` at ``lr`` (after warm-up)."""
+        for group in o.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warm)  # linear warm-up
+        o.zero_grad(set_to_none=True)
+        acc.backward(value)
+        if cfg.get("grad_clip"):
+            acc.clip_grad_norm_(params, float(cfg["grad_clip"]))
+        o.step()
+
+    def critic_step(step):
+        with acc.autocast():
+            closs = task.critic.loss(cmodel, model, batch).mean()
+        if not torch.isfinite(closs):
+            raise diverged(run, acc, step + 1, step, f"the critic's loss is {float(closs.detach())}", cfg)
+        update(copt, cmodel.parameters(), closs, critic_lr, step)
+        return float(acc.reduce(closs.detach(), "mean"))
+
     for step in bar:
         batch = slice_batch(task.draw(step_generator(cfg["seed"], step), step), B, acc.process_index,
                             acc.num_processes, acc.device)
-        with acc.autocast():
-            loss = task.loss(model, batch).mean()
-        if not torch.isfinite(loss):  # the weights after `step` steps gave it: checkpoint `step` is not good
-            raise diverged(run, acc, step + 1, step, f"loss is {float(loss.detach())}", cfg)
+        cvalue = None
+        if critic is not None and critic.critic_first:
+            cvalue = critic_step(step)
+        turn = critic is None or critic.student_turn(step)
+        value = None
+        if turn:
+            if critic is not None:
+                critic.module.requires_grad_(False)  # the student's loss may pass through the critic, not train it
+            with acc.autocast():
+                loss = task.loss(model, batch).mean()
+            if not torch.isfinite(loss):  # the weights after `step` steps gave it: checkpoint `step` is not good
+                raise diverged(run, acc, step + 1, step, f"loss is {float(loss.detach())}", cfg)
+            update(opt, model.parameters(), loss, base_lr, step)
+            if critic is not None:
+                critic.module.requires_grad_(True)
+            ema.update()
+            if task.after_step is not None:
+                task.after_step(model, step)
+            value = float(acc.reduce(loss.detach(), "mean"))
+        if critic is not None and not critic.critic_first:
+            cvalue = critic_step(step)
         if prune_due and acc.is_main_process:
             prune(run.root, keep)
         prune_due = False
-        lr = base_lr * min(1.0, (step + 1) / warm)  # linear warm-up
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if cfg.get("grad_clip"):
-            acc.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
-        opt.step()
-        ema.update()
-        if task.after_step is not None:
-            task.after_step(model, step)
-        value = float(acc.reduce(loss.detach(), "mean"))
-        running = value if running is None else 0.98 * running + 0.02 * value
+        lr = base_lr * min(1.0, (step + 1) / warm)
+        if value is not None:
+            running = value if running is None else 0.98 * running + 0.02 * value
+        if cvalue is not None:
+            running_critic = cvalue if running_critic is None else 0.98 * running_critic + 0.02 * cvalue
         done = step + 1
         if acc.is_main_process:
-            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+            post = {"loss": f"{running:.4f}"} if running is not None else {}
+            if running_critic is not None:
+                post["critic"] = f"{running_critic:.4f}"
+            bar.set_postfix(post, refresh=False)
             if done % int(cfg["log_every"]) == 0 or done == steps:
-                run.log(done, loss=running, lr=lr)
+                row = {"loss": running} if running is not None else {}
+                if running_critic is not None:
+                    row["critic_loss"] = running_critic
+                run.log(done, **row, lr=lr)
             if done % int(cfg["checkpoint_every"]) == 0 or done == steps:
-                parts = {"net": acc.unwrap_model(model), "ema": ema, **task.extra}
-                if not finite_state(parts, opt):
+                parts = {**modules, "net": acc.unwrap_model(model)}
+                if critic is not None:
+                    parts["critic"] = acc.unwrap_model(cmodel)
+                if not finite_state(parts, opt) or (copt is not None and not finite_state({}, copt)):
                     raise diverged(run, acc, done, done, "the weights hold NaN or inf", cfg)
                 # pruned only after the next step's loss is finite (above): a checkpoint whose weights
                 # then give NaN is dropped, and the good one before it must still be there
-                run.save(done, parts, {"opt": opt}, extra={"running_loss": running}, keep=None)
+                run.save(done, parts, {"opt": opt, **({"critic_opt": copt} if copt is not None else {})},
+                         extra={"running_loss": running, "running_critic_loss": running_critic}, keep=None)
                 prune_due = True
         acc.wait_for_everyone()
     bar.close()
