@@ -33,6 +33,12 @@ METHODS = {  # run folder: (method, options)
                                      "label_dropout": 0.25, "net": {**NET, "num_classes": 3}, "cond": True}),
     "progressive_cond": ("progressive", {"steps": 3, "start_steps": 4, "end_steps": 2, "level_groups": 4,
                                          "guidance": 2.0, "net": {**NET, "num_classes": 3}, "cond": True}),
+    # a second network trained alternately (the loop's Critic): DMD2's and SiD's fake scores, their optimizers,
+    # the update ratio, the fake-score-only start; DMD2 also with backward simulation, the GAN head and labels
+    "dmd2": ("dmd2", {"steps": 6, "update_ratio": 2, "fake_warmup": 1, "eval_samples": 16}),
+    "dmd2_cond": ("dmd2", {"steps": 6, "update_ratio": 2, "fake_warmup": 1, "gan": True, "gen_steps": 2,
+                           "eval_samples": 16, "net": {**NET, "num_classes": 3}, "cond": True}),
+    "sid": ("sid", {"steps": 6, "fake_warmup": 1, "eval_samples": 16}),
 }
 
 

@@ -1,0 +1,179 @@
+"""One- and two-step students of every method, side by side on the exact mixtures (issue 20)
+-> bench/out/one_step_<part>.json and the markdown tables of docs/BENCHMARKS.md ("One-step
+methods beyond the survey, side by side (issue 20)").
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/one_step.py --part gmm2 [--steps 3000] [--only DMD2,SiD]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/one_step.py --part gmm16
+    .venv/bin/python bench/one_step.py --table gmm2      # the markdown of a finished part
+
+Teachers: the exact ring of 8 (d = 2) and the d = 16 mixture of 4 full-covariance modes of
+bench/distill.py. Every method runs with its defaults at the same training budget (``--steps``;
+PD splits it over its 6 rounds, reflow over its flow and its one-step student), the default MLP,
+batch 256, seed 0: what a user gets with no tuning. Each student is sampled at NFE 1 and 2
+(where its rule has them) from the same noise (4000 samples): energy distance and sliced-W2 to
+4000 exact samples, and the RMS error against the exact flow map from the same x_T for the
+methods that target that map (KD, PD, CD, reflow, sCM, CTM, shortcut, MeanFlow; DMD2 and SiD
+match the distribution, not the map: "-"). Multistep consistency-style sampling is stochastic,
+so its 2-step RMS is left out too. The teacher's Euler at 1 and 2 NFE and its Heun at 64 NFE
+(127 evaluations) from the same noise, and the estimator's floor (two exact sets), are the
+yardsticks. Each method's result is saved as it finishes; a rerun skips those present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill import cost, exact_teacher  # noqa: E402
+
+from fewstep.methods import distill  # noqa: E402
+from fewstep.metrics import energy_distance, rms, sliced_w2  # noqa: E402
+from fewstep.model import load  # noqa: E402
+
+N = 4000
+OUT = Path(__file__).resolve().parent / "out"
+MAP = {"KD", "PD", "CD", "reflow", "sCM", "CTM", "shortcut", "MeanFlow"}  # methods that target the flow map
+SURVEY = ("KD", "PD", "CD", "reflow")
+
+
+def runs(spec: str, steps: int) -> dict:
+    """name -> (method, options): each method's defaults at the bench's budget."""
+    return {
+        "KD": ("knowledge", {"teacher": spec, "steps": steps}),
+        "PD": ("progressive", {"teacher": spec, "steps": steps // 6, "start_steps": 64}),
+        "CD": ("consistency", {"teacher": spec, "steps": steps}),
+        "reflow": ("reflow", {"teacher": spec, "rounds": 1, "round_steps": [steps // 2],
+                              "distill_steps": steps // 2}),
+        "DMD2": ("dmd2", {"teacher": spec, "steps": steps}),
+        "SiD": ("sid", {"teacher": spec, "steps": steps}),
+        "sCM": ("scm", {"teacher": spec, "steps": steps}),
+        "CTM": ("ctm", {"teacher": spec, "steps": steps}),
+        "shortcut": ("shortcut", {"teacher": spec, "steps": steps}),
+        "MeanFlow": ("meanflow", {"data": spec, "steps": steps}),
+    }
+
+
+def measure(model, teacher, gmm, data, k: int, name: str) -> dict:
+    x_T = teacher.noise(N, seed=100).double() * (model.sigma_max / teacher.sigma_max)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = model.sample(N, k, x=x_T.to(model.dtype), seed=101)[0].double().cpu()
+    stochastic = model.sampling.get("sampler") == "consistency" and k > 1
+    err = None
+    if name in MAP and not stochastic:
+        err = rms(x, gmm.flow(x_T, float(model.sigma_max), 0.0, rtol=1e-7))
+    return {"energy_distance": energy_distance(x, data), "sliced_w2": sliced_w2(x, data), "rms_flow": err}
+
+
+def teacher_rows(teacher, gmm, data) -> dict:
+    out = {}
+    x_T = teacher.noise(N, seed=100)
+    flow = gmm.flow(x_T, teacher.sigma_max, 0.0, rtol=1e-7)
+    for label, k, sampler in (("teacher Euler", 1, "euler"), ("teacher Euler", 2, "euler"),
+                              ("teacher Heun (127 evaluations)", 64, "heun")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = teacher.sample(N, k, sampler, x=x_T)[0]
+        out.setdefault(label, {})[str(k)] = {"energy_distance": energy_distance(x, data),
+                                             "sliced_w2": sliced_w2(x, data), "rms_flow": rms(x, flow)}
+    out["exact flow map"] = {"-": {"energy_distance": energy_distance(flow, data), "sliced_w2": sliced_w2(flow, data),
+                                   "rms_flow": 0.0}}
+    return out
+
+
+def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT) -> dict:
+    path = out_dir / f"one_step_{part}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get("steps") not in (None, steps):
+        raise SystemExit(f"{path} holds a run at --steps {result['steps']}; move it away or give that budget")
+    spec, gmm = exact_teacher(part, folder)
+    teacher = load(spec)
+    data = gmm.sample(N, generator=torch.Generator().manual_seed(12345))
+    result.update(part=part, steps=steps, n=N, machine=f"{platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} torch thread(s)", torch=torch.__version__)
+    result["floor"] = {"energy_distance": energy_distance(gmm.sample(N, generator=torch.Generator().manual_seed(999)),
+                                                          data)}
+    result.setdefault("teacher", teacher_rows(teacher, gmm, data))
+    methods = result.setdefault("methods", {})
+    for name, (method, opts) in runs(spec, steps).items():
+        if (only and name not in only) or name in methods:
+            continue
+        t0 = time.time()
+        out = distill(method, {**opts, "device": "cpu", "seed": 0}, str(folder / name), progress=False)
+        wall = time.time() - t0
+        model = load(out, device="cpu")
+        nfes = [k for k in (1, 2) if not model.rule_nfes() or k in model.rule_nfes()]
+        methods[name] = {"method": method, "options": {k: v for k, v in opts.items() if k not in ("teacher", "data")},
+                         "wall_seconds": wall, "teacher_evals": cost(out).get("teacher_evals", 0),
+                         "nfe": {str(k): measure(model, teacher, gmm, data, k, name) for k in nfes}}
+        print(json.dumps({"method": name, "wall_seconds": round(wall), **methods[name]["nfe"]}), flush=True)
+        out_dir.mkdir(exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(result: dict) -> str:
+    """The part's markdown: one row per model and NFE, then the targets."""
+    def cell(v, f=".4f"):
+        return "-" if v is None else format(v, f)
+
+    lines = ["| model | NFE | energy distance | sliced-W2 | RMS vs exact flow map | teacher evaluations | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in result["teacher"].items():
+        for k, r in rows.items():
+            lines.append(f"| {name} | {k} | {cell(r['energy_distance'])} | {cell(r['sliced_w2'])} | "
+                         f"{cell(r['rms_flow'])} | - | - |")
+    for name, m in result["methods"].items():
+        for k, r in m["nfe"].items():
+            lines.append(f"| {name} (`{m['method']}`) | {k} | {cell(r['energy_distance'])} | {cell(r['sliced_w2'])} | "
+                         f"{cell(r['rms_flow'])} | {m['teacher_evals']:.3g} | {m['wall_seconds']:.0f} |")
+    lines.append(f"\nEstimator floor (energy distance of two exact sets of {result['n']}): "
+                 f"{result['floor']['energy_distance']:.4f}")
+    euler1 = result["teacher"]["teacher Euler"]["1"]["energy_distance"]
+    heun = result["teacher"]["teacher Heun (127 evaluations)"]["64"]["energy_distance"]
+    lines += ["", f"Targets (1-step energy distance): at most 0.5x the teacher's Euler at 1 NFE ({0.5 * euler1:.4f}) "
+              f"and at most 3x the teacher's Heun at 64 NFE ({3 * heun:.4f}).", "",
+              "| method | 1-step energy distance | / teacher Euler 1 | / teacher Heun 64 | both targets |",
+              "|---|---|---|---|---|"]
+    for name, m in result["methods"].items():
+        e = m["nfe"]["1"]["energy_distance"]
+        ok = e <= 0.5 * euler1 and e <= 3 * heun
+        lines.append(f"| {name} | {e:.4f} | {e / euler1:.3f} | {e / heun:.1f} | {'yes' if ok else 'no'} |")
+    survey = [m["nfe"]["1"]["energy_distance"] for n, m in result["methods"].items() if n in SURVEY]
+    new = {n: m["nfe"]["1"]["energy_distance"] for n, m in result["methods"].items() if n not in SURVEY}
+    if survey and new:
+        best_new = min(new, key=new.get)
+        lines.append(f"\nBest survey method at 1 NFE: {min(survey):.4f}; best new method: {best_new} "
+                     f"{new[best_new]:.4f} ({'beats it' if new[best_new] < min(survey) else 'does not beat it'}).")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("gmm2", "gmm16"))
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--only", default=None, help="comma-separated method names (default all)")
+    ap.add_argument("--table", choices=("gmm2", "gmm16"), help="print the markdown of a finished part")
+    ap.add_argument("--out", default=str(OUT), help="folder of the result files (default bench/out)")
+    args = ap.parse_args()
+    if args.table:
+        print(table(json.loads((Path(args.out) / f"one_step_{args.table}.json").read_text())))
+        return
+    torch.set_num_threads(1)
+    only = set(args.only.split(",")) if args.only else None
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args.part, args.steps, only, Path(tmp), Path(args.out))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
