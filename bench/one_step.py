@@ -4,6 +4,7 @@ methods beyond the survey, side by side (issue 20)").
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/one_step.py --part gmm2 [--steps 3000] [--only DMD2,SiD]
     OMP_NUM_THREADS=1 .venv/bin/python bench/one_step.py --part gmm16
+    OMP_NUM_THREADS=1 .venv/bin/python bench/one_step.py --part digits --steps 2000
     .venv/bin/python bench/one_step.py --table gmm2      # the markdown of a finished part
 
 Teachers: the exact ring of 8 (d = 2) and the d = 16 mixture of 4 full-covariance modes of
@@ -17,6 +18,13 @@ match the distribution, not the map: "-"). Multistep consistency-style sampling 
 so its 2-step RMS is left out too. The teacher's Euler at 1 and 2 NFE and its Heun at 64 NFE
 (127 evaluations) from the same noise, and the estimator's floor (two exact sets), are the
 yardsticks. Each method's result is saved as it finishes; a rerun skips those present.
+
+Digits: a teacher trained by ``fewstep train --data digits`` (EDM, an MLP 512x4 on the 64
+pixels, 3000 steps; bench/distill.py's digits teacher), kept in bench/out/one_step_runs/digits
+so that reruns reuse it; each method distils it with its defaults (MeanFlow trains from the
+digits themselves: it starts only from a flow teacher); classifier Frechet distance (the
+digits classifier's features) of 898 samples to 898 held-out digits, beside the teacher's
+samplers; the floor is the FD of two held-out sets.
 """
 from __future__ import annotations
 
@@ -89,6 +97,87 @@ def teacher_rows(teacher, gmm, data) -> dict:
     return out
 
 
+def run_digits(steps: int, only, out_dir: Path, teacher_steps: int = 3000) -> dict:
+    """The digits part (module docstring): the trained teacher and every method's students by FD."""
+    from fewstep.data.registry import load_dataset
+    from fewstep.metrics import frechet_distance
+    from fewstep.train.teacher import train_teacher
+
+    path = out_dir / "one_step_digits.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get("steps") not in (None, steps):
+        raise SystemExit(f"{path} holds a run at --steps {result['steps']}; move it away or give that budget")
+    work = out_dir / "one_step_runs" / "digits"
+    tdir = work / "teacher"
+    if not (tdir / "model.json").is_file():
+        t0 = time.time()
+        train_teacher({"data": "digits", "steps": teacher_steps, "device": "cpu", "seed": 0,
+                       "net": {"kind": "mlp", "dim": 64, "hidden": 512, "depth": 4, "emb_dim": 128}},
+                      str(tdir), progress=False, evaluate=False, resume=tdir.exists())
+        result["teacher_seconds"] = time.time() - t0
+    teacher = load(str(tdir), device="cpu")
+    n = min(N, len(load_dataset("digits", seed=123).x) // 2)
+    held = load_dataset("digits", n=2 * n, seed=123).x.float()
+    data = held[:n]
+
+    def fd(x):
+        return frechet_distance(x.float(), data, "digits")
+
+    result.update(part="digits", steps=steps, n=n, machine=f"{platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} torch thread(s)", torch=torch.__version__, metric="classifier FD")
+    result["floor"] = {"fd": fd(held[n:])}
+    x_T = teacher.noise(n, seed=100)
+    if "teacher" not in result:
+        rows = {}
+        for label, k, sampler in (("teacher Euler", 1, "euler"), ("teacher Euler", 2, "euler"),
+                                  ("teacher Heun (127 evaluations)", 64, "heun")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows.setdefault(label, {})[str(k)] = {"fd": fd(teacher.sample(n, k, sampler, x=x_T)[0])}
+        result["teacher"] = rows
+    methods = result.setdefault("methods", {})
+    for name, (method, opts) in runs(str(tdir), steps).items():
+        if (only and name not in only) or name in methods:
+            continue
+        opts = {**opts, "data": "digits", "teacher": None} if name == "MeanFlow" else opts
+        t0 = time.time()
+        out = distill(method, {**opts, "device": "cpu", "seed": 0}, str(work / name), progress=False,
+                      resume=(work / name / "config.json").is_file())
+        wall = time.time() - t0
+        model = load(out, device="cpu")
+        nfes = [k for k in (1, 2) if not model.rule_nfes() or k in model.rule_nfes()]
+        row = {}
+        for k in nfes:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                x = model.sample(n, k, x=(x_T * (model.sigma_max / teacher.sigma_max)).to(model.dtype), seed=101)[0]
+            row[str(k)] = {"fd": fd(x.cpu())}
+        methods[name] = {"method": method, "options": {k: v for k, v in opts.items() if k not in ("teacher", "data")},
+                         "wall_seconds": wall, "teacher_evals": cost(out).get("teacher_evals", 0), "nfe": row}
+        print(json.dumps({"method": name, "wall_seconds": round(wall), **row}), flush=True)
+        path.write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def digits_table(result: dict) -> str:
+    lines = ["| model | NFE | classifier FD to held-out digits | teacher evaluations | wall s |", "|---|---|---|---|---|"]
+    for name, rows in result["teacher"].items():
+        for k, r in rows.items():
+            lines.append(f"| {name} | {k} | {r['fd']:.2f} | - | - |")
+    for name, m in result["methods"].items():
+        for k, r in m["nfe"].items():
+            lines.append(f"| {name} (`{m['method']}`) | {k} | {r['fd']:.2f} | {m['teacher_evals']:.3g} | "
+                         f"{m['wall_seconds']:.0f} |")
+    lines.append(f"\nFloor (FD of two held-out sets of {result['n']}): {result['floor']['fd']:.2f}")
+    survey = [m["nfe"]["1"]["fd"] for n, m in result["methods"].items() if n in SURVEY]
+    new = {n: m["nfe"]["1"]["fd"] for n, m in result["methods"].items() if n not in SURVEY}
+    if survey and new:
+        best = min(new, key=new.get)
+        lines.append(f"\nBest survey method at 1 NFE: FD {min(survey):.2f}; best new method: {best} {new[best]:.2f}.")
+    return "\n".join(lines)
+
+
 def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT) -> dict:
     path = out_dir / f"one_step_{part}.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
@@ -159,17 +248,22 @@ def table(result: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("gmm2", "gmm16"))
+    ap.add_argument("--part", choices=("gmm2", "gmm16", "digits"))
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--only", default=None, help="comma-separated method names (default all)")
-    ap.add_argument("--table", choices=("gmm2", "gmm16"), help="print the markdown of a finished part")
+    ap.add_argument("--table", choices=("gmm2", "gmm16", "digits"), help="print the markdown of a finished part")
+    ap.add_argument("--teacher-steps", type=int, default=3000, help="digits: the teacher's training steps")
     ap.add_argument("--out", default=str(OUT), help="folder of the result files (default bench/out)")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads((Path(args.out) / f"one_step_{args.table}.json").read_text())))
+        res = json.loads((Path(args.out) / f"one_step_{args.table}.json").read_text())
+        print(digits_table(res) if args.table == "digits" else table(res))
         return
     torch.set_num_threads(1)
     only = set(args.only.split(",")) if args.only else None
+    if args.part == "digits":
+        print(digits_table(run_digits(args.steps, only, Path(args.out), args.teacher_steps)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.part, args.steps, only, Path(tmp), Path(args.out))
     print(table(result))

@@ -31,6 +31,12 @@ t grid (:func:`meanflow_sample`); a named sampler samples its flow (r = t).
 A shortcut model (``fewstep distill shortcut``, Frans et al. 2024) is a flow model whose net also
 takes the step size d: ``sampling.sampler == "shortcut"`` makes ``sample(n, k)`` take k Euler steps
 of d = 1/k with that d as its input (:func:`shortcut_sample`); a named sampler samples its flow (d = 0).
+
+A CTM student (``fewstep distill ctm``, Kim et al. 2023) is an EDM-preconditioned denoiser whose net also
+takes the end s of its jump G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s) through ``cond`` (:func:`ctm_cond`;
+s = 0 is cond 0, so the plain denoiser is g(x, t, 0) = G(x, t, 0)): ``sampling.sampler == "ctm"`` makes
+``sample(n, k)`` run gamma-sampling (:func:`ctm_sample`, ``gamma=`` or the stored default) on the Karras grid
+of k jumps from sigma_max (:func:`ctm_grid`); a named sampler samples its denoiser g(x, t, 0).
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ SEED_RANGE = (-2**63, 2**63 - 3)  # torch's manual_seed range, less the offsets 
 STOCHASTIC = "guided_stochastic"  # a guided student's own stochastic rule (no registered sampler)
 MEANFLOW = "meanflow"  # a MeanFlow student's own rule (no registered sampler)
 SHORTCUT = "shortcut"  # a shortcut model's own rule (no registered sampler)
+CTM = "ctm"  # a CTM student's own gamma-sampling rule (no registered sampler)
 
 
 @torch.no_grad()
@@ -156,6 +163,60 @@ def shortcut_sample(denoiser, x: torch.Tensor, steps: int, base: int, extra_args
     return x
 
 
+def ctm_cond(s: torch.Tensor, s_floor: float) -> torch.Tensor:
+    """The net's ``cond`` input for a CTM jump that ends at s (Kim et al. 2023): the paper's code embeds s as it
+    embeds t, c_noise(s) = ln(s) / 4 here; shifted so that its end point s_floor (the grid's sigma_min, the
+    paper's code's stand-in for 0) is 0: cond = ln(max(s, s_floor) / s_floor) / 4, exactly 0 for s <= s_floor
+    (s = 0), so a net called without cond is g(x, t, 0)."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    return 0.25 * torch.log(torch.clamp(s, min=float(s_floor)) / float(s_floor))
+
+
+def ctm_g(D, s_floor: float):
+    """g(x, t, s) of a CTM student: its EDM-preconditioned denoiser ``D`` (a ``ModelDenoiser``, or a wrapper that
+    passes ``cond`` on, e.g. classifier-free guidance) at level t with the jump's end s as the net's cond input."""
+    def g(x, t, s, **extra):
+        return D(x, t, cond=ctm_cond(s, s_floor).to(device=x.device, dtype=torch.float32), **extra).to(x.dtype)
+    return g
+
+
+def ctm_jump(g, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, **extra) -> torch.Tensor:
+    """CTM's anytime-to-anytime jump G(x_t, t, s) = (s/t) x_t + (1 - s/t) g(x_t, t, s) (per-sample t > 0, s <= t):
+    exactly x at s = t, exactly g at s = 0."""
+    r = (s / t).to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return r * x + (1 - r) * g(x, t, s, **extra)
+
+
+def ctm_grid(k: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The k-jump grid t_0 = sigma_max > ... > t_k = 0: the k + 1 Karras levels down to sigma_min (the paper's
+    code's ``get_sigmas_karras(steps + 1)``), the last one, its stand-in for 0, made 0."""
+    from .grids import karras
+
+    sig = karras(int(k), float(sigma_min), float(sigma_max), rho=float(rho), final_zero=False)
+    sig[-1] = 0.0
+    return sig
+
+
+@torch.no_grad()
+def ctm_sample(D, x: torch.Tensor, sigmas, gamma: float, s_floor: float, generator=None,
+               extra_args=None) -> torch.Tensor:
+    """gamma-sampling (Kim et al. 2023) on decreasing t_0 > t_1 > ... > t_k = 0, one evaluation per jump:
+    x <- G(x, t_n, sqrt(1 - gamma^2) t_{n+1}), then x <- x + gamma t_{n+1} z (no noise into t_k = 0).
+    gamma = 0: deterministic jumps along the ODE; gamma = 1: G(x, t_n, 0) and fresh noise up to t_{n+1}, the
+    consistency model's multistep rule. ``x`` is at t_0 in sigma-space."""
+    from .samplers._common import noise_like
+
+    g, extra = ctm_g(D, s_floor), extra_args or {}
+    sig = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).tolist()]
+    keep = math.sqrt(max(0.0, 1.0 - float(gamma) ** 2))
+    for t, t_next in zip(sig[:-1], sig[1:]):
+        tt = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+        x = ctm_jump(g, x, tt, torch.full_like(tt, keep * t_next), **extra)
+        if t_next > 0 and gamma > 0:
+            x = x + (float(gamma) * t_next) * noise_like(x, generator)
+    return x
+
+
 def _unwrap(D, found):
     """The denoiser inside wrappers such as an evaluation counter (``.inner``) that ``found`` accepts."""
     while not found(D) and hasattr(D, "inner"):
@@ -247,6 +308,8 @@ class Model:
             return self._sample_meanflow(n, int(nfe), seed, labels, x, guidance, grid, options)
         if sampler == SHORTCUT or (sampler is None and self.sampling.get("sampler") == SHORTCUT):
             return self._sample_shortcut(n, int(nfe), seed, labels, x, guidance, grid, options)
+        if sampler == CTM or (sampler is None and self.sampling.get("sampler") == CTM):
+            return self._sample_ctm(n, int(nfe), seed, labels, x, guidance, grid, options)
         if sampler is None and self.sampling:
             sampler, grid, options, nfe, other = self._own_rule(int(nfe), grid, options)
             if other is not None:
@@ -383,6 +446,25 @@ class Model:
         D, extra, labels = self._conditioned(n, seed, labels, guidance)
         D = _unwrap(D, lambda d: hasattr(d, "net"))
         return shortcut_sample(D, x / self.sigma_max, k, base, extra), labels
+
+    def _sample_ctm(self, n: int, nfe: int, seed, labels, x, guidance, grid, options):
+        """A CTM student's gamma-sampling (:func:`ctm_sample`) with ``nfe`` jumps on :func:`ctm_grid`; ``gamma``
+        (in [0, 1]) and ``generator`` may be given, else the stored gamma and a generator from the seed."""
+        options = dict(options)
+        rule = self.sampling
+        gamma, generator = options.pop("gamma", rule.get("gamma", 0.0)), options.pop("generator", None)
+        self._check_own_rule(CTM, "CTM", "ctm", f"gamma-sampling, {nfe} jumps on the Karras grid", grid, options)
+        if isinstance(gamma, (bool, str)) or not 0.0 <= _float_or_nan(gamma) <= 1.0:
+            raise UserError(f"gamma must be a number in [0, 1] (0: deterministic jumps, 1: consistency-model "
+                            f"multistep), got {gamma!r}")
+        self.check_conditioning(labels, guidance)
+        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
+        D, extra, labels = self._conditioned(n, seed, labels, guidance)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed((seed or 0) + 2)
+        sig = ctm_grid(nfe, self.sigma_min, self.sigma_max, float(rule.get("rho", 7.0)))
+        return ctm_sample(D, x, sig, float(gamma), float(rule.get("s_floor", self.sigma_min)), generator,
+                          extra), labels
 
     def check_conditioning(self, labels, guidance) -> None:
         """Labels and guidance that this model can take, else one clear UserError: labels

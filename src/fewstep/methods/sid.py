@@ -36,8 +36,7 @@ import torch
 
 from ..errors import UserError
 from ..io import write_json
-from ..train.job import Plan, Task
-from ..train.loop import Critic
+from ..train.job import Critic, Plan, Task
 from ..train.options import Option, table_defaults, table_help
 from .common import bcast, call_denoiser, check_student_net, conditioning, consistency_rule_measures, edm_dsm_loss, \
     evaluation_data, fixed_grids, load_teacher, net_config, reference_samples, student_meta, teacher_like_denoiser, \

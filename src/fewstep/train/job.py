@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..io import save_checkpoint, write_json
-from .loop import Task, fit, make_accelerator
+from .loop import Critic, Task, fit, make_accelerator  # noqa: F401 (Critic, Task: what methods build)
 from .options import LOOP_NAMES
 from .runfolder import RunFolder, open_run
 
