@@ -48,6 +48,17 @@ PD_OPTIONS = (
 N_DATA = Option("n_data", int, None, "training samples drawn from --data (default: the data set's own size)", low=1,
                 none="the data set's own size", example=2000)
 
+# the data-free generators (DMD2, SiD): a generator and an online fake score, both shaped like the teacher
+FAKE_SCORE_OPTIONS = (
+    Option("fake_lr", float, None, "learning rate of the fake score (default: --lr)", low=0.0, above=True,
+           none="--lr", example=1e-3),
+    Option("fake_warmup", int, None, "steps in which only the fake score trains, before the generator's first "
+           "update", low=0, none="0 when the fake score starts from the teacher's weights, else steps // 10",
+           example=200),
+    Option("init", str, "auto", "generator and fake-score start: auto, teacher (its weights) or random",
+           choices=("auto", "teacher", "random")),
+)
+
 COMMON_OPTIONS = (
     Option("teacher", str, None, "teacher: a run folder or gmm:FILE.npz (an exact Gaussian mixture)",
            none="none (methods that train from data)"),
@@ -530,3 +541,32 @@ def consistency_rule_measures(D, grids: dict, shape, cond: "Conditioning", refer
         return get("consistency")(D, float(grid[0]) * z, grid, generator=gk, **extra).cpu()
 
     return step_measures(sample_k, reference.cpu(), sorted({k for k in (1, 2, 4, 8, max(grids)) if k in grids}))
+
+
+def generator_and_fake_score(teacher, cfg: dict, cond: "Conditioning"):
+    """DMD2's and SiD's two networks, both shaped like the teacher (:func:`teacher_like_denoiser`,
+    its weights where its net has their architecture and ``--init`` allows): (generator denoiser,
+    its net, fake-score denoiser, its net, the net config, the fake-score-only warm-up steps:
+    ``--fake-warmup``, else 0 when the fake score starts as the teacher, a tenth of the steps
+    when it starts fresh)."""
+    net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
+    torch.manual_seed(int(cfg["seed"]))
+    Dg, gen_net = teacher_like_denoiser(teacher, net_cfg, cfg["init"])
+    Df, fake_net = teacher_like_denoiser(teacher, net_cfg, cfg["init"])
+    if cond.on:
+        check_student_net(gen_net, cond)
+    net_cfg = dict(getattr(gen_net, "config", net_cfg))
+    from_teacher = cfg["init"] != "random" and teacher_net_state(teacher, net_cfg) is not None
+    steps = int(cfg["steps"])
+    warm = int(cfg["fake_warmup"]) if cfg["fake_warmup"] is not None else (0 if from_teacher else steps // 10)
+    if warm >= steps:
+        raise UserError(f"--steps {steps} leaves no generator step after the fake score's {warm} warm-up steps; give "
+                        f"more --steps or --fake-warmup 0")
+    return Dg, gen_net, Df, fake_net, net_cfg, warm
+
+
+def check_fake_warmup(cfg: dict) -> None:
+    """A --fake-warmup that leaves no generator step is refused before anything is written."""
+    if cfg["fake_warmup"] is not None and int(cfg["fake_warmup"]) >= int(cfg["steps"]):
+        raise UserError(f"--fake-warmup {cfg['fake_warmup']} leaves no generator step of --steps {cfg['steps']}; "
+                        f"give a smaller --fake-warmup or more --steps")

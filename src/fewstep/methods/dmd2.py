@@ -58,9 +58,9 @@ from ..grids import karras
 from ..io import write_json
 from ..train.job import Critic, Plan, Task
 from ..train.options import Option, table_defaults, table_help
-from .common import bcast, call_denoiser, check_student_net, conditioning, consistency_rule_measures, edm_dsm_loss, evaluation_data, \
-    fixed_grids, load_teacher, net_config, reference_samples, student_meta, teacher_like_denoiser, \
-    teacher_net_state
+from .common import FAKE_SCORE_OPTIONS, bcast, call_denoiser, check_fake_warmup, conditioning, \
+    consistency_rule_measures, edm_dsm_loss, evaluation_data, fixed_grids, generator_and_fake_score, load_teacher, \
+    reference_samples, student_meta
 
 GEN_INPUTS = ("backward", "data")
 OPTIONS = (
@@ -71,24 +71,18 @@ OPTIONS = (
            choices=GEN_INPUTS),
     Option("update_ratio", int, 5, "fake-score updates per generator update (the two time-scale rule; DMD2: 5)",
            low=1),
-    Option("fake_lr", float, None, "learning rate of the fake score (default: --lr)", low=0.0, above=True,
-           none="--lr", example=1e-3),
-    Option("fake_warmup", int, None, "steps in which only the fake score trains, before the generator's first "
-           "update", low=0, none="0 when the fake score starts from the teacher's weights, else steps // 10",
-           example=200),
     Option("levels", int, 1000, "Karras levels of the teacher's sigma range the losses draw from (DMD2: 1000)",
            low=2),
     Option("dm_min", float, 0.02, "lowest share of the levels the distribution-matching loss draws (DMD2: 0.02)",
            low=0.0, high=1.0),
     Option("dm_max", float, 0.98, "highest share of the levels the distribution-matching loss draws (DMD2: 0.98)",
            low=0.0, high=1.0),
-    Option("init", str, "auto", "generator and fake-score start: auto, teacher (its weights) or random",
-           choices=("auto", "teacher", "random")),
     Option("gan", bool, False, "the GAN head on the fake score's features (needs real data: --data or the "
            "teacher's)"),
     Option("gan_weight", float, 3e-3, "weight of the generator's GAN loss (DMD2 ImageNet: 3e-3)", low=0.0),
     Option("gan_critic_weight", float, 1e-2, "weight of the head's classification loss in the critic's (DMD2: "
            "1e-2)", low=0.0),
+    *FAKE_SCORE_OPTIONS,
     Option("eval_samples", int, 2000, "samples of the k-step evaluation in dmd2.json (default 2000)", low=2),
 )
 DEFAULTS = table_defaults(OPTIONS)
@@ -98,9 +92,7 @@ HELP = table_help(OPTIONS)
 def check_options(cfg: dict) -> None:
     if float(cfg["dm_min"]) >= float(cfg["dm_max"]):
         raise UserError(f"--dm-min {cfg['dm_min']} must be below --dm-max {cfg['dm_max']}")
-    if cfg["fake_warmup"] is not None and int(cfg["fake_warmup"]) >= int(cfg["steps"]):
-        raise UserError(f"--fake-warmup {cfg['fake_warmup']} leaves no generator step of --steps {cfg['steps']}; "
-                        f"give a smaller --fake-warmup or more --steps")
+    check_fake_warmup(cfg)
 
 
 # ------------------------------------------------------------------------ the idea
@@ -184,19 +176,8 @@ def stages(job):
     gan, K = bool(cfg["gan"]), int(cfg["gen_steps"])
     needs_data = gan or (K > 1 and cfg["gen_inputs"] == "data")
     data = evaluation_data(cfg, teacher, needs_data)
-    net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
-    torch.manual_seed(int(cfg["seed"]))
-    Dg, gen_net = teacher_like_denoiser(teacher, net_cfg, cfg["init"])
-    Df, fake_net = teacher_like_denoiser(teacher, net_cfg, cfg["init"])
-    if cond.on:
-        check_student_net(gen_net, cond)
-    net_cfg = dict(getattr(gen_net, "config", net_cfg))
+    Dg, gen_net, Df, fake_net, net_cfg, warm = generator_and_fake_score(teacher, cfg, cond)
     critic_module = FakeScore(fake_net, gan_head(fake_net, teacher.shape) if gan else None)
-    from_teacher = cfg["init"] != "random" and teacher_net_state(teacher, net_cfg) is not None
-    warm = int(cfg["fake_warmup"]) if cfg["fake_warmup"] is not None else (0 if from_teacher else int(cfg["steps"]) // 10)
-    if warm >= int(cfg["steps"]):
-        raise UserError(f"--steps {cfg['steps']} leaves no generator step after the fake score's {warm} warm-up "
-                        f"steps; give more --steps or --fake-warmup 0")
     levels = karras(int(cfg["levels"]), teacher.sigma_min, teacher.sigma_max, final_zero=False).flip(0).float()
     n_lv = len(levels)
     lo, hi = int(float(cfg["dm_min"]) * n_lv), min(int(float(cfg["dm_max"]) * n_lv) + 1, n_lv)

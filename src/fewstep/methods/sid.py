@@ -38,9 +38,9 @@ from ..errors import UserError
 from ..io import write_json
 from ..train.job import Critic, Plan, Task
 from ..train.options import Option, table_defaults, table_help
-from .common import bcast, call_denoiser, check_student_net, conditioning, consistency_rule_measures, edm_dsm_loss, \
-    evaluation_data, fixed_grids, load_teacher, net_config, reference_samples, student_meta, teacher_like_denoiser, \
-    teacher_net_state
+from .common import FAKE_SCORE_OPTIONS, bcast, call_denoiser, check_fake_warmup, conditioning, \
+    consistency_rule_measures, edm_dsm_loss, evaluation_data, fixed_grids, generator_and_fake_score, load_teacher, \
+    reference_samples, student_meta
 
 OPTIONS = (
     Option("alpha", float, 1.2, "alpha of the score-identity loss (SiD: 1.2; 1 drops its first term)", low=-10.0,
@@ -54,14 +54,8 @@ OPTIONS = (
            high=20.0),
     Option("p_std", float, 1.2, "standard deviation of log sigma for the fake score's loss (SiD / EDM: 1.2)",
            low=0.0, above=True),
-    Option("fake_lr", float, None, "learning rate of the fake score (default: --lr)", low=0.0, above=True,
-           none="--lr", example=1e-3),
-    Option("fake_warmup", int, None, "steps in which only the fake score trains, before the generator's first "
-           "update", low=0, none="0 when the fake score starts from the teacher's weights, else steps // 10",
-           example=200),
     Option("beta1", float, 0.0, "Adam beta1 of both networks (SiD: 0)", low=0.0, high=1.0),
-    Option("init", str, "auto", "generator and fake-score start: auto, teacher (its weights) or random",
-           choices=("auto", "teacher", "random")),
+    *FAKE_SCORE_OPTIONS,
     Option("eval_samples", int, 2000, "samples of the 1-step evaluation in sid.json (default 2000)", low=2),
 )
 DEFAULTS = table_defaults(OPTIONS)
@@ -69,9 +63,7 @@ HELP = table_help(OPTIONS)
 
 
 def check_options(cfg: dict) -> None:
-    if cfg["fake_warmup"] is not None and int(cfg["fake_warmup"]) >= int(cfg["steps"]):
-        raise UserError(f"--fake-warmup {cfg['fake_warmup']} leaves no generator step of --steps {cfg['steps']}; "
-                        f"give a smaller --fake-warmup or more --steps")
+    check_fake_warmup(cfg)
     if float(cfg["beta1"]) >= 1.0:
         raise UserError(f"--beta1 must lie in [0, 1), got {cfg['beta1']}")
 
@@ -104,18 +96,7 @@ def stages(job):
     s_init = float(cfg["init_sigma"])
     if s_init > teacher.sigma_max:
         raise UserError(f"--init-sigma {s_init:g} lies above the teacher's sigma_max {teacher.sigma_max:g}")
-    net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
-    torch.manual_seed(int(cfg["seed"]))
-    Dg, gen_net = teacher_like_denoiser(teacher, net_cfg, cfg["init"])
-    Df, fake_net = teacher_like_denoiser(teacher, net_cfg, cfg["init"])
-    if cond.on:
-        check_student_net(gen_net, cond)
-    net_cfg = dict(getattr(gen_net, "config", net_cfg))
-    from_teacher = cfg["init"] != "random" and teacher_net_state(teacher, net_cfg) is not None
-    warm = int(cfg["fake_warmup"]) if cfg["fake_warmup"] is not None else (0 if from_teacher else int(cfg["steps"]) // 10)
-    if warm >= int(cfg["steps"]):
-        raise UserError(f"--steps {cfg['steps']} leaves no generator step after the fake score's {warm} warm-up "
-                        f"steps; give more --steps or --fake-warmup 0")
+    Dg, gen_net, Df, fake_net, net_cfg, warm = generator_and_fake_score(teacher, cfg, cond)
     T = cond.teacher(teacher.denoiser)
     B, shape = int(cfg["batch_size"]), tuple(teacher.shape)
     alpha, betas = float(cfg["alpha"]), (float(cfg["beta1"]), 0.999)
