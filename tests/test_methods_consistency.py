@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.denoiser import NFECounter
@@ -114,21 +114,11 @@ def test_ict_without_a_teacher_beats_ddim(spec, tmp_path):
 def test_interrupted_distillation_resumes_identically(spec, tmp_path, monkeypatch):
     cfg = _cfg(spec, steps=40, checkpoint_every=10, mu=0.95)
     full = distill("consistency", cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop_at_25(seed, step, device="cpu"):
-        if step == 25:
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop_at_25)
-    with pytest.raises(KeyboardInterrupt):
-        distill("consistency", cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: step == 25,
+              lambda: distill("consistency", cfg, str(tmp_path / "cut"), progress=False))
     assert (tmp_path / "cut" / "checkpoints" / "step_00000020" / "target.safetensors").is_file()
     cut = distill("consistency", {}, str(tmp_path / "cut"), resume=True, progress=False)
-    a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(full, cut)
 
 
 def test_cd_starts_from_an_edm_teacher(tmp_path):

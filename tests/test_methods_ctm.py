@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.data.gmm import GaussianMixture
@@ -215,21 +215,11 @@ def test_interrupted_run_resumes_identically(spec, tmp_path, monkeypatch):
     """Student, loop EMA and the target EMA are in the checkpoints: weights equal bit for bit."""
     cfg = _cfg(teacher=spec, steps=20, checkpoint_every=10, batch_size=64, eval_samples=20, levels=8)
     full = distill("ctm", cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop(seed, step, device="cpu"):
-        if step == 15:
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop)
-    with pytest.raises(KeyboardInterrupt):
-        distill("ctm", cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: step == 15,
+              lambda: distill("ctm", cfg, str(tmp_path / "cut"), progress=False))
     assert not (tmp_path / "cut" / "model.json").exists()
     cut = distill("ctm", {}, str(tmp_path / "cut"), resume=True, progress=False)
-    a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(full, cut)
 
 
 def test_class_conditional_teacher(cspec, tmp_path):

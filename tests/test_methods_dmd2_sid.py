@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.data.gmm import GaussianMixture
@@ -138,20 +138,10 @@ def test_interrupted_run_resumes_identically(method, spec, tmp_path, monkeypatch
     extra = {"update_ratio": 3, "fake_warmup": 4} if method == "dmd2" else {"fake_warmup": 4}
     cfg = _cfg(teacher=spec, steps=20, checkpoint_every=10, batch_size=32, eval_samples=20, **extra)
     full = distill(method, cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop(seed, step, device="cpu"):
-        if step == 15:
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop)
-    with pytest.raises(KeyboardInterrupt):
-        distill(method, cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: step == 15,
+              lambda: distill(method, cfg, str(tmp_path / "cut"), progress=False))
     cut = distill(method, {}, str(tmp_path / "cut"), resume=True, progress=False)
-    a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(full, cut)
     from safetensors.torch import load_file
 
     ca, cb = (load_file(tmp_path / r / "checkpoints" / "step_00000020" / "critic.safetensors") for r in ("full", "cut"))

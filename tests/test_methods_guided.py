@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from _exact import gmm_cond
 from fewstep.cli import main
 from fewstep.methods import distill
@@ -288,19 +288,9 @@ def test_interrupted_run_resumes_identically(cspec, tmp_path, monkeypatch):
     cfg = {**LOOP, "teacher": cspec, "stage1_steps": 20, "steps": 20, "start_steps": 2, "checkpoint_every": 10,
            "batch_size": 32}
     full = distill("guided", cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop_in_round_1(seed, step, device="cpu"):
-        if seed == 1000 and step == 15:  # stage two's first round (seed + 1000)
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop_in_round_1)
-    with pytest.raises(KeyboardInterrupt):
-        distill("guided", cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: seed == 1000 and step == 15,  # stage two, round 1
+              lambda: distill("guided", cfg, str(tmp_path / "cut"), progress=False))
     assert (tmp_path / "cut" / "stage1" / "model.json").is_file()
     assert not (tmp_path / "cut" / "rounds" / "steps_0001" / "model.json").exists()
     cut = distill("guided", {}, str(tmp_path / "cut"), resume=True, progress=False)
-    a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(full, cut)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.errors import UserError
@@ -49,23 +49,13 @@ def test_student_beats_ddim_and_its_initialisation(spec, tmp_path):
 def test_interrupted_distillation_resumes_identically(spec, tmp_path, monkeypatch):
     cfg = _cfg(spec, steps=60, checkpoint_every=20, pairs=1000, pair_batch=250)
     full = distill("knowledge", cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop_at_45(seed, step, device="cpu"):
-        if step == 45:
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop_at_45)
-    with pytest.raises(KeyboardInterrupt):
-        distill("knowledge", cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: step == 45,
+              lambda: distill("knowledge", cfg, str(tmp_path / "cut"), progress=False))
     assert (tmp_path / "cut" / "pairs" / "chunk_00003.json").is_file()
     assert not (tmp_path / "cut" / "model.json").exists()
     (tmp_path / "cut" / "pairs" / "chunk_00002.json").unlink()  # a chunk lost mid-write is made again
     cut = distill("knowledge", {"steps": 60}, str(tmp_path / "cut"), resume=True, progress=False)
-    a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(full, cut)
 
 
 def test_pairs_of_another_spec_are_refused(spec, tmp_path):

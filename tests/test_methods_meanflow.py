@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.cli import main
@@ -285,21 +285,11 @@ def test_a_flow_teacher_run_starts_the_student_at_its_velocity(spec, tmp_path):
 def test_interrupted_run_resumes_identically(spec, tmp_path, monkeypatch):
     cfg = {**LOOP, "data": spec, "steps": 60, "checkpoint_every": 20}
     full = distill("meanflow", cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop_at_45(seed, step, device="cpu"):
-        if step == 45:
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop_at_45)
-    with pytest.raises(KeyboardInterrupt):
-        distill("meanflow", cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: step == 45,
+              lambda: distill("meanflow", cfg, str(tmp_path / "cut"), progress=False))
     assert not (tmp_path / "cut" / "model.json").exists()
     cut = distill("meanflow", {}, str(tmp_path / "cut"), resume=True, progress=False)
-    a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(full, cut)
 
 
 def _fails(args, capsys, needle):

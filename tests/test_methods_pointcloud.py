@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from fewstep.errors import UserError
 from fewstep.methods import distill
 from fewstep.metrics.pointcloud import (chamfer, chamfer_loss, cloud_set_metrics, emd, emd_loss, pairwise_chamfer,
@@ -112,23 +112,13 @@ def test_interrupted_pipeline_resumes_identically(tmp_path, monkeypatch):
                eval_clouds=4, checkpoint_every=10, eval_emd=True, distance="emd",
                net={**NET, "hidden": 16, "emb_dim": 16})
     full = distill("pointcloud", cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop_in_reflow(seed, step, device="cpu"):
-        if seed == 1000 and step == 15:  # the reflow stage (round 2) trains with seed + 1000
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop_in_reflow)
-    with pytest.raises(KeyboardInterrupt):
-        distill("pointcloud", cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: seed == 1000 and step == 15,  # round 2 (seed + 1000)
+              lambda: distill("pointcloud", cfg, str(tmp_path / "cut"), progress=False))
     assert (tmp_path / "cut" / "round1" / "model.json").is_file()
     assert (tmp_path / "cut" / "round2" / "pairs" / "chunk_00001.json").is_file()
     assert not (tmp_path / "cut" / "round2" / "model.json").exists()
     cut = distill("pointcloud", {}, str(tmp_path / "cut"), resume=True, progress=False)
-    a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(full, cut)
     ev = json.loads((tmp_path / "full" / "eval.json").read_text())
     assert json.loads((tmp_path / "cut" / "eval.json").read_text()) == ev
     assert {"mmd_cd", "mmd_emd", "cov_emd", "nna_emd"} <= set(ev["models"]["student_1"])

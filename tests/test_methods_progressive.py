@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.methods import distill
@@ -69,22 +69,12 @@ def test_students_beat_ddim_and_their_initialisation(spec, tmp_path):
 def test_interrupted_run_resumes_identically(spec, tmp_path, monkeypatch):
     cfg = _cfg(spec, steps=40, checkpoint_every=10, start_steps=2)
     full = distill("progressive", cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop_in_round_1(seed, step, device="cpu"):
-        if seed == 1000 and step == 25:
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop_in_round_1)
-    with pytest.raises(KeyboardInterrupt):
-        distill("progressive", cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: seed == 1000 and step == 25,
+              lambda: distill("progressive", cfg, str(tmp_path / "cut"), progress=False))
     assert (tmp_path / "cut" / "rounds" / "steps_0002" / "model.json").is_file()
     assert not (tmp_path / "cut" / "rounds" / "steps_0001" / "model.json").exists()
     cut = distill("progressive", {}, str(tmp_path / "cut"), resume=True, progress=False)
-    a, b = load(full).denoiser.net.state_dict(), load(cut).denoiser.net.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_weights(full, cut)
     x = load(cut).sample(10, 2, seed=0)[0]  # the 2-step round through the top folder
     assert x.shape == (10, 2) and bool(torch.isfinite(x).all())
 

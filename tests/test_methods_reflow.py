@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import fewstep.train.loop as loop
+from _resume import interrupt, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.data.gmm import GaussianMixture
@@ -141,17 +141,8 @@ def test_interrupted_run_resumes_identically(spec, tmp_path, monkeypatch):
     cfg = _cfg(teacher=spec, steps=60, checkpoint_every=20, pairs=500, pair_batch=250, pair_nfe=8,
                distill_steps=30, eval_samples=200, reflow_nfe=8)
     full = distill("reflow", cfg, str(tmp_path / "full"), progress=False)
-    real = loop.step_generator
-
-    def stop_in_round_2(seed, step, device="cpu"):
-        if seed == 1000 and step == 45:  # round 2 trains with seed + 1000
-            raise KeyboardInterrupt
-        return real(seed, step, device)
-
-    monkeypatch.setattr(loop, "step_generator", stop_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        distill("reflow", cfg, str(tmp_path / "cut"), progress=False)
-    monkeypatch.setattr(loop, "step_generator", real)
+    interrupt(monkeypatch, lambda seed, step: seed == 1000 and step == 45,  # round 2 trains with seed + 1000
+              lambda: distill("reflow", cfg, str(tmp_path / "cut"), progress=False))
     assert (tmp_path / "cut" / "round1" / "model.json").is_file()
     assert (tmp_path / "cut" / "round2" / "checkpoints").is_dir()
     assert not (tmp_path / "cut" / "round2" / "model.json").exists()

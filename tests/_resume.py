@@ -1,0 +1,34 @@
+"""The shape every resume test shares: a run stopped at a chosen step of the loop (as a
+KeyboardInterrupt, what Ctrl-C or a killed job leaves) and the weights of two runs compared bit
+for bit."""
+import pytest
+import torch
+
+import fewstep.train.loop as loop
+from fewstep.model import load
+
+
+def interrupt(monkeypatch, when, run) -> None:
+    """``run()`` with the loop stopped by a KeyboardInterrupt at the first step for which
+    ``when(seed, step)`` holds (``seed``: the stage's loop seed, e.g. seed + 1000 in a second
+    round); the interruption must happen."""
+    real = loop.step_generator
+
+    def stop(seed, step, device="cpu"):
+        if when(seed, step):
+            raise KeyboardInterrupt
+        return real(seed, step, device)
+
+    monkeypatch.setattr(loop, "step_generator", stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        monkeypatch.setattr(loop, "step_generator", real)
+
+
+def same_weights(a: str, b: str) -> None:
+    """The two runs' saved networks are equal bit for bit."""
+    sa, sb = load(a).denoiser.net.state_dict(), load(b).denoiser.net.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
