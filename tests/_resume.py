@@ -32,3 +32,15 @@ def same_weights(a: str, b: str) -> None:
     sa, sb = load(a).denoiser.net.state_dict(), load(b).denoiser.net.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+def full_and_resumed(monkeypatch, method: str, cfg: dict, tmp_path, at: int) -> tuple:
+    """(an uninterrupted run, the same run stopped at loop step ``at`` of a one-stage method, its
+    folder without a model.json, then resumed with ``--resume``): the two run folders."""
+    from fewstep.methods import distill
+
+    full = distill(method, cfg, str(tmp_path / "full"), progress=False)
+    interrupt(monkeypatch, lambda seed, step: step == at,
+              lambda: distill(method, cfg, str(tmp_path / "cut"), progress=False))
+    assert not (tmp_path / "cut" / "model.json").exists()
+    return full, distill(method, {}, str(tmp_path / "cut"), resume=True, progress=False)

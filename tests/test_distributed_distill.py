@@ -39,6 +39,10 @@ METHODS = {  # run folder: (method, options)
     "dmd2_cond": ("dmd2", {"steps": 6, "update_ratio": 2, "fake_warmup": 1, "gan": True, "gen_steps": 2,
                            "eval_samples": 16, "net": {**NET, "num_classes": 3}, "cond": True}),
     "sid": ("sid", {"steps": 6, "fake_warmup": 1, "eval_samples": 16}),
+    # CTM: the teacher's solver rows per level group, the EMA target carrying both sides to 0, the DSM term
+    "ctm": ("ctm", {"steps": 6, "levels": 6, "eval_samples": 16}),
+    # sCM: the JVP tangent through the DDP-wrapped student's own forward, the learned weighting in the student
+    "scm": ("scm", {"steps": 6, "tangent_warmup": 3, "eval_samples": 16}),
 }
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from _resume import interrupt, same_weights
+from _resume import full_and_resumed, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.data.gmm import GaussianMixture
@@ -214,11 +214,7 @@ def test_gamma_sampling(trained):
 def test_interrupted_run_resumes_identically(spec, tmp_path, monkeypatch):
     """Student, loop EMA and the target EMA are in the checkpoints: weights equal bit for bit."""
     cfg = _cfg(teacher=spec, steps=20, checkpoint_every=10, batch_size=64, eval_samples=20, levels=8)
-    full = distill("ctm", cfg, str(tmp_path / "full"), progress=False)
-    interrupt(monkeypatch, lambda seed, step: step == 15,
-              lambda: distill("ctm", cfg, str(tmp_path / "cut"), progress=False))
-    assert not (tmp_path / "cut" / "model.json").exists()
-    cut = distill("ctm", {}, str(tmp_path / "cut"), resume=True, progress=False)
+    full, cut = full_and_resumed(monkeypatch, "ctm", cfg, tmp_path, at=15)
     same_weights(full, cut)
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from _resume import interrupt, same_weights
+from _resume import full_and_resumed, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.data.gmm import GaussianMixture
@@ -137,10 +137,7 @@ def test_interrupted_run_resumes_identically(method, spec, tmp_path, monkeypatch
     the generator's and the critic's weights equal bit for bit."""
     extra = {"update_ratio": 3, "fake_warmup": 4} if method == "dmd2" else {"fake_warmup": 4}
     cfg = _cfg(teacher=spec, steps=20, checkpoint_every=10, batch_size=32, eval_samples=20, **extra)
-    full = distill(method, cfg, str(tmp_path / "full"), progress=False)
-    interrupt(monkeypatch, lambda seed, step: step == 15,
-              lambda: distill(method, cfg, str(tmp_path / "cut"), progress=False))
-    cut = distill(method, {}, str(tmp_path / "cut"), resume=True, progress=False)
+    full, cut = full_and_resumed(monkeypatch, method, cfg, tmp_path, at=15)
     same_weights(full, cut)
     from safetensors.torch import load_file
 

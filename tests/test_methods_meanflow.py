@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from _resume import interrupt, same_weights
+from _resume import full_and_resumed, same_weights
 from _exact import SMALL_MLP as NET
 from _exact import gmm2
 from fewstep.cli import main
@@ -284,11 +284,7 @@ def test_a_flow_teacher_run_starts_the_student_at_its_velocity(spec, tmp_path):
 
 def test_interrupted_run_resumes_identically(spec, tmp_path, monkeypatch):
     cfg = {**LOOP, "data": spec, "steps": 60, "checkpoint_every": 20}
-    full = distill("meanflow", cfg, str(tmp_path / "full"), progress=False)
-    interrupt(monkeypatch, lambda seed, step: step == 45,
-              lambda: distill("meanflow", cfg, str(tmp_path / "cut"), progress=False))
-    assert not (tmp_path / "cut" / "model.json").exists()
-    cut = distill("meanflow", {}, str(tmp_path / "cut"), resume=True, progress=False)
+    full, cut = full_and_resumed(monkeypatch, "meanflow", cfg, tmp_path, at=45)
     same_weights(full, cut)
 
 

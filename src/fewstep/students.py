@@ -7,6 +7,9 @@ the denoiser contract ``D(y, sigma, **cond) -> x0``, so every sampler and
     Generator             x0 = G(z): a latent of its own dimension through a linear map and the
                           student net at a fixed level (Luhman & Luhman 2021's student as a
                           stochastic generator, survey section 3.2)
+    TrigFlowDenoiser      f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, c_noise(t)) at x_t = cos(t) y,
+                          t = arctan(sigma / sd): a TrigFlow consistency model (Lu & Song 2024, sCM),
+                          exactly y at sigma = 0; with its learned loss weight w_phi(t)
 
 ``model.json['denoiser']`` names the kind (:func:`build_denoiser`).
 """
@@ -20,7 +23,8 @@ from torch import Tensor, nn
 from .errors import unknown_name
 from .process import EDM, _bcast
 
-__all__ = ["ConsistencyDenoiser", "Generator", "build_denoiser", "consistency_precond"]
+__all__ = ["ConsistencyDenoiser", "Generator", "TrigFlowDenoiser", "AdaptiveWeight", "build_denoiser",
+           "consistency_precond", "TRIGFLOW_TIMES"]
 
 
 def consistency_precond(sigma: Tensor, sigma_min: float, sigma_data: float):
@@ -88,6 +92,91 @@ class Generator(nn.Module):
         return self.net(h, torch.zeros(x.shape[0], device=x.device, dtype=x.dtype), **cond)
 
 
+TRIGFLOW_TIMES = ("t", "edm")  # the net's time input: time_scale * t, or EDM's ln(sd tan t) / 4
+
+
+class AdaptiveWeight(nn.Module):
+    """w_phi(t): the learned log-weight of sCM's adaptive weighting (Lu & Song 2024, eq. 9), a
+    small MLP on the Fourier features [cos(k t), sin(k t)], k = 1..K, of the TrigFlow time
+    t in [0, pi/2]; its output layer starts at zero (w = 0: every time weighted 1)."""
+
+    def __init__(self, harmonics: int = 8, hidden: int = 32):
+        super().__init__()
+        self.register_buffer("k", torch.arange(1, int(harmonics) + 1, dtype=torch.float32), persistent=False)
+        self.fc1, self.fc2 = nn.Linear(2 * int(harmonics), int(hidden)), nn.Linear(int(hidden), 1)
+        with torch.no_grad():
+            self.fc2.weight.zero_()
+            self.fc2.bias.zero_()
+
+    def forward(self, t: Tensor) -> Tensor:
+        a = t.reshape(-1, 1).to(self.fc1.weight.dtype) * self.k.to(self.fc1.weight.dtype)
+        return self.fc2(torch.nn.functional.silu(self.fc1(torch.cat([a.cos(), a.sin()], 1)))).reshape(-1)
+
+
+class TrigFlowDenoiser(nn.Module):
+    """A TrigFlow consistency model (sCM, Lu & Song 2024) as the sigma-space denoiser D(y, sigma).
+
+    TrigFlow: x_t = cos(t) x0 + sin(t) z, z ~ N(0, sd^2 I), t in [0, pi/2], i.e. x_t = cos(t) y
+    with y = x0 + sigma eps and sigma = sd tan(t). The consistency function
+
+        f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, c_noise(t)),  F = sign * net
+
+    is x_t itself at t = 0 (f(x, 0) = x), and D(y, sigma) = f(cos(t) y, t): every sampler and
+    ``fewstep.load`` see an ordinary denoiser (at sigma = 0 it returns y exactly). c_noise(t) is
+    ``time_scale * t`` (``time="t"``, the paper's identity time input with time_scale 1) or
+    EDM's ln(sd tan t) / 4 (``time="edm"``, with ``sign`` -1: an EDM-preconditioned net is
+    exactly this parametrization, F = -F_edm, so an EDM teacher's weights start sCD).
+
+    ``weight`` (an :class:`AdaptiveWeight`, or None) is the training loss's w_phi(t), saved with
+    the student. ``forward(x_t, t, trigflow=True)`` returns (F(x_t / sd, c_noise(t)), w_phi(t))
+    for training (through the module's own forward, so a wrapped (DDP) student syncs both)."""
+
+    prediction = "trigflow"
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 time: str = "t", time_scale: float = 1.0, sign: float = 1.0, weighting: bool = True):
+        super().__init__()
+        if time not in TRIGFLOW_TIMES:
+            raise unknown_name("trigflow time input", time, TRIGFLOW_TIMES)
+        self.net, self.sigma_data = net, float(sigma_data)
+        self.time, self.time_scale, self.sign = time, float(time_scale), float(sign)
+        self.weight = AdaptiveWeight() if weighting else None
+        self.process = EDM(float(sigma_min), float(sigma_max))
+
+    def spec(self) -> dict:
+        """model.json's ``"denoiser"``."""
+        return {"kind": "trigflow", "sigma_data": self.sigma_data, "sigma_min": float(self.process.sigma_min),
+                "sigma_max": float(self.process.sigma_max), "time": self.time, "time_scale": self.time_scale,
+                "sign": self.sign, "weighting": self.weight is not None}
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        if self.time == "edm":
+            return 0.25 * torch.log(self.sigma_data * torch.tan(t))
+        return self.time_scale * t
+
+    def F(self, x_in: Tensor, t: Tensor, **cond) -> Tensor:
+        """F(x_in, c_noise(t)) = sign * net(x_in, c_noise(t)): x_in = x_t / sd, t per sample."""
+        out = self.net(x_in, self.c_noise(t), **cond).to(x_in.dtype)
+        return out if self.sign == 1.0 else self.sign * out
+
+    def consistency(self, x_t: Tensor, t: Tensor, **cond) -> Tensor:
+        """f(x_t, t) = cos(t) x_t - sin(t) sd F(x_t / sd, t) in TrigFlow coordinates."""
+        c, s = _bcast(torch.cos(t), x_t), _bcast(torch.sin(t), x_t)
+        return c * x_t - s * self.sigma_data * self.F(x_t / self.sigma_data, t, **cond)
+
+    def forward(self, y: Tensor, sigma, trigflow: bool = False, **cond):
+        if trigflow:  # training: y is x_t and sigma is t
+            F = self.F(y / self.sigma_data, sigma, **cond)
+            w = self.weight(sigma) if self.weight is not None else torch.zeros_like(sigma)
+            return F, w.to(F.dtype)
+        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
+        sigma = sigma.expand(y.shape[0]) if sigma.ndim == 0 else sigma
+        t = torch.atan(sigma / self.sigma_data)
+        safe = torch.where(t > 0, t, torch.ones_like(t))  # no net call at t = 0 (EDM's time input is -inf)
+        out = self.consistency(_bcast(torch.cos(safe), y) * y, safe, **cond)
+        return torch.where((t > 0).reshape(t.shape + (1,) * (y.ndim - t.ndim)), out, y)
+
+
 def build_denoiser(spec: dict, net, meta: dict):
     """A student's own parametrization from ``model.json['denoiser']`` (used by
     :func:`fewstep.load`): returns (denoiser, the module the weights load into)."""
@@ -98,4 +187,9 @@ def build_denoiser(spec: dict, net, meta: dict):
     if kind == "generator":
         D = Generator(net, int(spec["latent_dim"]), tuple(meta["data"]["shape"]), float(spec["sigma_max"]))
         return D, D
-    raise unknown_name("student denoiser kind", kind, ["consistency", "generator"])
+    if kind == "trigflow":
+        D = TrigFlowDenoiser(net, float(spec["sigma_data"]), float(spec["sigma_min"]), float(spec["sigma_max"]),
+                             str(spec.get("time", "t")), float(spec.get("time_scale", 1.0)),
+                             float(spec.get("sign", 1.0)), bool(spec.get("weighting", True)))
+        return D, D
+    raise unknown_name("student denoiser kind", kind, ["consistency", "generator", "trigflow"])

@@ -17,6 +17,7 @@ public module of this package that defines ``stages`` is discovered by name.
     dmd2         Yin et al. 2024: a generator by distribution matching against an online fake score (TTUR, GAN head)
     sid          Zhou et al. 2024: a data-free one-step generator by the score-identity loss, fake score alternately
     ctm          Kim et al. 2023: the anytime-to-anytime jump G(x_t, t, s) by soft consistency matching + DSM; gamma-sampling
+    scm          Lu & Song 2024: TrigFlow continuous-time consistency (sCD / sCT), JVP tangent, adaptive weighting
 """
 from __future__ import annotations
 
