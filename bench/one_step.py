@@ -62,7 +62,8 @@ def runs(spec: str, steps: int) -> dict:
                               "distill_steps": steps // 2}),
         "DMD2": ("dmd2", {"teacher": spec, "steps": steps}),
         "SiD": ("sid", {"teacher": spec, "steps": steps}),
-        "sCM": ("scm", {"teacher": spec, "steps": steps}),
+        # the tangent warm-up is a share of training (the paper's 10k of its 100k-400k steps), not a count
+        "sCM": ("scm", {"teacher": spec, "steps": steps, "tangent_warmup": steps // 10}),
         "CTM": ("ctm", {"teacher": spec, "steps": steps}),
         "shortcut": ("shortcut", {"teacher": spec, "steps": steps}),
         "MeanFlow": ("meanflow", {"data": spec, "steps": steps}),
