@@ -220,3 +220,19 @@ def test_command_line(spec, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("fewstep distill: error:") for line in err), err
     assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_a_target_ema_too_slow_for_the_run_is_noted():
+    """7 levels (M = 128) each behind a 1000-step lag need about 14000 steps: fewer get a note naming a faster
+    rate that fits (2 log2(M) time constants in the run); enough steps, or the student as target, get none."""
+    import warnings
+
+    from fewstep.methods.shortcut import warn_slow_target
+
+    with pytest.warns(UserWarning, match=r"--target-ema 0.999 .*about 14000 needed\); give --target-ema 0.996"):
+        warn_slow_target(0.999, 128, 4000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_slow_target(0.999, 128, 14000)
+        warn_slow_target(0.996, 128, 4000)
+        warn_slow_target(0.0, 128, 10)

@@ -132,6 +132,24 @@ def shortcut_target(net, process, x: torch.Tensor, t: torch.Tensor, d: torch.Ten
     return (s1 + s2) / 2
 
 
+def warn_slow_target(rate: float, base: int, steps: int) -> None:
+    """A note when the target EMA is too slow for the run: level 2d bootstraps from level d, so
+    the log2(M) levels learn one after another, each behind a target lagging 1 / (1 - rate) steps;
+    under 2 log2(M) such time constants (14000 steps at the paper's 0.999 and M = 128) the coarse
+    steps stay near their initialisation (1-step samples no better than noise pushed to the mean)."""
+    import warnings
+
+    if rate <= 0:
+        return
+    need = 2 * math.log2(base) / (1.0 - rate)
+    if steps < need:
+        faster = max(0.0, 1.0 - 2 * math.log2(base) / steps)
+        warnings.warn(f"--target-ema {rate:g} lags {1 / (1 - rate):.0f} steps and the {int(math.log2(base))} step "
+                      f"levels learn one after another: {steps} steps are too few for the coarse steps (about "
+                      f"{need:.0f} needed); give --target-ema {math.floor(faster * 1000) / 1000:g} or lower, or more "
+                      f"--steps", stacklevel=2)
+
+
 def draw_times(B: int, n_sc: int, base: int, gen: torch.Generator, step: int = 0):
     """(t, d), each [B]: rows 0..n_sc-1 self-consistency rows, row i training s(., t, 2d) with 2d =
     2^-b, b = L - 1 - ((i + step) mod L), L = log2(base) (2d = 2/M ... 1), its half step d > 0 and t
@@ -234,6 +252,7 @@ def stages(job):
     sd = data.sigma_data if data is not None else float(teacher.meta.get("sigma_data", 0.5))
     D = ModelDenoiser(net, process, "flow", sd)
     rate = float(cfg["target_ema"])
+    warn_slow_target(rate, M, int(cfg["steps"]))
     target = EMA(net, rate) if rate > 0 else None
     B = int(cfg["batch_size"])
     n_sc = int(B * float(cfg["sc_fraction"]))
