@@ -196,3 +196,15 @@ def test_command_line(spec, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("fewstep distill: error:") for line in err), err
     assert not any((tmp_path / n).exists() for n in "xy")
+
+
+def test_a_true_or_false_option_is_also_a_bare_flag():
+    """``--gan`` is ``--gan true``; ``--gan false`` and leaving it out (the method's default) still work."""
+    from fewstep.cli import build_parser
+
+    ap = build_parser()
+    base = ["distill", "dmd2", "--teacher", "gmm:x.npz", "--out", "o"]
+    assert ap.parse_args(base + ["--gan"]).gan is True
+    assert ap.parse_args(base[:4] + ["--gan"] + base[4:]).gan is True  # followed by another option
+    assert ap.parse_args(base + ["--gan", "false"]).gan is False
+    assert ap.parse_args(base).gan is None  # not given: the method's default applies

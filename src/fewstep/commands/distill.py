@@ -51,8 +51,10 @@ def add_parser(sub) -> None:
                             help=f"{text} [{dflt[key]}]" if dflt.get(key) is not None else text)
         add_loop_arguments(mp, dflt, LOOP_NOTES)
         for key, text in {**COND_HELP, **mod.HELP}.items():
+            # a true-or-false option is also a bare flag: --gan is --gan true
+            flag = {"nargs": "?", "const": True} if isinstance(dflt.get(key), bool) else {}
             mp.add_argument("--" + key.replace("_", "-"), dest=key, type=_value, default=None,
-                            help=f"{text} [{dflt[key]}]")
+                            help=f"{text} [{dflt[key]}]", **flag)
         mp.add_argument("--out", required=True, help="student run folder to create (or continue with --resume)")
         mp.add_argument("--config", help="JSON file of options")
         mp.add_argument("--resume", action="store_true",
