@@ -319,9 +319,7 @@ class Model:
         sampler = None if sampler == AUTO else sampler or self.default_sampler
         if sampler is not None:
             info(sampler)  # unknown names fail before any work
-        self.check_conditioning(labels, guidance)
-        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
-        D, extra, labels = self._conditioned(n, seed, labels, guidance)
+        x, D, extra, labels = self._start(n, seed, x, labels, guidance)
         if sampler not in ("rk45", None) and "generator" not in options:
             from .samplers import info as _info
 
@@ -330,6 +328,13 @@ class Model:
         out = sample(D, x, sampler=sampler, nfe=nfe, grid=grid, sigma_min=self.sigma_min,
                      sigma_max=self.sigma_max, process=self.process, extra_args=extra, **options)
         return out, labels
+
+    def _start(self, n: int, seed, x, labels, guidance) -> tuple:
+        """(x_T, the denoiser with its conditioning, its extra arguments, the labels) of a draw:
+        labels and guidance checked, the noise drawn from ``seed`` unless ``x`` is given."""
+        self.check_conditioning(labels, guidance)
+        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
+        return (x, *self._conditioned(n, seed, labels, guidance))
 
     def _conditioned(self, n: int, seed, labels, guidance):
         """(denoiser, extra_args, labels) of a sampler call: the labels (drawn from the seed
@@ -398,9 +403,7 @@ class Model:
         if int(st["nfe"]) != nfe:
             raise UserError(f"sampler '{STOCHASTIC}' on {name} spends {st['nfe']} evaluations, not {nfe}; "
                             f"give --nfe {st['nfe']} (or sample the top folder, which picks the round)")
-        self.check_conditioning(labels, guidance)
-        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
-        D, extra, labels = self._conditioned(n, seed, labels, guidance)
+        x, D, extra, labels = self._start(n, seed, x, labels, guidance)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed((seed or 0) + 2)
         grid = torch.tensor(st["grid"], dtype=torch.float64)
@@ -424,9 +427,7 @@ class Model:
         D = _unwrap(self.denoiser, lambda d: isinstance(d, MeanFlowDenoiser))
         self._check_own_rule(MEANFLOW, "MeanFlow", "meanflow", f"{nfe} steps uniform in t", grid, options,
                              isinstance(D, MeanFlowDenoiser))
-        self.check_conditioning(labels, guidance)
-        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
-        _, extra, labels = self._conditioned(n, seed, labels, guidance)
+        x, _, extra, labels = self._start(n, seed, x, labels, guidance)
         times = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
         return meanflow_sample(D, x / self.sigma_max, times, extra), labels
 
@@ -441,9 +442,7 @@ class Model:
             k = 1 << (k.bit_length() - 1)
             warnings.warn(f"{name} learned steps of d = 1, 1/2, 1/4, ..., 1/{base}: using {k} steps, not {nfe}",
                           stacklevel=3)
-        self.check_conditioning(labels, guidance)
-        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
-        D, extra, labels = self._conditioned(n, seed, labels, guidance)
+        x, D, extra, labels = self._start(n, seed, x, labels, guidance)
         D = _unwrap(D, lambda d: hasattr(d, "net"))
         return shortcut_sample(D, x / self.sigma_max, k, base, extra), labels
 
@@ -457,9 +456,7 @@ class Model:
         if isinstance(gamma, (bool, str)) or not 0.0 <= _float_or_nan(gamma) <= 1.0:
             raise UserError(f"gamma must be a number in [0, 1] (0: deterministic jumps, 1: consistency-model "
                             f"multistep), got {gamma!r}")
-        self.check_conditioning(labels, guidance)
-        x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
-        D, extra, labels = self._conditioned(n, seed, labels, guidance)
+        x, D, extra, labels = self._start(n, seed, x, labels, guidance)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed((seed or 0) + 2)
         sig = ctm_grid(nfe, self.sigma_min, self.sigma_max, float(rule.get("rho", 7.0)))

@@ -332,6 +332,17 @@ def net_config(cfg_net, teacher, shape, kind, num_classes: int = 0) -> dict:
     return net_config_defaults(kind, shape, int(num_classes or getattr(teacher, "num_classes", 0) or 0))
 
 
+
+def cond_net_config(cfg_net, teacher, shape, kind, takes: str) -> dict:
+    """:func:`net_config` with the nets' scalar ``cond`` input on, for a student that ``takes``
+    a second time-like input through it (a step size, an interval, a jump's end); a ``--net``
+    that turns it off is refused in one line."""
+    net_cfg = net_config(cfg_net, teacher, shape, kind)
+    if cfg_net and net_cfg.get("use_cond") is False:
+        raise UserError(f"--net has use_cond false, but {takes} through the net's cond input; drop use_cond or "
+                        f"set it true")
+    return {**net_cfg, "use_cond": True}
+
 def teacher_net_state(teacher, net_cfg: dict) -> Optional[dict]:
     """The teacher's network weights when the student's net has the teacher's architecture."""
     from ..denoiser import ModelDenoiser

@@ -79,7 +79,7 @@ from ..train.ema import EMA
 from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
 from .common import (N_DATA, EvalCounter, call_denoiser, check_student_net, conditioning, data_source, is_exact,
-                     load_teacher, net_config, solve_rows, student_meta)
+                     load_teacher, cond_net_config, solve_rows, student_meta)
 
 OPTIONS = (
     Option("levels", int, 18, "N: the Karras levels sigma_max > ... > sigma_min that t, u and s are drawn from "
@@ -220,11 +220,7 @@ def evaluate(D, reference: Tensor, labels, shape, sigma_min: float, sigma_max: f
 # ----------------------------------------------------------------------- the stage
 def _net_config(cfg: dict, teacher, shape, kind) -> dict:
     """``--net``, else the teacher's, else the data's default, with use_cond on (s goes through ``cond``)."""
-    net_cfg = net_config(cfg["net"], teacher, shape, kind)
-    if cfg["net"] and net_cfg.get("use_cond") is False:
-        raise UserError("--net has use_cond false, but a CTM student takes the jump's end s through the net's cond "
-                        "input; drop use_cond or set it true")
-    return {**net_cfg, "use_cond": True}
+    return cond_net_config(cfg["net"], teacher, shape, kind, "a CTM student takes the jump's end s")
 
 
 def _init_from_teacher(net, net_cfg: dict, teacher) -> bool:

@@ -86,7 +86,7 @@ from ..model import MEANFLOW, MeanFlowDenoiser, mean_velocity, meanflow_sample
 from ..process import LinearFlow
 from ..train.job import Plan, Task
 from ..train.options import Option, check_batch_memory, table_defaults, table_help
-from .common import N_DATA, bcast, conditioning, data_source, is_exact, load_teacher, net_config, student_meta
+from .common import N_DATA, bcast, conditioning, data_source, is_exact, load_teacher, cond_net_config, student_meta
 
 TIME_DISTS = ("logit_normal", "uniform")
 OPTIONS = (
@@ -191,15 +191,11 @@ def teacher_velocity(teacher):
 def _net_config(cfg: dict, teacher, data) -> dict:
     """The student's net: ``--net``, else the teacher's, else the data's default, with use_cond on
     (t - r goes through ``cond``)."""
-    given = cfg["net"]
-    net_cfg = net_config(given, teacher, data.shape, data.kind)
-    if given and net_cfg.get("use_cond") is False:
-        raise UserError("--net has use_cond false, but MeanFlow feeds t - r through the net's cond input; "
-                        "drop use_cond or set it true")
+    net_cfg = cond_net_config(cfg["net"], teacher, data.shape, data.kind, "MeanFlow feeds t - r")
     if int(net_cfg.get("num_classes", 0) or 0):
         raise UserError("--net has num_classes: meanflow trains unconditional models here (class conditioning "
                         "and guidance are not implemented); drop num_classes")
-    return {**net_cfg, "use_cond": True}
+    return net_cfg
 
 
 def init_from_teacher(net, teacher) -> bool:

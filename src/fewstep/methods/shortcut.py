@@ -79,7 +79,7 @@ from ..process import LinearFlow
 from ..train.ema import EMA
 from ..train.job import Plan, Task
 from ..train.options import Option, check_batch_memory, power_of_two, table_defaults, table_help
-from .common import N_DATA, bcast, conditioning, data_source, load_teacher, net_config, student_meta
+from .common import N_DATA, bcast, conditioning, data_source, load_teacher, cond_net_config, student_meta
 from .pairs import make_pairs, pair_spec
 
 COUPLINGS = ("independent", "teacher")
@@ -199,14 +199,11 @@ def evaluate(D, reference: torch.Tensor, shape, base: int, n: int, seed: int, de
 # ----------------------------------------------------------------------- the stage
 def _net_config(cfg: dict, teacher, shape, kind) -> dict:
     """``--net``, else the teacher's, else the data's default, with use_cond on (d goes through ``cond``)."""
-    net_cfg = net_config(cfg["net"], teacher, shape, kind)
-    if cfg["net"] and net_cfg.get("use_cond") is False:
-        raise UserError("--net has use_cond false, but a shortcut model takes the step size d through the net's "
-                        "cond input; drop use_cond or set it true")
+    net_cfg = cond_net_config(cfg["net"], teacher, shape, kind, "a shortcut model takes the step size d")
     if int(net_cfg.get("num_classes", 0) or 0):
         raise UserError("--net has num_classes: shortcut trains unconditional models here (class conditioning and "
                         "guidance are not implemented); drop num_classes")
-    return {**net_cfg, "use_cond": True}
+    return net_cfg
 
 
 def _pair_cfg(cfg: dict, teacher) -> dict:
