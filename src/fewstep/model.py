@@ -585,7 +585,7 @@ def check_model_meta(meta, path) -> dict:
             raise bad(field, "a finite number >= 0")
     if meta["sigma_min"] > meta["sigma_max"] or meta["sigma_max"] <= 0:  # equal: a one-step student
         raise bad("sigma_min", f"at most sigma_max ({meta['sigma_max']}), which must be above 0")
-    if family == "diffusion" and not isinstance(meta.get("denoiser"), dict):
+    if family == "diffusion" and not isinstance(meta.get("denoiser"), dict) and meta.get("role") not in AUX_ROLES:
         if not isinstance(meta.get("process"), dict):
             raise bad("process", "an object describing the noise process (with its \"kind\")")
         if not isinstance(meta.get("prediction"), str):
@@ -664,6 +664,11 @@ def _load_run(path: Path, device) -> Model:
                         else f"{path} is not a fewstep run folder (no model.json); give a run folder or gmm:FILE.npz")
     meta = check_model_meta(read_json(meta_path), meta_path)
     weights = path / "model.safetensors"
+    if meta.get("role") in AUX_ROLES:
+        flag = {"covariance": "fewstep sample TEACHER --covariance", "discriminator": "fewstep sample TEACHER "
+                "--discriminator"}[meta["role"]]
+        raise UserError(f"{path} is a {meta['role']} run trained beside the teacher {meta.get('teacher', '?')}, "
+                        f"not a model to sample; use it as {flag} {path}")
     if meta.get("family", "diffusion") != "diffusion":  # a model before diffusion (fewstep.families)
         from .families import load_family
 
@@ -685,6 +690,116 @@ def _load_run(path: Path, device) -> Model:
     return Model(D, D.process, data["shape"], meta["sigma_min"], meta["sigma_max"], data.get("num_classes", 0),
                  _default_sampler(meta), data.get("kind", "points"), str(path), meta, device=dev,
                  latent_shape=meta.get("latent_shape"))
+
+
+AUX_ROLES = ("covariance", "discriminator")  # run folders of a net trained beside a teacher, not a sampler model
+
+
+class Auxiliary(torch.nn.Module):
+    """A network trained beside a frozen teacher (``"role"`` in its model.json): the covariance
+    head of ``fewstep distill covariance`` or the time-dependent discriminator of ``fewstep
+    distill discriminator``. ``aux(y, sigma, labels=None)`` evaluates the net on the input a
+    denoiser of the same net would see: with ``"input": {"process": ..., "prediction": ...}``
+    in model.json the teacher's own convention (so a head that starts from the teacher's
+    weights sees what they were trained on), else EDM scaling (c_in y, ln(sigma) / 4 with the
+    run's ``sigma_data``), inputs of unit scale at every level. ``output`` says what comes
+    back: ``"map"`` the net's output as is (shaped like the data), ``"logit"`` one number per
+    sample (the mean of the net's output: a linear read-out, so any net of the project is a
+    scalar head)."""
+
+    def __init__(self, net, meta: dict, path: str = ""):
+        super().__init__()
+        from .denoiser import ModelDenoiser
+        from .process import EDM, make_process
+
+        self.meta, self.path = meta, str(path)
+        self.role = meta["role"]
+        sd = float(meta.get("sigma_data", 0.5))
+        self.output = meta.get("output", "map")
+        if self.output not in ("map", "logit"):
+            raise UserError(f"{path}: field \"output\" must be map or logit, got {self.output!r}; re-train the run")
+        inp = meta.get("input")
+        if isinstance(inp, dict):
+            self.inp = ModelDenoiser(net, make_process(**inp["process"]), inp["prediction"], sd)
+        else:
+            self.inp = ModelDenoiser(net, EDM(1e-3, 1e3), "edm", sd)  # edm inputs ignore the process's range
+
+    @property
+    def net(self):
+        return self.inp.net
+
+    def forward(self, y, sigma, labels=None):
+        s = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma), dtype=y.dtype, device=y.device)
+        s = s.to(device=y.device, dtype=y.dtype).reshape(-1)
+        s = s.expand(y.shape[0]) if s.numel() == 1 else s
+        x_in, c_noise, _ = self.inp.net_input(y, s)
+        dt = self.inp._net_dtype(y)  # the net runs in its own dtype, the answer comes back in y's
+        x_in, c_noise = x_in.to(dt), c_noise.to(dt)
+        out = (self.net(x_in, c_noise) if labels is None else self.net(x_in, c_noise, labels=labels)).to(y.dtype)
+        return out.flatten(1).mean(1) if self.output == "logit" else out
+
+
+def load_auxiliary(spec, role: Optional[str] = None, device: Optional[str] = None) -> Auxiliary:
+    """The :class:`Auxiliary` of run folder ``spec`` (frozen, eval mode, on ``device``);
+    ``role`` (covariance, discriminator) is checked when given: one line when it differs."""
+    from .io import load_weights, read_json
+    from .nets import build_net
+
+    device = resolve_device(device)
+    path = Path(str(spec))
+    what = f"a {role} run" if role else "an auxiliary run (" + ", ".join(AUX_ROLES) + ")"
+    if not (path / "model.json").is_file():
+        raise UserError(f"{spec} is not a finished run folder (no model.json); give {what}")
+    meta = check_model_meta(read_json(path / "model.json"), path / "model.json")
+    got = meta.get("role")
+    if got not in AUX_ROLES or (role is not None and got != role):
+        made = f"fewstep distill {role} --teacher RUN" if role else "fewstep distill covariance|discriminator"
+        raise UserError(f"{spec} is not {what} (its role: {got or 'a sampler model'}); make one with {made}")
+    with _fields_of(path / "model.json"):
+        net = build_net(meta["net"])
+    weights = path / "model.safetensors"
+    state = load_weights(weights)
+    check_weights(state, weights, net)
+    net.load_state_dict(state)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with _fields_of(path / "model.json"):
+        aux = Auxiliary(net, meta, str(path))
+    return aux.to(dev).eval().requires_grad_(False)
+
+
+COVARIANCE_FORMS = ("sn", "npr")
+
+
+def npr_unit(sigma, sigma_data: float):
+    """c^2 = s^2 sd^2 / (s^2 + sd^2), the unit of an NPR covariance head's output
+    (:mod:`fewstep.methods.covariance`)."""
+    return sigma**2 * sigma_data**2 / (sigma**2 + sigma_data**2)
+
+
+class CovarianceHead:
+    """diag Cov[x0 | y] from a covariance run (Bao et al. 2022a, eq. 8-11), the ``covariance=``
+    of the DDPM / DDIM / Analytic-DPM samplers: ``head(y, sigma, D, **cond)``. The run's net h
+    predicts, SN-DPM: E[eps^2 | y], so Cov = s^2 h - (y - D)^2 (= s^2 (h - eps_hat^2));
+    NPR-DPM: E[(x0 - D)^2 | y] / c^2 of the teacher's own residual (:func:`npr_unit`), so
+    Cov = c^2 h. Negative values are left to the sampler's clip."""
+
+    def __init__(self, aux: Auxiliary):
+        self.aux, self.form = aux, aux.meta.get("form")
+        if self.form not in COVARIANCE_FORMS:
+            raise UserError(f"{aux.path}: field \"form\" must be sn or npr, got {self.form!r}; re-train the run")
+        self.sigma_data = float(aux.meta.get("sigma_data", 0.5))
+
+    def __call__(self, y, sigma, denoised, labels=None, **cond):
+        s = torch.as_tensor(sigma, dtype=y.dtype, device=y.device).reshape(-1, *([1] * (y.ndim - 1)))
+        h = self.aux(y, sigma, labels).to(y.dtype)
+        if self.form == "sn":
+            return s**2 * h - (y - denoised) ** 2
+        return npr_unit(s, self.sigma_data) * h
+
+
+def load_covariance(spec, device: Optional[str] = None) -> CovarianceHead:
+    """The :class:`CovarianceHead` of a ``fewstep distill covariance`` run folder."""
+    return CovarianceHead(load_auxiliary(spec, "covariance", device))
 
 
 class _fields_of:

@@ -84,5 +84,9 @@ def cmd_distill(a) -> int:
 
         check_output(a.out, kind=a.method)
     out = distill(a.method, overrides, a.out, a.config, resume=a.resume, progress=not a.quiet)
-    print(f"student written to {out}")
+    from ..train.job import role_of
+
+    role = role_of(out)
+    what = {"covariance": "covariance head", "discriminator": "discriminator"}.get(role, "student")
+    print(f"{what} written to {out}")
     return 0

@@ -12,7 +12,9 @@ def _checks() -> tuple:
 
     return (Option("nfe", int, None, "", low=1, example=8), Option("n", int, 1000, "", low=1),
             Option("guidance", float, None, "", low=0.0, none="1", example=2.0),
-            Option("label", int, None, "", none="none", example=0), option("seed"), option("device"))
+            Option("label", int, None, "", none="none", example=0),
+            Option("eta", float, None, "", low=0.0, none="the sampler's", example=1.0), option("seed"),
+            option("device"))
 
 
 def add_parser(sub) -> None:
@@ -30,6 +32,11 @@ def add_parser(sub) -> None:
     p.add_argument("--afs", action="store_true", help="answer the first evaluation analytically (one fewer)")
     p.add_argument("--guidance", type=cli_number, help="classifier-free guidance scale (conditional models)")
     p.add_argument("--label", type=cli_number, help="class label for all samples (conditional models)")
+    p.add_argument("--eta", type=cli_number, help="stochasticity of ddim / analytic_dpm (0: deterministic, 1: the "
+                                                  "DDPM posterior)")
+    p.add_argument("--covariance", metavar="COV_RUN", help="a 'fewstep distill covariance' run of this teacher: the "
+                                                          "learned per-dimension optimal variance (SN-/NPR-DPM) in "
+                                                          "ddpm, ddim or analytic_dpm")
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--seed", type=cli_number, default=0, help="random seed (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -54,6 +61,7 @@ def cmd_sample(a) -> int:
     check_output(out, file=True)
     check_output(out.with_suffix(".png"), flag="--out (its PNG)", file=True)
     model = load(a.model, device=a.device)
+    options = sampler_extras(a, model)
     check_batch_memory("--n", a.n, model.shape, copies=4, fix="sample fewer at a time (--n) and join the files")
     labels = torch.full((a.n,), a.label, dtype=torch.long) if a.label is not None else None
     x_T = None
@@ -62,7 +70,7 @@ def cmd_sample(a) -> int:
 
         x_T = model.noise(a.n, a.seed) * (float(load_grid(a.grid)[0]) / model.sigma_max)
     x, labels = model.sample(a.n, a.nfe, sampler=a.sampler, seed=a.seed, labels=labels, grid=a.grid,
-                             x=x_T, guidance=a.guidance, **({"afs": True} if a.afs else {}))
+                             x=x_T, guidance=a.guidance, **({"afs": True} if a.afs else {}), **options)
     choice = getattr(x, "choice", None)
     if choice is not None:
         print(f"sampled with {choice.describe()}")
@@ -81,3 +89,32 @@ def cmd_sample(a) -> int:
                                  f"{a.nfe} NFE")
     print(f"wrote {out} and {png}")
     return 0
+
+
+COVARIANCE_SAMPLERS = ("ddpm", "ddim", "analytic_dpm")  # the DDIM family: the optimal variance of Bao et al. 2022a
+ETA_SAMPLERS = ("ddim", "analytic_dpm")
+
+
+def sampler_extras(a, model) -> dict:
+    """The sampler options of ``--eta`` and ``--covariance`` (checked against ``--sampler`` and
+    the model, one line each); the covariance head is loaded here."""
+    opts = {}
+    if a.eta is not None:
+        if a.sampler not in ETA_SAMPLERS:
+            raise UserError(f"--eta is an option of {' and '.join(ETA_SAMPLERS)}; give --sampler ddim (or drop --eta)")
+        opts["eta"] = float(a.eta)
+    if a.covariance is not None:
+        from ..model import load_covariance
+
+        if a.sampler not in COVARIANCE_SAMPLERS:
+            raise UserError(f"--covariance sets the variance of {', '.join(COVARIANCE_SAMPLERS)}; give --sampler ddpm "
+                            f"(or ddim --eta E, analytic_dpm)")
+        head = load_covariance(a.covariance, device=str(model.device))
+        if list(head.aux.meta["data"]["shape"]) != list(model.shape):
+            raise UserError(f"--covariance {a.covariance} was trained on samples of shape "
+                            f"{head.aux.meta['data']['shape']}, the model's are {list(model.shape)}; give a head of "
+                            f"this teacher")
+        opts["covariance"] = head
+        if model.kind == "image":
+            opts["data_range"] = (-1.0, 1.0)  # the project's images; Cov[x0|y] clipped to 1 as the paper's code
+    return opts

@@ -269,6 +269,24 @@ class GaussianMixture:
             "kij,bkj->bi", self.U.to(yf.device), r[..., None] * shrink * z)
         return x0.reshape(y.shape)
 
+    def posterior_variance(self, y: Tensor, sigma, labels=None) -> Tensor:
+        """The diagonal of Cov[x0 | y] at level sigma (given each sample's class with
+        ``labels``), float64, shaped like y: the mixture of the components' Gaussian posteriors,
+        sum_k r_k (diag C_k + (m_k - m)^2), m = sum_k r_k m_k, with m_k = mu_k + S_k (S_k + s^2)^-1
+        (y - mu_k) and C_k = s^2 S_k (S_k + s^2)^-1 (the optimal per-dimension covariance that
+        Bao et al. 2022a's SN-/NPR-DPM heads estimate, exact here)."""
+        yf = self._flat(y)
+        lab = self._class_labels(labels, yf.shape[0], yf.device)
+        yf, z, var, logp = self._terms(yf, sigma, lab)
+        r = torch.softmax(logp, dim=1)
+        U, lam = self.U.to(yf.device), self.lam.to(yf.device)[None]
+        s2 = torch.as_tensor(sigma, dtype=torch.float64, device=yf.device).reshape(-1)
+        s2 = (s2.expand(yf.shape[0]) if s2.numel() == 1 else s2)[:, None, None] ** 2
+        m = self.means.to(yf.device)[None] + torch.einsum("kij,bkj->bki", U, lam / var * z)
+        diag_c = torch.einsum("kij,bkj->bki", U**2, lam * s2 / var)
+        mean = torch.einsum("bk,bki->bi", r, m)
+        return torch.einsum("bk,bki->bi", r, diag_c + (m - mean[:, None]) ** 2).reshape(y.shape)
+
     def __call__(self, y: Tensor, sigma, labels=None, **cond) -> Tensor:
         """The sigma-space denoiser contract D(y, sigma, labels=...) -> x0, in y's dtype."""
         return self.denoise(y, sigma, labels).to(y.dtype)

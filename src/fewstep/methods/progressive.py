@@ -138,7 +138,8 @@ def stages(job):
 
 
 def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, process, prediction: str, net_cfg: dict,
-               copy: bool, w_input=None, method: str = "progressive", seed: int = None) -> list:
+               copy: bool, w_input=None, method: str = "progressive", seed: int = None, round_loss=None,
+               frozen: dict = None) -> list:
     """Run the rounds ``[(N, k)]`` (:func:`_rounds`) as stages ``rounds/steps_NNNN`` on the
     levels ``base`` (n0 + 1 of them), each round's teacher the round before (the first's:
     ``teacher``, guided by ``cond``); returns ``[(N, folder, meta)]`` of the rounds.
@@ -149,7 +150,17 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
     model.json record ``w_input``, ``w_default`` and the paper's stochastic rule
     (``sampling.stochastic``: the round's teacher levels, 2N of them, for 2N evaluations).
     Guided distillation (Meng et al. 2022), stage two. ``seed``: of round 0 (default the
-    run's), round r's is seed + 1000 r; ``method`` names the rounds' method."""
+    run's), round r's is seed + 1000 r; ``method`` names the rounds' method.
+
+    ``round_loss(N, k)``: None for a round of the plain loss, else ``(pixel_weight, extra,
+    meta)``: that round's per-sample loss is ``pixel_weight * w(s) || x_student - x~ ||^2 +
+    extra(pred, x_tilde, batch, sigma)`` (``pred`` the student's x0 prediction, with its
+    gradient; ``x_tilde`` the target; ``batch`` this process's slice; ``sigma`` the student
+    levels; ``extra`` None: the weighted pixel term alone) and ``meta`` is merged into its
+    model.json (a ``cost`` entry into its cost): CFD (:mod:`fewstep.methods.cfd`) adds its
+    classifier loss so. ``frozen``: more modules of every round's task, moved to the device
+    and never trained (CFD's classifier). Without either the rounds are those of plain
+    progressive distillation, bit for bit."""
     from ..train.losses import x0_weight
 
     cfg = job.cfg
@@ -168,6 +179,7 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
             T = prev.denoiser
             T_target = cond.teacher(T) if r == 0 else T  # later rounds' teachers are guided students
             guided_calls = 2 if T_target is not T else 1  # a guided call evaluates D(c) and D(null)
+            hook = round_loss(N, k) if round_loss is not None else None
 
             def draw(gen, step):
                 i = group_levels(N, B, G, gen)
@@ -190,7 +202,15 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
                 s = b["sigma"].to(x0.dtype)
                 pred = call_denoiser(D, model, y, s, labels, wc)
                 w = x0_weight(cfg["weighting"], s.double()).to(x0.dtype)
-                return w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+                if hook is None:
+                    return w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+                pixel_weight, extra, _ = hook
+                if extra is None:
+                    return pixel_weight * w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+                out = extra(pred, x_tilde, b, s)
+                if pixel_weight:
+                    out = out + pixel_weight * w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+                return out
 
             def describe(ema_module):
                 sampling = {"sampler": "euler", "grids": fixed_grids({N: grid_s.tolist()})}
@@ -207,10 +227,15 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
                                     **extra)
                 if w_input is not None:
                     meta.pop("guidance", None)  # w is an input, not built in
+                if hook is not None:
+                    more = dict(hook[2] or {})
+                    meta["cost"].update(more.pop("cost", {}))
+                    meta.update(more)
                 return meta
 
-            frozen = {"teacher": T} if isinstance(T, torch.nn.Module) else {}
-            return Plan(Task(student=D.net, draw=draw, loss=loss, frozen=frozen), describe)
+            task_frozen = {"teacher": T} if isinstance(T, torch.nn.Module) else {}
+            task_frozen.update(frozen or {})
+            return Plan(Task(student=D.net, draw=draw, loss=loss, frozen=task_frozen), describe)
 
         name = f"rounds/steps_{N:04d}"
         prev = job.stage(name, plan, seed=seed0 + 1000 * r, round=r, student_steps=N, teacher_steps=k,

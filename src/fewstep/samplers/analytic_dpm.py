@@ -156,14 +156,24 @@ def _variances(sig, gam, eta, data_range, final_noise):
 @register("analytic_dpm", stochastic=True)
 @torch.no_grad()
 def sample_analytic_dpm(denoiser, x, sigmas, *, stats=None, data=None, n_mc=1024, eta=1.0, data_range=None,
-                        final_noise=False, generator=None, callback=None, extra_args=None):
+                        final_noise=False, covariance=None, generator=None, callback=None, extra_args=None):
     """Analytic-DPM sampling (module docstring): one evaluation per step.
 
     ``stats``: Gamma per step (a sequence aligned with sigmas[:-1]) or a {"sigmas", "gamma"}
     table; without it, ``data`` (samples or a sampler) is used to estimate Gamma with
     :func:`analytic_dpm_stats` (cached; those evaluations are not part of the step cost).
-    ``eta`` = 1 is Analytic-DDPM, 0 Analytic-DDIM.
+    ``eta`` = 1 is Analytic-DDPM, 0 Analytic-DDIM. ``covariance``: a per-dimension
+    diag Cov[x0 | y] (SN-/NPR-DPM, Bao et al. 2022a) in place of the scalar Gamma: the same
+    optimal-variance step per coordinate (:mod:`fewstep.samplers.ancestral`).
     """
+    if covariance is not None:
+        if stats is not None or data is not None or final_noise:
+            raise UserError("analytic_dpm: covariance= replaces the scalar statistics; drop stats=, data= and "
+                            "final_noise=")
+        from .ancestral import sample_ddim
+
+        return sample_ddim(denoiser, x, sigmas, eta=eta, covariance=covariance, data_range=data_range,
+                           generator=generator, callback=callback, extra_args=extra_args)
     sig = sigmas.tolist()
     if stats is None:
         if data is None:

@@ -118,8 +118,11 @@ class Job:
 
     def load(self, path, frozen: bool = True):
         """A finished run folder (or spec) as a Model on this job's device, frozen for use as a teacher."""
-        from ..model import load
+        from ..model import AUX_ROLES, load, load_auxiliary
 
+        role = role_of(path)
+        if role in AUX_ROLES:  # a net trained beside the teacher (covariance head, discriminator)
+            return load_auxiliary(str(path), role, device=str(self.device))
         model = load(str(path), device=str(self.device))
         if frozen and isinstance(model.denoiser, nn.Module):
             model.denoiser.eval().requires_grad_(False)
@@ -169,6 +172,19 @@ class Job:
             tmp.replace(self.root / "model.safetensors")
             write_json(self.root / "model.json", meta)
         self.acc.wait_for_everyone()
+
+
+def role_of(path) -> Optional[str]:
+    """The ``"role"`` of a finished run folder's model.json (None for a spec or a sampler model)."""
+    from ..errors import UserError
+    from ..io import read_json
+
+    f = Path(str(path)) / "model.json"
+    try:
+        meta = read_json(f) if f.is_file() else {}
+    except (OSError, UserError):
+        return None
+    return meta.get("role") if isinstance(meta, dict) else None
 
 
 def worth_resuming(root: Path) -> bool:
