@@ -24,11 +24,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .errors import unknown_name
+from .checks import finite
+from .errors import UserError, unknown_name
 from .process import Process, _bcast
 
 __all__ = ["PREDICTIONS", "to_x0", "from_x0", "ModelDenoiser", "CFGDenoiser", "cfg_halves", "NFECounter",
-           "edm_precond", "Coefficients"]
+           "edm_precond", "Coefficients", "DiscriminatorGuided"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow", "edm")
 
@@ -236,3 +237,65 @@ class NFECounter:
 
     def reset(self) -> None:
         self.nfe = 0
+
+
+class DiscriminatorGuided(nn.Module):
+    """Discriminator guidance (Kim et al. 2022, "Refining generative process with discriminator
+    guidance in score-based diffusion models") as a denoiser wrapper.
+
+    A discriminator d(y, sigma) = sigmoid(logit(y, sigma)) trained to tell the data diffused to
+    level sigma (1) from the model's samples diffused to it (0) is optimal at d* = p_data /
+    (p_data + p_model), so logit* = log(d* / (1 - d*)) = log p_data(y; sigma) - log p_model(y;
+    sigma), and the paper's correction c = grad_y log(d / (1 - d)) turns the model score into the
+    data score: s_data = s_model + c (their correction term; the guided sampler adds w c to the
+    score). In the sigma-space denoiser, score = (D - y) / sigma^2, so
+
+        D_dg(y, sigma) = D(y, sigma) + weight * sigma^2 * grad_y logit(y, sigma)
+
+    (the official code's EDM sampler adds the same term to dx/dsigma). ``logit_fn(y, sigma,
+    **cond)`` returns one logit per sample (e.g. :class:`fewstep.model.Auxiliary` of a
+    discriminator run); ``cond`` (``labels=``) goes to both. Each call costs one denoiser
+    evaluation plus one discriminator forward and backward pass, under ``torch.enable_grad``
+    even inside samplers that run without gradients (the result is detached). A module
+    ``logit_fn`` runs in its parameters' dtype. ``weight`` 0 returns D exactly; the
+    correction applies only where sigma >= ``guide_sigma_min`` (the code's ``time_min``; 0: at
+    every level; not named ``sigma_min``, which samplers read as a denoiser's sigma range). A
+    negative or non-finite weight is one UserError line."""
+
+    def __init__(self, denoiser: Callable, logit_fn: Callable, weight: float = 1.0, guide_sigma_min: float = 0.0):
+        super().__init__()
+        self.inner, self.logit_fn = denoiser, logit_fn
+        self.weight = finite(weight, "discriminator guidance weight (--dg-weight)", low=0.0)
+        self.guide_sigma_min = finite(guide_sigma_min, "discriminator guidance guide_sigma_min", low=0.0)
+        self.gradients = 0  # discriminator gradients taken (batch calls), the guidance's cost
+
+    def correction(self, y: Tensor, sigma, **cond) -> Tensor:
+        """weight * sigma^2 * grad_y logit(y, sigma), shaped and typed like y (zero where sigma
+        < guide_sigma_min; no gradient is taken when that is every sample)."""
+        sigma = _batch_sigma(sigma, y)
+        on = sigma >= self.guide_sigma_min
+        if self.weight == 0.0 or not bool(on.any()):
+            return torch.zeros_like(y)
+        dt = next((p.dtype for p in self.logit_fn.parameters() if p.is_floating_point()), y.dtype) \
+            if isinstance(self.logit_fn, nn.Module) else y.dtype
+        with torch.enable_grad():
+            yg = y.detach().to(dt).requires_grad_(True)
+            logit = self.logit_fn(yg, sigma.detach().to(dt), **cond)
+            if not isinstance(logit, Tensor) or logit.shape != (y.shape[0],):
+                got = list(logit.shape) if isinstance(logit, Tensor) else type(logit).__name__
+                raise UserError(f"the discriminator must return one logit per sample, shape [{y.shape[0]}], got "
+                                f"{got}; give a discriminator run (role discriminator, output logit)")
+            grad = None
+            if logit.requires_grad:
+                grad = torch.autograd.grad(logit.sum(), yg, allow_unused=True)[0]
+        self.gradients += 1
+        if grad is None:  # a logit that does not depend on y (a constant discriminator)
+            return torch.zeros_like(y)
+        scale = torch.where(on, self.weight * sigma.to(y.dtype) ** 2, torch.zeros_like(sigma, dtype=y.dtype))
+        return _bcast(scale, y) * grad.detach().to(y.dtype)
+
+    def forward(self, y: Tensor, sigma, **cond) -> Tensor:
+        x0 = self.inner(y, sigma, **cond)
+        if self.weight == 0.0:
+            return x0
+        return x0 + self.correction(y, sigma, **cond).to(x0.dtype)

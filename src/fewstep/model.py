@@ -251,6 +251,27 @@ class Model:
         """The model's own sampling rule (students; empty for teachers)."""
         return self.meta.get("sampling") or {}
 
+    def with_discriminator(self, spec, weight: Optional[float] = None) -> "Model":
+        """This model with discriminator guidance (Kim et al. 2022): a copy whose denoiser is
+        :class:`fewstep.denoiser.DiscriminatorGuided` around this one, with the discriminator of
+        the ``fewstep distill discriminator`` run ``spec`` and ``weight`` (default: the run's
+        ``dg_weight``), so every sampler uses it unchanged, at one discriminator gradient per
+        evaluation."""
+        import copy
+
+        from .denoiser import DiscriminatorGuided
+
+        aux = load_auxiliary(spec, "discriminator", device=str(self.device))
+        if list(aux.meta["data"]["shape"]) != list(self.shape):
+            raise UserError(f"--discriminator {spec} was trained on samples of shape {aux.meta['data']['shape']}, the "
+                            f"model's are {list(self.shape)}; give a discriminator of this teacher")
+        if self.denoiser is None:
+            raise UserError(f"{self.name} has no denoiser to guide (its family samples by its own rule)")
+        w = float(aux.meta.get("dg_weight", 1.0) if weight is None else weight)
+        out = copy.copy(self)
+        out.denoiser = DiscriminatorGuided(self.denoiser, aux, w)
+        return out
+
     def rule_nfes(self) -> list:
         """The NFE values the own rule has a fixed grid or another round for ([] = any)."""
         rule = self.sampling
@@ -732,6 +753,8 @@ class Auxiliary(torch.nn.Module):
         s = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma), dtype=y.dtype, device=y.device)
         s = s.to(device=y.device, dtype=y.dtype).reshape(-1)
         s = s.expand(y.shape[0]) if s.numel() == 1 else s
+        if not (self.meta.get("data") or {}).get("num_classes"):
+            labels = None  # an unconditional head beside a conditional teacher: it takes no labels
         x_in, c_noise, _ = self.inp.net_input(y, s)
         dt = self.inp._net_dtype(y)  # the net runs in its own dtype, the answer comes back in y's
         x_in, c_noise = x_in.to(dt), c_noise.to(dt)

@@ -25,7 +25,9 @@ def _checks() -> tuple:
     return (Option("n", int, None, "", low=10, none="the default", example=2000),
             Option("nll", int, None, "", low=0, none="the default", example=250),
             Option("label", int, None, "", none="drawn labels", example=0),
-            Option("guidance", float, None, "", low=0.0, none="1", example=2.0), option("seed"), option("device"))
+            Option("guidance", float, None, "", low=0.0, none="1", example=2.0),
+            Option("dg_weight", float, None, "", low=0.0, none="the run's", example=1.0), option("seed"),
+            option("device"))
 
 
 def _not_a_run(path) -> bool:
@@ -66,6 +68,9 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=cli_number, help="class-conditional teacher: classifier-free guidance scale of its "
                                                   "samplers and reference (students distilled at another guidance "
                                                   "are skipped)")
+    p.add_argument("--discriminator", metavar="DG_RUN", help="a 'fewstep distill discriminator' run of the teacher: "
+                                                             "every sampler also runs with discriminator guidance")
+    p.add_argument("--dg-weight", type=cli_number, help="discriminator guidance weight (default: the run's)")
     p.add_argument("--seed", type=cli_number, default=0, help="noise and data seed (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,7 +93,7 @@ def cmd_bench(a) -> int:
     _, path = run_bench(a.teacher, samplers=a.samplers, students=a.students, nfe=_ints(a.nfe), out=a.out, n=a.n,
                         seed=a.seed, data=a.data, nll_n=a.nll, reference=not a.no_reference, device=a.device,
                         progress=not a.quiet, grids=[g for g in a.grids.split(",") if g],
-                        label=a.label, guidance=a.guidance,
+                        label=a.label, guidance=a.guidance, discriminator=a.discriminator, dg_weight=a.dg_weight,
                         command="fewstep " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None)
     print(f"report: {path}")
     return 0

@@ -13,7 +13,8 @@ def _checks() -> tuple:
     return (Option("nfe", int, None, "", low=1, example=8), Option("n", int, 1000, "", low=1),
             Option("guidance", float, None, "", low=0.0, none="1", example=2.0),
             Option("label", int, None, "", none="none", example=0),
-            Option("eta", float, None, "", low=0.0, none="the sampler's", example=1.0), option("seed"),
+            Option("eta", float, None, "", low=0.0, none="the sampler's", example=1.0),
+            Option("dg_weight", float, None, "", low=0.0, none="the run's", example=1.0), option("seed"),
             option("device"))
 
 
@@ -37,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--covariance", metavar="COV_RUN", help="a 'fewstep distill covariance' run of this teacher: the "
                                                           "learned per-dimension optimal variance (SN-/NPR-DPM) in "
                                                           "ddpm, ddim or analytic_dpm")
+    p.add_argument("--discriminator", metavar="DG_RUN", help="a 'fewstep distill discriminator' run of this teacher: "
+                                                             "discriminator guidance in any sampler (one discriminator "
+                                                             "gradient per evaluation)")
+    p.add_argument("--dg-weight", type=cli_number, help="discriminator guidance weight (default: the run's dg_weight)")
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--seed", type=cli_number, default=0, help="random seed (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -61,6 +66,10 @@ def cmd_sample(a) -> int:
     check_output(out, file=True)
     check_output(out.with_suffix(".png"), flag="--out (its PNG)", file=True)
     model = load(a.model, device=a.device)
+    if a.dg_weight is not None and a.discriminator is None:
+        raise UserError("--dg-weight is the weight of --discriminator DG_RUN; give the discriminator too")
+    if a.discriminator is not None:
+        model = model.with_discriminator(a.discriminator, a.dg_weight)
     options = sampler_extras(a, model)
     check_batch_memory("--n", a.n, model.shape, copies=4, fix="sample fewer at a time (--n) and join the files")
     labels = torch.full((a.n,), a.label, dtype=torch.long) if a.label is not None else None

@@ -422,7 +422,8 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
               nll_n: Optional[int] = None, reference: bool = True, device: Optional[str] = None,
               progress: bool = True, command: Optional[str] = None,
               grids: Sequence[str] = (), label: Optional[int] = None, guidance: Optional[float] = None,
-              reference_labels: Optional[Tensor] = None) -> tuple[Results, Path]:
+              reference_labels: Optional[Tensor] = None, discriminator: Optional[str] = None,
+              dg_weight: Optional[float] = None) -> tuple[Results, Path]:
     """Run the benchmark (see the module docstring); returns (results, report.html path).
 
     ``samplers``: names, ``'default'`` (None), ``'all'`` (every deterministic sampler) or
@@ -433,6 +434,9 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     teacher: ``label`` (every sample of class ``label``), ``guidance`` (classifier-free
     guidance of the teacher's samplers and reference); ``reference_labels`` conditions the
     reference on other labels than the methods (a check that labels are used; tests only).
+    ``discriminator``: a ``fewstep distill discriminator`` run of the teacher: every sampler
+    also runs with discriminator guidance (weight ``dg_weight``, default the run's), as the
+    method "SAMPLER + DG" beside the plain one (Kim et al. 2022; its cost is in the seconds).
     """
     from tqdm.auto import tqdm
 
@@ -463,6 +467,9 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         if model.denoiser is None and samplers:
             raise UserError(f"{teacher_spec} is an autoregressive model: it has no denoiser for the samplers "
                             f"({', '.join(samplers)}); give --samplers none")
+    if dg_weight is not None and discriminator is None:
+        raise UserError("--dg-weight is the weight of --discriminator DG_RUN; give the discriminator too")
+    guided = model.with_discriminator(discriminator, dg_weight) if discriminator is not None else None
     C = int(model.num_classes or 0)
     w = None if guidance is None else float(guidance)
     studs = [(s, load(s, device=device)) for s in student_specs]
@@ -549,6 +556,13 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         panels["reference"] = {"data": _panel(real_a, evaluate.kind), rlabel: _panel(ref, evaluate.kind)}
 
     jobs = [(s, "sampler", model, k, w) for s in samplers for k in nfes]
+    dg = {}  # "SAMPLER + DG" -> SAMPLER
+    if guided is not None:
+        for s in samplers:
+            dg[f"{s} + DG"] = s
+            jobs += [(f"{s} + DG", "sampler", guided, k, w) for k in nfes]
+        notes.append(f"SAMPLER + DG: discriminator guidance (Kim et al. 2022) with {discriminator} at weight "
+                     f"{guided.denoiser.weight:g}: one discriminator gradient per evaluation, in the seconds.")
     if family != "diffusion":  # the family's own rule at its own cost
         own = model.sampling.get("sampler") if hasattr(model, "sampling") else model.default_sampler
         jobs.append((f"{family} (own rule: {own})", "family", model, int(model.meta["default_nfe"]), None))
@@ -583,8 +597,8 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
             elif m.denoiser is None:  # an ARM: its own rule, its own noise, d evaluations per sample
                 x, used = m.sample(n, k, seed=seed)[0], k
             else:
-                x, used = _sample_counted(m, k, method if kind == "sampler" else None, _start(m, eps, seed), seed,
-                                          **cond)
+                x, used = _sample_counted(m, k, dg.get(method, method) if kind == "sampler" else None,
+                                          _start(m, eps, seed), seed, **cond)
         except UserError as e:
             skipped.append({"method": method, "nfe": k, "reason": str(e)})
             continue
