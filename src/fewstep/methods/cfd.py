@@ -47,7 +47,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..train.job import Top
 from ..train.options import Option, power_of_two, table_defaults, table_help
-from .common import PD_OPTIONS, conditioning, data_source, data_spec, load_teacher, net_config
+from .common import PD_OPTIONS, data_spec
 
 OPTIONS = (
     *PD_OPTIONS,  # the rounds are progressive distillation's: its options, as they are there
@@ -183,22 +183,12 @@ def stages(job):
     """Progressive distillation's rounds (``rounds/steps_NNNN``, :func:`~fewstep.methods.progressive.run_rounds`)
     with the CFD loss in the rounds of ``--cfd-from`` student steps or fewer; the top folder
     samples with the round matching --nfe."""
-    from ..process import process_from_config
     from . import get
 
     P = get("progressive")
     cfg = job.cfg
-    teacher = load_teacher(cfg["teacher"], job.device, cfg=cfg, kinds=KINDS, method="cfd")
-    n0, n_end, prediction, copy = P._check(cfg, teacher)
-    process = process_from_config(cfg["process"])
-    data = data_source(cfg["data"], teacher, int(cfg["seed"]))
-    cond = conditioning(cfg, teacher)
-    if cond.on and not data.num_classes:
-        raise UserError(f"the teacher is class-conditional but its training data {data.name} has no labels; "
-                        f"give labelled --data")
-    clf, clf_info = resolve_classifier(cfg, teacher)
-    base = P.level_grid(process, n0, teacher.sigma_max)
-    net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
+    p = P.prepare(job, "cfd", KINDS)
+    clf, clf_info = resolve_classifier(cfg, p.teacher)
     tau, w_ent, w_div = float(cfg["temperature"]), float(cfg["entropy_weight"]), float(cfg["diversity_weight"])
     space, cfd_from = cfg["cfd_space"], int(cfg["cfd_from"])
     evals = 2 * int(cfg["steps"]) * int(cfg["batch_size"])  # x~ and x_S through the classifier, per step and sample
@@ -212,7 +202,7 @@ def stages(job):
                                                         "cost": {"classifier_evals": evals}}
         return 1.0, None, {"cfd": {**settings(cfg, clf_info), "loss": "pd"}, "cost": {"classifier_evals": 0}}
 
-    done = P.run_rounds(job, teacher, P._rounds(n0, n_end, copy), base, data, cond, process, prediction, net_cfg, copy,
+    done = P.run_rounds(job, p.teacher, p.rounds, p.base, p.data, p.cond, p.process, p.prediction, p.net_cfg, p.copy,
                         method="cfd", round_loss=round_loss, frozen={"classifier": clf})
 
     def describe_top():

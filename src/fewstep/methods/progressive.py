@@ -117,13 +117,16 @@ def _check(cfg: dict, teacher):
     return n0, n_end, pred, copy
 
 
-def stages(job):
-    """The rounds N -> N/2 -> ... -> end_steps, each a stage ``rounds/steps_NNNN`` whose
-    teacher is the round before; the top folder samples with the round matching --nfe."""
+def prepare(job, method: str = "progressive", kinds=KINDS):
+    """What the rounds of a PD-style method need, checked before any work: the teacher, the
+    rounds ``[(N, k)]``, the base levels, data, conditioning, process, student parametrization
+    and net (progressive itself, and CFD's rounds, :mod:`fewstep.methods.cfd`)."""
+    from types import SimpleNamespace
+
     from ..process import process_from_config
 
     cfg = job.cfg
-    teacher = load_teacher(cfg["teacher"], job.device, cfg=cfg, kinds=KINDS, method="progressive")
+    teacher = load_teacher(cfg["teacher"], job.device, cfg=cfg, kinds=kinds, method=method)
     n0, n_end, prediction, copy = _check(cfg, teacher)
     process = process_from_config(cfg["process"])
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
@@ -131,9 +134,16 @@ def stages(job):
     if cond.on and not data.num_classes:
         raise UserError(f"the teacher is class-conditional but its training data {data.name} has no labels; "
                         f"give labelled --data")
-    base = level_grid(process, n0, teacher.sigma_max)
-    net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
-    done = run_rounds(job, teacher, _rounds(n0, n_end, copy), base, data, cond, process, prediction, net_cfg, copy)
+    return SimpleNamespace(teacher=teacher, rounds=_rounds(n0, n_end, copy), base=level_grid(process, n0,
+                           teacher.sigma_max), data=data, cond=cond, process=process, prediction=prediction,
+                           net_cfg=net_config(cfg["net"], teacher, teacher.shape, teacher.kind), copy=copy)
+
+
+def stages(job):
+    """The rounds N -> N/2 -> ... -> end_steps, each a stage ``rounds/steps_NNNN`` whose
+    teacher is the round before; the top folder samples with the round matching --nfe."""
+    p = prepare(job)
+    done = run_rounds(job, p.teacher, p.rounds, p.base, p.data, p.cond, p.process, p.prediction, p.net_cfg, p.copy)
     return Top(done[-1][1], lambda: _top_meta(done))
 
 
