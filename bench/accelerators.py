@@ -230,13 +230,14 @@ def run_cfd(round_steps: int) -> dict:
         res["runs"]["teacher"] = {str(k): fds(_quiet(teacher.sample, len(ref), k, sampler="heun" if k > 4 else "euler",
                                                      x=x_T, seed=100)[0]) for k in (1, 2, 4, 63)}
         _save("cfd", res)
-    for name, method in (("PD", "progressive"), ("CFD", "cfd")):
+    for name, method, extra in (("PD", "progressive", {}), ("CFD", "cfd", {}),
+                                ("CFD + pixel loss", "cfd", {"pixel_weight": 1.0})):
         if name in res["runs"]:
             continue
-        folder = RUNS / f"cfd_{name}"
+        folder = RUNS / f"cfd_{name.replace(' ', '_').replace('+', 'plus')}"
         t0 = time.time()
-        distill(method, {"teacher": spec, "start_steps": 16, "steps": round_steps, "device": "cpu"}, out=str(folder),
-                progress=False, resume=folder.exists())
+        distill(method, {"teacher": spec, "start_steps": 16, "steps": round_steps, "device": "cpu", **extra},
+                out=str(folder), progress=False, resume=folder.exists())
         model = load(str(folder), device="cpu")
         res["runs"][name] = {str(k): fds(_quiet(model.sample, len(ref), k, x=x_T, seed=100)[0]) for k in (1, 2, 4)}
         res["runs"][name]["seconds"] = time.time() - t0
@@ -250,13 +251,15 @@ def cfd_table(res: dict) -> str:
     t = res["runs"]["teacher"]
     out.append("| teacher Euler | " + " | ".join(f"{t[str(k)]['a']:.1f} / {t[str(k)]['b']:.1f}" for k in (1, 2, 4))
                + " | - |")
-    for name in ("PD", "CFD"):
+    for name in ("PD", "CFD", "CFD + pixel loss"):
         r = res["runs"].get(name)
         if r:
             out.append(f"| {name} | " + " | ".join(f"{r[str(k)]['a']:.1f} / {r[str(k)]['b']:.1f}" for k in (1, 2, 4))
                        + f" | {r['seconds']:.0f} |")
     out.append(f"\nTeacher Heun at 63 NFE: {t['63']['a']:.1f} / {t['63']['b']:.1f}. Rounds 16 -> 1, "
-               f"{res['round_steps']} steps each; CFD's defaults (features KL, tau 0.9, from the 4-step round on).")
+               f"{res['round_steps']} steps each; CFD's defaults (features KL, tau 0.9, from the 4-step round on); "
+               f"'+ pixel loss': --pixel-weight 1 (PD's loss beside it). FD (a): the classifier CFD trains against; "
+               f"(b): the second, differently built classifier, never seen in training.")
     m = res["machine"]
     out.append(f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']}, {m['date']}, commit {m['commit']}.")
     return "\n".join(out)
@@ -317,10 +320,11 @@ def run_dg(steps: int) -> dict:
                 row = {}
                 for k in DG_NFES:
                     t1 = time.time()
-                    x, _ = _quiet(m.sample, n, k, sampler=sampler, seed=100, x=x_T)
+                    x, _ = _quiet(m.sample, n, k, sampler=sampler, seed=100, x=x_T, grid="karras")
                     row[str(k)] = {"value": metric(kind, x, ref), "seconds": time.time() - t1}
                 table[f"{sampler}, {label}"] = row
                 print(name, sampler, label, {k: round(v["value"], 4) for k, v in row.items()}, flush=True)
+        train_s = float(meta.get("cost", {}).get("seconds", train_s))  # the run's own time, also when reused
         res["cases"][name] = {"metric": kind, "table": table, "train_seconds": train_s, "dg_weight": w0,
                               "floor": _floor(kind, ref, digits_held()[1] if kind == "FD" else ref,
                                               f"gmm:{RUNS / 'ring.npz'}" if kind == "ED" else spec),

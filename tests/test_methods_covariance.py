@@ -133,3 +133,29 @@ def test_covariance_run_is_not_a_model_to_sample(npr_run):
         fewstep.load(out)
     with pytest.raises(UserError, match="not a discriminator run"):
         fewstep.model.load_auxiliary(out, "discriminator")
+
+
+def test_sample_command_takes_the_covariance_head(npr_run, tmp_path, capsys):
+    """``fewstep sample TEACHER --sampler ddpm --covariance RUN`` samples with the head; a sampler
+    without a variance to set, ``--eta`` on ddpm, or a head of another shape is one line, exit 2."""
+    import numpy as np
+
+    from fewstep.cli import main
+
+    root, out = npr_run
+    spec = f"gmm:{root / 'ring.npz'}"
+    base = ["sample", spec, "--nfe", "10", "--n", "50", "--grid", "karras"]
+    assert main(base + ["--sampler", "ddpm", "--covariance", out, "--out", str(tmp_path / "a.npz")]) == 0
+    assert main(base + ["--sampler", "ddpm", "--out", str(tmp_path / "b.npz")]) == 0
+    a, b = (np.load(tmp_path / f)["samples"] for f in ("a.npz", "b.npz"))
+    assert a.shape == (50, 2) and np.isfinite(a).all() and not np.allclose(a, b)
+    assert main(base + ["--sampler", "ddim", "--eta", "1", "--covariance", out, "--out", str(tmp_path / "c.npz")]) == 0
+    other = tmp_path / "d3.npz"
+    fewstep.GaussianMixture.ring(4, dim=3).save(other)
+    capsys.readouterr()
+    for bad in (["--sampler", "heun", "--covariance", out], ["--sampler", "ddpm", "--eta", "1"]):
+        assert main(base + bad + ["--out", str(tmp_path / "x.npz")]) == 2
+    assert main(["sample", f"gmm:{other}", "--nfe", "10", "--n", "5", "--grid", "karras", "--sampler", "ddpm",
+                 "--covariance", out, "--out", str(tmp_path / "y.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "shape" in err[-1]
