@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
     for name in names():
         mod = get(name)
         mp = msub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0],
+                             aliases=[name.replace("_", "-")] if "_" in name else [],  # flow-matching = flow_matching
                              description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         dflt = defaults(name)
         for key, (typ, text) in COMMON_HELP.items():
@@ -77,6 +78,7 @@ def _no_method(a) -> int:
 def cmd_distill(a) -> int:
     from ..methods import distill
 
+    a.method = a.method.replace("-", "_")  # the alias flow-matching names the module flow_matching
     # with --resume the options given are checked against the stored run (fewstep.train.resume)
     overrides = {k: getattr(a, k) for k in a.method_options}
     if not a.resume:  # a new run: --out checked before any work (fewstep.train.runfolder.check_output)

@@ -18,6 +18,7 @@ public module of this package that defines ``stages`` is discovered by name.
     sid          Zhou et al. 2024: a data-free one-step generator by the score-identity loss, fake score alternately
     ctm          Kim et al. 2023: the anytime-to-anytime jump G(x_t, t, s) by soft consistency matching + DSM; gamma-sampling
     scm          Lu & Song 2024: TrigFlow continuous-time consistency (sCD / sCT), JVP tangent, adaptive weighting
+    flow_matching Albergo & Vanden-Eijnden 2022 / Lipman et al. 2023 / Tong et al. 2023: interpolant paths, OT / SB couplings
     covariance   Bao et al. 2022a: SN-/NPR-DPM heads of diag Cov[x0|y] beside the teacher, for DDPM/DDIM's optimal variance
     discriminator Kim et al. 2022: a time-dependent discriminator (data vs the teacher's samples) for discriminator guidance
     cfd          Sun et al. 2022: progressive rounds whose loss aligns classifier features of student and two-step teacher

@@ -59,6 +59,17 @@ FAKE_SCORE_OPTIONS = (
            choices=("auto", "teacher", "random")),
 )
 
+# a teacher's couplings made once as resumable pair chunks (fewstep.methods.pairs): shortcut and flow matching
+COUPLING_PAIR_OPTIONS = (
+    Option("pairs", int, 20000, "teacher couplings made once (default 20000)", low=1),
+    Option("pair_batch", int, 1000, "couplings made per batch, one resumable chunk each (default 1000)", low=1),
+    Option("pair_sampler", str, None, "the teacher's sampler for its couplings (default: its own)",
+           none="the teacher's own", example="heun"),
+    Option("pair_nfe", int, 64, "teacher evaluations per coupling (default 64)", low=1),
+    Option("pair_grid", str, None, "sigma grid of the teacher's sampler (default karras; time-trailing for a flow "
+           "teacher)", none="karras; time-trailing for a flow teacher", example="karras"),
+)
+
 COMMON_OPTIONS = (
     Option("teacher", str, None, "teacher: a run folder or gmm:FILE.npz (an exact Gaussian mixture)",
            none="none (methods that train from data)"),
@@ -88,8 +99,8 @@ def load_teacher(spec: Optional[str], device=None, required: bool = True, cfg: O
                  kinds: tuple = KINDS, method: str = "this method"):
     """The frozen teacher Model (``fewstep.load``), or None when not given and not required.
 
-    Refused in one line: a few-step student (trained only at its own levels; a reflow round,
-    a flow over all levels, is a teacher), a teacher whose data is not of the method's
+    Refused in one line: a few-step student (trained only at its own levels; a reflow round or
+    a flow-matching model, a flow over all levels, is a teacher), a teacher whose data is not of the method's
     ``kinds``, and (with the run's ``cfg``) a ``--batch-size`` whose batch alone exceeds
     this machine's memory."""
     if not spec:
@@ -103,7 +114,8 @@ def load_teacher(spec: Optional[str], device=None, required: bool = True, cfg: O
     if meta.get("role") == "student" and meta.get("w_input"):
         raise UserError(f"teacher {spec} is a guided student already (w is its input); give the guided teacher it "
                         f"was distilled from ({meta.get('teacher')})")
-    if meta.get("role") == "student" and not (meta.get("method") == "reflow" and "round" in meta):
+    if meta.get("role") == "student" and not ((meta.get("method") == "reflow" and "round" in meta)
+                                               or meta.get("method") == "flow_matching"):
         raise UserError(f"teacher {spec} is a {meta.get('method')} student (a few-step model, trained only at its own "
                         f"levels), not a teacher; give the teacher it was distilled from ({meta.get('teacher')}) or "
                         f"a reflow round")
@@ -236,6 +248,19 @@ class DataSource:
         if self.draw_labelled is None:
             return self.draw(n, gen), None
         return self.draw_labelled(n, gen)
+
+
+def training_data(cfg: dict, teacher) -> "DataSource":
+    """``--data`` (else the teacher's) for a method that trains on data, with ``--n-data``: its
+    samples must have the teacher's shape; without a teacher the batch is checked against
+    this machine's memory (a teacher's is checked when it loads)."""
+    data = data_source(cfg["data"], teacher, int(cfg["seed"]), cfg["n_data"])
+    if teacher is not None and tuple(teacher.shape) != tuple(data.shape):
+        raise UserError(f"--data {data.name} has samples of shape {list(data.shape)}, the teacher "
+                        f"{list(teacher.shape)}")
+    if teacher is None:
+        check_batch_memory("--batch-size", int(cfg["batch_size"]), data.shape)
+    return data
 
 
 def gmm_sigma_data(gmm) -> float:

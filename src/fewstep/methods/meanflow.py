@@ -85,8 +85,8 @@ from ..io import write_json
 from ..model import MEANFLOW, MeanFlowDenoiser, mean_velocity, meanflow_sample
 from ..process import LinearFlow
 from ..train.job import Plan, Task
-from ..train.options import Option, check_batch_memory, table_defaults, table_help
-from .common import N_DATA, bcast, conditioning, data_source, is_exact, load_teacher, cond_net_config, student_meta
+from ..train.options import Option, table_defaults, table_help
+from .common import N_DATA, bcast, conditioning, is_exact, load_teacher, cond_net_config, student_meta, training_data
 
 TIME_DISTS = ("logit_normal", "uniform")
 OPTIONS = (
@@ -247,12 +247,7 @@ def stages(job):
 
     cfg = job.cfg
     teacher = load_teacher(cfg["teacher"], job.device, required=False, cfg=cfg, method="meanflow")
-    data = data_source(cfg["data"], teacher, int(cfg["seed"]), cfg["n_data"])
-    if teacher is not None and tuple(teacher.shape) != tuple(data.shape):
-        raise UserError(f"--data {data.name} has samples of shape {list(data.shape)}, the teacher "
-                        f"{list(teacher.shape)}")
-    if teacher is None:
-        check_batch_memory("--batch-size", int(cfg["batch_size"]), data.shape)
+    data = training_data(cfg, teacher)
     if teacher is not None and int(teacher.num_classes or 0):
         raise UserError(f"teacher {teacher.name} is class-conditional: meanflow trains unconditional models here "
                         f"(class conditioning and guidance are not implemented); give an unconditional teacher")

@@ -79,7 +79,8 @@ from ..process import LinearFlow
 from ..train.ema import EMA
 from ..train.job import Plan, Task
 from ..train.options import Option, check_batch_memory, power_of_two, table_defaults, table_help
-from .common import N_DATA, bcast, conditioning, data_source, load_teacher, cond_net_config, student_meta
+from .common import COUPLING_PAIR_OPTIONS, N_DATA, bcast, conditioning, data_source, load_teacher, cond_net_config, \
+    student_meta
 from .pairs import make_pairs, pair_spec
 
 COUPLINGS = ("independent", "teacher")
@@ -96,13 +97,7 @@ OPTIONS = (
     Option("couplings", str, None, "independent (data x noise, fresh each step: the paper) or teacher ((z, "
            "teacher(z)) pairs)", choices=COUPLINGS, none="teacher when --teacher is given, else independent",
            example="independent"),
-    Option("pairs", int, 20000, "teacher couplings made once (default 20000)", low=1),
-    Option("pair_batch", int, 1000, "couplings made per batch, one resumable chunk each (default 1000)", low=1),
-    Option("pair_sampler", str, None, "the teacher's sampler for its couplings (default: its own)",
-           none="the teacher's own", example="heun"),
-    Option("pair_nfe", int, 64, "teacher evaluations per coupling (default 64)", low=1),
-    Option("pair_grid", str, None, "sigma grid of the teacher's sampler (default karras; time-trailing for a flow "
-           "teacher)", none="karras; time-trailing for a flow teacher", example="karras"),
+    *COUPLING_PAIR_OPTIONS,
     N_DATA,
     Option("eval_samples", int, 2000, "samples of the 1, 2, 4 and 8-step evaluation in shortcut.json (default 2000)",
            low=2),
