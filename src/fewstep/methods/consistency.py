@@ -26,6 +26,13 @@ Curricula ``step -> (N, mu)`` are pure functions:
     ict       N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1)),
               mu = 0 (the target is the student itself)        (Song & Dhariwal 2023: 10, 1280)
 
+    ect       (Geng et al. 2024, "Consistency models made easy") continuous levels: t ~ log-normal,
+              r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))) (:func:`ect_r`), the gap halved (q = 2)
+              at each of 8 stages; stage 0 is denoising score matching, so a diffusion teacher's
+              weights (``--teacher RUN --mode training``) start it; mu = 0, iCT's loss and weight
+              1/(t - r). Deviation: t is kept in [2 eps, sigma_max] and r >= eps (the boundary here
+              is f(x, eps) = x, eps = sigma_min), and the pseudo-Huber c is iCT's, not ECT's c = 0.
+
 iCT also draws levels from the discretised log-normal p(n) ~ erf((ln sigma_{n+1} - P_mean) /
 (sqrt 2 P_std)) - erf((ln sigma_n - P_mean)/(sqrt 2 P_std)) (P_mean = -1.1, P_std = 2),
 weights lambda = 1/(sigma_{n+1} - sigma_n) and uses pseudo-Huber with c = 0.00054 sqrt(d).
@@ -48,12 +55,13 @@ from ..train.options import Option, check_batch_memory, table_defaults, table_he
 from .common import (Conditioning, bcast, call_denoiser, check_student_net, conditioning, data_source, fixed_grids,
                      is_exact, load_teacher, net_config, solve_rows, student_meta, teacher_net_state)
 
-SCHEDULES = ("constant", "ct", "ict")
+SCHEDULES = ("constant", "ct", "ict", "ect")
 OPTIONS = (
     Option("mode", str, "distillation", "distillation (with a teacher's ODE step) or training (CT: no teacher)",
            choices=("distillation", "training")),
-    Option("schedule", str, None, "curriculum N(k), mu(k): constant, ct (Song et al. 2023) or ict (Song & Dhariwal "
-           "2023)", choices=SCHEDULES, none="constant for distillation, ct for training", example="ct"),
+    Option("schedule", str, None, "curriculum N(k), mu(k): constant, ct (Song et al. 2023), ict (Song & Dhariwal "
+           "2023) or ect (Geng et al. 2024: continuous t, r with a shrinking gap; start from a teacher's weights)",
+           choices=SCHEDULES, none="constant for distillation, ct for training", example="ct"),
     Option("n", int, 18, "N (number of levels) of the constant schedule (18 as in the paper; 2-D toys do better "
            "with ~40)", low=2),
     Option("mu", float, None, "target EMA rate mu (constant, default 0.95) or mu0 (ct, default 0.9)", low=0.0,
@@ -77,6 +85,12 @@ OPTIONS = (
     Option("rho", float, 7.0, "Karras rho of the levels", low=0.0, above=True),
     Option("init", str, "auto", "student start: auto (teacher weights when an EDM net of the same architecture), "
            "teacher, random", choices=("auto", "teacher", "random")),
+    Option("ect_q", float, 2.0, "ECT: the gap t - r shrinks by this factor at every stage (default 2)", low=1.0,
+           above=True),
+    Option("ect_k", float, 8.0, "ECT: mapping n(t) = 1 + k sigmoid(-b t) (default k 8)", low=0.0),
+    Option("ect_b", float, 1.0, "ECT: mapping n(t) = 1 + k sigmoid(-b t) (default b 1)", low=0.0),
+    Option("ect_stages", int, 8, "ECT: stages over the run, the gap halved (q) at each (default 8, the paper's 200 "
+           "Mimg / 25 Mimg)", low=1),
     Option("level_groups", int, 8, "CD: distinct levels per batch (>= batch size: one per sample)", low=1),
     Option("sample_levels", (str, dict), None, 'multistep sampling levels after sigma_max, JSON {"2": [0.8], '
            '"3": [1.5, 0.3]}', none="a ladder", must='a JSON object such as {"2": [0.8]} (or its text)'),
@@ -97,6 +111,12 @@ def check_options(cfg: dict) -> None:
     if schedule == "constant" and given:
         raise UserError(f"--{given[0]} sets the ct / ict curriculum; the constant schedule takes --n (N) instead: "
                         f"drop --{given[0]} or give --schedule ct")
+    if schedule == "ect" and cfg["mode"] != "training":
+        raise UserError("--schedule ect is consistency training (the target is the student at the nearer level "
+                        "r); give --mode training (with --teacher RUN to start from its weights, as ECT does)")
+    if schedule == "ect" and given:
+        raise UserError(f"--{given[0]} sets the ct / ict curriculum; ect takes --ect-q, --ect-k, --ect-b, "
+                        f"--ect-stages instead")
     if schedule in ("ct", "ict"):
         s0, s1 = cfg.get("s0") or (2 if schedule == "ct" else 10), cfg.get("s1") or (150 if schedule == "ct" else 1280)
         if s0 >= s1:
@@ -126,6 +146,21 @@ def ict_schedule(k: int, K: int, s0: int = 10, s1: int = 1280):
     return min(s0 * 2 ** math.floor(k / Kp), s1) + 1, 0.0
 
 
+def ect_r(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
+    """ECT's mapping p(r | t, stage) (Geng et al. 2024, "Consistency models made easy", the
+    sigmoid mapping of their code): r = t (1 - q^-(stage+1) n(t)), n(t) = 1 + k sigmoid(-b t),
+    clamped at 0. Stage 0 (k 8, b 1) has r ~ t / 2 at high noise and r = 0 (the data) at low
+    noise: denoising score matching, the diffusion model's own objective; every stage shrinks the
+    gap t - r by q, towards the continuous-time consistency condition."""
+    n = 1.0 + k * torch.sigmoid(-b * t)
+    return (t * (1.0 - n / q ** (stage + 1))).clamp_min(0.0)
+
+
+def ect_stage(step: int, K: int, stages: int) -> int:
+    """The stage of training step ``step`` of ``K``: ``stages`` equal parts."""
+    return min(int(step) * int(stages) // max(1, int(K)), int(stages) - 1)
+
+
 def curriculum(cfg: dict):
     """The pure ``step -> (N, mu)`` of the config."""
     K, name = int(cfg["steps"]), cfg["schedule"]
@@ -135,6 +170,8 @@ def curriculum(cfg: dict):
         return lambda k: ct_schedule(k, K, int(cfg["s0"] or 2), int(cfg["s1"] or 150), float(cfg["mu"]))
     if name == "ict":
         return lambda k: ict_schedule(k, K, int(cfg["s0"] or 10), int(cfg["s1"] or 1280))
+    if name == "ect":  # continuous levels (consistency_task draws them); no EMA target: mu = 0
+        return lambda k: (None, 0.0)
     raise unknown_name("consistency schedule", name, SCHEDULES)
 
 
@@ -187,7 +224,7 @@ def resolve(cfg: dict, teacher) -> dict:
         raise UserError(f"--mode {cfg['mode']}: use distillation or training")
     if cfg["mode"] == "distillation" and teacher is None:
         raise UserError("consistency distillation needs --teacher (or use --mode training)")
-    ict = cfg["schedule"] == "ict"
+    ict = cfg["schedule"] in ("ict", "ect")  # ECT keeps iCT's loss, weighting and log-normal levels
     cfg["schedule"] = cfg["schedule"] or ("constant" if cfg["mode"] == "distillation" else "ct")
     if cfg["schedule"] not in SCHEDULES:
         raise unknown_name("consistency schedule", cfg["schedule"], SCHEDULES)
@@ -203,7 +240,8 @@ def resolve(cfg: dict, teacher) -> dict:
         raise UserError(f"need 0 < --sigma-min < --sigma-max, got {cfg['sigma_min']}, {cfg['sigma_max']}")
     for k in (0, int(cfg["steps"])):
         N, mu = curriculum(cfg)(k)
-        levels(N, cfg)
+        if N is not None:
+            levels(N, cfg)
         if not 0 <= mu < 1:
             raise UserError(f"--mu {cfg['mu']}: the target's EMA rate must lie in [0, 1)")
     if int(cfg["level_groups"]) < 1 or int(cfg["tune_levels"]) < 0:
@@ -252,7 +290,25 @@ def consistency_task(D: ConsistencyDenoiser, cfg: dict, data, teacher, target,
     solver_D = cond.teacher(teacher.denoiser) if distil else None
     cache = {}
 
+    def draw_ect(gen, step):
+        """ECT (:func:`ect_r`): t ~ log-normal(P_mean, P_std) in [2 eps, sigma_max], r from the
+        stage's mapping, at least the boundary eps (there f(x, eps) = x: the target is the data
+        up to eps z)."""
+        lo, hi = 2.0 * float(cfg["sigma_min"]), float(cfg["sigma_max"])
+        t = torch.exp(float(cfg["p_mean"]) + float(cfg["p_std"]) * torch.randn(B, generator=gen, dtype=torch.float64))
+        t = t.clamp(lo, hi)
+        stage = ect_stage(step, int(cfg["steps"]), int(cfg["ect_stages"]))
+        r = ect_r(t, stage, float(cfg["ect_q"]), float(cfg["ect_k"]), float(cfg["ect_b"]))
+        r = torch.minimum(r.clamp_min(float(cfg["sigma_min"])), t * (1 - 1e-6))
+        x0, labels = data.labelled(B, gen) if cond.on else (data.draw(B, gen), None)
+        batch = {"x0": x0, "z": torch.randn(x0.shape, generator=gen), "s_next": t, "s_now": r}
+        if cond.on:
+            batch["labels"] = cond.drop(labels, gen)
+        return batch
+
     def draw(gen, step):
+        if cfg["schedule"] == "ect":
+            return draw_ect(gen, step)
         N, _ = schedule(step)
         if N not in cache:
             sig = levels(N, cfg)
