@@ -46,8 +46,8 @@ from ..errors import UserError
 from ..model import COVARIANCE_FORMS, Auxiliary, CovarianceHead, npr_unit
 from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
-from .common import bcast, check_student_net, conditioning, data_source, is_exact, load_teacher, net_config, \
-    teacher_net_state
+from .common import bcast, check_student_net, conditioning, data_source, is_exact, load_teacher, log_uniform, \
+    net_config, teacher_net_state
 
 OPTIONS = (
     Option("form", str, "npr", "what the head learns: npr (the teacher's residual (x0 - D)^2, NPR-DPM; default) or sn "
@@ -117,9 +117,7 @@ def stages(job):
     def plan(st):
         def draw(gen, step):
             x0, labels = data.labelled(B, gen) if cond.on else (data.draw(B, gen), None)
-            u = torch.rand(B, generator=gen, dtype=torch.float64)
-            batch = {"x0": x0, "eps": torch.randn(x0.shape, generator=gen),
-                     "sigma": torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))).float()}
+            batch = {"x0": x0, "eps": torch.randn(x0.shape, generator=gen), "sigma": log_uniform(B, lo, hi, gen)}
             if labels is not None:
                 batch["labels"] = cond.drop(labels, gen)
             return batch

@@ -66,8 +66,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
-from .common import N_DATA, check_student_net, conditioning, data_source, is_exact, load_teacher, net_config, \
-    teacher_net_state
+from .common import N_DATA, check_student_net, conditioning, data_source, is_exact, load_teacher, log_uniform, \
+    net_config, teacher_net_state
 from .pairs import make_pairs, pair_spec
 
 DG_WEIGHT = 1.0  # the theory's w (paper: s_theta + w c with c = grad log(d / (1 - d)); exact at w = 1)
@@ -99,13 +99,6 @@ def check_options(cfg: dict) -> None:
 
 
 # ------------------------------------------------------------------------ the idea
-def log_uniform(n: int, sigma_min: float, sigma_max: float, gen: torch.Generator) -> torch.Tensor:
-    """n levels with log sigma uniform on [log sigma_min, log sigma_max] (the official code's
-    importance-sampled VP time, written in sigma)."""
-    lo, hi = math.log(sigma_min), math.log(sigma_max)
-    return torch.exp(lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)).float()
-
-
 def bce_rows(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torch.Tensor:
     """Per-row binary cross-entropy of the paper's discriminator loss, real = 1 and fake = 0, on
     logits: (-log sigmoid(l_r) - log(1 - sigmoid(l_f))) / 2 = (softplus(-l_r) + softplus(l_f)) / 2."""

@@ -81,13 +81,13 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..grids import time_uniform
 from ..io import write_json
 from ..process import VP, LinearFlow
 from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
 from .common import (COUPLING_PAIR_OPTIONS, N_DATA, bcast, conditioning, fixed_grids, is_exact,
-                     load_teacher, net_config, quiet_sample, student_meta, training_data)
+                     load_teacher, net_config, path_velocity, quiet_sample, student_meta, training_data)
+from .common import flow_straightness  # noqa: F401 (eval.json's S(Z); bench and tests reach it here too)
 from .pairs import make_pairs, pair_spec
 
 PATHS = ("linear", "trig", "vp")
@@ -160,16 +160,6 @@ def interpolate(path: str, x0: Tensor, x1: Tensor, t: Tensor, z: Tensor = None, 
     return x, u
 
 
-def path_velocity(D, process, x_t: Tensor, t: Tensor) -> Tensor:
-    """v(x_t, t) = alpha' D + std' (y - D) / sigma of any sigma-space denoiser on ``process``, at
-    y = x_t / alpha (the flow prediction's inverse; reflow's ``velocity`` on the linear flow)."""
-    sigma = process.sigma(t).to(x_t.dtype)
-    y = x_t / bcast(process.scale(t).to(x_t.dtype), x_t)
-    den = D(y, sigma)
-    eps = (y - den) / bcast(sigma, y)
-    return bcast(process.dscale_dt(t).to(x_t.dtype), y) * den + bcast(process.dstd_dt(t).to(x_t.dtype), y) * eps
-
-
 # ------------------------------------------------------------------------- couplings
 def _cost(x0: Tensor, x1: Tensor):
     return (torch.cdist(x0.flatten(1).double(), x1.flatten(1).double()) ** 2).cpu().numpy()
@@ -237,31 +227,6 @@ def coupling_straightness(D, process, path: str, x0: Tensor, x1: Tensor, z: Tens
         x_t, u = interpolate(path, x0, x1, t, z, gamma)
         total += float((u - path_velocity(D, process, x_t, t)).pow(2).flatten(1).sum(1).mean())
     return total / levels
-
-
-@torch.no_grad()
-def flow_straightness(D, process, z: Tensor, steps: int = 64) -> float:
-    """Liu et al.'s S(Z) = int E || (Z_1 - Z_0) - v(Z_t, t) ||^2 dt on the flow's Euler path from
-    sigma_max z (``steps`` uniform in t), velocities in x-space and t: the t-weighted mean of
-    || chord - v_i ||^2, chord = sum_i dt_i v_i / sum_i dt_i (reflow's, on any process)."""
-    from ..samplers import get
-
-    sigmas = time_uniform(process, steps, "trailing").to(z.device)
-    vs = []
-
-    def grab(s):
-        sig = torch.as_tensor(float(s["sigma"]), dtype=torch.float64)
-        t = process.t_of_sigma(sig)
-        y, den = s["x"], s["denoised"]
-        eps = (y - den) / float(sig)
-        vs.append(float(process.dscale_dt(t)) * den + float(process.dstd_dt(t)) * eps)
-
-    get("euler")(D, float(sigmas[0]) * z, sigmas, callback=grab)
-    t = process.t_of_sigma(sigmas.double().cpu()).to(z.dtype).to(z.device)
-    dt = bcast(t[:-1] - t[1:], vs[0][None])  # [steps, 1, ...]
-    V = torch.stack(vs)
-    chord = (dt * V).sum(0) / dt.sum()
-    return float((dt * (V - chord).pow(2)).sum(0).flatten(1).sum(1).mean() / dt.sum())
 
 
 # --------------------------------------------------------------------------- options

@@ -52,7 +52,8 @@ from ..train.job import Plan, Task, Top
 from ..train.options import LOOP_NAMES, Option, check_batch_memory, table_defaults, table_help
 from ..train.losses import DenoisingLoss
 from .common import (N_DATA, Conditioning, bcast, check_student_net, conditioning, data_source, data_spec, fixed_grids,
-                     is_exact, load_teacher, net_config, quiet_sample, student_meta, teacher_net_state)
+                     flow_straightness, is_exact, load_teacher, net_config, quiet_sample, student_meta,
+                     teacher_net_state)
 from .pairs import PAIR_SAMPLER, make_pairs, pair_spec
 
 OPTIONS = (
@@ -121,23 +122,6 @@ def coupling_straightness(D, x0: torch.Tensor, x1: torch.Tensor, levels: int = 1
         x_t = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * x1
         total += float(((x1 - x0) - velocity(D, x_t, t)).pow(2).flatten(1).sum(1).mean())
     return total / levels
-
-
-@torch.no_grad()
-def flow_straightness(D, process, z: torch.Tensor, steps: int = 64) -> float:
-    """S(Z) on the flow's Euler path from Z_1 = z: the t-weighted mean of || chord - v_i ||^2,
-    chord = (Z_1 - Z_0) / t_max = sum_i dt_i v_i / sum_i dt_i."""
-    from ..samplers import get
-
-    sigmas = euler_grid(process, steps).to(z.device)
-    vs = []
-    get("euler")(D, float(sigmas[0]) * z, sigmas,
-                 callback=lambda s: vs.append((s["x"] - s["denoised"]) / s["sigma"] - s["denoised"]))
-    t = (sigmas / (1 + sigmas)).to(z.dtype)
-    dt = bcast(t[:-1] - t[1:], vs[0][None])  # [steps, 1, ...]
-    V = torch.stack(vs)
-    chord = (dt * V).sum(0) / dt.sum()
-    return float((dt * (V - chord).pow(2)).sum(0).flatten(1).sum(1).mean() / dt.sum())
 
 
 def flow_denoiser(net, sigma_data: float):
