@@ -606,7 +606,8 @@ def check_model_meta(meta, path) -> dict:
             raise bad(field, "a finite number >= 0")
     if meta["sigma_min"] > meta["sigma_max"] or meta["sigma_max"] <= 0:  # equal: a one-step student
         raise bad("sigma_min", f"at most sigma_max ({meta['sigma_max']}), which must be above 0")
-    if family == "diffusion" and not isinstance(meta.get("denoiser"), dict) and meta.get("role") not in AUX_ROLES:
+    own = meta.get("role") in (*AUX_ROLES, GENERATOR_ROLE)  # no process of its own: a net beside a teacher
+    if family == "diffusion" and not isinstance(meta.get("denoiser"), dict) and not own:
         if not isinstance(meta.get("process"), dict):
             raise bad("process", "an object describing the noise process (with its \"kind\")")
         if not isinstance(meta.get("prediction"), str):
@@ -690,6 +691,10 @@ def _load_run(path: Path, device) -> Model:
                 "--discriminator"}[meta["role"]]
         raise UserError(f"{path} is a {meta['role']} run trained beside the teacher {meta.get('teacher', '?')}, "
                         f"not a model to sample; use it as {flag} {path}")
+    if meta.get("role") == GENERATOR_ROLE:
+        raise UserError(f"{path} is a generator distilled by score distillation from {meta.get('teacher', '?')}, not "
+                        f"a model to sample with a sampler; get its outputs with 'fewstep sample {path} --n N --out "
+                        f"F.npz'")
     if meta.get("family", "diffusion") != "diffusion":  # a model before diffusion (fewstep.families)
         from .families import load_family
 
@@ -714,6 +719,61 @@ def _load_run(path: Path, device) -> Model:
 
 
 AUX_ROLES = ("covariance", "discriminator")  # run folders of a net trained beside a teacher, not a sampler model
+GENERATOR_ROLE = "generator"  # a generator x = g(phi) trained by score distillation (fewstep distill sds)
+
+
+class GeneratorRun:
+    """A finished ``fewstep distill sds`` run: ``module`` (a :mod:`fewstep.nets.generators`
+    generator, frozen), ``meta`` (its model.json); :meth:`sample` gives its outputs."""
+
+    def __init__(self, module, meta: dict, path: str = ""):
+        self.module, self.meta, self.path = module, meta, str(path)
+        self.kind = module.config["kind"]
+        self.shape = tuple(meta["data"]["shape"])
+
+    @property
+    def device(self):
+        return next(self.module.parameters()).device
+
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """The first ``n`` points / images (at most the run's ``count``: one line when more are
+        asked), or ``n`` renders of the field from random views drawn with ``seed``."""
+        count = self.module.config.get("count")
+        if count is not None and int(n) > int(count):
+            raise UserError(f"--n {n}: the {self.kind} generator {self.path} holds {count} outputs; ask for at most "
+                            f"{count} (or distil with a larger --count)")
+        return self.module.outputs(int(n), torch.Generator().manual_seed(int(seed)))
+
+
+def _role_run(spec, roles: tuple, what: str, made: str, build, device):
+    """A finished run folder of one of ``roles``: (path, its model.json, the module ``build(meta["net"])``
+    with its checked weights, the device); one line when it is not one (``made``: how to make one)."""
+    from .io import load_weights, read_json
+
+    device = resolve_device(device)
+    path = Path(str(spec))
+    if not (path / "model.json").is_file():
+        raise UserError(f"{spec} is not a finished run folder (no model.json); give {what}")
+    meta = check_model_meta(read_json(path / "model.json"), path / "model.json")
+    got = meta.get("role")
+    if got not in roles:
+        raise UserError(f"{spec} is not {what} (its role: {got or 'a sampler model'}); make one with {made}")
+    with _fields_of(path / "model.json"):
+        module = build(meta["net"])
+    weights = path / "model.safetensors"
+    state = load_weights(weights)
+    check_weights(state, weights, module)
+    module.load_state_dict(state)
+    return path, meta, module, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_generator(spec, device: Optional[str] = None) -> GeneratorRun:
+    """The :class:`GeneratorRun` of run folder ``spec`` (weights checked, frozen, on ``device``)."""
+    from .nets.generators import build_generator
+
+    path, meta, module, dev = _role_run(spec, (GENERATOR_ROLE,), "a generator run", "fewstep distill sds --teacher "
+                                        "RUN", build_generator, device)
+    return GeneratorRun(module.to(dev).eval().requires_grad_(False), meta, str(path))
 
 
 class Auxiliary(torch.nn.Module):
@@ -765,26 +825,11 @@ class Auxiliary(torch.nn.Module):
 def load_auxiliary(spec, role: Optional[str] = None, device: Optional[str] = None) -> Auxiliary:
     """The :class:`Auxiliary` of run folder ``spec`` (frozen, eval mode, on ``device``);
     ``role`` (covariance, discriminator) is checked when given: one line when it differs."""
-    from .io import load_weights, read_json
     from .nets import build_net
 
-    device = resolve_device(device)
-    path = Path(str(spec))
     what = f"a {role} run" if role else "an auxiliary run (" + ", ".join(AUX_ROLES) + ")"
-    if not (path / "model.json").is_file():
-        raise UserError(f"{spec} is not a finished run folder (no model.json); give {what}")
-    meta = check_model_meta(read_json(path / "model.json"), path / "model.json")
-    got = meta.get("role")
-    if got not in AUX_ROLES or (role is not None and got != role):
-        made = f"fewstep distill {role} --teacher RUN" if role else "fewstep distill covariance|discriminator"
-        raise UserError(f"{spec} is not {what} (its role: {got or 'a sampler model'}); make one with {made}")
-    with _fields_of(path / "model.json"):
-        net = build_net(meta["net"])
-    weights = path / "model.safetensors"
-    state = load_weights(weights)
-    check_weights(state, weights, net)
-    net.load_state_dict(state)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    made = f"fewstep distill {role} --teacher RUN" if role else "fewstep distill covariance|discriminator"
+    path, meta, net, dev = _role_run(spec, (role,) if role else AUX_ROLES, what, made, build_net, device)
     with _fields_of(path / "model.json"):
         aux = Auxiliary(net, meta, str(path))
     return aux.to(dev).eval().requires_grad_(False)

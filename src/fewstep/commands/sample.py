@@ -10,7 +10,7 @@ def _checks() -> tuple:
     """The rules of this command's values (:class:`fewstep.train.options.Option`)."""
     from ..train.options import Option, option
 
-    return (Option("nfe", int, None, "", low=1, example=8), Option("n", int, 1000, "", low=1),
+    return (Option("nfe", int, None, "", low=1, example=8), Option("n", int, None, "", low=1, none="all", example=1000),
             Option("guidance", float, None, "", low=0.0, none="1", example=2.0),
             Option("label", int, None, "", none="none", example=0),
             Option("eta", float, None, "", low=0.0, none="the sampler's", example=1.0),
@@ -26,8 +26,10 @@ def add_parser(sub) -> None:
                                    "(array 'samples', plus 'labels' for a conditional model) and a PNG beside it.")
     p.add_argument("model", metavar="RUN_OR_SPEC", help="run folder, or gmm:FILE.npz for an exact Gaussian mixture")
     p.add_argument("--sampler", help="sampler name (default: the model's own); see 'fewstep samplers'")
-    p.add_argument("--nfe", type=cli_number, required=True, help="network evaluations to spend")
-    p.add_argument("--n", type=cli_number, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--nfe", type=cli_number, help="network evaluations to spend (required, except for a generator "
+                                                  "run of fewstep distill sds)")
+    p.add_argument("--n", type=cli_number, help="number of samples (default 1000; a generator run: all its points or "
+                                                "images, 32 views of a field)")
     p.add_argument("--grid", help="sigma grid: karras, logsnr, polyexponential, vp-time, time, time-leading, "
                                   "time-trailing, or FILE.json (default: the sampler's measured best for --nfe)")
     p.add_argument("--afs", action="store_true", help="answer the first evaluation analytically (one fewer)")
@@ -62,9 +64,19 @@ def cmd_sample(a) -> int:
     out = Path(a.out)
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: the output must be a .npz file")
+    from ..model import GENERATOR_ROLE
+    from ..train.job import role_of
+
+    generator = role_of(a.model) == GENERATOR_ROLE
+    if a.n is None and not generator:
+        a.n = 1000
     check_args(a, _checks())
     check_output(out, file=True)
     check_output(out.with_suffix(".png"), flag="--out (its PNG)", file=True)
+    if generator:
+        return _sample_generator(a, out)
+    if a.nfe is None:
+        raise UserError("--nfe is required: the network evaluations to spend, e.g. --nfe 8")
     model = load(a.model, device=a.device)
     if a.dg_weight is not None and a.discriminator is None:
         raise UserError("--dg-weight is the weight of --discriminator DG_RUN; give the discriminator too")
@@ -97,6 +109,37 @@ def cmd_sample(a) -> int:
                            title=f"{choice.sampler if choice else a.sampler or model.default_sampler}, "
                                  f"{a.nfe} NFE")
     print(f"wrote {out} and {png}")
+    return 0
+
+
+SAMPLER_FLAGS = ("sampler", "nfe", "grid", "afs", "guidance", "label", "eta", "covariance", "discriminator", "dg_weight")
+
+
+def _sample_generator(a, out: Path) -> int:
+    """A score-distilled generator's outputs: its points or images, or --n random views of its field."""
+    import numpy as np
+
+    from ..io import atomic_write
+    from ..model import load_generator
+    from ..plots import save_samples_png
+
+    given = [f for f in SAMPLER_FLAGS if getattr(a, f, None) not in (None, False)]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')}: {a.model} is a generator (fewstep distill sds), sampled "
+                        f"without a sampler; give only --n, --seed, --device and --out")
+    run = load_generator(a.model, device=a.device)
+    n = a.n if a.n is not None else run.module.config.get("count", 32)
+    x = run.sample(n, a.seed).float().cpu()
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, samples=x.numpy())
+
+    atomic_write(out, write)
+    what = {"nerf": f"{n} random views of the field"}.get(run.kind, f"{len(x)} {run.kind} outputs")
+    png = save_samples_png(x, out.with_suffix(".png"), title=f"sds {run.kind}")
+    print(f"wrote {what} to {out} and {png}")
     return 0
 
 

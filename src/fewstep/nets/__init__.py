@@ -20,22 +20,31 @@ from .unet import UNet
 NETS = {"mlp": MLP, "unet": UNet, "pointnet": PointNet}
 
 
-def build_net(config: dict) -> nn.Module:
-    """Build the net described by ``config = {"kind": "mlp" | "unet" | "pointnet", **kwargs}``."""
+def build_from(registry: dict, config: dict, what: str) -> nn.Module:
+    """The module ``registry[config["kind"]](**rest)`` with fresh parameters; a config that is
+    not an object, an unknown kind, options the class does not take or values it refuses are
+    one :class:`~fewstep.errors.UserError` line each (``what``: e.g. "network", "field")."""
+    if not isinstance(config, dict):
+        raise UserError(f"{what} config must be an object with a \"kind\" ({', '.join(registry)}), got {config!r}")
     config = dict(config)
     kind = config.pop("kind", None)
-    if kind not in NETS:
-        raise unknown_name("network kind", kind, NETS)
-    cls = NETS[kind]
+    if kind not in registry:
+        raise unknown_name(f"{what} kind", kind, registry)
+    cls = registry[kind]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     extra = sorted(set(config) - set(accepted))
     if extra:
-        raise UserError(f"network config for '{kind}': unknown option(s) {', '.join(extra)}; "
+        raise UserError(f"{what} config for '{kind}': unknown option(s) {', '.join(extra)}; "
                         f"valid: {', '.join(accepted)}")
     try:
         return cls(**config)
-    except TypeError as err:
-        raise UserError(f"network config for '{kind}': {err}")
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{what} config for '{kind}': {err}") from None
+
+
+def build_net(config: dict) -> nn.Module:
+    """Build the net described by ``config = {"kind": "mlp" | "unet" | "pointnet", **kwargs}``."""
+    return build_from(NETS, config, "network")
 
 
 def _unet_defaults(shape: Sequence[int]) -> dict:

@@ -118,11 +118,13 @@ class Job:
 
     def load(self, path, frozen: bool = True):
         """A finished run folder (or spec) as a Model on this job's device, frozen for use as a teacher."""
-        from ..model import AUX_ROLES, load, load_auxiliary
+        from ..model import AUX_ROLES, GENERATOR_ROLE, load, load_auxiliary, load_generator
 
         role = role_of(path)
         if role in AUX_ROLES:  # a net trained beside the teacher (covariance head, discriminator)
             return load_auxiliary(str(path), role, device=str(self.device))
+        if role == GENERATOR_ROLE:  # a score-distilled generator (points, image, field)
+            return load_generator(str(path), device=str(self.device))
         model = load(str(path), device=str(self.device))
         if frozen and isinstance(model.denoiser, nn.Module):
             model.denoiser.eval().requires_grad_(False)
