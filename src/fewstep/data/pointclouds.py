@@ -130,29 +130,47 @@ def make_clouds(n: int, points: int = DEFAULT_POINTS, classes=tuple(CLASSES), po
 
 
 # -------------------------------------------------------------------------------- spec
-def parse_spec(spec: str) -> dict:
-    """``pointclouds[:points=N,classes=a+b,pose=P]`` -> make_clouds keyword arguments."""
-    opts = {"points": DEFAULT_POINTS, "classes": tuple(CLASSES), "pose": "so3"}
+def spec_options(spec: str, keys, usage: str):
+    """The ``(key, value)`` pairs of ``name:key=value,...``; an item without ``=`` or with a key
+    not in ``keys`` is one line naming ``usage``."""
     _, _, rest = spec.partition(":")
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key not in opts:
-            raise UserError(f"dataset '{spec}': bad option '{item}'; use pointclouds:points=N,classes=a+b,pose=so3|yaw|none")
+        if not eq or key not in keys:
+            raise UserError(f"dataset '{spec}': bad option '{item}'; use {usage}")
+        yield key, value
+
+
+def spec_int(spec: str, key: str, value: str, low: int, high: Optional[int] = None, need: str = "") -> int:
+    """``key=value`` as a whole number in [low, high]; else one line (``need`` says what it is)."""
+    try:
+        v = int(value)
+    except ValueError:
+        raise UserError(f"dataset '{spec}': {key}={value} is not an integer") from None
+    if v < low or (high is not None and v > high):
+        raise UserError(f"dataset '{spec}': {key}={value}; {need}")
+    return v
+
+
+def spec_classes(spec: str, value: str, what: str) -> tuple:
+    """``a+b`` as a tuple of names of :data:`CLASSES` (one line for none or an unknown one)."""
+    names = tuple(v for v in value.split("+") if v)
+    if not names:
+        raise UserError(f"dataset '{spec}': classes= is empty; name some of {', '.join(CLASSES)}")
+    for c in names:
+        if c not in CLASSES:
+            raise unknown_name(what, c, CLASSES)
+    return names
+
+
+def parse_spec(spec: str) -> dict:
+    """``pointclouds[:points=N,classes=a+b,pose=P]`` -> make_clouds keyword arguments."""
+    opts = {"points": DEFAULT_POINTS, "classes": tuple(CLASSES), "pose": "so3"}
+    for key, value in spec_options(spec, opts, "pointclouds:points=N,classes=a+b,pose=so3|yaw|none"):
         if key == "points":
-            try:
-                opts["points"] = int(value)
-            except ValueError:
-                raise UserError(f"dataset '{spec}': points={value} is not an integer") from None
-            if opts["points"] < 2:
-                raise UserError(f"dataset '{spec}': points={value}; a cloud needs at least 2 points")
+            opts["points"] = spec_int(spec, key, value, 2, need="a cloud needs at least 2 points")
         elif key == "classes":
-            names = tuple(v for v in value.split("+") if v)
-            if not names:
-                raise UserError(f"dataset '{spec}': classes= is empty; name some of {', '.join(CLASSES)}")
-            for c in names:
-                if c not in CLASSES:
-                    raise unknown_name("point-cloud class", c, CLASSES)
-            opts["classes"] = names
+            opts["classes"] = spec_classes(spec, value, "point-cloud class")
         else:
             if value not in POSES:
                 raise unknown_name("point-cloud pose", value, POSES)

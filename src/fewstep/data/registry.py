@@ -6,6 +6,9 @@
 - ``digits`` (scikit-learn 8x8), ``shapes16`` / ``shapes32`` (procedural, default 10000);
 - ``pointclouds[:points=N,classes=a+b,pose=so3|yaw|none]``: procedural 3-D point clouds
   ``[n, N, 3]`` (:mod:`fewstep.data.pointclouds`, default 2000 clouds);
+- ``renders[:classes=a+b,size=S,pose=none|yaw,shade=position|depth,elevation=LO+HI]``:
+  labelled views of those shapes from random cameras (:mod:`fewstep.data.renders`,
+  default 10000 images of 32x32);
 - ``fashion``: Fashion-MNIST's 60,000 training images (28x28, 10 labels) from Debian's
   package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``, or the folder in
   ``$FEWSTEP_FASHION_DIR``); ``fashion:test`` its 10,000 test images;
@@ -38,13 +41,14 @@ from typing import Optional
 import torch
 
 from ..errors import UserError, unknown_name
-from . import images, pointclouds
+from . import images, pointclouds, renders
 from .toys import TOYS, make_toy
 
 DEFAULT_TOY_N = 20000
 DEFAULT_SHAPES_N = 10000
 _SHAPES = {"shapes16": 16, "shapes32": 32}
-_PREFIXES = ("fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b", "clouds:FILE.npy", "gmm:FILE.npz")
+_PREFIXES = ("fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b",
+             "renders:classes=a+b,size=S", "clouds:FILE.npy", "gmm:FILE.npz")
 _MNIST_NAMES = {
     "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
     "labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
@@ -85,7 +89,7 @@ class Dataset:
 
 def dataset_names() -> list[str]:
     """The built-in dataset names (files and ``mnist:DIR`` / ``cifar10:DIR`` come on top)."""
-    return [*TOYS, "digits", "fashion", *_SHAPES, "pointclouds"]
+    return [*TOYS, "digits", "fashion", *_SHAPES, "pointclouds", "renders"]
 
 
 def _find_mnist(folder: Path, role: str) -> Optional[Path]:
@@ -179,6 +183,8 @@ def _load(spec: str, n: Optional[int], seed: int) -> tuple[images.ImageSet, bool
         return images.digits(), False
     if pointclouds.is_spec(spec):
         return pointclouds.load(spec, n, gen), True
+    if renders.is_spec(spec):
+        return renders.load(spec, n, gen), True
     if spec in ("fashion", "fashion:test"):
         return _read_mnist(fashion_dir(), "test" if spec.endswith(":test") else "train"), False
     if spec.startswith("mnist:"):
@@ -226,7 +232,7 @@ def held_out(spec: str, n: int, seed: int, train_n: Optional[int] = None, train_
     """Reference samples for evaluating a model trained on ``load_dataset(spec, train_n,
     train_seed)``, and where they come from:
 
-    - ``"fresh"``: a generated set (toys, shapes, pointclouds) drawn anew with ``seed``;
+    - ``"fresh"``: a generated set (toys, shapes, pointclouds, renders) drawn anew with ``seed``;
     - ``"test"``: a set with an official test split (:func:`test_split`): up to ``n`` of its
       test images, drawn with ``seed`` (never trained on);
     - ``"held-out"``: a finite set (files, digits, ...) larger than ``train_n``: up to ``n``
