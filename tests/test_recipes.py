@@ -128,3 +128,14 @@ def test_distill_recipe_runs_at_toy_size(toy_teachers, tmp_path, recipe):
     assert meta["role"] == "student" and meta["method"] == method and meta["net"] == t.meta["net"]
     x, _ = student.sample(3, nfe=1, seed=0)
     assert x.shape == (3, *t.shape) and bool(x.isfinite().all())
+
+
+def test_renders_teacher_recipe_runs_at_toy_size(tmp_path):
+    """recipes/renders_teacher.json (the SDS teacher of issue 16) on 16 renders, 2 steps, toy width."""
+    cfg = read_config_file(RECIPES / "renders_teacher.json")
+    assert cfg["data"].startswith("renders:") and cfg["conditional"] and cfg["net"]["num_classes"] == 5
+    cfg["net"] = {**cfg["net"], "base_channels": 16}
+    cfg.update(n_data=16, steps=2, batch_size=4, checkpoint_every=1, eval_samples=2, eval_nfe=2, device="cpu",
+               warmup=1)
+    model = load(train_teacher(cfg, str(tmp_path / "run"), progress=False))
+    assert model.num_classes == 5 and tuple(model.shape) == (3, 16, 16)
