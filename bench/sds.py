@@ -124,22 +124,163 @@ def points_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- render teacher
+TEACHER = Path(os.environ.get("SDS_TEACHER", RUNS / "teacher"))
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "renders_teacher.json"
+
+
+def run_teacher(steps: int) -> dict:
+    """The render teacher (recipes/renders_teacher.json; reused when finished) and the classifier."""
+    from fewstep.metrics.features import classifier_for
+    from fewstep.train.config import read_config_file
+    from fewstep.train.teacher import train_teacher
+
+    t = time.perf_counter()
+    if not (TEACHER / "model.json").is_file():
+        cfg = read_config_file(RECIPE)
+        cfg["steps"] = steps
+        train_teacher(cfg, str(TEACHER), progress=False, resume=(TEACHER / "config.json").is_file())
+    teacher_s = time.perf_counter() - t
+    t = time.perf_counter()
+    clf = classifier_for(RENDERS)
+    meta = json.loads((TEACHER / "model.json").read_text())
+    return {"teacher": str(TEACHER), "steps": meta.get("config", {}).get("steps", steps),
+            "teacher_seconds": teacher_s, "classifier_seconds": time.perf_counter() - t,
+            "classifier": dict(getattr(clf, "train_info", {}) or {})}
+
+
+def _real(label: int, n: int, seed: int):
+    from fewstep.data.registry import load_dataset
+
+    ds = load_dataset(RENDERS, n=max(20 * n, 2000), seed=seed)
+    return ds.x[ds.labels == label][:n]
+
+
+def _judge(x, label: int, ref=None) -> dict:
+    """Classifier accuracy on the label; with ``ref``, FD on its features; diversity, saturation."""
+    from fewstep.metrics.features import classifier_for, feature_extractor
+    from fewstep.metrics.frechet import frechet_distance
+
+    clf = classifier_for(RENDERS)  # trained on first use (outside no_grad), then cached
+    with torch.no_grad():
+        x = x.float().clamp(-1, 1)
+        acc = float((clf(x).argmax(1) == label).float().mean())
+        div = float(torch.pdist(x.flatten(1)).mean()) if len(x) > 1 else 0.0
+        # bright saturation: real renders' object colours lie in [-0.8, 1], the background at -1
+        out = {"accuracy": acc, "diversity": div, "saturated": float((x > 0.95).float().mean()), "n": len(x)}
+        if ref is not None:
+            out["fd"] = frechet_distance(x, ref.float(), feature_extractor(clf))
+    return out
+
+
+def run_image(steps: int, count: int, guidances) -> dict:
+    """Per class: SDS into `count` images (pixels) at each guidance, the teacher's own samples
+    (32 NFE, the same label and guidance), real renders of the class."""
+    from fewstep.model import load, load_generator
+
+    teacher = load(str(TEACHER))
+    rows = []
+    for label, name in enumerate(CLASSES):
+        ref = _real(label, 500, seed=77)
+        rows.append({"class": name, "what": "real renders", **_judge(_real(label, count, seed=78), label, ref)})
+        for w in guidances:
+            x, _ = teacher.sample(count, 32, seed=label, labels=torch.full((count,), label), guidance=w)
+            rows.append({"class": name, "what": f"teacher, 32 NFE, w {w:g}", "guidance": w, **_judge(x, label, ref)})
+            opts = {"teacher": str(TEACHER), "generator": "image", "count": count, "batch_size": count,
+                    "steps": steps, "lr": 0.02, "label": label, "guidance": float(w), "seed": label}
+            out, secs = _distill(f"image-{name}-w{w:g}", opts)
+            x = load_generator(out).sample(count)
+            rows.append({"class": name, "what": f"SDS image, w {w:g}", "guidance": w, "seconds": secs, "steps": steps,
+                         **_judge(x, label, ref)})
+            print(rows[-2], rows[-1], flush=True)
+    return {"rows": rows, "command": f"bench/sds.py --part image --image-steps {steps} --count {count}"}
+
+
+def run_nerf(steps: int, guidance: float, views: int = 32) -> dict:
+    """Per class a voxel field by sds, sjc and coarse-to-fine (half the steps at 8x8 on a 16^3 grid,
+    half at 16x16 on 32^3); accuracy over `views` random new views; an untrained field and real
+    renders beside; turntable strips to docs/sds/."""
+    from fewstep.model import load_generator
+    from fewstep.nets.generators import build_generator
+    from fewstep.plots import save_strip_png
+
+    DOCS.mkdir(parents=True, exist_ok=True)
+    rows = []
+    g = torch.Generator().manual_seed(5)
+    for label, name in enumerate(CLASSES):
+        rows.append({"class": name, "what": "real renders (random views)", **_judge(_real(label, views, 79), label)})
+        base = {"teacher": str(TEACHER), "generator": "nerf", "label": label, "guidance": guidance, "batch_size": 8,
+                "lr": 0.05, "seed": label, "steps": steps}
+        cases = [("sds", {}), ("sjc", {"estimator": "sjc"}),
+                 ("coarse-to-fine (sds)", {"steps": steps // 2, "fine_steps": steps - steps // 2, "render_size": 8,
+                                           "resolution": 16, "fine_resolution": 32})]
+        for what, extra in cases:
+            tag = f"nerf-{name}-" + what.split()[0]
+            out, secs = _distill(tag, {**base, **extra})
+            run = load_generator(out)
+            x = run.sample(views, seed=label + 100)
+            rows.append({"class": name, "what": what, "seconds": secs, "steps": steps, **_judge(x, label)})
+            save_strip_png(run.module.turntable(8).float().cpu(), DOCS / f"{tag}.png")
+            print(rows[-1], flush=True)
+        fresh = build_generator(run.module.config)
+        x = fresh.outputs(views, g)
+        rows.append({"class": name, "what": "untrained field", **_judge(x, label)})
+    return {"rows": rows, "guidance": guidance,
+            "command": f"bench/sds.py --part nerf --nerf-steps {steps} --nerf-guidance {guidance:g}"}
+
+
+def judged_table(res: dict, cols=("accuracy", "fd", "diversity", "saturated")) -> str:
+    names = {"accuracy": "classifier accuracy on the label", "fd": "FD to real renders of the class",
+             "diversity": "mean pairwise distance", "saturated": "share of pixels above 0.95"}
+    use = [c for c in cols if any(c in r for r in res["rows"])]
+    lines = ["| class | what | " + " | ".join(names[c] for c in use) + " | steps | seconds |",
+             "|---|---|" + "---|" * (len(use) + 2)]
+    for r in res["rows"]:
+        cells = []
+        for c in use:
+            v = r.get(c)
+            cells.append("" if v is None else (f"{100 * v:.0f}%" if c in ("accuracy", "saturated") else f"{v:.2f}"))
+        secs = f"{r['seconds']:.0f}" if "seconds" in r else ""
+        lines.append(f"| {r['class']} | {r['what']} | " + " | ".join(cells) + f" | {r.get('steps', '')} | {secs} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("points", "teacher", "image", "nerf"))
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--points-steps", type=int, default=1500)
+    ap.add_argument("--teacher-steps", type=int, default=6000)
+    ap.add_argument("--image-steps", type=int, default=800)
+    ap.add_argument("--count", type=int, default=16)
+    ap.add_argument("--guidances", default="1,5")
+    ap.add_argument("--nerf-steps", type=int, default=1200)
+    ap.add_argument("--nerf-guidance", type=float, default=5.0)
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.part == "points":
         _save("points", run_points(a.points_steps))
+    elif a.part == "teacher":
+        _save("teacher", run_teacher(a.teacher_steps))
+    elif a.part == "image":
+        _save("image", run_image(a.image_steps, a.count, [float(w) for w in a.guidances.split(",")]))
+    elif a.part == "nerf":
+        _save("nerf", run_nerf(a.nerf_steps, a.nerf_guidance))
     if a.table:
-        res = _load("points")
-        if res:
+        for part, table in (("points", points_table), ("teacher", None), ("image", judged_table),
+                            ("nerf", judged_table)):
+            res = _load(part)
+            if not res:
+                continue
             m = res["machine"]
+            if table is None:
+                c = res.get("classifier", {})
+                print(f"Teacher: {res['teacher']} ({res['steps']} steps, {res['teacher_seconds']:.0f} s), classifier "
+                      f"held-out accuracy {c.get('val_accuracy', '?')}; {m['date']}.\n")
+                continue
             print(f"`{res['command']}` on {m['nproc']} cores ({m['cpu']}), {m['date']}, commit {m['commit']}.\n")
-            print(points_table(res))
+            print(table(res) + "\n")
 
 
 if __name__ == "__main__":

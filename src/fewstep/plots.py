@@ -41,6 +41,18 @@ def image_grid(x: torch.Tensor, nrow: Optional[int] = None) -> torch.Tensor:
     return grid.permute(1, 2, 0)
 
 
+def save_strip_png(x: torch.Tensor, path, scale: int = 4) -> Path:
+    """Images [n, C, H, W] in [-1, 1] side by side in one row (a turntable strip), each pixel
+    ``scale`` x ``scale`` (nearest), written as a PNG of exactly that size."""
+    plt = _plt()
+    strip = image_grid(x, nrow=len(x)).numpy()
+    strip = strip.repeat(scale, 0).repeat(scale, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, strip[..., 0] if strip.shape[2] == 1 else strip, cmap="gray", vmin=0, vmax=1)
+    return path
+
+
 def draw_samples(ax, x: torch.Tensor, labels: Optional[torch.Tensor] = None, title: str = "", lim=None) -> None:
     """Draw samples on a matplotlib axis: scatter (2-D and up: first two coords) or grid."""
     x = x.detach().float().cpu()

@@ -387,7 +387,7 @@ def evaluate(module, teacher, cfg: dict, label) -> dict:
     if kind == "points" and is_exact(teacher):
         ev.update(mode_gaps(teacher.denoiser, x.double(), label))
     if kind != "points":
-        ev.update(mean=float(x.mean()), std=float(x.std()), saturated=float((x.abs() > 0.95).float().mean()),
+        ev.update(mean=float(x.mean()), std=float(x.std()), saturated=float((x > 0.95).float().mean()),
                   background=float((x <= -0.95).float().mean()))
     return ev
 
@@ -426,11 +426,10 @@ def write_png(module, folder, kind: str, label) -> None:
     strip (8 views at 20 degrees elevation); nothing for points (eval.json says it)."""
     if kind == "points":
         return
-    from ..plots import save_samples_png
+    from ..plots import save_samples_png, save_strip_png
 
     if kind == "nerf":
-        x = module.turntable(8).float().cpu()
-        save_samples_png(x, folder / "turntable.png", title="turntable, 8 views")
+        save_strip_png(module.turntable(8).float().cpu(), folder / "turntable.png")
     else:
         x = module.outputs(module.config["count"]).float().cpu()
         save_samples_png(x, folder / "images.png", title=f"SDS images{'' if label is None else f', label {label}'}")
