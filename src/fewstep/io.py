@@ -138,3 +138,9 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
         raise UserError(f"cannot read weights file {path} ({type(e).__name__}: {msg}); "
                         "it is corrupt or truncated: restore it or use another "
                         "checkpoint") from None
+
+
+def cache_dir() -> Path:
+    """Where derived files are cached (trained feature classifiers, synthesised speech):
+    ``$FEWSTEP_CACHE`` or ``~/.cache/fewstep``."""
+    return Path(os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep")

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.errors import UserError
+from fewstep.io import cache_dir
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = ("digits", "shapes16", "shapes32", "fashion")
@@ -245,10 +245,6 @@ def load_classifier(path) -> SmallClassifier:
     clf.train_info = json.loads(meta.get("train_info", "{}"))
     return clf.eval()
 
-
-def cache_dir() -> Path:
-    """``$FEWSTEP_CACHE`` or ``~/.cache/fewstep``."""
-    return Path(os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep")
 
 
 def _cache_path(spec: str) -> Path:
