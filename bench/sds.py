@@ -276,7 +276,8 @@ def main() -> None:
             m = res["machine"]
             if table is None:
                 c = res.get("classifier", {})
-                print(f"Teacher: {res['teacher']} ({res['steps']} steps, {res['teacher_seconds']:.0f} s), classifier "
+                took = f", {res['teacher_seconds']:.0f} s" if res["teacher_seconds"] > 1 else ", trained before"
+                print(f"Teacher: {Path(res['teacher']).name} ({res['steps']} steps{took}), classifier "
                       f"held-out accuracy {c.get('val_accuracy', '?')}; {m['date']}.\n")
                 continue
             print(f"`{res['command']}` on {m['nproc']} cores ({m['cpu']}), {m['date']}, commit {m['commit']}.\n")
