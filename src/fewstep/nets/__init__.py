@@ -20,10 +20,12 @@ from .unet import UNet
 NETS = {"mlp": MLP, "unet": UNet, "pointnet": PointNet}
 
 
-def build_from(registry: dict, config: dict, what: str) -> nn.Module:
+def build_from(registry: dict, config: dict, what: str, refused: tuple = (TypeError,)) -> nn.Module:
     """The module ``registry[config["kind"]](**rest)`` with fresh parameters; a config that is
-    not an object, an unknown kind, options the class does not take or values it refuses are
-    one :class:`~fewstep.errors.UserError` line each (``what``: e.g. "network", "field")."""
+    not an object, an unknown kind, options the class does not take, or an error of the types
+    ``refused`` from the class are one :class:`~fewstep.errors.UserError` line each (``what``:
+    e.g. "network", "field"); other errors pass to the caller (model.json's loader names the
+    file and field)."""
     if not isinstance(config, dict):
         raise UserError(f"{what} config must be an object with a \"kind\" ({', '.join(registry)}), got {config!r}")
     config = dict(config)
@@ -38,7 +40,7 @@ def build_from(registry: dict, config: dict, what: str) -> nn.Module:
                         f"valid: {', '.join(accepted)}")
     try:
         return cls(**config)
-    except (TypeError, ValueError) as err:
+    except refused as err:
         raise UserError(f"{what} config for '{kind}': {err}") from None
 
 

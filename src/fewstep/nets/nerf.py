@@ -177,7 +177,7 @@ def build_field(config: dict) -> nn.Module:
     """The field described by ``config = {"kind": "voxel" | "mlp", **kwargs}`` (fresh values)."""
     from . import build_from
 
-    return build_from(FIELDS, config, "field")
+    return build_from(FIELDS, config, "field", refused=(TypeError, ValueError))
 
 
 def composite(density: torch.Tensor, colour: torch.Tensor, deltas: torch.Tensor,
