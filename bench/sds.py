@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -100,7 +99,7 @@ def run_points(steps: int) -> dict:
         for label, extra in todo:
             opts = {"teacher": f"gmm:{path}", "count": 64, "batch_size": 64, "steps": steps, "lr": 0.02, "seed": 0,
                     **extra}
-            tag = f"{mname}-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items())) or "default"
+            tag = f"{mname}-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items()))
             out, secs = _distill(tag, opts)
             ev = json.loads((out / "eval.json").read_text())
             x = load_generator(out).sample(64).double()

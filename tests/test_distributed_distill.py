@@ -43,6 +43,8 @@ METHODS = {  # run folder: (method, options)
     "ctm": ("ctm", {"steps": 6, "levels": 6, "eval_samples": 16}),
     # sCM: the JVP tangent through the DDP-wrapped student's own forward, the learned weighting in the student
     "scm": ("scm", {"steps": 6, "tangent_warmup": 3, "eval_samples": 16}),
+    # SDS: a generator (learnable points, no net) under the teacher's score, rows cycling through the points
+    "sds": ("sds", {"steps": 6, "count": 16, "net": None}),
 }
 
 

@@ -179,6 +179,7 @@ def test_generator_run_folder_and_cli(four, tmp_path, capsys):
                                                         "unweighted"),
     (["--paas-samples", "3"], "sjc"), (["--fine-steps", "10"], "nerf"), (["--render-size", "8"], "nerf"),
     (["--t-max", "1.5"], "--t-max"), (["--count", "0"], "--count"),
+    (["--net", '{"kind": "mlp", "dim": 2}'], "--net"),
 ])
 def test_bad_options_one_line(four, tmp_path, capsys, args, word):
     spec, _ = four

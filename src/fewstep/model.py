@@ -731,10 +731,6 @@ class GeneratorRun:
         self.kind = module.config["kind"]
         self.shape = tuple(meta["data"]["shape"])
 
-    @property
-    def device(self):
-        return next(self.module.parameters()).device
-
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """The first ``n`` points / images (at most the run's ``count``: one line when more are
         asked), or ``n`` renders of the field from random views drawn with ``seed``."""

@@ -27,7 +27,7 @@ whose gradient in x is g exactly and whose value is 0.5 ||g||^2 (the logged loss
   eps(null)), which in sigma-space is D_w = D(null) + w (D(c) - D(null))
   (:class:`fewstep.denoiser.CFGDenoiser`); DreamFusion used w = 100. ``--label c`` is the
   "prompt" (a class of a conditional teacher); without it the null class.
-- **SJC** (``--estimator sjc``): the perturb-and-average score (PAAS, their eq. 15),
+- **SJC** (``--estimator sjc``): the perturb-and-average score (PAAS),
   PAAS(x, sqrt(2) sigma) = E_n[ D(x + sigma n, sigma) - x ] / sigma^2, a score estimate at a
   clean, out-of-distribution render x, made by first noising it to a level the teacher knows;
   chained through the Jacobian of the render: the ascent direction sigma PAAS, i.e. the
@@ -117,6 +117,8 @@ COMMON_OVERRIDES = {"ema_decay": 0.0, "grad_clip": 0.0, "warmup": 0, "lr": 0.01,
 
 
 def check_options(cfg: dict) -> None:
+    if cfg.get("net") is not None:
+        raise UserError("--net: sds optimises a generator (--generator points|image|nerf), not a network; drop --net")
     if float(cfg["t_min"]) >= float(cfg["t_max"]):
         raise UserError(f"--t-min {cfg['t_min']} must be below --t-max {cfg['t_max']}")
     if float(cfg["elevation_min"]) > float(cfg["elevation_max"]):
@@ -133,8 +135,11 @@ def check_options(cfg: dict) -> None:
                 raise UserError(f"--{key.replace('_', '-')} is an option of --generator nerf")
         if int(cfg["fine_steps"]):
             raise UserError("--fine-steps (coarse-to-fine) is an option of --generator nerf")
-    elif cfg["count"] is not None:
-        raise UserError("--count is an option of --generator points or image (a field has no count)")
+    else:
+        for key in ("count", "init_std"):
+            if cfg[key] is not None:
+                raise UserError(f"--{key.replace('_', '-')} is an option of --generator points or image (a field "
+                                f"starts near-empty)")
     if cfg["generator"] != "image" and cfg["image_param"] != "pixels":
         raise UserError("--image-param is an option of --generator image")
 
@@ -168,7 +173,7 @@ def sds_gradient(D, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, lab
 
 @torch.no_grad()
 def paas(D, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
-    """SJC's perturb-and-average score (their eq. 15), PAAS(x, sqrt(2) sigma) =
+    """SJC's perturb-and-average score, PAAS(x, sqrt(2) sigma) =
     mean_k (D(x + sigma n_k, sigma) - x) / sigma^2 over the draws ``noise [K, *x.shape]``."""
     s = _b(sigma, x)
     kw = {} if labels is None else {"labels": labels}
@@ -257,7 +262,6 @@ def _build(gen_cfg: dict, init=None):
         if gen_cfg["field"]["kind"] == "voxel":
             field = field.upsampled(int(gen_cfg["field"]["resolution"]))
         gen.field.load_state_dict(field.state_dict())
-        gen.config["field"] = dict(getattr(gen.field, "config", gen_cfg["field"]))
     return gen
 
 
@@ -309,11 +313,8 @@ def stages(job):
                 extra = 0.0
                 if kind == "nerf":
                     gj = torch.Generator(device=b["seed"].device).manual_seed(int(b["seed"][0]))
-                    m = getattr(model, "module", model)
-                    out = m.render(b["origin"], b["rotation"], generator=gj)
-                    x = out["image"]
-                    if x.shape[-1] != shape[-1]:
-                        x = torch.nn.functional.interpolate(x, size=shape[-2:], mode="bilinear", align_corners=False)
+                    # through the (accelerate-wrapped) module's forward, so gradients sync across processes
+                    x, out = model(b["origin"], b["rotation"], generator=gj, details=True)
                     if float(cfg["emptiness"]) > 0:
                         scale = 1 + (EMPTINESS_MULTIPLIER - 1) * b["late"].to(x.dtype)
                         extra = float(cfg["emptiness"]) * scale * emptiness(out.get("weights", out["opacity"]))

@@ -150,11 +150,15 @@ class NerfGenerator(nn.Module):
         return render(self.field, self.cameras(origin, rotation), int(size or c["render_size"]), samples=c["samples"],
                       background=c["background"], generator=generator)
 
-    def forward(self, origin: torch.Tensor, rotation: torch.Tensor, generator: Optional[torch.Generator] = None):
-        img = self.render(origin, rotation, generator=generator)["image"]
+    def forward(self, origin: torch.Tensor, rotation: torch.Tensor, generator: Optional[torch.Generator] = None,
+                details: bool = False):
+        """Renders at the teacher's size ``[n, C, size, size]``; with ``details`` also the
+        renderer's dict (opacity, depth, per-sample weights at ``render_size``)."""
+        out = self.render(origin, rotation, generator=generator)
+        img = out["image"]
         if img.shape[-1] != self.config["size"]:
             img = F.interpolate(img, size=(self.config["size"],) * 2, mode="bilinear", align_corners=False)
-        return img
+        return (img, out) if details else img
 
     def draw_cameras(self, n: int, generator: Optional[torch.Generator] = None):
         from .cameras import random_orbit
