@@ -123,3 +123,20 @@ def fmt(v, p: int = 4) -> str:
 def where(m: dict) -> str:
     """The machine line of a table from :func:`machine`'s dict."""
     return f"{m['nproc']} cores ({m['cpu']}), torch {m['torch']}, {m['date']}, commit {m['commit']}"
+
+
+def save_part(out: Path, name: str, res: dict) -> None:
+    """A benchmark part's results as ``out/NAME.json``, with this machine's description."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    res["machine"] = machine()
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+
+
+def load_part(out: Path, name: str) -> dict:
+    """``out/NAME.json`` of :func:`save_part`, or {} before that part ran."""
+    import json
+
+    p = out / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else {}

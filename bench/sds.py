@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import load_part, save_part  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", Path(__file__).resolve().parent / "out"))
 RUNS = OUT / "sds_runs"
@@ -43,14 +43,11 @@ CLASSES = ("sphere", "cube", "torus", "cylinder", "cone")
 
 
 def _save(part: str, res: dict) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    res["machine"] = machine()
-    (OUT / f"sds_{part}.json").write_text(json.dumps(res, indent=1))
+    save_part(OUT, f"sds_{part}", res)
 
 
 def _load(part: str) -> dict:
-    p = OUT / f"sds_{part}.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return load_part(OUT, f"sds_{part}")
 
 
 def _distill(name: str, opts: dict, fresh: bool = True) -> tuple[Path, float]:

@@ -35,7 +35,7 @@ LAYERS = [
     # one layer: model.py dispatches diffusers: specs to interop/diffusers_teacher, which
     # builds a Model; interop/diffusers_export reads a Model
     # families/ (models before diffusion) build Models and are loaded by model.py
-    ("model", ["model", "interop", "families"]),
+    ("model", ["model", "interop", "families", "tts"]),
     # above model: the stage runner (train/job.py) reloads finished stages as teachers
     ("train", ["train"]),
     ("methods", ["schedules", "methods"]),

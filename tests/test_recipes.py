@@ -3,7 +3,9 @@ local MNIST IDX / CIFAR-10 binary files (written here with random content in the
 the same options, only the width, steps, batch and number of rounds/pairs made small."""
 import gzip
 import json
+import math
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -139,3 +141,19 @@ def test_renders_teacher_recipe_runs_at_toy_size(tmp_path):
                warmup=1)
     model = load(train_teacher(cfg, str(tmp_path / "run"), progress=False))
     assert model.num_classes == 5 and tuple(model.shape) == (3, 16, 16)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is installed by .ci/run")
+def test_speech_teacher_recipe_runs_at_toy_size(tmp_path):
+    """recipes/speech_teacher.json (issue 18's ProDiff teacher) on 8 utterances, 2 steps, toy width;
+    its final check speaks held-out sentences and writes the mel L1 beside the mean-frame guess."""
+    cfg = read_config_file(RECIPES / "speech_teacher.json")
+    assert cfg["data"].startswith("speech:") and cfg["net"]["kind"] == "prodiff" and cfg["prediction"] == "x0"
+    cfg["net"] = {**cfg["net"], "hidden": 32, "encoder_layers": 1, "residual_layers": 2, "residual_channels": 32}
+    cfg.update(data="speech:8", steps=2, batch_size=4, checkpoint_every=1, eval_nfe=2, device="cpu", warmup=1)
+    run = Path(train_teacher(cfg, str(tmp_path / "run"), progress=False))
+    model = load(str(run))
+    ev = json.loads((run / "eval.json").read_text())
+    assert model.kind == "speech" and tuple(model.shape) == (1024, 80)
+    assert ev["utterances"] == 8 and math.isfinite(ev["mel_l1"]) and ev["mel_l1_mean_frame"] > 0
+    assert (run / "samples.png").is_file()

@@ -240,12 +240,6 @@ class Model:
         self.latent_shape = tuple(latent_shape) if latent_shape else self.shape
         self._variants = {}
 
-    def noise(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
-        """Starting points at sigma_max in sigma-space: sigma_max * eps."""
-        n, seed = whole(n, "n"), _seed(seed)
-        g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        return self.sigma_max * torch.randn((n,) + self.latent_shape, generator=g, dtype=self.dtype).to(self.device)
-
     @property
     def sampling(self) -> dict:
         """The model's own sampling rule (students; empty for teachers)."""
@@ -350,10 +344,43 @@ class Model:
                      sigma_max=self.sigma_max, process=self.process, extra_args=extra, **options)
         return out, labels
 
+    def _check_context(self, labels, guidance) -> None:
+        """A speech model's labels: its utterances' contexts [n, P, 6] (phonemes, durations,
+        pitch, energy, speaker: :func:`fewstep.tts.context_of`), always given; no guidance."""
+        from .nets.prodiff import CONTEXT
+
+        name = self.name or "the model"
+        if labels is None:
+            raise UserError(f"{name} is a speech model: it speaks given text; use fewstep sample RUN --text "
+                            f"\"...\" --out x.wav (in Python: fewstep.tts.speak)")
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 3 or labels.shape[-1] != len(CONTEXT):
+            raise UserError(f"labels for the speech model {name} are contexts [n, phonemes, {len(CONTEXT)}] "
+                            f"({', '.join(CONTEXT)}); build them with fewstep.tts.context_of")
+        if guidance is not None:
+            raise UserError(f"{name} is a speech model without classes: --guidance does not apply")
+
+    def noise(self, n: int, seed: Optional[int] = None, labels=None) -> torch.Tensor:
+        """Starting points at sigma_max in sigma-space: sigma_max * eps (a speech model's: as
+        many frames as the contexts' longest utterance)."""
+        shape = self.latent_shape
+        if self.kind == "speech" and labels is not None:
+            from .nets.prodiff import frame_lengths
+
+            shape = (int(frame_lengths(labels).max()),) + tuple(self.latent_shape[1:])
+        n, seed = whole(n, "n"), _seed(seed)
+        g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        return self.sigma_max * torch.randn((n,) + shape, generator=g, dtype=self.dtype).to(self.device)
+
     def _start(self, n: int, seed, x, labels, guidance) -> tuple:
         """(x_T, the denoiser with its conditioning, its extra arguments, the labels) of a draw:
         labels and guidance checked, the noise drawn from ``seed`` unless ``x`` is given."""
         self.check_conditioning(labels, guidance)
+        if self.kind == "speech":
+            if len(labels) != n:
+                raise UserError(f"the speech model got {len(labels)} contexts for n = {n}; give one per sample")
+            labels = labels.to(self.device)
+            x = self.noise(n, seed, labels) if x is None else x.to(self.device, self.dtype)
+            return x, self.denoiser, {"labels": labels}, labels
         x = self.noise(n, seed) if x is None else x.to(self.device, self.dtype)
         return (x, *self._conditioned(n, seed, labels, guidance))
 
@@ -491,6 +518,8 @@ class Model:
         is built in) unless it was distilled at w = 1 with a null branch (--label-dropout); a
         guided student (``w_input``) takes any w as its input (a note outside its range)."""
         name = self.name or "the model"
+        if self.kind == "speech":
+            return self._check_context(labels, guidance)
         if labels is not None:
             if not self.num_classes:
                 raise UserError(f"{name} is unconditional: it takes no --label")

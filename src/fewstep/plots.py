@@ -104,3 +104,25 @@ def save_samples_png(x: torch.Tensor, path, labels=None, title: str = "") -> Pat
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     draw_samples(ax, x, labels, title)
     return _save(plt, fig, path)
+
+
+def save_mels_png(rows: dict, path, n: int = 4) -> Path:
+    """Log-mel spectrograms side by side: ``rows`` maps a title to a list of mels [F, bins]
+    (natural log), the first ``n`` of each drawn as columns, frames left to right, low
+    frequencies at the bottom, one colour scale for all."""
+    plt = _plt()
+    rows = {k: [m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else m for m in v][:n] for k, v in rows.items()}
+    cols = max(len(v) for v in rows.values())
+    values = [m for v in rows.values() for m in v]
+    lo, hi = min(float(m.min()) for m in values), max(float(m.max()) for m in values)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 2.0 * len(rows)), squeeze=False)
+    for r, (title, mels) in enumerate(rows.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(mels):
+                ax.imshow(mels[c].T, origin="lower", aspect="auto", vmin=lo, vmax=hi, cmap="magma")
+            if c == 0:
+                ax.set_ylabel(title, fontsize=8)
+    return _save(plt, fig, path)

@@ -44,7 +44,15 @@ def add_parser(sub) -> None:
                                                              "discriminator guidance in any sampler (one discriminator "
                                                              "gradient per evaluation)")
     p.add_argument("--dg-weight", type=cli_number, help="discriminator guidance weight (default: the run's dg_weight)")
-    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--text", help="a speech model (fewstep train --data speech:N --net prodiff, or its students): "
+                                  "the sentence to speak; --out is then a .wav file (Griffin-Lim), with the mel "
+                                  "spectrogram as a PNG beside it")
+    p.add_argument("--voice", help="speech: the espeak-ng voice whose phonemes are read and whose speaker the model "
+                                   "takes (default en-us; the voices of the data: en-us, en-us+m3, en-us+f2, "
+                                   "en-us+f4, en-us+m7)")
+    p.add_argument("--pace", type=cli_number, help="speech: speaking rate, the predicted durations divided by it "
+                                                   "(default 1)")
+    p.add_argument("--out", required=True, help="output .npz file (a .wav file with --text)")
     p.add_argument("--seed", type=cli_number, default=0, help="random seed (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_sample)
@@ -62,6 +70,8 @@ def cmd_sample(a) -> int:
     from ..train.runfolder import check_output
 
     out = Path(a.out)
+    if a.text is not None or a.voice is not None or a.pace is not None:
+        return _speak(a, out)
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: the output must be a .npz file")
     from ..model import GENERATOR_ROLE
@@ -140,6 +150,48 @@ def _sample_generator(a, out: Path) -> int:
     what = {"nerf": f"{n} random views of the field"}.get(run.kind, f"{len(x)} {run.kind} outputs")
     png = save_samples_png(x, out.with_suffix(".png"), title=f"sds {run.kind}")
     print(f"wrote {what} to {out} and {png}")
+    return 0
+
+
+SPEECH_DEFAULT_NFE = 8  # a speech teacher's steps when --nfe is not given (a student: its fewest)
+
+
+def _speak(a, out: Path) -> int:
+    """``--text``: a speech model's wav (and mel PNG) of one sentence."""
+    import time
+
+    from ..model import load
+    from ..plots import save_mels_png
+    from ..train.options import check_args
+    from ..train.runfolder import check_output
+    from ..tts import context_of, speak, speech_net, write_wav
+
+    if a.text is None:
+        raise UserError("--voice and --pace shape speech from --text; give --text \"...\" too")
+    if out.suffix != ".wav":
+        raise UserError(f"--out {out}: with --text the output is a .wav file")
+    given = [f for f in ("n", "label", "guidance", "covariance", "discriminator", "dg_weight", "afs", "eta")
+             if getattr(a, f, None) not in (None, False)]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} does not apply to --text (one sentence, a speech model)")
+    check_args(a, _checks())
+    if a.pace is not None and not 0.25 <= float(a.pace) <= 4.0:
+        raise UserError(f"--pace must lie in [0.25, 4] (1 = the model's own speed), got {a.pace}")
+    check_output(out, file=True)
+    check_output(out.with_suffix(".png"), flag="--out (its PNG)", file=True)
+    model = load(a.model, device=a.device)
+    speech_net(model)  # a speech model, else one line
+    nfe = a.nfe
+    if nfe is None:
+        rounds = model.sampling.get("variants") or model.sampling.get("grids") or {}
+        nfe = min(int(k) for k in rounds) if rounds else SPEECH_DEFAULT_NFE
+    t0 = time.time()
+    ctx, _ = context_of(model, [a.text], voice=a.voice or "en-us", pace=float(a.pace or 1.0))
+    spoken = speak(model, ctx, nfe=int(nfe), sampler=a.sampler, grid=a.grid, seed=int(a.seed))[0]
+    write_wav(out, spoken["wav"])
+    png = save_mels_png({f"{nfe} NFE": [spoken["mel"]]}, out.with_suffix(".png"), n=1)
+    seconds = len(spoken["wav"]) / 22050.0
+    print(f"wrote {seconds:.2f} s of speech to {out} ({nfe} NFE, {time.time() - t0:.1f} s) and {png}")
     return 0
 
 

@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
                                   "shapes16, shapes32, mnist:DIR, cifar10:DIR, or a .npy/.npz file / PNG folder")
     p.add_argument("--process", help="noise process: vp, vp_cosine, vp_discrete (ddpm), ve, edm, flow")
     p.add_argument("--prediction", help="network parametrization: eps, x0, v, score, flow, edm")
+    p.add_argument("--net", help="network: a kind (mlp, unet, pointnet, prodiff: its defaults for the data), a JSON "
+                   "object {\"kind\": ..., **options} or a .json file (default: a net for the data)")
     p.add_argument("--weighting", help="loss weighting: simple, x0, snr, truncated_snr, min_snr, v, edm, likelihood")
     p.add_argument("--conditional", action="store_true", default=None, help="class-conditional (labelled data)")
     p.add_argument("--label-dropout", type=cli_number, default=None, metavar="P",
@@ -117,6 +119,11 @@ def cmd_train(a) -> int:
 
     # with --resume the options given are checked against the stored run (fewstep.train.resume)
     overrides = {k: getattr(a, k) for k in TRAIN_KEYS + ("family",) + LOOP_NAMES + tuple(family_keys())}
+    if a.net is not None:
+        from ..train.options import check_net, read_net
+
+        check_net(a.net, "--net")
+        overrides["net"] = read_net(a.net, "--net")
     if not a.resume:  # a new run: --out checked before any work (fewstep.train.runfolder.check_output)
         from ..train.runfolder import check_output
 

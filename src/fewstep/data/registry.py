@@ -17,6 +17,10 @@
   there; ``cifar10:DIR`` (the binary batches);
 - a path to a ``.npy`` / ``.npz`` file or a folder of images;
 - ``clouds:FILE.npy`` / ``clouds:FILE.npz``: user point clouds ``[n, N, 3]``;
+- ``speech[:N][:test]`` / ``speech:DIR``: utterances (:mod:`fewstep.data.speech`, default
+  1000) as a :class:`SpeechData`: normalised log-mels ``[n, F, 80]`` padded to the longest,
+  each with its phoneme context ``labels`` ``[n, P, 6]`` (:data:`fewstep.nets.prodiff.CONTEXT`)
+  and its frame count; ``speech:N``'s held-out counterpart is ``speech:N:test``;
 - ``gmm:FILE.npz``: ``n`` fresh samples (float32, default 20000) of the exact Gaussian
   mixture (:mod:`fewstep.data.gmm`), with its classes as labels when it has them: the
   data whose density, score and flow are known, for training any family against truth.
@@ -47,7 +51,7 @@ from .toys import TOYS, make_toy
 DEFAULT_TOY_N = 20000
 DEFAULT_SHAPES_N = 10000
 _SHAPES = {"shapes16": 16, "shapes32": 32}
-_PREFIXES = ("fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b",
+_PREFIXES = ("speech:N[:test]", "speech:DIR", "fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b",
              "renders:classes=a+b,size=S", "clouds:FILE.npy", "gmm:FILE.npz")
 _MNIST_NAMES = {
     "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -86,10 +90,48 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.x)
 
+    context = False  # True for data whose labels are a per-sample context tensor (speech), not classes
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(x0, labels or None, mask or None) of the samples at ``idx``; a mask (speech) marks
+        the real positions of padded samples."""
+        return self.x[idx], None if self.labels is None else self.labels[idx], None
+
+
+@dataclass
+class SpeechData(Dataset):
+    """Speech (``kind == 'speech'``): ``x`` normalised log-mels [n, F, 80] zero-padded to the
+    set's longest, ``labels`` the phoneme contexts [n, P, 6] (always there: the condition of
+    every speech model), ``lengths`` the frames of each. One sample's ``shape`` is
+    ``(MAX_FRAMES, 80)``, the longest a speech model takes, for every speech set alike;
+    :meth:`take` cuts a batch to its own longest utterance and gives its frame mask."""
+
+    lengths: Optional[torch.Tensor] = None
+    utterances: Optional[object] = None  # the SpeechSet
+
+    context = True
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        from .speech import MAX_FRAMES, N_MELS
+
+        return (MAX_FRAMES, N_MELS)
+
+    def take(self, idx: torch.Tensor):
+        from ..nets.prodiff import PHONEME
+
+        idx = torch.as_tensor(idx).long()
+        lengths = self.lengths[idx]
+        frames = int(lengths.max())
+        ctx = self.labels[idx]
+        phonemes = int((ctx[..., PHONEME] > 0).sum(1).max())
+        mask = torch.arange(frames)[None] < lengths[:, None]
+        return self.x[idx, :frames], ctx[:, :phonemes], mask
+
 
 def dataset_names() -> list[str]:
     """The built-in dataset names (files and ``mnist:DIR`` / ``cifar10:DIR`` come on top)."""
-    return [*TOYS, "digits", "fashion", *_SHAPES, "pointclouds", "renders"]
+    return [*TOYS, "digits", "fashion", *_SHAPES, "pointclouds", "renders", "speech"]
 
 
 def _find_mnist(folder: Path, role: str) -> Optional[Path]:
@@ -220,10 +262,23 @@ def _dataset(spec: str, triple: images.ImageSet) -> Dataset:
     return Dataset(x=x, labels=labels, num_classes=k, kind=kind, name=name)
 
 
+def speech_data(utterances, name: str) -> SpeechData:
+    """A :class:`SpeechData` of a :class:`~fewstep.data.speech.SpeechSet`."""
+    from . import speech
+
+    x, ctx, lengths = speech.tensors(utterances)
+    return SpeechData(x=x, labels=ctx, num_classes=0, kind="speech", name=name, lengths=lengths,
+                      utterances=utterances)
+
+
 def load_dataset(spec: str, n: Optional[int] = None, seed: int = 0) -> Dataset:
     """Load the dataset named by ``spec`` (see the module docstring) as a :class:`Dataset`."""
     if n is not None and int(n) < 1:
         raise UserError(f"dataset '{spec}': n must be a positive count, got {n}")
+    from . import speech
+
+    if speech.is_spec(spec):
+        return speech_data(speech.load_speech(str(spec), n, seed), str(spec))
     triple, exact = _load(str(spec), None if n is None else int(n), seed)
     return _dataset(str(spec), triple if exact else _subset(triple, n, seed))
 
@@ -240,6 +295,10 @@ def held_out(spec: str, n: int, seed: int, train_n: Optional[int] = None, train_
     - ``"training"``: a finite set used whole for training: ``n`` of its samples."""
     if int(n) < 1:
         raise UserError(f"dataset '{spec}': n must be a positive count, got {n}")
+    from . import speech
+
+    if speech.is_spec(spec):  # the held-out sentences, never in training
+        return speech_data(speech.held_out_speech(str(spec), int(n), seed), f"{spec} (held-out sentences)"), "test"
     test = test_split(spec)
     if test is not None:
         return load_dataset(test, n=int(n), seed=seed), "test"

@@ -96,12 +96,14 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_write, cache_dir
+from ..nets.prodiff import CONTEXT, DURATION, ENERGY, PHONEME, PITCH, SPEAKER, VOICED, expand  # noqa: F401
 
 __all__ = ["SAMPLE_RATE", "HOP", "N_FFT", "WIN", "N_MELS", "FMIN", "FMAX", "MEL_FLOOR", "PHONEMES",
            "PAD", "UNK", "VOICES", "SPEEDS", "DEFAULT_N", "Utterance", "SpeechSet", "espeak_binary",
            "espeak_version", "synthesize", "phoneme_ids", "frame_durations", "features", "phoneme_means",
            "load_speech", "held_out_speech", "is_spec", "expand", "mel_to_wav", "sentences", "train_sentences",
-           "test_sentences", "align_to_reference"]
+           "test_sentences", "align_to_reference", "MAX_FRAMES", "normalize_mel", "denormalize_mel", "context",
+           "tensors", "phonemize"]
 
 SAMPLE_RATE = 22050
 HOP = 256
@@ -115,6 +117,15 @@ F0_MIN, F0_MAX = 60.0, 600.0
 PYIN_RESOLUTION = 0.1      # librosa's default: 0.1 semitone pitch bins
 VOICED_GATE_DB = 30.0      # frames this far below the loudest are unvoiced
 LEAD_SAMPLES, TAIL_SAMPLES = 512, 6615  # user audio: silence kept before (23 ms) and after (0.3 s)
+MAX_FRAMES = 1024          # the longest utterance a speech model takes (11.9 s)
+# Fixed scalings of the model's inputs, the same for every speech set (so a student trained on
+# other utterances than its teacher sees the same numbers): the log-mel's range [log MEL_FLOOR,
+# MEL_HI] maps to [-1, 1] (ProDiff / DiffSinger scale by the training set's per-bin min and max;
+# one fixed range instead keeps sets and models interchangeable); log f0 and log energy are
+# standardised by the means and deviations of speech:1000 (seed 0), rounded.
+MEL_LO, MEL_HI = math.log(MEL_FLOOR), 2.0  # speech:1000's loudest bin is 1.41
+LOG_F0 = (4.9, 0.3)        # speech:1000: 4.88, 0.31
+LOG_ENERGY = (3.0, 1.3)    # speech:1000: 2.99, 1.26
 FEATURES_VERSION = 1       # bump when the features or the alignment rule change
 
 VOICES = ("en-us", "en-us+m3", "en-us+f2", "en-us+f4", "en-us+m7")
@@ -787,28 +798,66 @@ def _user_utterance(path: Path, name: str, text: str) -> Utterance:
                      f0=feats["f0"], frame_energy=feats["energy"], name=name)
 
 
-# ------------------------------------------------------------------ length regulator, vocoder
-def expand(encoded: torch.Tensor, durations: torch.Tensor, max_frames: Optional[int] = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FastSpeech's length regulator: phoneme states ``encoded`` [B, P, D] repeated by
-    their integer ``durations`` [B, P] (padding phonemes have duration 0) into frames
-    [B, F, D] and the frame mask [B, F]; ``F = max_b sum_p durations[b, p]`` unless
-    ``max_frames`` is given (longer rows are cut). Padding frames are 0. Differentiable in
-    ``encoded`` (a gather)."""
-    if encoded.ndim != 3 or durations.shape != encoded.shape[:2]:
-        raise ValueError(f"expand: encoded [B, P, D] and durations [B, P], got {tuple(encoded.shape)} "
-                         f"and {tuple(durations.shape)}")
-    durations = durations.long().clamp_min(0)
-    ends = durations.cumsum(dim=1)                                   # [B, P]
-    total = ends[:, -1] if ends.shape[1] else torch.zeros(len(ends), dtype=torch.long, device=ends.device)
-    frames = int(total.max()) if max_frames is None and len(total) else int(max_frames or 0)
-    pos = torch.arange(frames, device=encoded.device).expand(len(encoded), frames).contiguous()
-    index = torch.searchsorted(ends, pos, right=True).clamp_max(max(encoded.shape[1] - 1, 0))
-    mask = pos < total[:, None]
-    out = torch.gather(encoded, 1, index[..., None].expand(-1, -1, encoded.shape[2]))
-    return out * mask[..., None].to(out.dtype), mask
+# ------------------------------------------------------------------ model tensors
+def normalize_mel(mel):
+    """A log-mel (natural log) to the model's range: [log MEL_FLOOR, MEL_HI] -> [-1, 1]."""
+    return (mel - MEL_LO) / (MEL_HI - MEL_LO) * 2.0 - 1.0
 
 
+def denormalize_mel(x):
+    """The inverse of :func:`normalize_mel`."""
+    return (x + 1.0) / 2.0 * (MEL_HI - MEL_LO) + MEL_LO
+
+
+def context(utterances: Sequence["Utterance"]) -> torch.Tensor:
+    """The phoneme contexts [B, P, 6] (:data:`fewstep.nets.prodiff.CONTEXT`) of utterances,
+    zero-padded: ids, durations, standardised log f0 (0 where unvoiced) and voiced flag,
+    standardised log energy, speaker (:data:`VOICES` index, -1 for another voice)."""
+    if not utterances:
+        raise UserError("speech context: no utterances given")
+    P = max(len(u.phoneme_ids) for u in utterances)
+    out = torch.zeros(len(utterances), P, len(CONTEXT))
+    for b, u in enumerate(utterances):
+        n = len(u.phoneme_ids)
+        pitch = np.asarray(u.pitch, np.float64)
+        voiced = pitch > 0
+        out[b, :n, PHONEME] = torch.as_tensor(u.phoneme_ids, dtype=torch.float32)
+        out[b, :n, DURATION] = torch.as_tensor(u.durations, dtype=torch.float32)
+        out[b, :n, PITCH] = torch.as_tensor(np.where(voiced, (pitch - LOG_F0[0]) / LOG_F0[1], 0.0), dtype=torch.float32)
+        out[b, :n, VOICED] = torch.as_tensor(voiced, dtype=torch.float32)
+        energy = np.log(np.maximum(np.asarray(u.energy, np.float64), 1e-5))
+        out[b, :n, ENERGY] = torch.as_tensor((energy - LOG_ENERGY[0]) / LOG_ENERGY[1], dtype=torch.float32)
+        out[b, :, SPEAKER] = float(u.speaker)
+    return out
+
+
+def tensors(utterances: Sequence["Utterance"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normalised log-mels [B, F, 80] zero-padded, contexts [B, P, 6], frames [B]) of
+    utterances; one longer than :data:`MAX_FRAMES` is refused in one line."""
+    utterances = list(utterances)
+    if not utterances:
+        raise UserError("speech data: no utterances")
+    long = [u for u in utterances if u.frames > MAX_FRAMES]
+    if long:
+        raise UserError(f"speech data: '{long[0].text[:40]}' has {long[0].frames} frames, more than the "
+                        f"{MAX_FRAMES} ({MAX_FRAMES * HOP / SAMPLE_RATE:.1f} s) a speech model takes; split it")
+    lengths = torch.tensor([u.frames for u in utterances], dtype=torch.long)
+    x = torch.zeros(len(utterances), int(lengths.max()), N_MELS)
+    for b, u in enumerate(utterances):
+        x[b, :u.frames] = normalize_mel(torch.as_tensor(u.mel, dtype=torch.float32))
+    return x, context(utterances), lengths
+
+
+def phonemize(text: str, voice: str = "en-us", speed: int = 160) -> "Utterance":
+    """espeak-ng's reading of ``text`` (its phonemes, and its own timing and audio as a
+    reference): :func:`synthesize`, cached."""
+    text = str(text).strip()
+    if not text:
+        raise UserError("--text: give a sentence to speak")
+    return synthesize(text, voice=voice, speed=speed)
+
+
+# ------------------------------------------------------------------ vocoder
 def mel_to_wav(mel, n_iter: int = 32, seed: int = 0) -> np.ndarray:
     """Griffin-Lim audio (float32, :data:`SAMPLE_RATE`) of a log-mel [F, 80] of this
     module: ``exp``, librosa's NNLS mel inverse (``mel_to_stft``, power 1) and

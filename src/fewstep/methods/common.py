@@ -150,13 +150,17 @@ class Conditioning:
     guidance: float = 1.0
     label_dropout: float = 0.0
     prior: Optional[Tensor] = None
+    context: bool = False  # labels are each sample's context (speech: its phonemes), drawn with the data
 
     @property
     def on(self) -> bool:
-        return self.num_classes > 0
+        return self.num_classes > 0 or self.context
 
     def draw(self, n: int, gen: torch.Generator) -> Optional[Tensor]:
-        """n labels (None when unconditional)."""
+        """n labels (None when unconditional; a context comes with its data, never drawn alone)."""
+        if self.context:
+            raise UserError("a speech teacher's conditioning (its utterances' phonemes) comes with its data; this "
+                            "method draws labels without data and cannot distil it")
         if not self.on:
             return None
         p = self.prior if self.prior is not None else torch.ones(self.num_classes, dtype=torch.float64)
@@ -165,7 +169,7 @@ class Conditioning:
 
     def drop(self, labels: Optional[Tensor], gen: torch.Generator) -> Optional[Tensor]:
         """``labels`` with a share ``label_dropout`` replaced by -1 (no draw when 0)."""
-        if labels is None or self.label_dropout <= 0:
+        if labels is None or self.label_dropout <= 0 or self.context:
             return labels
         labels = labels.clone()
         labels[torch.rand(len(labels), generator=gen) < self.label_dropout] = -1
@@ -180,13 +184,19 @@ class Conditioning:
         return CFGDenoiser(D, self.guidance)
 
     def meta(self) -> dict:
-        return {"guidance": self.guidance, "label_dropout": self.label_dropout} if self.on else {}
+        return {"guidance": self.guidance, "label_dropout": self.label_dropout} if self.num_classes else {}
 
 
 def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
     """The run's :class:`Conditioning`: the teacher's classes (without a teacher: the data's,
     when the student ``--net`` asks for them with ``num_classes``), ``--guidance`` and
     ``--label-dropout``, checked (a guidance or dropout without classes is refused)."""
+    if teacher is not None and getattr(teacher, "kind", None) == "speech":
+        for key in ("guidance", "label_dropout"):
+            if cfg.get(key) not in (None, 0, 0.0) and not (key == "guidance" and cfg.get(key) == 1):
+                raise UserError(f"--{key.replace('_', '-')} {cfg[key]}: the teacher {teacher.name} is a speech model, "
+                                f"conditioned on its text, not on classes; leave it out")
+        return Conditioning(context=True)
     if teacher is not None:
         C = int(getattr(teacher, "num_classes", 0) or 0)
     else:  # no teacher (training from data): conditional when the student net asks for the data's classes
@@ -223,7 +233,13 @@ def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
 
 
 def check_student_net(net, cond: Conditioning, where: str = "--net") -> None:
-    """A conditional run needs a student net with the teacher's classes (it would ignore labels)."""
+    """A conditional run needs a student net with the teacher's classes (it would ignore labels);
+    a speech run one that takes the context."""
+    if cond.context:
+        if not getattr(net, "takes_context", False):
+            raise UserError(f"{where}: the student net does not take the speech context (phonemes, durations); "
+                            f"give a prodiff net")
+        return
     have = int(getattr(net, "config", {}).get("num_classes", 0) or 0) if hasattr(net, "config") else None
     if have is not None and have != cond.num_classes:
         raise UserError(f"{where}: the student net has num_classes {have}, the teacher {cond.num_classes}; "
@@ -242,6 +258,7 @@ class DataSource:
     sigma_data: float
     num_classes: int = 0
     draw_labelled: Optional[Callable] = None  # (n, generator) -> (x0, labels); labels None when unconditional
+    mask_of: Optional[Callable] = None  # labels -> the mask [n, N] of real positions of padded samples (speech)
 
     def labelled(self, n: int, gen: torch.Generator):
         """(x0, labels) of n samples; labels None for unlabelled data (the draws of ``draw``)."""
@@ -323,6 +340,16 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0, n: Optional[in
         raise UserError(f"--data {spec} has {k} classes, the teacher {teacher.num_classes}: its labels would ask "
                         f"the teacher for classes it does not have; give the teacher's labelled data")
 
+    if getattr(ds, "context", False):  # speech: batches cut to their longest utterance, with the frame mask
+        from ..nets.prodiff import frame_mask
+
+        def take(n, g):
+            x0, ctx, _ = ds.take(torch.randint(0, len(ds), (n,), generator=g))
+            return x0, ctx
+
+        return DataSource(lambda n, g: take(n, g)[0], tuple(ds.shape), ds.kind, ds.name, float(x.std()), 0, take,
+                          frame_mask)
+
     def draw(n, g):
         return x[torch.randint(0, len(x), (n,), generator=g)]
 
@@ -341,17 +368,12 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0, n: Optional[in
 def net_config(cfg_net, teacher, shape, kind, num_classes: int = 0) -> dict:
     """The student's network: ``--net`` if given, else the teacher's, else the default for
     the data (an MLP for points)."""
-    import json
-
     from ..nets import net_config_defaults
 
     if cfg_net:
-        if isinstance(cfg_net, str):
-            try:
-                cfg_net = json.loads(Path(cfg_net).read_text() if cfg_net.endswith(".json") else cfg_net)
-            except (OSError, json.JSONDecodeError) as e:
-                raise UserError(f"--net {cfg_net}: not a JSON net config or file ({e})") from None
-        return dict(cfg_net)
+        from ..train.options import read_net
+
+        return read_net(cfg_net, "--net")
     if teacher is not None and not is_exact(teacher) and "net" in teacher.meta:
         return dict(teacher.meta["net"])
     return net_config_defaults(kind, shape, int(num_classes or getattr(teacher, "num_classes", 0) or 0))

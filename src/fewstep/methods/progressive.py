@@ -42,7 +42,7 @@ from .common import (PD_OPTIONS, STUDENT_PREDICTIONS, bcast, call_denoiser, chec
 OPTIONS = PD_OPTIONS
 DEFAULTS = table_defaults(OPTIONS)
 HELP = table_help(OPTIONS)
-KINDS = ("points", "image")  # a cloud teacher: fewstep distill pointcloud (or knowledge, reflow)
+KINDS = ("points", "image", "speech")  # a cloud teacher: fewstep distill pointcloud (or knowledge, reflow)
 
 
 def check_options(cfg: dict) -> None:
@@ -95,6 +95,8 @@ def _student(prev, cfg, process, prediction, data, net_cfg, first_copy: bool):
     T = prev.denoiser
     net = build_net(prev.meta["net"])
     net.load_state_dict({k: v.detach().cpu() for k, v in T.net.state_dict().items()})
+    if hasattr(net, "freeze_context"):  # ProDiff's student keeps its teacher's text encoder and adaptor
+        net.freeze_context()
     return ModelDenoiser(net, T.process, T.prediction, T.sigma_data), dict(prev.meta["net"])
 
 
@@ -131,7 +133,7 @@ def prepare(job, method: str = "progressive", kinds=KINDS):
     process = process_from_config(cfg["process"])
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
     cond = conditioning(cfg, teacher)
-    if cond.on and not data.num_classes:
+    if cond.num_classes and not data.num_classes:
         raise UserError(f"the teacher is class-conditional but its training data {data.name} has no labels; "
                         f"give labelled --data")
     return SimpleNamespace(teacher=teacher, rounds=_rounds(n0, n_end, copy), base=level_grid(process, n0,
@@ -171,7 +173,7 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
     classifier loss so. ``frozen``: more modules of every round's task, moved to the device
     and never trained (CFD's classifier). Without either the rounds are those of plain
     progressive distillation, bit for bit."""
-    from ..train.losses import x0_weight
+    from ..train.losses import per_sample_mean, x0_weight
 
     cfg = job.cfg
     n0 = len(base) - 1
@@ -199,6 +201,8 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
                 batch = {"x0": x0, "eps": eps, "sigma": grid_s[i], "rows": rows}
                 if cond.on:
                     batch["labels"] = cond.drop(labels, gen)
+                if data.mask_of is not None:  # padded sequences (speech): the loss counts real frames only
+                    batch["mask"] = data.mask_of(labels)
                 if w_input is not None:
                     lo, hi = float(w_input[0]), float(w_input[1])
                     batch["w"] = lo + (hi - lo) * torch.rand(B, generator=gen)
@@ -213,13 +217,13 @@ def run_rounds(job, teacher, rounds: list, base: torch.Tensor, data, cond, proce
                 pred = call_denoiser(D, model, y, s, labels, wc)
                 w = x0_weight(cfg["weighting"], s.double()).to(x0.dtype)
                 if hook is None:
-                    return w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+                    return w * per_sample_mean((pred - x_tilde) ** 2, b.get("mask"))
                 pixel_weight, extra, _ = hook
                 if extra is None:
-                    return pixel_weight * w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+                    return pixel_weight * w * per_sample_mean((pred - x_tilde) ** 2, b.get("mask"))
                 out = extra(pred, x_tilde, b, s)
                 if pixel_weight:
-                    out = out + pixel_weight * w * ((pred - x_tilde) ** 2).flatten(1).mean(1)
+                    out = out + pixel_weight * w * per_sample_mean((pred - x_tilde) ** 2, b.get("mask"))
                 return out
 
             def describe(ema_module):

@@ -15,9 +15,10 @@ from ..errors import UserError, unknown_name
 from .embed import ConditionEmbedding, SinusoidalEmbedding
 from .mlp import MLP
 from .pointnet import PointNet
+from .prodiff import ProDiffNet
 from .unet import UNet
 
-NETS = {"mlp": MLP, "unet": UNet, "pointnet": PointNet}
+NETS = {"mlp": MLP, "unet": UNet, "pointnet": PointNet, "prodiff": ProDiffNet}
 
 
 def build_from(registry: dict, config: dict, what: str, refused: tuple = (TypeError,)) -> nn.Module:

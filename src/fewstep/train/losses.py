@@ -32,6 +32,16 @@ from ..denoiser import ModelDenoiser, to_x0
 from ..errors import unknown_name
 from ..process import _bcast
 
+def per_sample_mean(values: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """The mean of each sample's values [B, ...]; with ``mask`` [B, N] (N the second axis of
+    padded sequences) only over the real positions (:func:`fewstep.nets.prodiff.masked_mean`)."""
+    if mask is None:
+        return values.flatten(1).mean(1)
+    from ..nets.prodiff import masked_mean
+
+    return masked_mean(values, mask)
+
+
 WEIGHTINGS = ("simple", "x0", "snr", "truncated_snr", "min_snr", "v", "edm", "likelihood")
 
 
@@ -64,18 +74,23 @@ class DenoisingLoss:
             raise unknown_name("loss weighting", weighting, WEIGHTINGS)
         self.weighting, self.sigma_data, self.gamma = weighting, sigma_data, gamma
 
-    def __call__(self, D: ModelDenoiser, x0: Tensor, t: Tensor, eps: Tensor, net=None, **cond) -> Tensor:
+    def __call__(self, D: ModelDenoiser, x0: Tensor, t: Tensor, eps: Tensor, net=None, mask: Optional[Tensor] = None,
+                 auxiliary: bool = False, **cond) -> Tensor:
         """Per-sample loss; ``net`` (e.g. the accelerate-wrapped copy of ``D.net``) is
-        what is called, ``D`` supplies the parametrization."""
+        what is called, ``D`` supplies the parametrization. ``mask`` [B, N] (padded
+        sequences): the mean runs over the real positions only, so padding changes nothing;
+        ``auxiliary``: the net is called with ``variance_loss=True``, returns (out, its own
+        per-sample loss), and that loss is added unweighted (ProDiff's adaptor terms)."""
         process = D.process
         sigma = process.sigma(t).to(x0.dtype)
         y = x0 + _bcast(sigma, x0) * eps
         x_in, c_noise, c = D.net_input(y, sigma)
-        out = (net or D.net)(x_in, c_noise.to(x0.dtype), **cond)
-        err = ((out - D.target(x0, y, sigma)) ** 2).flatten(1).mean(1)
-        if self.weighting == "simple":
-            return err
-        return err * self.lam(D, sigma, y, x_in, c)
+        out = (net or D.net)(x_in, c_noise.to(x0.dtype), **cond, **({"variance_loss": True} if auxiliary else {}))
+        out, extra = out if auxiliary else (out, None)
+        err = per_sample_mean((out - D.target(x0, y, sigma)) ** 2, mask)
+        if self.weighting != "simple":
+            err = err * self.lam(D, sigma, y, x_in, c)
+        return err if extra is None else err + extra
 
     def lam(self, D: ModelDenoiser, sigma: Tensor, y: Tensor, x_in: Tensor, c) -> Tensor:
         """lambda = w(sigma) k(sigma)^2 with k = d x0 / d out (affine, so a unit difference)."""

@@ -287,26 +287,38 @@ def check_args(args, table: Iterable[Option]) -> None:
 
 
 # ------------------------------------------------------------------------------- nets
+def read_net(net, where: str) -> dict:
+    """A ``--net`` value as a config dict: a net kind alone (``prodiff``, ``unet``: its
+    defaults for the data), JSON text, a .json file, or a dict; checked by :func:`check_net`."""
+    from ..nets import NETS
+
+    if isinstance(net, str) and net.strip() in NETS:
+        return {"kind": net.strip()}
+    if isinstance(net, str):
+        import json
+        from pathlib import Path
+
+        try:
+            net = json.loads(Path(net).read_text() if net.strip().endswith(".json") else net)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{where} {_json(net)}: not a net kind ({', '.join(NETS)}), a JSON net config or a "
+                            f"readable .json file ({' '.join(str(e).split())[:80]})") from None
+    if not isinstance(net, dict):
+        raise UserError(f"{where} must be a net kind ({', '.join(NETS)}) or a JSON object such as "
+                        f"{{\"kind\": \"mlp\", \"hidden\": 128}}, got {_json(net)}")
+    return dict(net)
+
+
 def check_net(net, where: str) -> None:
     """A net config (``{"kind": ..., **options}``; JSON text or a .json file are read) checked
     before anything is built: a known kind, known options, and each option of the type and
     range its constructor takes (whole numbers >= 0, dropout in [0, 1), true/false, lists of
     whole numbers). ``where`` names it in the error line (``--net``, a file's "net")."""
     import inspect
-    import json
-    from pathlib import Path
 
     from ..nets import NETS
 
-    if isinstance(net, str):
-        try:
-            net = json.loads(Path(net).read_text() if net.strip().endswith(".json") else net)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{where} {_json(net)}: not a JSON net config or a readable .json file "
-                            f"({' '.join(str(e).split())[:80]})") from None
-    if not isinstance(net, dict):
-        raise UserError(f"{where} must be a JSON object such as {{\"kind\": \"mlp\", \"hidden\": 128}}, "
-                        f"got {_json(net)}")
+    net = read_net(net, where)
     kind = net.get("kind")
     if kind not in NETS:
         from ..errors import unknown_name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from ..data.registry import Dataset, load_dataset
@@ -26,6 +27,8 @@ def denoising_task(D: ModelDenoiser, data: Dataset, cfg: dict) -> Task:
     """The DSM objective on ``data``: each step draws the global batch from the step's
     generator (indices, t, eps, label dropout); the loop gives each process its slice."""
     loss_fn = DenoisingLoss(cfg["weighting"], sigma_data=float(cfg["sigma_data"]))
+    if data.context:
+        return _context_task(D, data, cfg, loss_fn)
     x_all, labels_all = data.x, data.labels if cfg["conditional"] else None
     B = int(cfg["batch_size"])
     p_null = float(cfg["label_dropout"])
@@ -49,9 +52,52 @@ def denoising_task(D: ModelDenoiser, data: Dataset, cfg: dict) -> Task:
     return Task(student=D.net, draw=draw, loss=loss)
 
 
+def _context_task(D: ModelDenoiser, data: Dataset, cfg: dict, loss_fn: DenoisingLoss) -> Task:
+    """The DSM objective on data whose labels are each sample's context (speech): batches
+    cut to their longest sample with the frame mask, the loss a mean over real frames
+    only, plus the net's own auxiliary loss (ProDiff's variance adaptor: FastSpeech 2's
+    duration, pitch and energy terms) on the same batch."""
+    B = int(cfg["batch_size"])
+
+    def draw(gen, step):
+        idx = torch.randint(0, len(data), (B,), generator=gen)
+        x0, ctx, mask = data.take(idx)
+        t = D.process.sample_t(B, generator=gen)
+        return {"x0": x0, "t": t, "eps": torch.randn(x0.shape, generator=gen), "labels": ctx, "mask": mask}
+
+    def loss(model, b):
+        return loss_fn(D, b["x0"], b["t"], b["eps"], net=model, mask=b["mask"], auxiliary=True, labels=b["labels"])
+
+    return Task(student=D.net, draw=draw, loss=loss)
+
+
+def speech_net_config(net: dict | None) -> dict:
+    """The speech teacher's net: ProDiff's (:class:`fewstep.nets.prodiff.ProDiffNet`) with the
+    phoneme inventory and voices of :mod:`fewstep.data.speech`, updated by ``net``."""
+    from ..data import speech
+
+    base = {"kind": "prodiff", "mel_bins": speech.N_MELS, "num_phonemes": len(speech.PHONEMES),
+            "num_speakers": len(speech.VOICES)}
+    if net and net.get("kind") != "prodiff":
+        raise UserError(f"speech data needs --net prodiff (a spectrogram denoiser with a phoneme encoder), not "
+                        f"'{net.get('kind')}'")
+    return {**base, **(net or {})}
+
+
 def build_teacher(cfg: dict, data: Dataset) -> ModelDenoiser:
     process = process_from_config(cfg["process"])
-    net_cfg = cfg["net"] or net_config_defaults(data.kind, data.shape, data.num_classes if cfg["conditional"] else 0)
+    if data.context:
+        if cfg["conditional"]:
+            raise UserError(f"--conditional: '{data.name}' is speech, conditioned on its text (phonemes), not on "
+                            f"class labels; leave --conditional out")
+        cfg["label_dropout"] = 0.0
+        net_cfg = speech_net_config(cfg["net"])
+    elif cfg["net"] and cfg["net"].get("kind") == "prodiff":
+        raise UserError(f"--net prodiff denoises speech (mel spectrograms with phonemes); '{data.name}' is "
+                        f"{data.kind} data; give --data speech:N or another net")
+    else:
+        net_cfg = cfg["net"] or net_config_defaults(data.kind, data.shape,
+                                                    data.num_classes if cfg["conditional"] else 0)
     if cfg["conditional"] and data.num_classes == 0:
         raise UserError(f"--conditional: dataset '{data.name}' has no labels")
     if cfg["conditional"] and cfg["net"] and int(net_cfg.get("num_classes", 0) or 0) != data.num_classes:
@@ -168,6 +214,8 @@ def _evaluate(run: RunFolder, data: Dataset, cfg: dict, progress: bool) -> None:
     from ..plots import save_samples_png
 
     model = load(str(run.root), device=cfg["device"])
+    if data.kind == "speech":
+        return _evaluate_speech(run, model, cfg)
     limit = {"points": int(cfg["eval_samples"]), "clouds": EVAL_CLOUDS}.get(data.kind, 256)
     n = min(limit, int(cfg["eval_samples"]))
     family = cfg.get("family", "diffusion")
@@ -198,6 +246,34 @@ def _evaluate(run: RunFolder, data: Dataset, cfg: dict, progress: bool) -> None:
         return
     write_json(run.root / "eval.json", result)
     save_samples_png(x, run.root / "samples.png", labels=labels, title=title)
+
+
+EVAL_UTTERANCES = 8  # held-out sentences of a speech teacher's final check
+
+
+def _evaluate_speech(run: RunFolder, model, cfg: dict) -> None:
+    """A speech teacher's final check: ``EVAL_UTTERANCES`` held-out sentences spoken with
+    their real contexts (durations, pitch, energy; frames align) by an ``eval_nfe``-step
+    Euler (DDIM) sampler: the mean absolute log-mel error over real frames (``mel_l1``)
+    and that of the untrained guess "every frame the mean mel" (``mel_l1_mean_frame``), and
+    ``samples.png`` (real above, sampled below)."""
+    from ..data.registry import held_out
+    from ..metrics.audio import mel_l1
+    from ..plots import save_mels_png
+    from ..tts import context_of, speak
+
+    ref, _ = held_out(cfg["data"], EVAL_UTTERANCES, int(cfg["seed"]))
+    utts = list(ref.utterances)
+    ctx, _ = context_of(model, given=utts)
+    nfe = int(cfg["eval_nfe"]) if cfg.get("eval_nfe") is not None else 64
+    out = speak(model, ctx, nfe=nfe, sampler="euler", seed=int(cfg["seed"]) + 1, vocoder=False)
+    real = [u.mel for u in utts]
+    mean_frame = np.concatenate(real).mean(0, keepdims=True)
+    result = {"sampler": "euler", "nfe": nfe, "utterances": len(utts),
+              "mel_l1": float(np.mean([mel_l1(o["mel"], r) for o, r in zip(out, real)])),
+              "mel_l1_mean_frame": float(np.mean([mel_l1(np.repeat(mean_frame, len(r), 0), r) for r in real]))}
+    write_json(run.root / "eval.json", result)
+    save_mels_png({"real": real, f"euler, {nfe} NFE": [o["mel"] for o in out]}, run.root / "samples.png")
 
 
 def cloud_metrics(x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
