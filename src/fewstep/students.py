@@ -177,6 +177,60 @@ class TrigFlowDenoiser(nn.Module):
         return torch.where((t > 0).reshape(t.shape + (1,) * (y.ndim - t.ndim)), out, y)
 
 
+class LCMDenoiser(nn.Module):
+    """A latent consistency model's consistency function (Luo et al. 2023, eq. 9 and the
+    boundary scalings of their code, ``LCMScheduler``): the student keeps its teacher's
+    parametrization ``inner`` (a :class:`~fewstep.denoiser.ModelDenoiser`: D(y, sigma, w) the
+    x0 estimate of the net, which also takes the guidance w as its ``cond`` input), and
+
+        f(y, sigma) = c_skip(tau) y + c_out(tau) D(y, sigma),
+        c_skip = sd^2 / ((s tau)^2 + sd^2),  c_out = s tau / sqrt((s tau)^2 + sd^2),
+
+    with tau the time of ``time_process`` (the process whose uniform time grid gave the DDIM
+    levels) on LCM's scale of 1000 DDPM timesteps, measured from the boundary,
+    tau = 1000 (t(sigma) - t(sigma_min)) / (t_max - t_min), and s = ``timestep_scaling``
+    (LCM's 10). f(y, sigma_min) = y exactly; one level up f is the net's x0 estimate up to
+    a c_skip of ~1e-5."""
+
+    prediction = "lcm"
+
+    def __init__(self, inner, sigma_min: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0,
+                 time_process=None):
+        super().__init__()
+        self.inner, self.sigma_min = inner, float(sigma_min)
+        self.sigma_data, self.timestep_scaling = float(sigma_data), float(timestep_scaling)
+        self.process = inner.process
+        self.time_process = time_process if time_process is not None else inner.process
+
+    @property
+    def net(self):
+        return self.inner.net
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_skip, c_out) at levels ``sigma`` (float64 arithmetic)."""
+        p = self.time_process
+        s = sigma.double()
+        # the boundary in sigma's own precision, so f(y, sigma_min) = y exactly in float32 too
+        t0 = p.t_of_sigma(torch.tensor(self.sigma_min, dtype=sigma.dtype, device=s.device).double())
+        tau = 1000.0 * (p.t_of_sigma(s) - t0).clamp_min(0) / (float(p.t_max) - float(p.t_min))
+        st, sd2 = self.timestep_scaling * tau, self.sigma_data ** 2
+        return sd2 / (st ** 2 + sd2), st / torch.sqrt(st ** 2 + sd2)
+
+    def net_input(self, y: Tensor, sigma: Tensor):
+        return self.inner.net_input(y, sigma)
+
+    def output_to_x0(self, out: Tensor, y: Tensor, sigma: Tensor, x_in: Tensor, c) -> Tensor:
+        c_skip, c_out = self.scalings(sigma)
+        x0 = self.inner.output_to_x0(out, y, sigma, x_in, c)
+        return _bcast(c_skip.to(y.dtype), y) * y + _bcast(c_out.to(y.dtype), y) * x0
+
+    def forward(self, y: Tensor, sigma, **cond) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
+        sigma = sigma.expand(y.shape[0]) if sigma.ndim == 0 else sigma
+        x_in, c_noise, c = self.net_input(y, sigma)
+        return self.output_to_x0(self.net(x_in, c_noise.to(y.dtype), **cond).to(y.dtype), y, sigma, x_in, c)
+
+
 def build_denoiser(spec: dict, net, meta: dict):
     """A student's own parametrization from ``model.json['denoiser']`` (used by
     :func:`fewstep.load`): returns (denoiser, the module the weights load into)."""
@@ -192,4 +246,13 @@ def build_denoiser(spec: dict, net, meta: dict):
                              str(spec.get("time", "t")), float(spec.get("time_scale", 1.0)),
                              float(spec.get("sign", 1.0)), bool(spec.get("weighting", True)))
         return D, D
-    raise unknown_name("student denoiser kind", kind, ["consistency", "generator", "trigflow"])
+    if kind == "lcm":
+        from .denoiser import ModelDenoiser
+        from .process import make_process
+
+        inner = ModelDenoiser(net, make_process(**spec["process"]), str(spec["prediction"]),
+                              float(spec.get("inner_sigma_data", 0.5)))
+        return LCMDenoiser(inner, float(spec["sigma_min"]), float(spec["sigma_data"]),
+                           float(spec.get("timestep_scaling", 10.0)),
+                           make_process(**spec["time_process"]) if spec.get("time_process") else None), net
+    raise unknown_name("student denoiser kind", kind, ["consistency", "generator", "trigflow", "lcm"])

@@ -471,6 +471,15 @@ def group_levels(n_levels: int, B: int, groups: int, gen: torch.Generator, low: 
 
 
 # ------------------------------------------------------------------- teacher ODE steps
+def level_grid(process, n: int, sigma_max: float) -> torch.Tensor:
+    """sigma(t_i), t_i = t_hi - i (t_hi - t_lo)/n for i < n, then 0 (float64, decreasing);
+    t_hi = min(t_max, t(sigma_max)), t_lo = the process's t_min."""
+    hi = min(float(process.t_max), float(process.t_of_sigma(torch.tensor(float(sigma_max), dtype=torch.float64))))
+    lo = float(process.t_min)
+    t = hi - torch.arange(n, dtype=torch.float64) * (hi - lo) / n
+    return torch.cat([process.sigma(t).to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+
+
 @torch.no_grad()
 def solve_rows(sampler: str, denoiser, x: Tensor, rows: Tensor, labels: Optional[Tensor] = None,
                cond: Optional[Tensor] = None, **options) -> Tensor:

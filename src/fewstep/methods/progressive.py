@@ -36,8 +36,8 @@ from ..errors import UserError
 from ..train.job import Plan, Task, Top
 from ..train.options import table_defaults, table_help
 from .common import (PD_OPTIONS, STUDENT_PREDICTIONS, bcast, call_denoiser, check_student_net, conditioning,
-                     data_source, fixed_grids, group_levels, is_exact, load_teacher, log2_int, net_config, solve_rows,
-                     student_meta)
+                     data_source, fixed_grids, group_levels, is_exact, level_grid, load_teacher, log2_int, net_config,
+                     solve_rows, student_meta)
 
 OPTIONS = PD_OPTIONS
 DEFAULTS = table_defaults(OPTIONS)
@@ -50,15 +50,6 @@ def check_options(cfg: dict) -> None:
     rules, e.g. end_steps == start_steps only for an exact teacher, in :func:`_check`)."""
     if int(cfg["end_steps"]) > int(cfg["start_steps"]):
         raise UserError(f"--end-steps {cfg['end_steps']} must be below --start-steps {cfg['start_steps']}")
-
-
-def level_grid(process, n: int, sigma_max: float) -> torch.Tensor:
-    """sigma(t_i), t_i = t_hi - i (t_hi - t_lo)/n for i < n, then 0 (float64, decreasing);
-    t_hi = min(t_max, t(sigma_max)), t_lo = the process's t_min."""
-    hi = min(float(process.t_max), float(process.t_of_sigma(torch.tensor(float(sigma_max), dtype=torch.float64))))
-    lo = float(process.t_min)
-    t = hi - torch.arange(n, dtype=torch.float64) * (hi - lo) / n
-    return torch.cat([process.sigma(t).to(torch.float64), torch.zeros(1, dtype=torch.float64)])
 
 
 @torch.no_grad()
