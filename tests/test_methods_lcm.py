@@ -133,7 +133,8 @@ def test_student_starts_as_its_network_teacher(tmp_path, cspec):
                       evaluate=False)
     teacher = load(t)
     cfg = {**distill.__globals__["resolve"]("lcm", {**LOOP, "teacher": t})}
-    D, net_cfg = build_student(teacher, cfg, data_source(None, teacher), make_process("vp_cosine"))
+    lora, D, net_cfg = build_student(teacher, cfg, data_source(None, teacher), make_process("vp_cosine"))
+    assert lora is None
     assert net_cfg["use_cond"] and not teacher.meta["net"].get("use_cond")
     y, lab = torch.randn(16, 2), torch.randint(0, 3, (16,))
     s = torch.full((16,), 1.3)
@@ -141,6 +142,38 @@ def test_student_starts_as_its_network_teacher(tmp_path, cspec):
         for w in (1.0, 5.0):
             got = D.inner(y, s, labels=lab, cond=torch.full((16,), w))
             assert torch.allclose(got, teacher.denoiser(y, s, labels=lab), atol=1e-6)
+
+
+def test_lora_student_trains_adapters_only(tmp_path, cspec):
+    """--lora-rank 4: the teacher's weights stay as they were (in its run folder and under the
+    adapters), only the adapters and the w embedding move, it starts as the teacher, and it
+    loads back and samples."""
+    from safetensors.torch import load_file
+
+    from fewstep.train.teacher import train_teacher
+
+    t = train_teacher({"data": cspec, "conditional": True, "steps": 30, "batch_size": 64, "device": "cpu",
+                       "net": MLP3, "eval_samples": 16, "eval_nfe": 2}, str(tmp_path / "t"), progress=False,
+                      evaluate=False)
+    before = load_file(f"{t}/model.safetensors")
+    out = tmp_path / "s"
+    distill("lcm", {**LOOP, "net": None, "teacher": t, "steps": 40, "lora_rank": 4, "ema_decay": 0.0}, str(out),
+            progress=False)
+    after = load_file(f"{t}/model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["lora"]["rank"] == 4 and meta["lora"]["train"] == ["embed.cond"]
+    assert 0 < meta["parameters"]["lora"] < meta["parameters"]["base"]
+    student = load_file(str(out / "model.safetensors"))
+    for k, v in before.items():  # every base weight is the teacher's, under its adapter or as it was
+        name = k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        got = student.get(name, student.get(k))
+        assert got is not None and torch.equal(got, v), k
+    assert any(".lora_B." in k and bool(v.abs().sum() > 0) for k, v in student.items())  # the adapters moved
+    model = load(str(out))
+    lab = torch.randint(0, 3, (64,))
+    x, _ = _quiet(model.sample, 64, 2, labels=lab, guidance=2.0, seed=0)
+    assert x.shape == (64, 2) and bool(x.isfinite().all())
 
 
 @pytest.mark.parametrize("args, words", [

@@ -695,6 +695,11 @@ def denoiser_from_meta(meta: dict):
     from .process import make_process
 
     net = build_net(meta["net"])
+    if isinstance(meta.get("lora"), dict):  # a LoRA student: the adapters go in before the weights load
+        from .nets.lora import add_lora
+
+        spec = meta["lora"]
+        add_lora(net, int(spec["rank"]), float(spec["alpha"]), list(spec["targets"]), list(spec.get("train", [])))
     if isinstance(meta.get("denoiser"), dict) and meta["denoiser"].get("kind") == MEANFLOW:
         spec = meta["denoiser"]
         return MeanFlowDenoiser(net, float(spec.get("sigma_data", 0.5)), float(spec.get("time_scale", 1.0))), net

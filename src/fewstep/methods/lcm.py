@@ -61,6 +61,10 @@ OPTIONS = (
     Option("timestep_scaling", float, 10.0, "LCM's boundary scalings c_skip, c_out on 10 x the timestep", low=0.0,
            above=True),
     Option("level_groups", int, 8, "distinct level pairs per batch (teacher calls are grouped by level)", low=1),
+    Option("lora_rank", int, 0, "LCM-LoRA: train rank-r adapters on the frozen teacher (and the w embedding) instead "
+           "of the whole student (0: the whole student)", low=0),
+    Option("lora_alpha", float, None, "LoRA scale alpha (the update is alpha / r B A; default r)", low=0.0,
+           above=True, none="the rank", example=8.0),
 )
 DEFAULTS = table_defaults(OPTIONS)
 HELP = table_help(OPTIONS)
@@ -105,9 +109,11 @@ def training_levels(teacher, N: int, process) -> Tensor:
 
 
 def build_student(teacher, cfg: dict, data, time_process):
-    """The student LCMDenoiser: the teacher's net with a w input (its weights copied; the new
-    embedding's last layer zero, so it starts as the teacher), or for an exact teacher a fresh
-    net of the data's default with EDM preconditioning."""
+    """(LoRA spec or None, the student LCMDenoiser, its net config): the teacher's net with a
+    w input (its weights copied; the new embedding's last layer zero, so it starts as the
+    teacher), or for an exact teacher a fresh net of the data's default with EDM
+    preconditioning; with ``--lora-rank r`` the teacher's weights frozen under rank-r adapters
+    (:mod:`fewstep.nets.lora`), the w embedding trained in full."""
     from ..nets import build_net
     from ..process import make_process
 
@@ -133,7 +139,15 @@ def build_student(teacher, cfg: dict, data, time_process):
     if cond_embed is not None:
         nn.init.zeros_(cond_embed.fc2.weight)
         nn.init.zeros_(cond_embed.fc2.bias)
-    return LCMDenoiser(inner, float(teacher.sigma_min), float(inner.sigma_data), float(cfg["timestep_scaling"]),
+    lora = None
+    if int(cfg["lora_rank"]):
+        if is_exact(teacher):
+            raise UserError("--lora-rank: an exact teacher has no network to adapt; train the whole student "
+                            "(--lora-rank 0)")
+        from ..nets.lora import add_lora
+
+        lora = add_lora(net, int(cfg["lora_rank"]), cfg["lora_alpha"], train=["embed.cond"] if cond_embed else [])
+    return lora, LCMDenoiser(inner, float(teacher.sigma_min), float(inner.sigma_data), float(cfg["timestep_scaling"]),
                        time_process), net_cfg
 
 
@@ -203,7 +217,7 @@ def stages(job):
 
     time_process = process_from_config(cfg["process"])
     grid = training_levels(teacher, int(cfg["levels"]), time_process)
-    D, net_cfg = build_student(teacher, cfg, data, time_process)
+    lora, D, net_cfg = build_student(teacher, cfg, data, time_process)
     check_student_net(D.net, cond)
     target = copy.deepcopy(D.net).requires_grad_(False)
     w_default = float(cfg["w_default"]) if cfg.get("w_default") is not None else \
@@ -222,6 +236,15 @@ def stages(job):
                                 cost={"teacher_evals": int(cfg["steps"]) * int(cfg["batch_size"]) * 2,
                                       "seconds": st.seconds})
             meta.pop("guidance", None)  # w is an input, not built in
+            if lora is not None:
+                from ..nets.lora import lora_parameters
+
+                named = list(ema_module.named_parameters())
+                meta["lora"] = lora
+                meta["parameters"] = {"lora": lora_parameters(ema_module),
+                                      "trained_in_full": sum(p.numel() for n, p in named
+                                                             if any(n.startswith(t + ".") for t in lora["train"])),
+                                      "base": sum(p.numel() for n, p in named if ".lora_" not in n)}
             return meta
 
         return Plan(lcm_task(D, target, teacher, cfg, data, grid), describe)
