@@ -22,6 +22,7 @@ public module of this package that defines ``stages`` is discovered by name.
     covariance   Bao et al. 2022a: SN-/NPR-DPM heads of diag Cov[x0|y] beside the teacher, for DDPM/DDIM's optimal variance
     discriminator Kim et al. 2022: a time-dependent discriminator (data vs the teacher's samples) for discriminator guidance
     cfd          Sun et al. 2022: progressive rounds whose loss aligns classifier features of student and two-step teacher
+    lcm          Luo et al. 2023: latent consistency distillation, w as the student's input, skipping-step DDIM; LCM-LoRA
 """
 from __future__ import annotations
 
