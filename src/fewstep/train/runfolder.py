@@ -57,6 +57,8 @@ def run_kind(config: dict) -> str:
 
 
 def _kind_text(kind: str) -> str:
+    if kind == "autoencoder":
+        return "autoencoder run (fewstep train-autoencoder)"
     return "teacher run (fewstep train)" if kind == "teacher" else f"'{kind}' distillation run"
 
 
