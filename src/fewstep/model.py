@@ -359,6 +359,38 @@ class Model:
         if guidance is not None:
             raise UserError(f"{name} is a speech model without classes: --guidance does not apply")
 
+    def _check_text(self, labels, guidance) -> None:
+        """A text-conditional model's labels: text contexts [n, L, D + 1] (:meth:`prompt`),
+        or None for the null prompt; guidance a finite number >= 0."""
+        name = self.name or "the model"
+        if labels is not None:
+            net = self.meta["net"]
+            want = (int(net.get("context_length", 0)), int(net.get("context_dim", 0)) + 1)
+            if not isinstance(labels, torch.Tensor) or labels.ndim != 3 or tuple(labels.shape[1:]) != want:
+                raise UserError(f"labels for the text model {name} are text contexts [n, {want[0]}, {want[1]}]; "
+                                f"give --prompt \"...\" (in Python: model.prompt(texts))")
+        if guidance is not None and (isinstance(guidance, (str, bytes, bool)) or
+                                     not math.isfinite(_float_or_nan(guidance)) or float(guidance) < 0):
+            raise UserError(f"--guidance must be a finite number >= 0, got {guidance!r}")
+
+    def prompt(self, texts) -> torch.Tensor:
+        """Text contexts [n, L, D + 1] of prompts for a text-conditional model, by the text
+        encoder its model.json names (:func:`fewstep.nets.text.build_text_encoder`)."""
+        from .nets.text import build_text_encoder
+        from .nets.unet import text_context
+
+        spec = self.meta.get("text_encoder")
+        if not spec:
+            raise UserError(f"{self.name or 'the model'} is not text-conditional: it takes no --prompt")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise UserError("--prompt: give one or more sentences")
+        if getattr(self, "_text_encoder", None) is None:
+            self._text_encoder = build_text_encoder(spec)
+        with torch.no_grad():
+            e = self._text_encoder.encode(texts)
+        return text_context(e.states.cpu(), e.mask.cpu()).to(self.device)
+
     def noise(self, n: int, seed: Optional[int] = None, labels=None) -> torch.Tensor:
         """Starting points at sigma_max in sigma-space: sigma_max * eps (a speech model's: as
         many frames as the contexts' longest utterance)."""
@@ -391,6 +423,20 @@ class Model:
         from .denoiser import CFGDenoiser
 
         D, extra = self.denoiser, {}
+        if self.meta.get("text_encoder"):  # text contexts as labels (None: the null prompt); CFG as for classes
+            if labels is not None:
+                labels = labels.to(self.device)
+                if len(labels) == 1 and n > 1:
+                    labels = labels.expand(n, *labels.shape[1:])
+                if len(labels) != n:
+                    raise UserError(f"{len(labels)} text contexts for n = {n}; give one, or one per sample")
+                extra = {"labels": labels}
+            if self.meta.get("w_input"):
+                w = torch.full((n,), self.w_value(guidance), dtype=torch.float32, device=self.device)
+                return D, {**extra, "cond": w}, labels
+            if guidance is not None and float(guidance) != 1.0 and labels is not None:
+                D = CFGDenoiser(D, guidance)
+            return D, extra, labels
         if self.num_classes:
             if labels is None:
                 g = torch.Generator().manual_seed(int(seed) + 1 if seed is not None else 0)
@@ -520,6 +566,8 @@ class Model:
         name = self.name or "the model"
         if self.kind == "speech":
             return self._check_context(labels, guidance)
+        if self.meta.get("text_encoder"):
+            return self._check_text(labels, guidance)
         if labels is not None:
             if not self.num_classes:
                 raise UserError(f"{name} is unconditional: it takes no --label")
@@ -718,7 +766,11 @@ def _load_run(path: Path, device) -> Model:
         raise UserError(f"{path} holds no finished model (no model.json); finish it with "
                         f"'fewstep train --resume --out {path}'" if (path / "config.json").is_file()
                         else f"{path} is not a fewstep run folder (no model.json); give a run folder or gmm:FILE.npz")
-    meta = check_model_meta(read_json(meta_path), meta_path)
+    raw = read_json(meta_path)
+    if isinstance(raw, dict) and raw.get("role") == "autoencoder":
+        raise UserError(f"{path} is an autoencoder (fewstep train-autoencoder), not a model to sample; use it as a "
+                        f"latent space (fewstep.nets.autoencoder.load_autoencoder)")
+    meta = check_model_meta(raw, meta_path)
     weights = path / "model.safetensors"
     if meta.get("role") in AUX_ROLES:
         flag = {"covariance": "fewstep sample TEACHER --covariance", "discriminator": "fewstep sample TEACHER "

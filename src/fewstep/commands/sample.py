@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
                                                              "discriminator guidance in any sampler (one discriminator "
                                                              "gradient per evaluation)")
     p.add_argument("--dg-weight", type=cli_number, help="discriminator guidance weight (default: the run's dg_weight)")
+    p.add_argument("--prompt", help="a text-conditional model (trained on --data captions:...): the prompt of every "
+                                    "sample (add --guidance w for classifier-free guidance)")
     p.add_argument("--text", help="a speech model (fewstep train --data speech:N --net prodiff, or its students): "
                                   "the sentence to speak; --out is then a .wav file (Griffin-Lim), with the mel "
                                   "spectrogram as a PNG beside it")
@@ -95,6 +97,10 @@ def cmd_sample(a) -> int:
     options = sampler_extras(a, model)
     check_batch_memory("--n", a.n, model.shape, copies=4, fix="sample fewer at a time (--n) and join the files")
     labels = torch.full((a.n,), a.label, dtype=torch.long) if a.label is not None else None
+    if a.prompt is not None:
+        if a.label is not None:
+            raise UserError("--prompt and --label: a text model takes a prompt, a class model a label; give one")
+        labels = model.prompt([a.prompt]).expand(a.n, -1, -1)
     x_T = None
     if str(a.grid).endswith(".json"):  # a grid file (e.g. from fewstep schedule): start as noise at its first level
         from ..grids import load as load_grid

@@ -21,6 +21,11 @@
   1000) as a :class:`SpeechData`: normalised log-mels ``[n, F, 80]`` padded to the longest,
   each with its phoneme context ``labels`` ``[n, P, 6]`` (:data:`fewstep.nets.prodiff.CONTEXT`)
   and its frame count; ``speech:N``'s held-out counterpart is ``speech:N:test``;
+- ``captions:SOURCE[,encoder=minilm|hash|FILE.npz][,templates=train|test]``: a labelled image
+  set captioned from its labels and measured attributes (:mod:`fewstep.data.captions`), or a
+  folder with ``captions.txt``, as a :class:`TextData` whose contexts are the captions' text
+  encodings (:mod:`fewstep.nets.text`); held out: the source's test split with the held-out
+  templates;
 - ``gmm:FILE.npz``: ``n`` fresh samples (float32, default 20000) of the exact Gaussian
   mixture (:mod:`fewstep.data.gmm`), with its classes as labels when it has them: the
   data whose density, score and flow are known, for training any family against truth.
@@ -51,7 +56,7 @@ from .toys import TOYS, make_toy
 DEFAULT_TOY_N = 20000
 DEFAULT_SHAPES_N = 10000
 _SHAPES = {"shapes16": 16, "shapes32": 32}
-_PREFIXES = ("speech:N[:test]", "speech:DIR", "fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b",
+_PREFIXES = ("speech:N[:test]", "speech:DIR", "captions:SOURCE", "fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b",
              "renders:classes=a+b,size=S", "clouds:FILE.npy", "gmm:FILE.npz")
 _MNIST_NAMES = {
     "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -262,6 +267,85 @@ def _dataset(spec: str, triple: images.ImageSet) -> Dataset:
     return Dataset(x=x, labels=labels, num_classes=k, kind=kind, name=name)
 
 
+@dataclass
+class TextData(Dataset):
+    """Captioned images (``kind == 'image'``): ``x`` [n, C, H, W], their captions, and each
+    image's caption as a text context (``labels`` of :meth:`take`: [n, L, D + 1], token states
+    and mask, :func:`fewstep.nets.unet.text_context`) from the table of the distinct captions'
+    encodings; ``text_encoder`` the config that rebuilds the encoder (for ``--prompt``)."""
+
+    captions: Optional[list] = None
+    caption_index: Optional[torch.Tensor] = None
+    table: Optional[torch.Tensor] = None
+    text_encoder: Optional[dict] = None
+    class_labels: Optional[torch.Tensor] = None
+    null_context: Optional[torch.Tensor] = None  # the empty prompt's context [L, D + 1]
+
+    context = True
+
+    def take(self, idx: torch.Tensor):
+        idx = torch.as_tensor(idx).long()
+        return self.x[idx], self.table[self.caption_index[idx]], None
+
+
+CAPTION_KEYS = ("encoder", "length", "templates")
+CAPTION_USAGE = "captions:SOURCE[,encoder=minilm|hash|FILE.npz][,length=L][,templates=train|test]"
+
+
+def _caption_spec(spec: str) -> tuple[str, dict]:
+    rest = spec[len("captions:"):]
+    source, _, opts = rest.partition(",")
+    if not source:
+        raise UserError(f"--data {spec}: give {CAPTION_USAGE} (SOURCE: fashion, fashion:test, a labelled set, or a "
+                        f"folder of images with captions.txt)")
+    options = dict(pointclouds.spec_options("x:" + opts, CAPTION_KEYS, CAPTION_USAGE)) if opts else {}
+    return source, options
+
+
+def caption_data(spec: str, n: Optional[int] = None, seed: int = 0, split: Optional[str] = None) -> TextData:
+    """``captions:SOURCE[,encoder=...][,length=L][,templates=train|test]``: the images of SOURCE
+    (a labelled set, captioned by :func:`fewstep.data.captions.captions_for` with the training or
+    the held-out templates, drawn with ``seed``; or a folder with ``captions.txt``) and their
+    captions encoded by the text encoder (default ``minilm``; ``hash`` a toy; a ``.npz`` of
+    precomputed embeddings), at most ``n`` images."""
+    from ..nets.text import build_text_encoder
+    from ..nets.unet import text_context
+    from . import captions as C
+
+    source, opts = _caption_spec(str(spec))
+    templates = split or opts.get("templates", "train")
+    if Path(source).is_dir() and (Path(source) / C.CAPTIONS_FILE).is_file():
+        x, texts = C.read_captioned_folder(source)
+        keep = _subset((x, torch.arange(len(x)), 0), n, seed)[1]
+        x, texts, labels = x[keep], [texts[int(i)] for i in keep], None
+    else:
+        ds = load_dataset(source, n=n, seed=seed)
+        if ds.kind != "image" or ds.labels is None:
+            raise UserError(f"--data {spec}: captions are made for labelled images; {source} is {ds.kind} data"
+                            f"{'' if ds.labels is not None else ' without labels'}")
+        names = C.FASHION_CLASSES if source.startswith("fashion") and ds.num_classes == 10 else \
+            tuple(f"class {k}" for k in range(ds.num_classes))
+        x, labels = ds.x, ds.labels
+        texts = C.captions_for(x, labels, seed=seed, split=templates, names=names)
+    enc_spec = opts.get("encoder", "minilm")
+    enc_cfg = {"kind": "file", "path": enc_spec} if enc_spec.endswith(".npz") else {"kind": enc_spec}
+    if "length" in opts:
+        enc_cfg["length"] = pointclouds.spec_int(str(spec), "length", opts["length"], 2, 512)
+    encoder = build_text_encoder(enc_cfg)
+    unique = sorted(set(texts))
+    where = {t: i for i, t in enumerate(unique)}
+    parts = []
+    with torch.no_grad():
+        for i in range(0, len(unique), 256):
+            e = encoder.encode(unique[i:i + 256])
+            parts.append(text_context(e.states.cpu(), e.mask.cpu()))
+        null = encoder.encode([""])
+        null = text_context(null.states.cpu(), null.mask.cpu())[0]
+    return TextData(x=x, labels=None, num_classes=0, kind="image", name=str(spec), captions=texts,
+                    caption_index=torch.tensor([where[t] for t in texts], dtype=torch.long), table=torch.cat(parts),
+                    text_encoder=encoder.config, class_labels=labels, null_context=null)
+
+
 def speech_data(utterances, name: str) -> SpeechData:
     """A :class:`SpeechData` of a :class:`~fewstep.data.speech.SpeechSet`."""
     from . import speech
@@ -279,6 +363,8 @@ def load_dataset(spec: str, n: Optional[int] = None, seed: int = 0) -> Dataset:
 
     if speech.is_spec(spec):
         return speech_data(speech.load_speech(str(spec), n, seed), str(spec))
+    if str(spec).startswith("captions:"):
+        return caption_data(str(spec), n, seed)
     triple, exact = _load(str(spec), None if n is None else int(n), seed)
     return _dataset(str(spec), triple if exact else _subset(triple, n, seed))
 
@@ -299,6 +385,13 @@ def held_out(spec: str, n: int, seed: int, train_n: Optional[int] = None, train_
 
     if speech.is_spec(spec):  # the held-out sentences, never in training
         return speech_data(speech.held_out_speech(str(spec), int(n), seed), f"{spec} (held-out sentences)"), "test"
+    if str(spec).startswith("captions:"):  # the source's test images, captioned with the held-out templates
+        source, opts = _caption_spec(str(spec))
+        test = test_split(source)
+        if test is None:
+            raise UserError(f"--data {spec}: {source} has no test split to hold out; evaluate on another set")
+        rest = ",".join(f"{k}={v}" for k, v in opts.items() if k != "templates")
+        return caption_data(f"captions:{test}" + (f",{rest}" if rest else ""), int(n), seed, split="test"), "test"
     test = test_split(spec)
     if test is not None:
         return load_dataset(test, n=int(n), seed=seed), "test"

@@ -169,8 +169,11 @@ class Conditioning:
 
     def drop(self, labels: Optional[Tensor], gen: torch.Generator) -> Optional[Tensor]:
         """``labels`` with a share ``label_dropout`` replaced by -1 (no draw when 0)."""
-        if labels is None or self.label_dropout <= 0 or self.context:
+        if labels is None or self.label_dropout <= 0:
             return labels
+        if self.context:  # a dropped context is a row of -1: the null prompt of a text net
+            drop = torch.rand(len(labels), generator=gen) < self.label_dropout
+            return torch.where(drop.reshape(-1, *([1] * (labels.ndim - 1))), torch.full_like(labels, -1.0), labels)
         labels = labels.clone()
         labels[torch.rand(len(labels), generator=gen) < self.label_dropout] = -1
         return labels
@@ -184,13 +187,21 @@ class Conditioning:
         return CFGDenoiser(D, self.guidance)
 
     def meta(self) -> dict:
-        return {"guidance": self.guidance, "label_dropout": self.label_dropout} if self.num_classes else {}
+        text = self.context and (self.guidance != 1.0 or self.label_dropout > 0)
+        return {"guidance": self.guidance, "label_dropout": self.label_dropout} if self.num_classes or text else {}
 
 
 def conditioning(cfg: dict, teacher, data=None) -> Conditioning:
     """The run's :class:`Conditioning`: the teacher's classes (without a teacher: the data's,
     when the student ``--net`` asks for them with ``num_classes``), ``--guidance`` and
     ``--label-dropout``, checked (a guidance or dropout without classes is refused)."""
+    if teacher is not None and teacher.meta.get("text_encoder"):  # text contexts: CFG through the null prompt
+        w, p = cfg.get("guidance"), cfg.get("label_dropout") or 0.0
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0):
+            raise UserError(f"--guidance must be a finite number >= 0, got {w!r}")
+        if not 0.0 <= float(p) < 1.0:
+            raise UserError(f"--label-dropout must lie in [0, 1), got {p}")
+        return Conditioning(0, 1.0 if w is None else float(w), float(p), context=True)
     if teacher is not None and getattr(teacher, "kind", None) == "speech":
         for key in ("guidance", "label_dropout"):
             if cfg.get(key) not in (None, 0, 0.0) and not (key == "guidance" and cfg.get(key) == 1):
@@ -236,7 +247,7 @@ def check_student_net(net, cond: Conditioning, where: str = "--net") -> None:
     """A conditional run needs a student net with the teacher's classes (it would ignore labels);
     a speech run one that takes the context."""
     if cond.context:
-        if not getattr(net, "takes_context", False):
+        if not (getattr(net, "takes_context", False) or getattr(net, "config", {}).get("context_dim")):
             raise UserError(f"{where}: the student net does not take the speech context (phonemes, durations); "
                             f"give a prodiff net")
         return
@@ -348,7 +359,7 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0, n: Optional[in
             return x0, ctx
 
         return DataSource(lambda n, g: take(n, g)[0], tuple(ds.shape), ds.kind, ds.name, float(x.std()), 0, take,
-                          frame_mask)
+                          frame_mask if ds.kind == "speech" else None)
 
     def draw(n, g):
         return x[torch.randint(0, len(x), (n,), generator=g)]

@@ -118,7 +118,8 @@ def build_student(teacher, cfg: dict, data, time_process):
     from ..process import make_process
 
     net_cfg = cond_net_config(cfg["net"], teacher, data.shape, data.kind, "the guidance w comes in")
-    net_cfg["num_classes"] = int(teacher.num_classes)
+    if not net_cfg.get("context_dim"):
+        net_cfg["num_classes"] = int(teacher.num_classes)
     torch.manual_seed(int(cfg["seed"]))
     net = build_net(net_cfg)
     net_cfg = getattr(net, "config", net_cfg)
@@ -207,11 +208,11 @@ def stages(job):
     cfg = job.cfg
     teacher = load_teacher(cfg["teacher"], job.device, cfg=cfg, kinds=KINDS, method="lcm")
     cond = conditioning(cfg, teacher)
-    if not cond.num_classes:
+    if not cond.num_classes and not teacher.meta.get("text_encoder"):
         raise UserError(f"lcm distils a conditional teacher's guidance (w is the student's input); {teacher.name} is "
                         f"unconditional: use fewstep distill consistency")
     data = data_source(cfg["data"], teacher, int(cfg["seed"]))
-    if not data.num_classes:
+    if not data.num_classes and data.draw_labelled is None:
         raise UserError(f"the teacher is class-conditional but its data {data.name} has no labels; give labelled --data")
     from ..process import process_from_config
 
@@ -236,6 +237,8 @@ def stages(job):
                                 cost={"teacher_evals": int(cfg["steps"]) * int(cfg["batch_size"]) * 2,
                                       "seconds": st.seconds})
             meta.pop("guidance", None)  # w is an input, not built in
+            if teacher.meta.get("text_encoder"):
+                meta["text_encoder"] = teacher.meta["text_encoder"]
             if lora is not None:
                 from ..nets.lora import lora_parameters
 

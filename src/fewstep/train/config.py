@@ -95,7 +95,8 @@ def resolve(overrides: Optional[dict] = None, file: Optional[str] = None) -> dic
         raise UserError(f"unknown training option(s) {', '.join(unknown)}{hint}; valid: {', '.join(valid)}")
     file_keys = set(from_file) - set(given)
     validate(cfg, TRAIN_OPTIONS + LOOP_OPTIONS, file, file_keys)
-    if "label_dropout" in chosen and not cfg.get("conditional") and float(cfg["label_dropout"]) != 0.0:
+    text = str(cfg.get("data", "")).startswith("captions:")  # captioned images drop their prompts
+    if "label_dropout" in chosen and not cfg.get("conditional") and not text and float(cfg["label_dropout"]) != 0.0:
         where = f'config file {file}: "label_dropout"' if "label_dropout" in file_keys else "--label-dropout"
         raise UserError(f"{where} {cfg['label_dropout']}: the teacher is unconditional (no --conditional), so it has "
                         f"no labels to drop; add --conditional or leave it out")

@@ -58,15 +58,24 @@ def _context_task(D: ModelDenoiser, data: Dataset, cfg: dict, loss_fn: Denoising
     only, plus the net's own auxiliary loss (ProDiff's variance adaptor: FastSpeech 2's
     duration, pitch and energy terms) on the same batch."""
     B = int(cfg["batch_size"])
+    speech = data.kind == "speech"
+    p_null = 0.0 if speech else float(cfg["label_dropout"])  # text: the null prompt for classifier-free guidance
 
     def draw(gen, step):
         idx = torch.randint(0, len(data), (B,), generator=gen)
         x0, ctx, mask = data.take(idx)
         t = D.process.sample_t(B, generator=gen)
-        return {"x0": x0, "t": t, "eps": torch.randn(x0.shape, generator=gen), "labels": ctx, "mask": mask}
+        batch = {"x0": x0, "t": t, "eps": torch.randn(x0.shape, generator=gen), "labels": ctx}
+        if p_null > 0:
+            drop = torch.rand(B, generator=gen) < p_null
+            batch["labels"] = torch.where(drop.reshape(-1, *([1] * (ctx.ndim - 1))), torch.full_like(ctx, -1.0), ctx)
+        if mask is not None:
+            batch["mask"] = mask
+        return batch
 
     def loss(model, b):
-        return loss_fn(D, b["x0"], b["t"], b["eps"], net=model, mask=b["mask"], auxiliary=True, labels=b["labels"])
+        return loss_fn(D, b["x0"], b["t"], b["eps"], net=model, mask=b.get("mask"), auxiliary=speech,
+                       labels=b["labels"])
 
     return Task(student=D.net, draw=draw, loss=loss)
 
@@ -86,7 +95,17 @@ def speech_net_config(net: dict | None) -> dict:
 
 def build_teacher(cfg: dict, data: Dataset) -> ModelDenoiser:
     process = process_from_config(cfg["process"])
-    if data.context:
+    if data.context and data.kind != "speech":  # captioned images: a UNet with cross-attention to the text
+        if cfg["conditional"]:
+            raise UserError(f"--conditional: '{data.name}' is conditioned on its captions (text), not on class "
+                            f"labels; leave --conditional out")
+        L, width = int(data.table.shape[1]), int(data.table.shape[2]) - 1
+        net_cfg = {**net_config_defaults(data.kind, data.shape, 0), **(cfg["net"] or {}),
+                   "context_dim": width, "context_length": L}
+        if net_cfg.get("kind") != "unet" or net_cfg.get("num_classes"):
+            raise UserError(f"captioned images need a UNet without num_classes (it attends to the text); got "
+                            f"{net_cfg.get('kind')}")
+    elif data.context:
         if cfg["conditional"]:
             raise UserError(f"--conditional: '{data.name}' is speech, conditioned on its text (phonemes), not on "
                             f"class labels; leave --conditional out")
@@ -108,6 +127,9 @@ def build_teacher(cfg: dict, data: Dataset) -> ModelDenoiser:
                         f"add --conditional or drop num_classes from \"net\"")
     torch.manual_seed(int(cfg["seed"]))
     net = build_net(net_cfg)
+    if getattr(data, "null_context", None) is not None:
+        with torch.no_grad():
+            net.null_context.copy_(data.null_context)
     cfg["net"] = getattr(net, "config", net_cfg)
     return ModelDenoiser(net, process, cfg["prediction"], sigma_data=float(cfg["sigma_data"]))
 
@@ -127,6 +149,7 @@ def model_meta(cfg: dict, D: ModelDenoiser, data: Dataset) -> dict:
         "sigma_min": D.process.sigma_min,
         "sigma_max": D.process.sigma_max,
         "default_sampler": None,  # the measured default for each budget (fewstep.samplers.recommend)
+        **({"text_encoder": data.text_encoder} if getattr(data, "text_encoder", None) else {}),
     }
 
 
