@@ -373,6 +373,24 @@ class Model:
                                      not math.isfinite(_float_or_nan(guidance)) or float(guidance) < 0):
             raise UserError(f"--guidance must be a finite number >= 0, got {guidance!r}")
 
+    @property
+    def autoencoder(self) -> Optional[str]:
+        """The autoencoder of a latent model (its data is ``latents:AE,DATA``), else None."""
+        name = str(self.meta.get("data", {}).get("name") or "")
+        return name[len("latents:"):].partition(",")[0] if name.startswith("latents:") else None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as the data's images: a latent model's latents through its autoencoder's
+        decoder (clamped to [-1, 1]); any other model's samples as they are."""
+        if self.autoencoder is None:
+            return x
+        if getattr(self, "_codec", None) is None:
+            from .nets.autoencoder import load_autoencoder
+
+            self._codec = load_autoencoder(self.autoencoder, device=self.device)
+        with torch.no_grad():
+            return self._codec.decode(x.to(self.device), clamp=True)
+
     def prompt(self, texts) -> torch.Tensor:
         """Text contexts [n, L, D + 1] of prompts for a text-conditional model, by the text
         encoder its model.json names (:func:`fewstep.nets.text.build_text_encoder`)."""

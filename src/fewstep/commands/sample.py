@@ -111,7 +111,11 @@ def cmd_sample(a) -> int:
     choice = getattr(x, "choice", None)
     if choice is not None:
         print(f"sampled with {choice.describe()}")
+    if model.autoencoder is not None:  # a latent model: the decoded images, and the latents beside them
+        latents, x = x, model.decode(x)
     arrays = {"samples": x.float().cpu().numpy()}
+    if model.autoencoder is not None:
+        arrays["latents"] = latents.float().cpu().numpy()
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@
   folder with ``captions.txt``, as a :class:`TextData` whose contexts are the captions' text
   encodings (:mod:`fewstep.nets.text`); held out: the source's test split with the held-out
   templates;
+- ``latents:AE_RUN,DATA``: the images of DATA encoded by an autoencoder (a ``fewstep
+  train-autoencoder`` run or ``diffusers:PATH``), labels / captions kept (:func:`latent_data`);
 - ``gmm:FILE.npz``: ``n`` fresh samples (float32, default 20000) of the exact Gaussian
   mixture (:mod:`fewstep.data.gmm`), with its classes as labels when it has them: the
   data whose density, score and flow are known, for training any family against truth.
@@ -56,7 +58,7 @@ from .toys import TOYS, make_toy
 DEFAULT_TOY_N = 20000
 DEFAULT_SHAPES_N = 10000
 _SHAPES = {"shapes16": 16, "shapes32": 32}
-_PREFIXES = ("speech:N[:test]", "speech:DIR", "captions:SOURCE", "fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b",
+_PREFIXES = ("speech:N[:test]", "speech:DIR", "captions:SOURCE", "latents:AE_RUN,DATA", "fashion:test", "mnist:DIR[:test]", "cifar10:DIR", "pointclouds:points=N,classes=a+b",
              "renders:classes=a+b,size=S", "clouds:FILE.npy", "gmm:FILE.npz")
 _MNIST_NAMES = {
     "images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -346,6 +348,33 @@ def caption_data(spec: str, n: Optional[int] = None, seed: int = 0, split: Optio
                     text_encoder=encoder.config, class_labels=labels, null_context=null)
 
 
+def latent_data(spec: str, n: Optional[int] = None, seed: int = 0, split: Optional[str] = None) -> Dataset:
+    """``latents:AE,SPEC``: the images of ``SPEC`` encoded by the autoencoder ``AE`` (a
+    ``fewstep train-autoencoder`` run or ``diffusers:PATH``) to its scaled latents
+    (``s * z``, the posterior mean: :class:`fewstep.nets.autoencoder.LatentCodec`), with the
+    set's labels or text contexts as they were: every model and method trained on it works in
+    the latent space (latent diffusion, Rombach et al. 2022). ``split='test'``: SPEC's held-out set."""
+    import dataclasses
+
+    from ..nets.autoencoder import load_autoencoder
+
+    rest = str(spec)[len("latents:"):]
+    ae, comma, inner = rest.partition(",")
+    if not ae or not comma or not inner:
+        raise UserError(f"--data {spec}: give latents:AE_RUN,DATA (an autoencoder run or diffusers:PATH, then the "
+                        f"image data spec)")
+    ds = held_out(inner, n or 10**9, seed)[0] if split == "test" else load_dataset(inner, n=n, seed=seed)
+    if ds.kind != "image":
+        raise UserError(f"--data {spec}: an autoencoder encodes images; {inner} is {ds.kind} data")
+    codec = load_autoencoder(ae, device="cpu")
+    if tuple(ds.shape) != tuple(codec.image_shape):
+        raise UserError(f"--data {spec}: the autoencoder {ae} takes images of shape {list(codec.image_shape)}, "
+                        f"{inner} has {list(ds.shape)}")
+    with torch.no_grad():
+        z = torch.cat([codec.encode(ds.x[i:i + 512].float()).cpu() for i in range(0, len(ds.x), 512)])
+    return dataclasses.replace(ds, x=z, name=str(spec))
+
+
 def speech_data(utterances, name: str) -> SpeechData:
     """A :class:`SpeechData` of a :class:`~fewstep.data.speech.SpeechSet`."""
     from . import speech
@@ -365,6 +394,8 @@ def load_dataset(spec: str, n: Optional[int] = None, seed: int = 0) -> Dataset:
         return speech_data(speech.load_speech(str(spec), n, seed), str(spec))
     if str(spec).startswith("captions:"):
         return caption_data(str(spec), n, seed)
+    if str(spec).startswith("latents:"):
+        return latent_data(str(spec), n, seed)
     triple, exact = _load(str(spec), None if n is None else int(n), seed)
     return _dataset(str(spec), triple if exact else _subset(triple, n, seed))
 
@@ -385,6 +416,8 @@ def held_out(spec: str, n: int, seed: int, train_n: Optional[int] = None, train_
 
     if speech.is_spec(spec):  # the held-out sentences, never in training
         return speech_data(speech.held_out_speech(str(spec), int(n), seed), f"{spec} (held-out sentences)"), "test"
+    if str(spec).startswith("latents:"):
+        return latent_data(str(spec), int(n), seed, split="test"), "test"
     if str(spec).startswith("captions:"):  # the source's test images, captioned with the held-out templates
         source, opts = _caption_spec(str(spec))
         test = test_split(source)

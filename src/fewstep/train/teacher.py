@@ -268,7 +268,7 @@ def _evaluate(run: RunFolder, data: Dataset, cfg: dict, progress: bool) -> None:
         save_clouds_png({f"data ({metrics['reference']})": ref, title: x}, run.root / "samples.png")
         return
     write_json(run.root / "eval.json", result)
-    save_samples_png(x, run.root / "samples.png", labels=labels, title=title)
+    save_samples_png(model.decode(x), run.root / "samples.png", labels=labels, title=title)
 
 
 EVAL_UTTERANCES = 8  # held-out sentences of a speech teacher's final check
