@@ -364,8 +364,11 @@ class Model:
         or None for the null prompt; guidance a finite number >= 0."""
         name = self.name or "the model"
         if labels is not None:
-            net = self.meta["net"]
-            want = (int(net.get("context_length", 0)), int(net.get("context_dim", 0)) + 1)
+            inner = getattr(_unwrap(self.denoiser, lambda d: hasattr(d, "net")), "net", None)
+            null = getattr(inner, "null_context", None)  # [L, D + 1] of a text UNet (ours or diffusers')
+            net = self.meta.get("net") or {}
+            want = tuple(null.shape) if null is not None else \
+                (int(net.get("context_length", 0)), int(net.get("context_dim", 0)) + 1)
             if not isinstance(labels, torch.Tensor) or labels.ndim != 3 or tuple(labels.shape[1:]) != want:
                 raise UserError(f"labels for the text model {name} are text contexts [n, {want[0]}, {want[1]}]; "
                                 f"give --prompt \"...\" (in Python: model.prompt(texts))")
@@ -760,8 +763,13 @@ def denoiser_from_meta(meta: dict):
     from .nets import build_net
     from .process import make_process
 
-    net = build_net(meta["net"])
-    if isinstance(meta.get("lora"), dict):  # a LoRA student: the adapters go in before the weights load
+    if isinstance(meta.get("net"), dict) and meta["net"].get("kind") == "diffusers":  # a student of a diffusers teacher
+        from .interop.diffusers_teacher import diffusers_student_net
+
+        net = diffusers_student_net(meta["net"]["source"], meta.get("lora"))
+    else:
+        net = build_net(meta["net"])
+    if isinstance(meta.get("lora"), dict) and not meta["lora"].get("diffusers"):  # adapters before the weights
         from .nets.lora import add_lora
 
         spec = meta["lora"]

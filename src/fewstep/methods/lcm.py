@@ -117,6 +117,8 @@ def build_student(teacher, cfg: dict, data, time_process):
     from ..nets import build_net
     from ..process import make_process
 
+    if teacher.meta.get("role") == "diffusers-teacher":
+        return _diffusers_student(teacher, cfg, data, time_process)
     net_cfg = cond_net_config(cfg["net"], teacher, data.shape, data.kind, "the guidance w comes in")
     if not net_cfg.get("context_dim"):
         net_cfg["num_classes"] = int(teacher.num_classes)
@@ -152,6 +154,31 @@ def build_student(teacher, cfg: dict, data, time_process):
                        time_process), net_cfg
 
 
+def _diffusers_student(teacher, cfg: dict, data, time_process):
+    """A diffusers teacher's student: its own UNet (a copy; with ``--lora-rank`` the teacher's
+    weights frozen under diffusers' LoRA adapters, as LCM-LoRA), w through the UNet's
+    ``time_cond_proj_dim`` when it has one, else a fixed w (``--w-min`` = ``--w-max``: LCM-LoRA's
+    student takes no w; its guidance is built in)."""
+    from ..interop.diffusers_teacher import add_diffusers_lora
+
+    if cfg["net"]:
+        raise UserError("--net: the student of a diffusers teacher is the teacher's own UNet; leave --net out")
+    T = teacher.denoiser
+    T = getattr(T, "inner", T)  # a clipped denoiser: the model inside
+    net = copy.deepcopy(T.net)
+    takes_w = bool(getattr(net, "takes_w", False))
+    if not takes_w and float(cfg["w_min"]) != float(cfg["w_max"]):
+        raise UserError(f"{teacher.name} has no time_cond_proj_dim, so its student cannot take w as an input; give "
+                        f"one w (--w-min = --w-max), which the student builds in (LCM-LoRA)")
+    lora = add_diffusers_lora(net, int(cfg["lora_rank"]), cfg["lora_alpha"]) if int(cfg["lora_rank"]) else None
+    if lora is None:
+        net.requires_grad_(True)
+    inner = ModelDenoiser(net, T.process, T.prediction, T.sigma_data)
+    net_cfg = {"kind": "diffusers", "source": teacher.meta["source"], "takes_w": takes_w}
+    return lora, LCMDenoiser(inner, float(teacher.sigma_min), float(inner.sigma_data), float(cfg["timestep_scaling"]),
+                             time_process), net_cfg
+
+
 def distance(a: Tensor, b: Tensor, kind: str, c: float) -> Tensor:
     """Per sample: squared L2 (mean over coordinates) or pseudo-Huber sqrt(|a-b|^2 + c^2) - c
     (LCM's code: over the mean of squares)."""
@@ -170,8 +197,10 @@ def sampling_rule(grid: Tensor, cfg: dict) -> dict:
     return {"sampler": "consistency", "grids": fixed_grids(grids), "options": {"epsilon": float(grid[-1])}}
 
 
-def lcm_task(D: LCMDenoiser, target: nn.Module, teacher, cfg: dict, data, grid: Tensor) -> Task:
-    """Algorithm 1 as the loop's task (module docstring)."""
+def lcm_task(D: LCMDenoiser, target: nn.Module, teacher, cfg: dict, data, grid: Tensor, student_w: bool = True
+             ) -> Task:
+    """Algorithm 1 as the loop's task (module docstring); ``student_w`` False: the student takes
+    no w (a diffusers UNet without ``time_cond_proj_dim``; one w, built in)."""
     B, N, k = int(cfg["batch_size"]), int(cfg["levels"]), int(cfg["skip"])
     lo, hi, mu = float(cfg["w_min"]), float(cfg["w_max"]), float(cfg["mu"])
     guided = InputGuided(teacher.denoiser)
@@ -188,9 +217,10 @@ def lcm_task(D: LCMDenoiser, target: nn.Module, teacher, cfg: dict, data, grid: 
         x0, labels, w = b["x0"], b["labels"], b["w"].to(b["x0"].dtype)
         y = x0 + bcast(b["s_now"], x0) * b["z"]
         y_next = solve_rows("euler", guided, y, torch.stack([b["s_now"], b["s_next"]], 1), labels, w)
-        pred = call_denoiser(D, model, y, b["s_now"].to(x0.dtype), labels, w)
+        ws = w if student_w else None
+        pred = call_denoiser(D, model, y, b["s_now"].to(x0.dtype), labels, ws)
         with torch.no_grad():
-            tgt = call_denoiser(D, target, y_next, b["s_next"].to(x0.dtype), labels, w)
+            tgt = call_denoiser(D, target, y_next, b["s_next"].to(x0.dtype), labels, ws)
         return distance(pred, tgt, cfg["loss"], float(cfg["huber_c"]))
 
     def after_step(model, step):
@@ -221,6 +251,7 @@ def stages(job):
     lora, D, net_cfg = build_student(teacher, cfg, data, time_process)
     check_student_net(D.net, cond)
     target = copy.deepcopy(D.net).requires_grad_(False)
+    student_w = bool(net_cfg.get("takes_w", True))
     w_default = float(cfg["w_default"]) if cfg.get("w_default") is not None else \
         (float(cfg["w_min"]) + float(cfg["w_max"])) / 2
 
@@ -237,6 +268,10 @@ def stages(job):
                                 cost={"teacher_evals": int(cfg["steps"]) * int(cfg["batch_size"]) * 2,
                                       "seconds": st.seconds})
             meta.pop("guidance", None)  # w is an input, not built in
+            if not student_w:  # one w, built in (LCM-LoRA of a UNet without a w embedding)
+                meta.pop("w_input", None)
+                meta.pop("w_default", None)
+                meta["guidance"] = float(cfg["w_min"])
             if teacher.meta.get("text_encoder"):
                 meta["text_encoder"] = teacher.meta["text_encoder"]
             if lora is not None:
@@ -246,10 +281,10 @@ def stages(job):
                 meta["lora"] = lora
                 meta["parameters"] = {"lora": lora_parameters(ema_module),
                                       "trained_in_full": sum(p.numel() for n, p in named
-                                                             if any(n.startswith(t + ".") for t in lora["train"])),
+                                                             if any(n.startswith(t + ".") for t in lora.get("train", []))),
                                       "base": sum(p.numel() for n, p in named if ".lora_" not in n)}
             return meta
 
-        return Plan(lcm_task(D, target, teacher, cfg, data, grid), describe)
+        return Plan(lcm_task(D, target, teacher, cfg, data, grid, student_w), describe)
 
     job.stage("", plan)
