@@ -9,7 +9,7 @@ Parts (each writes bench/out/speech_<part>.json; ``--table`` prints the markdown
   spoken with its real context (espeak-ng's durations, pitch and energy given, as ProDiff's
   validation does, so the frames align with the real spectrogram) by the teacher (DDIM =
   Euler at 4, 8 and 64 steps on the students' grid: uniform in the cosine VP process's
-  time) and by the students at 1, 2, 4 steps (their own grids). Per row: mel L1 and MCD
+  time; 1 and 2 steps too, for what distillation buys) and by the students at 1, 2, 4 steps (their own grids). Per row: mel L1 and MCD
   (fewstep.metrics.audio) of the model's log-mel against the real one, the same after a
   Griffin-Lim round trip (the wav re-analysed), the real spectrogram's own Griffin-Lim
   round trip as the floor of the second pair, and the real-time factor on this CPU
@@ -116,7 +116,8 @@ def run_eval(n: int) -> dict:
     rows.append({"model": "real spectrogram, Griffin-Lim round trip (floor)", "nfe": 0, "mel_l1": 0.0, "mcd": 0.0,
                  "gl_mel_l1": float(np.mean([f[0] for f in floor])), "gl_mcd": float(np.mean([f[1] for f in floor])),
                  "rtf_mel": 0.0, "rtf_gl": sum(f[2] for f in floor) / audio_s})
-    cases = [("teacher (DDIM)", teacher, k, level_grid(grid_process, k, teacher.sigma_max).float()) for k in (4, 8, 64)]
+    cases = [("teacher (DDIM)", teacher, k, level_grid(grid_process, k, teacher.sigma_max).float())
+             for k in (1, 2, 4, 8, 64)]
     student = fewstep.load(str(STUDENT)) if (STUDENT / "model.json").is_file() else None
     if student is not None:
         cases += [("PD student", student.variant(k), k, None) for k in (4, 2, 1)]
@@ -135,7 +136,7 @@ def run_eval(n: int) -> dict:
                      "gl_mel_l1": float(np.mean([g[0] for g in gl])), "gl_mcd": float(np.mean([g[1] for g in gl])),
                      "rtf_mel": mel_s / audio_s, "rtf_gl": (mel_s + sum(g[2] for g in gl)) / audio_s})
         print(json.dumps(rows[-1]), flush=True)
-        if k in (64, 2, 1) or name.startswith("PD") and k == 4:
+        if (grid is not None and k in (2, 64)) or (grid is None and k in (1, 2)):
             from fewstep.plots import save_mels_png
 
             DOCS.mkdir(parents=True, exist_ok=True)
