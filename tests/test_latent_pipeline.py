@@ -46,3 +46,25 @@ def test_latent_teachers_train_and_sample_decoded(ae, tmp_path):
     assert m.meta.get("text_encoder") and m.autoencoder == ae
     x, _ = m.sample(4, 4, labels=m.prompt(["a bright class 2"] * 4), guidance=2.0, seed=0)
     assert m.decode(x).shape == (4, 1, 8, 8)
+
+
+def test_lcm_in_latent_space_keeps_the_boundary(ae, tmp_path):
+    """An LCM student of a latent text teacher: f(y, sigma_min) = y exactly on latents, and its
+    samples decode to images."""
+    from fewstep.methods import distill
+
+    t, s = tmp_path / "t", tmp_path / "s"
+    assert main(["train", "--data", f"latents:{ae},captions:digits,encoder=hash", "--steps", "10", "--batch-size",
+                 "16", "--out", str(t), "--quiet"]) == 0
+    distill("lcm", {"teacher": str(t), "steps": 3, "batch_size": 8, "levels": 10, "device": "cpu",
+                    "checkpoint_every": 1000}, str(s), progress=False)
+    student = load(str(s))
+    assert student.autoencoder == ae and student.meta["text_encoder"]["kind"] == "hash"
+    f = student.denoiser
+    y = torch.randn(4, 2, 4, 4)
+    ctx = student.prompt(["a dark class 1"] * 4)
+    with torch.no_grad():
+        out = f(y, torch.full((4,), f.sigma_min), labels=ctx, cond=torch.full((4,), 2.0))
+    assert torch.equal(out, y)
+    x, _ = student.sample(4, 2, labels=ctx, guidance=2.0, seed=0)
+    assert student.decode(x).shape == (4, 1, 8, 8)
