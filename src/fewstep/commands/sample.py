@@ -100,6 +100,8 @@ def cmd_sample(a) -> int:
     if a.prompt is not None:
         if a.label is not None:
             raise UserError("--prompt and --label: a text model takes a prompt, a class model a label; give one")
+        if not hasattr(model, "prompt"):
+            raise UserError(f"{a.model} is not text-conditional: it takes no --prompt")
         labels = model.prompt([a.prompt]).expand(a.n, -1, -1)
     x_T = None
     if str(a.grid).endswith(".json"):  # a grid file (e.g. from fewstep schedule): start as noise at its first level
@@ -111,10 +113,11 @@ def cmd_sample(a) -> int:
     choice = getattr(x, "choice", None)
     if choice is not None:
         print(f"sampled with {choice.describe()}")
-    if model.autoencoder is not None:  # a latent model: the decoded images, and the latents beside them
+    latent = getattr(model, "autoencoder", None) is not None
+    if latent:  # a latent model: the decoded images, and the latents beside them
         latents, x = x, model.decode(x)
     arrays = {"samples": x.float().cpu().numpy()}
-    if model.autoencoder is not None:
+    if latent:
         arrays["latents"] = latents.float().cpu().numpy()
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
