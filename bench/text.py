@@ -70,13 +70,15 @@ def run_teacher(steps: int, batch: int) -> dict:
             "seconds_here": time.perf_counter() - t}
 
 
-def run_lcm(steps: int, batch: int) -> dict:
+def run_lcm(steps: int, batch: int, only: str = None) -> dict:
     from fewstep.methods import distill
 
     base = {"teacher": str(TEACHER), "steps": steps, "batch_size": batch, "lr": 1e-4, "warmup": 100,
             "w_min": 1.0, "w_max": 4.0, "levels": 50, "checkpoint_every": 500}
     out = {}
     for name, folder in STUDENTS.items():
+        if only and (("LoRA" in name) != (only == "lora")):
+            continue
         opts = {**base, **({"lora_rank": 8, "lr": 1e-3} if "LoRA" in name else {})}
         t = time.perf_counter()
         if not (folder / "model.json").is_file():
@@ -180,6 +182,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--w", type=float, default=2.0)
+    ap.add_argument("--student", choices=("full", "lora"), help="lcm: only this student (run both at once)")
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args()
     if a.part == "ae":
@@ -187,7 +190,9 @@ def main() -> None:
     elif a.part == "teacher":
         save_part(OUT, "text_teacher", run_teacher(a.steps or 6000, a.batch))
     elif a.part == "lcm":
-        save_part(OUT, "text_lcm", run_lcm(a.steps or 2000, a.batch))
+        done = {**_load("lcm"), **run_lcm(a.steps or 2000, a.batch, a.student)}
+        done.pop("machine", None)
+        save_part(OUT, "text_lcm", done)
     elif a.part == "eval":
         save_part(OUT, "text_eval", run_eval(a.n, a.w))
     if a.table:
