@@ -129,8 +129,10 @@ def table() -> str:
             hit = [x for x in r["rows"] if x["model"] == model and x["nfe"] == nfe and x["w"] == w]
             cells.append(f"{hit[0]['sliced_w2']:.3f} / {hit[0]['energy']:.4f}" if hit else "-")
         lines.append(f"| {model} | {nfe or '-'} | " + " | ".join(cells) + " |")
-    lines += ["", "Parameters trained: " + "; ".join(f"{k}: {v}" for k, v in r["parameters"].items()),
-              "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items())]
+    lines += ["", "Parameters trained: " + "; ".join(f"{k}: {v}" for k, v in r["parameters"].items())]
+    timed = {k: v for k, v in r["seconds"].items() if v >= 1}  # runs reused from an earlier call are not timed
+    if timed:
+        lines.append("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timed.items()))
     return "\n".join(lines)
 
 
