@@ -470,7 +470,7 @@ def test_interrupting_train_before_a_checkpoint_keeps_nothing(tmp_path, evcfg, m
 
 
 # ----------------------------------------------------------- a diffusers config's _class_name
-@pytest.mark.parametrize("name", ["DDPMPipeline", "UNet2DConditionModel", "ModelMixin", "os", 7, None])
+@pytest.mark.parametrize("name", ["DDPMPipeline", "ModelMixin", "os", 7, None])
 def test_diffusers_class_name_must_be_a_supported_model(name, tmp_path, capsys):
     pytest.importorskip("diffusers")
     import fewstep

@@ -33,7 +33,7 @@ def lora_targets(net: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
     def kept(name: str) -> bool:
         return not any(name == e or name.startswith(e + ".") for e in exclude)
 
-    return [n for n, m in net.named_modules() if isinstance(m, ADAPTED) and n and kept(n)]
+    return [n for n, m in net.named_modules() if type(m) in ADAPTED and n and kept(n)]  # not subclasses (Downsample)
 
 
 def add_lora(net: nn.Module, rank: int, alpha: Optional[float] = None, targets: Optional[Sequence[str]] = None,
