@@ -173,7 +173,9 @@ class Conditioning:
             return labels
         if self.context:  # a dropped context is a row of -1: the null prompt of a text net
             drop = torch.rand(len(labels), generator=gen) < self.label_dropout
-            return torch.where(drop.reshape(-1, *([1] * (labels.ndim - 1))), torch.full_like(labels, -1.0), labels)
+            from ..nets.unet import drop_to_null
+
+            return drop_to_null(labels, drop)
         labels = labels.clone()
         labels[torch.rand(len(labels), generator=gen) < self.label_dropout] = -1
         return labels

@@ -258,3 +258,9 @@ def text_context(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     (the form the samplers, the runner and classifier-free guidance carry as ``labels``; -1
     everywhere means the null prompt)."""
     return torch.cat([states.float() * mask[..., None], mask[..., None].float()], dim=-1)
+
+
+def drop_to_null(context: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``context`` [B, ...] with the rows where ``drop`` [B] is true replaced by -1: the null
+    prompt of a text net (label dropout for classifier-free guidance)."""
+    return torch.where(drop.reshape(-1, *([1] * (context.ndim - 1))), torch.full_like(context, -1.0), context)

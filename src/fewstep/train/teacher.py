@@ -60,6 +60,7 @@ def _context_task(D: ModelDenoiser, data: Dataset, cfg: dict, loss_fn: Denoising
     B = int(cfg["batch_size"])
     speech = data.kind == "speech"
     p_null = 0.0 if speech else float(cfg["label_dropout"])  # text: the null prompt for classifier-free guidance
+    from ..nets.unet import drop_to_null
 
     def draw(gen, step):
         idx = torch.randint(0, len(data), (B,), generator=gen)
@@ -68,7 +69,7 @@ def _context_task(D: ModelDenoiser, data: Dataset, cfg: dict, loss_fn: Denoising
         batch = {"x0": x0, "t": t, "eps": torch.randn(x0.shape, generator=gen), "labels": ctx}
         if p_null > 0:
             drop = torch.rand(B, generator=gen) < p_null
-            batch["labels"] = torch.where(drop.reshape(-1, *([1] * (ctx.ndim - 1))), torch.full_like(ctx, -1.0), ctx)
+            batch["labels"] = drop_to_null(ctx, drop)
         if mask is not None:
             batch["mask"] = mask
         return batch
