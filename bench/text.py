@@ -84,6 +84,13 @@ def run_lcm(steps: int, batch: int, only: str = None) -> dict:
         if not (folder / "model.json").is_file():
             distill("lcm", opts, out=str(folder), resume=(folder / "config.json").is_file())
         meta = json.loads((folder / "model.json").read_text())
+        cfg = json.loads((folder / "config.json").read_text())  # what the run was trained with (a reused run too)
+        opts = {k: cfg[k] for k in opts if k in cfg}
+        if meta.get("parameters") is None:  # a full student of an older run: every weight is trained
+            from fewstep.model import load
+
+            net = load(str(folder)).denoiser
+            meta["parameters"] = {"trained_in_full": sum(p.numel() for p in net.parameters())}
         out[name] = {"run": str(folder), "options": opts, "seconds": meta.get("cost", {}).get("seconds"),
                      "parameters": meta.get("parameters"), "seconds_here": time.perf_counter() - t}
     return out

@@ -79,3 +79,32 @@ def test_sample_with_a_prompt_and_refusals(runs, tmp_path, capsys, gmm_spec):
     assert "takes no --prompt" in capsys.readouterr().err
     assert main(["sample", str(s), "--nfe", "2", "--n", "4", "--label", "3", "--out", str(tmp_path / "z.npz")]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_bench_of_a_text_teacher(runs, tmp_path, capsys):
+    """``fewstep bench`` on a text teacher: every method samples with the held-out captions
+    (or one --prompt), its LCM student is run with w as its input, and prompt adherence is
+    the classifier's accuracy on the caption's class (the data row: on the images' own)."""
+    t, s = runs
+    out = tmp_path / "b"
+    assert main(["bench", "--teacher", str(t), "--students", str(s), "--samplers", "euler", "--nfe", "2",
+                 "--n", "40", "--guidance", "2", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {(r["method"], r["nfe"]): r for r in res["rows"] if r.get("class") is None}
+    assert res["meta"]["prompts"] == "held-out captions" and res["meta"]["guidance"] == 2.0
+    student = [k for k in rows if k[1] == 2 and k[0] != "euler"]
+    assert ("euler", 2) in rows and len(student) == 1, list(rows)
+    for r in rows.values():
+        assert 0.0 <= r["label_accuracy"] <= 1.0 and r["fd"] is not None
+    ref = [r for r in res["rows"] if r["kind"] == "reference"][0]
+    assert rows[("euler", 2)]["flow_error"] > 0 and ref["nfe_used"] > 2
+    # one prompt for all: no adherence (no class asked), the reference with the same prompt
+    out2 = tmp_path / "b2"
+    assert main(["bench", "--teacher", str(t), "--students", "none", "--samplers", "euler", "--nfe", "2", "--n", "40",
+                 "--prompt", "a bright small class 3, upright", "--out", str(out2), "--quiet"]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    e2 = [r for r in res2["rows"] if r["method"] == "euler"][0]
+    assert "label_accuracy" not in e2 and e2["flow_error"] != rows[("euler", 2)]["flow_error"]
+    assert main(["bench", "--teacher", str(t), "--label", "3", "--nfe", "2", "--n", "40",
+                 "--out", str(tmp_path / "b3")]) == 2
+    assert "--prompt" in capsys.readouterr().err and not (tmp_path / "b3").exists()

@@ -68,6 +68,8 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=cli_number, help="class-conditional teacher: classifier-free guidance scale of its "
                                                   "samplers and reference (students distilled at another guidance "
                                                   "are skipped)")
+    p.add_argument("--prompt", help="text-conditional teacher: this prompt for every sample (default: the captions of "
+                                    "the held-out images it is measured against)")
     p.add_argument("--discriminator", metavar="DG_RUN", help="a 'fewstep distill discriminator' run of the teacher: "
                                                              "every sampler also runs with discriminator guidance")
     p.add_argument("--dg-weight", type=cli_number, help="discriminator guidance weight (default: the run's)")
@@ -94,6 +96,6 @@ def cmd_bench(a) -> int:
                         seed=a.seed, data=a.data, nll_n=a.nll, reference=not a.no_reference, device=a.device,
                         progress=not a.quiet, grids=[g for g in a.grids.split(",") if g],
                         label=a.label, guidance=a.guidance, discriminator=a.discriminator, dg_weight=a.dg_weight,
-                        command="fewstep " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None)
+                        prompt=a.prompt, command="fewstep " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None)
     print(f"report: {path}")
     return 0

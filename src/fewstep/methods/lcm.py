@@ -283,6 +283,8 @@ def stages(job):
                                       "trained_in_full": sum(p.numel() for n, p in named
                                                              if any(n.startswith(t + ".") for t in lora.get("train", []))),
                                       "base": sum(p.numel() for n, p in named if ".lora_" not in n)}
+            else:  # the whole student is trained
+                meta["parameters"] = {"trained_in_full": sum(p.numel() for p in ema_module.parameters())}
             return meta
 
         return Plan(lcm_task(D, target, teacher, cfg, data, grid, student_w), describe)

@@ -30,6 +30,15 @@ samples the teacher with classifier-free guidance w and solves the reference wit
 from fresh noise; a trained teacher's data is p(x | c), not the guided distribution).
 Students distilled at another guidance are skipped with a note.
 
+A text-conditional teacher (a latent model on ``latents:AE,captions:SOURCE``) is benchmarked
+in image space (:func:`text_sets`): ``A`` is n held-out images of SOURCE (its test split),
+each method samples from the same noise with those images' captions (the held-out caption
+templates) as its prompts, or with one ``prompt`` for every sample, and its latents are
+decoded by the teacher's autoencoder before any metric (the flow error too: decoded against
+the decoded reference). Where SOURCE has classes, ``label_accuracy`` is prompt adherence:
+the set classifier's accuracy on the class each caption names. Students must be text
+models with the same encoder; an LCM student takes ``guidance`` as its w input.
+
 A teacher of a family before diffusion (``fewstep train --family``, :mod:`fewstep.families`)
 is benchmarked by its own sampling rule at its own cost (the row "FAMILY (own rule)": an
 ARM's d evaluations per sample, Langevin's steps); samplers run only where it has a score
@@ -42,6 +51,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -121,11 +131,22 @@ def real_sets(teacher, spec: str, n: Optional[int], seed: int, data: Optional[st
     return x[:half], x[half:2 * half], dspec
 
 
-def check_class_options(model, label: Optional[int], guidance: Optional[float]) -> None:
-    """``--label`` / ``--guidance`` that the teacher can take, else one UserError."""
+def check_class_options(model, label: Optional[int], guidance: Optional[float],
+                        prompt: Optional[str] = None) -> None:
+    """``--label`` / ``--guidance`` / ``--prompt`` that the teacher can take, else one UserError."""
     name = model.name or "the teacher"
     if guidance is not None and not math.isfinite(float(guidance)):
         raise UserError(f"--guidance must be a finite number, got {guidance}")
+    text = bool(model.meta.get("text_encoder"))
+    if prompt is not None and not text:
+        raise UserError(f"--prompt: teacher {name} is not text-conditional; it takes no --prompt"
+                        + (" (give --label for its classes)" if model.num_classes else ""))
+    if text:
+        if label is not None:
+            raise UserError(f"--label {label}: teacher {name} is text-conditional; give --prompt \"...\" (or "
+                            "nothing: the held-out images' captions)")
+        model.check_conditioning(None, guidance)
+        return
     if label is not None:
         if not model.num_classes:
             raise UserError(f"--label {label}: teacher {name} is unconditional; it takes no --label")
@@ -135,6 +156,66 @@ def check_class_options(model, label: Optional[int], guidance: Optional[float]) 
         raise UserError(f"--guidance {guidance}: teacher {name} is unconditional; --guidance needs a "
                         "class-conditional teacher")
     model.check_conditioning(None, guidance)
+
+
+def text_sets(teacher, spec: str, n: int, seed: int, data: Optional[str] = None,
+              prompt: Optional[str] = None, notes: Optional[list] = None):
+    """(A, B, feature data spec, text contexts [n, L, D + 1], A's classes [n] or None, B's
+    classes or None, how) of a
+    text-conditional teacher trained on ``latents:AE,captions:SOURCE`` (or ``captions:SOURCE``):
+    A = n held-out images of SOURCE (its test split, captioned with the held-out templates; a
+    captioned folder without one: half of it) in image space, B = as many other images (the
+    training split: the data floor), the prompts = A's captions, or ``prompt`` for all."""
+    from fewstep.data.registry import _caption_spec, caption_data, held_out, load_dataset, test_split
+
+    notes = [] if notes is None else notes
+    dspec = _data_spec(teacher, spec, data)
+    inner = dspec.partition(",")[2] if dspec.startswith("latents:") else dspec
+    if not inner.startswith("captions:"):
+        raise UserError(f"teacher {spec} is text-conditional but its data '{dspec}' has no captions; give "
+                        "--data latents:AE,captions:SOURCE (or captions:SOURCE)")
+    source = _caption_spec(inner)[0]
+    if test_split(source) is not None:
+        a = held_out(inner, n, seed + 1000)[0]
+        bset = load_dataset(source, n=len(a.x), seed=seed + 1001)
+        b, b_classes = bset.x, None if bset.labels is None else bset.labels.long()
+        where = f"{len(a.x)} test images of {source} (held-out caption templates)"
+    else:
+        both = caption_data(inner, 2 * n, seed + 1000)
+        half = len(both.x) // 2
+        if half < 10:
+            raise UserError(f"data '{inner}' has {len(both.x)} captioned images; the benchmark needs at least 20")
+        idx = torch.arange(half)
+        _, ctx_all, _ = both.take(torch.arange(2 * half))
+        b = both.x[half:2 * half]
+        a_x, ctx = both.x[:half], ctx_all[:half]
+        classes = None if both.class_labels is None else both.class_labels[idx].long()
+        b_classes = None if both.class_labels is None else both.class_labels[half:2 * half].long()
+        notes.append(f"Text prompts: the captions of {half} images of {source} (no test split: half of its images), "
+                     f"against the other {half}.")
+        ctx, classes, how = _one_prompt(teacher, prompt, half, ctx, classes, notes)
+        return a_x, b, source, ctx, classes, b_classes, how
+    _, ctx, _ = a.take(torch.arange(len(a.x)))
+    classes = None if a.class_labels is None else a.class_labels.long()
+    if prompt is None:
+        notes.append(f"Text prompts: the captions of {where}; images decoded by the teacher's autoencoder; "
+                     "the data row is as many training images against them."
+                     + (" label_accuracy is prompt adherence: the classifier's accuracy on each caption's class."
+                        if classes is not None else ""))
+    ctx, classes, how = _one_prompt(teacher, prompt, len(a.x), ctx, classes, notes)
+    return a.x, b, source, ctx, classes, b_classes, how
+
+
+def _one_prompt(teacher, prompt: Optional[str], n: int, ctx: Tensor, classes, notes: list):
+    """(contexts, classes, how): the data's captions, or ``prompt`` for all n samples."""
+    if prompt is None:
+        return ctx, classes, "held-out captions"
+    if not str(prompt).strip():
+        raise UserError("--prompt is empty; give a prompt, or leave it out for the held-out images' captions")
+    notes.append(f"One prompt for every sample: \"{prompt}\". FD and the other data metrics compare with the whole "
+                 "held-out set, not p(x | prompt); the flow error (against the reference with the same prompt) "
+                 "measures the solvers.")
+    return teacher.prompt([str(prompt)]).cpu().expand(n, -1, -1).contiguous(), None, f"prompt \"{prompt}\""
 
 
 def bench_labels(model, spec: str, n: int, seed: int, label: Optional[int] = None) -> tuple[Tensor, str]:
@@ -423,7 +504,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
               progress: bool = True, command: Optional[str] = None,
               grids: Sequence[str] = (), label: Optional[int] = None, guidance: Optional[float] = None,
               reference_labels: Optional[Tensor] = None, discriminator: Optional[str] = None,
-              dg_weight: Optional[float] = None) -> tuple[Results, Path]:
+              dg_weight: Optional[float] = None, prompt: Optional[str] = None) -> tuple[Results, Path]:
     """Run the benchmark (see the module docstring); returns (results, report.html path).
 
     ``samplers``: names, ``'default'`` (None), ``'all'`` (every deterministic sampler) or
@@ -437,6 +518,8 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     ``discriminator``: a ``fewstep distill discriminator`` run of the teacher: every sampler
     also runs with discriminator guidance (weight ``dg_weight``, default the run's), as the
     method "SAMPLER + DG" beside the plain one (Kim et al. 2022; its cost is in the seconds).
+    A text-conditional teacher: ``prompt`` (one prompt for every sample; default the held-out
+    images' captions, :func:`text_sets`), ``guidance`` as for classes.
     """
     from tqdm.auto import tqdm
 
@@ -458,7 +541,8 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         raise UserError(f"--guidance must be a finite number, got {guidance}")
     student_specs = _student_list(students, teacher_spec)
     model = load(teacher_spec, device=device)
-    check_class_options(model, label, guidance)
+    check_class_options(model, label, guidance, prompt)
+    text = bool(model.meta.get("text_encoder"))
     family = (model.meta or {}).get("family", "diffusion")
     single = family in ("arm", "sm", "ebm")  # no score over a range of levels: no flow, no ODE reference
     if single:
@@ -479,13 +563,21 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     out = Path(out)  # created only when the results are written: an interrupted run leaves nothing
 
     notes: list[str] = []
-    labels, classes = None, None
-    if C:
+    labels, classes, cond_labels, b_labels = None, None, None, None
+    if text:
+        n0 = int(n or DEFAULT_N.get(model.kind, 1000))
+        real_a, real_b, dspec, cond_labels, labels, b_labels, how = text_sets(model, teacher_spec, n0, seed, data, prompt, notes)
+        classes = {"prompts": how}
+        if w is not None and w != 1.0:
+            notes.append(f"Guidance w = {w:g}: the teacher's samplers and the reference use classifier-free guidance "
+                         "on the text; the held-out images are p(x | caption), not the guided distribution.")
+    elif C:
         n0 = int(n or DEFAULT_N.get(model.kind, 1000))
         labels, how = bench_labels(model, teacher_spec, n0, seed, label)
         real_a, real_b, dspec, labels = conditional_sets(model, teacher_spec, labels, seed, data, w, notes)
         counts = torch.bincount(labels, minlength=C).tolist()
         classes = {"num_classes": C, "labels": how, "counts": counts}
+        cond_labels = b_labels = labels
         if w is not None and w != 1.0:
             notes.append(f"Guidance w = {w:g}: the teacher's samplers and the reference use classifier-free "
                          "guidance. " + ("The data sets A and B are samples of the exact guided flow (fresh noise), "
@@ -508,13 +600,16 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
             notes.append(f"Class {c} has only {len(idx)} of the {n} samples: no per-class rows for it.")
         elif len(idx):
             per_class.append((c, idx, evaluate.subset(idx)))
-    eps = torch.randn((n,) + tuple(model.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    eps = torch.randn((n,) + tuple(model.latent_shape), generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.float64)
+    decode = (lambda m, x: m.decode(x)) if text else (lambda m, x: x)  # latents to images for every metric
     x_T = _start(model, eps, seed) if model.denoiser is not None else None
     rows, skipped, panels = [], [], {}
 
-    def add_rows(base: dict, x: Tensor, flow_ref: Optional[Tensor], with_flow: bool = True):
-        """The overall row, then one per class: each metric on the class's samples."""
-        m = evaluate(x, flow_ref, labels=labels)  # the data row's B has the same labels: the classifier's accuracy
+    def add_rows(base: dict, x: Tensor, flow_ref: Optional[Tensor], with_flow: bool = True, asked=None):
+        """The overall row, then one per class: each metric on the class's samples; ``asked``:
+        the classes x was asked for, if not ``labels`` (the data row of a text teacher)."""
+        m = evaluate(x, flow_ref, labels=labels if asked is None else asked)  # the classifier's accuracy
         if not with_flow:
             m.pop("flow_error", None)
         note = m.pop("note", None)
@@ -537,11 +632,12 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
             skipped.append({"method": method, "nfe": k, "reason": note})
         panels.setdefault(method, {})[f"NFE {k}" if k is not None else method] = _panel(x, evaluate.kind)
 
-    add_rows({"method": "data (held-out)", "kind": "data", "nfe": None, "nfe_used": None}, real_b, None, False)
+    add_rows({"method": "data (held-out)", "kind": "data", "nfe": None, "nfe_used": None}, real_b, None, False,
+             asked=b_labels if labels is not None and b_labels is not None else None)
     ref = None
     if reference:
         say("[bench] the reference: the teacher's ODE solved accurately from the same noise")
-        ref_labels = labels if reference_labels is None or labels is None else torch.as_tensor(reference_labels)
+        ref_labels = cond_labels if reference_labels is None or labels is None else torch.as_tensor(reference_labels)
         t0 = time.time()
         if teacher_spec.startswith("gmm:"):
             ref = model.denoiser.flow(x_T, model.sigma_max, 0.0, rtol=1e-8, labels=ref_labels, guidance=w)
@@ -550,7 +646,8 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
             tol = REFERENCE_TOL.get(model.kind, 1e-5)
             ref, used = _sample_counted(model, 100000, "rk45", x_T, seed, labels=ref_labels, guidance=w,
                                         rtol=tol, atol=tol)
-            rlabel = f"teacher ODE (rk45, tol {tol:g}" + (f", guidance {w:g})" if w is not None and C else ")")
+            rlabel = f"teacher ODE (rk45, tol {tol:g}" + (f", guidance {w:g})" if w is not None and (C or text) else ")")
+            ref = decode(model, ref)
         add_rows({"method": rlabel, "kind": "reference", "nfe": None, "nfe_used": used,
                   "seconds": time.time() - t0}, ref, None, False)
         panels["reference"] = {"data": _panel(real_a, evaluate.kind), rlabel: _panel(ref, evaluate.kind)}
@@ -569,7 +666,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     jobs += [(name, "sampler", model, k, w) for name, (_, _, k) in learned.items()]  # learned grids
     for spec, st in studs:
         name = _student_name(spec, st)
-        why, st_w = _student_conditioning(st, C, w)
+        why, st_w = _student_text(st, model, w) if text else _student_conditioning(st, C, w)
         if why:
             skipped.append({"method": name, "nfe": None, "reason": why})
             continue
@@ -587,7 +684,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     for method, kind, m, k, mw in bar:
         bar.set_postfix_str(f"{method} @ {k}")
         t0 = time.time()
-        cond = {"labels": labels, "guidance": mw} if C else {}
+        cond = {"labels": cond_labels, "guidance": mw} if C or text else {}
         try:
             if method in learned:  # a learned grid: its sampler, from noise at its first level
                 sname, gpath, _ = learned[method]
@@ -602,6 +699,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
         except UserError as e:
             skipped.append({"method": method, "nfe": k, "reason": str(e)})
             continue
+        x = decode(m, x)
         seconds = time.time() - t0
         used = used if used is not None else k
         if kind == "sampler" and any(r["method"] == method and r["nfe_used"] == used for r in rows):
@@ -614,8 +712,9 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
 
     summary = {}
     nll_n = DEFAULT_NLL_N.get(model.kind, 0) if nll_n is None else int(nll_n)
-    if nll_n > 0 and model.num_classes:
-        notes.append("The teacher is class-conditional: its NLL is not computed (it needs p(x), not p(x | c)).")
+    if nll_n > 0 and (model.num_classes or text):
+        notes.append(f"The teacher is {'text' if text else 'class'}-conditional: its NLL is not computed "
+                     "(it needs p(x), not p(x | c)).")
     elif nll_n > 0 and single and not getattr(model, "has_log_prob", False) or nll_n > 0 and family == "ebm":
         notes.append(f"The {family} teacher has no normalised density at a range of levels: no NLL.")
     elif nll_n > 0 and single:
@@ -626,7 +725,7 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
     primary = {"points": "sliced_w2", "clouds": "mmd_cd"}.get(evaluate.kind, "fd")
     meta = {"teacher": teacher_spec, "data": dspec, "kind": evaluate.kind, "n": n, "seed": seed,
             "samplers": samplers, "students": student_specs, "nfe": nfes, "primary": primary,
-            "command": command or _command(teacher_spec, samplers, student_specs, nfes, out, n, seed, label, w),
+            "command": command or _command(teacher_spec, samplers, student_specs, nfes, out, n, seed, label, w, prompt),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                        f"device {model.device}",
             "date": time.strftime("%Y-%m-%d"), "summary": summary, "notes": notes,
@@ -634,6 +733,8 @@ def run_bench(teacher: str, samplers: Union[None, str, Sequence[str]] = None,
                         + [(s, provenance(s)) for s in student_specs] if v}}
     if C:
         meta.update(classes=classes, label=label, guidance=w)
+    if text:
+        meta.update(prompts=classes["prompts"], prompt=prompt, guidance=w)
     results = Results(meta, rows, skipped, samples=panels)
     results.meta["seconds"] = time.time() - t_start
     path = write_report(results, out, panels)
@@ -664,6 +765,23 @@ def _student_conditioning(st, C: int, w: Optional[float]) -> tuple[Optional[str]
         return (f"distilled at guidance {float(baked):g} (built in), but this benchmark's teacher and reference "
                 f"are at guidance {want:g}; bench it with --guidance {float(baked):g}"), None
     return None, want
+
+
+def _student_text(st, teacher, w: Optional[float]) -> tuple[Optional[str], Optional[float]]:
+    """(why the student is not run, or None; its guidance) on a text-conditional teacher."""
+    enc = st.meta.get("text_encoder")
+    if not enc:
+        return "it is not text-conditional, the teacher is", None
+    if enc != teacher.meta.get("text_encoder"):
+        return f"its text encoder {enc} is not the teacher's {teacher.meta.get('text_encoder')}", None
+    want = 1.0 if w is None else w
+    if st.meta.get("w_input"):
+        return None, want  # LCM: w is the student's input
+    baked = st.meta.get("guidance")
+    if baked is not None and float(baked) != want:
+        return (f"distilled at guidance {float(baked):g} (built in), but this benchmark is at guidance {want:g}; "
+                f"bench it with --guidance {float(baked):g}"), None
+    return None, None if baked is not None else w
 
 
 def write_report(results: Results, out, panels: Optional[dict] = None) -> Path:
@@ -770,10 +888,11 @@ def provenance(spec: str) -> Optional[str]:
     return " ".join(cmd + [f"--out {spec}"])
 
 
-def _command(teacher, samplers, students, nfes, out, n, seed, label=None, guidance=None) -> str:
+def _command(teacher, samplers, students, nfes, out, n, seed, label=None, guidance=None, prompt=None) -> str:
     parts = ["fewstep bench", f"--teacher {teacher}", f"--samplers {','.join(samplers) or 'none'}",
              f"--students {','.join(students) or 'none'}", f"--nfe {','.join(map(str, nfes))}",
              f"--n {n}", f"--seed {seed}", f"--out {out}"]
     parts += [f"--label {label}"] if label is not None else []
     parts += [f"--guidance {guidance:g}"] if guidance is not None else []
+    parts += [f"--prompt {shlex.quote(prompt)}"] if prompt is not None else []
     return " ".join(parts)
