@@ -108,3 +108,15 @@ def test_bench_of_a_text_teacher(runs, tmp_path, capsys):
     assert main(["bench", "--teacher", str(t), "--label", "3", "--nfe", "2", "--n", "40",
                  "--out", str(tmp_path / "b3")]) == 2
     assert "--prompt" in capsys.readouterr().err and not (tmp_path / "b3").exists()
+
+
+def test_distilling_with_captions_of_another_encoder_is_refused(runs, tmp_path, capsys):
+    """The data's captions must be encoded as the teacher's were (encoder and length): another
+    length, or data without captions, is one line and exit 2, with no run folder left."""
+    t, _ = runs
+    for data, says in (("captions:digits,encoder=hash,length=8", "differ in length"), ("digits", "no captions")):
+        out = tmp_path / data.replace(":", "_").replace(",", "_")
+        assert main(["distill", "lcm", "--teacher", str(t), "--data", data, "--steps", "2", "--batch-size", "4",
+                     "--levels", "10", "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and not out.exists(), err

@@ -309,6 +309,29 @@ def data_spec(spec: Optional[str], teacher=None) -> Optional[str]:
     return spec
 
 
+def check_text_encoder(ds, teacher, spec) -> None:
+    """Captions encoded by another text encoder than the teacher's are refused: its cross-attention
+    would read states of another model (or another length) as if they were its own."""
+    want = (teacher.meta or {}).get("text_encoder") if teacher is not None else None
+    have = getattr(ds, "text_encoder", None)
+    if not want and not have:
+        return
+    if want and not have:
+        raise UserError(f"--data {spec} has no captions, but the teacher {teacher.name} is text-conditional; give "
+                        f"captioned data (captions:SOURCE or latents:AE,captions:SOURCE)")
+    if have and not want:
+        if teacher is not None:
+            raise UserError(f"--data {spec} holds captions, but the teacher {teacher.name} is not text-conditional; "
+                            f"give its own data")
+        return
+    diff = [k for k in set(want) | set(have) if want.get(k) is not None and have.get(k) is not None
+            and want.get(k) != have.get(k)]
+    if diff:
+        raise UserError(f"--data {spec} encodes its captions with {have}, the teacher {teacher.name} with {want} "
+                        f"(they differ in {', '.join(sorted(diff))}); add encoder=/length= to the captions spec to "
+                        f"match the teacher")
+
+
 def data_source(spec: Optional[str], teacher=None, seed: int = 0, n: Optional[int] = None) -> DataSource:
     """``spec`` (a dataset spec or gmm:FILE.npz) or, when None, the teacher's own data: its
     mixture for an exact teacher, its training set (by name, :func:`data_spec`) for a run folder:
@@ -348,6 +371,7 @@ def data_source(spec: Optional[str], teacher=None, seed: int = 0, n: Optional[in
     x = ds.x.float()
     if teacher is not None and tuple(ds.shape) != tuple(teacher.shape):
         raise UserError(f"--data {spec} has samples of shape {list(ds.shape)}, the teacher {list(teacher.shape)}")
+    check_text_encoder(ds, teacher, spec)
     k = int(ds.num_classes or 0)
     if teacher is not None and k and teacher.num_classes and k != teacher.num_classes:
         raise UserError(f"--data {spec} has {k} classes, the teacher {teacher.num_classes}: its labels would ask "
