@@ -151,7 +151,8 @@ def table() -> str:
     if ae:
         r = ae.get("reconstruction") or {}
         lines.append(f"Autoencoder: latents {ae.get('latent_shape')}, scale factor {ae.get('scale_factor'):.3f}, "
-                     f"held-out reconstruction {json.dumps(r)}.")
+                     f"reconstruction of {r.get('images')} {r.get('reference')} images: PSNR {r.get('psnr', 0):.1f} dB, "
+                     f"L1 {r.get('l1', 0):.3f} (the mean image: L1 {r.get('l1_mean_image', 0):.3f}).")
     if te:
         lines.append(f"Teacher: `{te['options']['data']}`, {te['options']['steps']} steps of batch "
                      f"{te['options']['batch_size']}, {(te.get('train_seconds') or 0) / 60:.0f} min.")
