@@ -123,12 +123,19 @@ def distil(teacher: Path, key: str, scale: float) -> Path:
     return out
 
 
+def _options(run: Path, keys) -> dict:
+    """The options a finished run was made with (its own config.json), so a table made at
+    another --scale, or from runs reused from an earlier one, says what really ran."""
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
 def _cost(run: Path) -> dict:
     meta = json.loads((run / "model.json").read_text())
     return {"train_seconds": meta.get("train_seconds"), **(meta.get("cost") or {})}
 
 
-def part_bench(conditional: bool, scale: float, methods, students: bool) -> dict:
+def part_bench(conditional: bool, scale: float, methods, students: bool, n: int = N) -> dict:
     from fewstep.report.bench import run_bench
 
     teacher = train(conditional, scale)
@@ -137,13 +144,14 @@ def part_bench(conditional: bool, scale: float, methods, students: bool) -> dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res, report = run_bench(str(teacher), samplers=list(SAMPLERS), students=[str(r) for r in runs.values()] or "none",
-                                nfe=STUDENT_NFE if students else TEACHER_NFE, n=N, seed=0, nll_n=0,
+                                nfe=STUDENT_NFE if students else TEACHER_NFE, n=n, seed=0, nll_n=0,
                                 out=str(_folder(conditional) / f"bench_{name}"), progress=True)
     rows = [{k: r.get(k) for k in ("method", "kind", "nfe", "nfe_used", "fd", "fd_check", "label_accuracy",
                                    "precision", "recall", "seconds")} for r in res.rows if r.get("class") is None]
-    return {"part": name, "conditional": conditional, "scale": scale, "machine": machine(), "n": N,
-            "teacher": {"options": {**_scaled(TEACHER, scale), "net": NET}, **_cost(teacher)},
-            "students": {k: {"method": METHODS[k][0], "options": _scaled(METHODS[k][1], scale), **_cost(r)}
+    return {"part": name, "conditional": conditional, "scale": scale, "machine": machine(), "n": n,
+            "teacher": {"options": {**_options(teacher, TEACHER), "net": NET}, **_cost(teacher)},
+            "students": {k: {"method": METHODS[k][0], "options": _options(r, METHODS[k][1]) or _scaled(METHODS[k][1], scale),
+                             **_cost(r)}
                          for k, r in runs.items()},
             "rows": rows, "notes": res.meta.get("notes", []), "report": str(report)}
 
@@ -171,7 +179,8 @@ def markdown(results: list) -> str:
             lines.append("")
             continue
         kind = "class-conditional" if res["conditional"] else "unconditional"
-        flags = (" --conditional" if res["conditional"] else "") + ("" if res["scale"] == 1 else f" --scale {res['scale']:g}")
+        flags = ((" --conditional" if res["conditional"] else "") + ("" if res["scale"] == 1 else f" --scale {res['scale']:g}")
+                 + ("" if res["n"] == N else f" --n {res['n']}"))
         cmd = f"`.venv/bin/python bench/fashion.py --part {res['part']}{flags}`"
         lines += [f"### {kind.capitalize()} teacher: {res['part']}", "",
                   f"{cmd} ({where}). FD to {res['n']} test images on the classifier's features (FD check: the "
@@ -198,6 +207,7 @@ def main() -> None:
     ap.add_argument("--part", choices=["classifier", "teacher", "students"])
     ap.add_argument("--conditional", action="store_true", help="the class-conditional teacher")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
+    ap.add_argument("--n", type=int, default=N, help=f"samples per method and test images (default {N})")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"students ({', '.join(METHODS)})")
     ap.add_argument("--from-json", nargs="+", help="only render these result files")
     ap.add_argument("--doc", help="markdown file whose section's parts to replace (other parts are kept)")
@@ -216,7 +226,9 @@ def main() -> None:
         if a.part == "classifier":
             res = part_classifier()
         else:
-            res = part_bench(a.conditional, a.scale, methods, a.part == "students")
+            if a.n < 100:
+                ap.error(f"--n {a.n}: a Frechet distance needs at least 100 samples; give --n 100 or more")
+            res = part_bench(a.conditional, a.scale, methods, a.part == "students", a.n)
         res["seconds"] = time.time() - t0
         name = f"fashion_{a.part}{'_cond' if a.conditional else ''}.json"
         (OUT / name).write_text(json.dumps(res, indent=1))
