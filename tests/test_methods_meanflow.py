@@ -310,7 +310,8 @@ def test_bad_input_is_one_line(extra, needle, spec, tmp_path, capsys):
 
 
 def test_class_conditional_teacher_and_bad_api_values(cspec, tmp_path, capsys):
-    _fails(["distill", "meanflow", "--teacher", cspec, "--out", str(tmp_path / "x")], capsys, "class-conditional")
+    _fails(["distill", "meanflow", "--teacher", cspec, "--net", json.dumps(NET), "--out", str(tmp_path / "x")], capsys,
+           "num_classes")
     with pytest.raises(UserError, match="ratio"):
         resolve("meanflow", {"data": "gmm:x.npz", "ratio": 2})
     with pytest.raises(UserError, match="weight_p|weight-p"):

@@ -199,8 +199,10 @@ def test_bad_options_fail_before_any_work(spec, tmp_path, bad, match):
     assert not (tmp_path / "r").exists()
 
 
-def test_class_conditional_teacher_is_refused(cspec, tmp_path):
-    with pytest.raises(UserError, match="class-conditional"):
+def test_class_conditional_teacher_needs_a_conditional_net(cspec, tmp_path):
+    """A class-conditional teacher trains a conditional student (tests/test_conditional_one_step.py);
+    an unconditional --net for it is one line."""
+    with pytest.raises(UserError, match="num_classes"):
         distill("shortcut", _cfg(teacher=cspec, steps=2), str(tmp_path / "r"), progress=False)
     assert not (tmp_path / "r").exists()
 

@@ -126,18 +126,40 @@ class MeanFlowDenoiser(torch.nn.Module):
 
 
 @torch.no_grad()
-def meanflow_sample(denoiser: MeanFlowDenoiser, z: torch.Tensor, times, extra_args=None) -> torch.Tensor:
+def meanflow_sample(denoiser: MeanFlowDenoiser, z: torch.Tensor, times, extra_args=None,
+                    guidance: float = 1.0) -> torch.Tensor:
     """MeanFlow's few-step rule on decreasing times t_0 > t_1 > ... > t_k of the linear flow
     (t = 1 noise, t = 0 data), one evaluation per step:
 
         z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_{i+1}, t_i)
 
-    (one step from t = 1: z_0 = z_1 - u(z_1, 0, 1)); ``z`` is at t_0 in x-space."""
+    (one step from t = 1: z_0 = z_1 - u(z_1, 0, 1)); ``z`` is at t_0 in x-space. ``guidance`` w != 1
+    (a conditional student with a null branch) guides u at each step (:func:`guided_field`); a
+    student distilled with guidance has it built in and is sampled at w = 1."""
     ts = [float(v) for v in torch.as_tensor(times, dtype=torch.float64).tolist()]
+    u = guided_field(lambda z_, t_, r=None, **c: denoiser.u(z_, r, t_, **c), guidance)
     for t, r in zip(ts[:-1], ts[1:]):
         tt = torch.full((z.shape[0],), t, dtype=z.dtype, device=z.device)
-        z = z - (t - r) * denoiser.u(z, torch.full_like(tt, r), tt, **(extra_args or {})).to(z.dtype)
+        z = z - (t - r) * u(z, tt, r=torch.full_like(tt, r), **(extra_args or {})).to(z.dtype)
     return z
+
+
+def guided_field(field, guidance: float = 1.0):
+    """A student's velocity field f(x, t, labels=, **per-sample inputs) with classifier-free guidance
+    at sampling, f_null + w (f_c - f_null), both halves from one batched call (as
+    :class:`~fewstep.denoiser.CFGDenoiser` on a denoiser; the flow denoiser is affine in the velocity, so
+    guiding one guides the other); ``field`` itself when w = 1 or unconditional (no labels)."""
+    w = float(guidance)
+
+    def guided(x, t, labels=None, **cond):
+        if labels is None or w == 1.0:
+            return field(x, t, labels=labels, **cond) if labels is not None else field(x, t, **cond)
+        from .denoiser import cfg_halves
+
+        f_c, f_u = cfg_halves(field, x, t, labels, **cond)
+        return f_u + w * (f_c - f_u)
+
+    return guided
 
 
 def shortcut_velocity(net, process, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, base: int,
@@ -151,15 +173,19 @@ def shortcut_velocity(net, process, x: torch.Tensor, t: torch.Tensor, d: torch.T
 
 
 @torch.no_grad()
-def shortcut_sample(denoiser, x: torch.Tensor, steps: int, base: int, extra_args=None) -> torch.Tensor:
+def shortcut_sample(denoiser, x: torch.Tensor, steps: int, base: int, extra_args=None,
+                    guidance: float = 1.0) -> torch.Tensor:
     """A shortcut model's k-step rule: k Euler steps of d = 1/k from t = 1 (``x``, the noise eps in
     x-space) to t = 0, each asking the net for the step it takes: x_{t - d} = x_t - d s(x_t, t, d).
-    ``denoiser`` is the student's flow ``ModelDenoiser`` (its ``net`` takes ``cond``)."""
+    ``denoiser`` is the student's flow ``ModelDenoiser`` (its ``net`` takes ``cond``); ``guidance``
+    w != 1 guides s at each step (:func:`guided_field`, the paper's inference CFG)."""
     k = int(steps)
     d = torch.full((x.shape[0],), 1.0 / k, dtype=x.dtype, device=x.device)
+    net, process = denoiser.net, denoiser.process
+    s = guided_field(lambda x_, t_, d=None, **c: shortcut_velocity(net, process, x_, t_, d, base, **c), guidance)
     for i in range(k):
         t = torch.full_like(d, (k - i) / k)
-        x = x - (1.0 / k) * shortcut_velocity(denoiser.net, denoiser.process, x, t, d, base, **(extra_args or {}))
+        x = x - (1.0 / k) * s(x, t, d=d, **(extra_args or {}))
     return x
 
 
@@ -215,6 +241,15 @@ def ctm_sample(D, x: torch.Tensor, sigmas, gamma: float, s_floor: float, generat
         if t_next > 0 and gamma > 0:
             x = x + (float(gamma) * t_next) * noise_like(x, generator)
     return x
+
+
+def _cfg_scale(D) -> float:
+    """The classifier-free guidance w that :meth:`Model._conditioned` wrapped around a denoiser (1: none),
+    for a student's own rule that calls its net directly."""
+    from .denoiser import CFGDenoiser
+
+    found = _unwrap(D, lambda d: isinstance(d, CFGDenoiser))
+    return float(found.scale) if isinstance(found, CFGDenoiser) else 1.0
 
 
 def _unwrap(D, found):
@@ -542,9 +577,9 @@ class Model:
         D = _unwrap(self.denoiser, lambda d: isinstance(d, MeanFlowDenoiser))
         self._check_own_rule(MEANFLOW, "MeanFlow", "meanflow", f"{nfe} steps uniform in t", grid, options,
                              isinstance(D, MeanFlowDenoiser))
-        x, _, extra, labels = self._start(n, seed, x, labels, guidance)
+        x, outer, extra, labels = self._start(n, seed, x, labels, guidance)
         times = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
-        return meanflow_sample(D, x / self.sigma_max, times, extra), labels
+        return meanflow_sample(D, x / self.sigma_max, times, extra, _cfg_scale(outer)), labels
 
     def _sample_shortcut(self, n: int, nfe: int, seed, labels, x, guidance, grid, options):
         """A shortcut model's own rule (:func:`shortcut_sample`) from t = 1 (x / sigma_max, the noise
@@ -557,9 +592,9 @@ class Model:
             k = 1 << (k.bit_length() - 1)
             warnings.warn(f"{name} learned steps of d = 1, 1/2, 1/4, ..., 1/{base}: using {k} steps, not {nfe}",
                           stacklevel=3)
-        x, D, extra, labels = self._start(n, seed, x, labels, guidance)
-        D = _unwrap(D, lambda d: hasattr(d, "net"))
-        return shortcut_sample(D, x / self.sigma_max, k, base, extra), labels
+        x, outer, extra, labels = self._start(n, seed, x, labels, guidance)
+        D = _unwrap(outer, lambda d: hasattr(d, "net"))
+        return shortcut_sample(D, x / self.sigma_max, k, base, extra, _cfg_scale(outer)), labels
 
     def _sample_ctm(self, n: int, nfe: int, seed, labels, x, guidance, grid, options):
         """A CTM student's gamma-sampling (:func:`ctm_sample`) with ``nfe`` jumps on :func:`ctm_grid`; ``gamma``

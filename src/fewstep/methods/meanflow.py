@@ -66,8 +66,23 @@ the teacher's time inputs, level 1000 t and cond 1000 (t - r) (``time_scale`` 10
 model.json), for its weights to mean what they meant. Otherwise the student starts from
 random weights with time_scale 1 (model.json ``"init"`` says which).
 
-Deviations (and why): no classifier-free guidance and no class conditioning (the issue
-leaves CFG out; a class-conditional teacher or net is refused in one line); the loop's
+Class labels and guidance (the paper's Sec. 4.3, its ImageNet runs; the code's ``guidance_fn`` and
+``cond_drop``): a class-conditional teacher, or ``--net`` with ``num_classes`` on labelled data,
+trains u(z, r, t | c); ``--label-dropout`` p (the code's ``class_dropout_prob`` 0.1) replaces a share
+p of the labels by the null label, whose rows learn the unconditional field from the plain v_t.
+From data, ``--guidance`` omega and ``--kappa`` kappa replace v_t on the labelled rows with t in
+[``--guidance-start``, ``--guidance-end``] by
+
+    v~ = omega v_t + kappa u_theta(z_t, t, t | c) + (1 - omega - kappa) u_theta(z_t, t, t | null)
+
+(no gradient through the u's; :func:`guided_velocity`), so the one-step student samples guided
+at omega / (1 - kappa) (recorded as the model's built-in ``guidance``; the code's defaults are
+omega 1, kappa 0.5). From a teacher, v~ is the teacher's own guided velocity v(null) + omega (v(c) -
+v(null)) (exact for a mixture), so --kappa is refused there. A student distilled at omega = 1 with a
+null branch can be guided at sampling instead (``--guidance w`` on ``sample``: u_null + w (u_c -
+u_null) each step, two halves in one batched call).
+
+Deviations (and why): the loop's
 AdamW, learning rate and EMA (the shared runner's options) stand in for the paper's
 Adam(beta2 = 0.95), lr 1e-4 and EMA 0.9999; the model.json process is ``LinearFlow()``
 (t in [1e-3, 0.999]) for the other samplers, while training draws t in (0, 1) and the own
@@ -78,6 +93,8 @@ the EMA student's samples (fixed noise) to fresh data draws (exact samples for a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import UserError
@@ -86,7 +103,8 @@ from ..model import MEANFLOW, MeanFlowDenoiser, mean_velocity, meanflow_sample
 from ..process import LinearFlow
 from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
-from .common import N_DATA, bcast, conditioning, is_exact, load_teacher, cond_net_config, student_meta, training_data
+from .common import N_DATA, bcast, check_student_net, conditioning, is_exact, load_teacher, cond_net_config, student_meta, \
+    training_data
 
 TIME_DISTS = ("logit_normal", "uniform")
 OPTIONS = (
@@ -102,6 +120,15 @@ OPTIONS = (
            "error (default 1.0, the paper's)", low=0.0),
     Option("weight_c", float, 0.01, "constant c of the adaptive loss weight (default 0.01, the official code's)",
            low=0.0, above=True),
+    Option("kappa", float, 0.0, "class-conditional runs from data: share kappa of the student's own conditional "
+           "velocity in the guided target w v_t + kappa u(z, t, t | c) + (1 - w - kappa) u(z, t, t | null); the "
+           "effective guidance is w / (1 - kappa) (default 0; the paper's ImageNet runs 0.5 with --guidance 1)",
+           test=lambda v: 0.0 <= v < 1.0, must="a number in [0, 1)", example=0.5),
+    Option("guidance_start", float, 0.0, "guidance (--guidance, --kappa) only for t in [start, end], else the plain "
+           "velocity (default 0, the paper's code's t_start)", test=lambda v: 0.0 <= v <= 1.0,
+           must="a number from 0 to 1", example=0.0),
+    Option("guidance_end", float, 1.0, "end of the t interval with guidance (default 1, the paper's code's t_end)",
+           test=lambda v: 0.0 <= v <= 1.0, must="a number from 0 to 1", example=1.0),
     Option("init", str, "auto", "student start: auto (a flow teacher's weights where the nets agree, else random) "
            "or random", choices=("auto", "random")),
     N_DATA,
@@ -166,13 +193,21 @@ def _is_flow_net(teacher) -> bool:
     return isinstance(D, ModelDenoiser) and D.prediction == "flow" and isinstance(D.process, LinearFlow)
 
 
-def teacher_velocity(teacher):
-    """v(z_t, t) -> the teacher's marginal velocity of the linear flow at time t (module
-    docstring): a flow teacher's net itself, else any denoiser's v = (y - D) / sigma - D."""
+def teacher_velocity(teacher, guidance: float = 1.0):
+    """v(z_t, t, labels=None) -> the teacher's marginal velocity of the linear flow at time t (module
+    docstring): a flow teacher's net itself, else any denoiser's v = (y - D) / sigma - D; with
+    labels and ``guidance`` w != 1, the guided v(null) + w (v(c) - v(null)) (classifier-free guidance
+    on the velocity, which is affine in the denoiser)."""
+    from ..model import guided_field
+
     D = teacher.denoiser
     if _is_flow_net(teacher):
         net, proc = D.net, D.process
-        return lambda z, t: net(z, proc.c_noise(t)).to(z.dtype)
+
+        def field(z, t, labels=None):
+            return net(z, proc.c_noise(t), **({"labels": labels} if labels is not None else {})).to(z.dtype)
+
+        return guided_field(field, guidance)
     from . import get
 
     velocity = get("reflow").velocity
@@ -181,21 +216,42 @@ def teacher_velocity(teacher):
     else:
         lo, hi = (s / (1.0 + s) for s in (float(teacher.sigma_min), float(teacher.sigma_max)))
 
-    def v(z, t):
+    def field(z, t, labels=None):
         dt = teacher.dtype
-        return velocity(D, z.to(dt), t.to(dt).clamp(lo, hi)).to(z.dtype)
+        Dc = D if labels is None else (lambda y, sigma: D(y, sigma, labels=labels))
+        return velocity(Dc, z.to(dt), t.to(dt).clamp(lo, hi)).to(z.dtype)
 
-    return v
+    return guided_field(field, guidance)
 
 
 def _net_config(cfg: dict, teacher, data) -> dict:
     """The student's net: ``--net``, else the teacher's, else the data's default, with use_cond on
     (t - r goes through ``cond``)."""
-    net_cfg = cond_net_config(cfg["net"], teacher, data.shape, data.kind, "MeanFlow feeds t - r")
-    if int(net_cfg.get("num_classes", 0) or 0):
-        raise UserError("--net has num_classes: meanflow trains unconditional models here (class conditioning "
-                        "and guidance are not implemented); drop num_classes")
-    return net_cfg
+    return cond_net_config(cfg["net"], teacher, data.shape, data.kind, "MeanFlow feeds t - r")
+
+
+def guided_velocity(v: torch.Tensor, t: torch.Tensor, labels, u_cond, u_null, omega: float, kappa: float = 0.0,
+                    start: float = 0.0, end: float = 1.0) -> torch.Tensor:
+    """The paper's guided field v~ (its Sec. 4.3 and eq. with kappa; the official code's
+    ``guidance_fn`` and ``cond_drop``): on rows with a class label and t in [start, end],
+
+        v~ = omega v_t + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null),
+
+    the u's the student's own instantaneous velocities without a gradient (``u_cond``, ``u_null``:
+    callables of the row mask, evaluated only on those rows); elsewhere (null-label rows, t outside)
+    v~ = v_t. At its fixed point the conditional student's velocity is u_null + omega / (1 - kappa)
+    (E[v_t | c] - u_null): classifier-free guidance at omega / (1 - kappa), learned in one step."""
+    if labels is None or (float(omega) == 1.0 and float(kappa) == 0.0):
+        return v
+    rows = (labels >= 0) & (t >= float(start)) & (t <= float(end))
+    if not bool(rows.any()):
+        return v
+    out = v.clone()
+    mix = float(omega) * v[rows] + (1.0 - float(omega) - float(kappa)) * u_null(rows)
+    if float(kappa) != 0.0:
+        mix = mix + float(kappa) * u_cond(rows)
+    out[rows] = mix.to(v.dtype)
+    return out
 
 
 def init_from_teacher(net, teacher) -> bool:
@@ -224,20 +280,44 @@ def init_from_teacher(net, teacher) -> bool:
 
 # ----------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(D, data, n: int, seed: int, device) -> dict:
-    """1- and 2-step samples of the MeanFlow rule from fixed noise against fresh data draws:
-    sliced-W2 and energy distance."""
+def evaluate(D, data, n: int, seed: int, device, conditional: bool = False) -> dict:
+    """1- and 2-step samples of the MeanFlow rule from fixed noise against fresh data draws (a
+    conditional student at the draws' labels): sliced-W2 and energy distance."""
     from ..metrics import energy_distance, sliced_w2
 
     g = torch.Generator().manual_seed(int(seed) + 424242)
     z = torch.randn((n,) + tuple(data.shape), generator=g).to(device)
-    ref = data.draw(n, g).to(device)
+    ref, labels = data.labelled(n, g) if conditional else (data.draw(n, g), None)
+    ref = ref.to(device)
+    extra = {"labels": labels.to(device)} if labels is not None else None
     out = {"sliced_w2": {}, "energy_distance": {}, "eval_samples": n}
     for k in EVAL_STEPS:
-        x = meanflow_sample(D, z, torch.linspace(1.0, 0.0, k + 1, dtype=torch.float64))
+        x = meanflow_sample(D, z, torch.linspace(1.0, 0.0, k + 1, dtype=torch.float64), extra)
         out["sliced_w2"][str(k)] = sliced_w2(x, ref)
         out["energy_distance"][str(k)] = energy_distance(x.flatten(1), ref.flatten(1))
     return out
+
+
+def _check_guidance(cond, kappa: float, window, teacher, data) -> None:
+    """The rules of a class-conditional run, before anything is written (one line each)."""
+    lo, hi = window
+    if not cond.on:
+        if kappa:
+            raise UserError(f"--kappa {kappa:g}: this run is unconditional; --kappa mixes a class-conditional "
+                            f"student's own velocities into its guided target")
+        return
+    if not data.num_classes:
+        raise UserError(f"the run is class-conditional but the training data {data.name} has no labels; give "
+                        f"labelled --data")
+    if lo > hi:
+        raise UserError(f"--guidance-start {lo:g} is after --guidance-end {hi:g}; give start <= end")
+    if teacher is not None and kappa:
+        raise UserError(f"--kappa {kappa:g} with --teacher: the teacher gives the guided velocity itself "
+                        f"(--guidance); --kappa is for training from data; leave it out")
+    if teacher is None and (cond.guidance != 1.0 or kappa) and not cond.label_dropout > 0:
+        raise UserError(f"--guidance {cond.guidance:g} / --kappa {kappa:g} from data guide with the student's own "
+                        f"unconditional velocity, which only --label-dropout trains; give --label-dropout 0.1 "
+                        f"(the paper's)")
 
 
 # ----------------------------------------------------------------------- the stage
@@ -248,56 +328,73 @@ def stages(job):
     cfg = job.cfg
     teacher = load_teacher(cfg["teacher"], job.device, required=False, cfg=cfg, method="meanflow")
     data = training_data(cfg, teacher)
-    if teacher is not None and int(teacher.num_classes or 0):
-        raise UserError(f"teacher {teacher.name} is class-conditional: meanflow trains unconditional models here "
-                        f"(class conditioning and guidance are not implemented); give an unconditional teacher")
     net_cfg = _net_config(cfg, teacher, data)
-    conditioning(cfg, teacher, data)  # unconditional: refuses --guidance and --label-dropout in one line
+    cond = conditioning(cfg, teacher, data)  # classes, --guidance and --label-dropout checked in one line
+    omega, kappa = cond.guidance, float(cfg["kappa"])
+    window = (float(cfg["guidance_start"]), float(cfg["guidance_end"]))
+    _check_guidance(cond, kappa, window, teacher, data)
     torch.manual_seed(int(cfg["seed"]))
     net = build_net(net_cfg)
     net_cfg = dict(getattr(net, "config", net_cfg))
+    if cond.on:
+        check_student_net(net, cond)
     init = "teacher" if cfg["init"] == "auto" and init_from_teacher(net, teacher) else "random"
     # the time inputs: t and t - r as the paper's code; a flow teacher's weights keep its level c_noise(t) = 1000 t
     scale = float(teacher.denoiser.process.c_noise(1.0)) if init == "teacher" else 1.0
     D = MeanFlowDenoiser(net, data.sigma_data, scale)
     process = D.process
-    v_teacher = teacher_velocity(teacher) if teacher is not None else None
+    v_teacher = teacher_velocity(teacher, omega) if teacher is not None else None
     B = int(cfg["batch_size"])
     times = {"dist": cfg["time_dist"], "mu": float(cfg["time_mu"]), "sigma": float(cfg["time_sigma"]),
              "ratio": float(cfg["ratio"])}
     p, c = float(cfg["weight_p"]), float(cfg["weight_c"])
 
+    effective = omega / (1.0 - kappa) if v_teacher is None else omega  # the built-in guidance (model.json)
+
     def plan(st):
         def draw(gen, step):
-            x0 = data.draw(B, gen)
+            x0, labels = data.labelled(B, gen) if cond.on else (data.draw(B, gen), None)
             eps = torch.randn(x0.shape, generator=gen)
             t, r = sample_times(B, gen, **times)
-            return {"x0": x0, "eps": eps, "t": t, "r": r}
+            batch = {"x0": x0, "eps": eps, "t": t, "r": r}
+            if cond.on:
+                batch["labels"] = cond.drop(labels, gen)
+            return batch
 
         def loss(model, b):
-            """The MeanFlow loss per sample: sg(w) || u_theta(z_t, r, t) - sg(u_tgt) ||^2."""
-            x0, eps, t, r = b["x0"], b["eps"], b["t"], b["r"]
+            """The MeanFlow loss per sample: sg(w) || u_theta(z_t, r, t | c) - sg(u_tgt) ||^2, v_t guided
+            (from data: :func:`guided_velocity`; from a teacher: its guided velocity)."""
+            x0, eps, t, r, labels = b["x0"], b["eps"], b["t"], b["r"], b.get("labels")
             T = bcast(t, x0)
             z = (1 - T) * x0 + T * eps
-            if v_teacher is None:
-                v = eps - x0
-            else:
-                with torch.no_grad():
-                    v = v_teacher(z, t)
-            u, target = meanflow_target(model, z, r, t, v, scale)
+            lab = {"labels": labels} if labels is not None else {}
+            with torch.no_grad():
+                if v_teacher is not None:
+                    v = v_teacher(z, t, **lab)
+                else:
+                    def own(rows, null=False):  # the student's u(z, t, t | c or null) on those rows
+                        lr = torch.full_like(labels[rows], -1) if null else labels[rows]
+                        return mean_velocity(model, z[rows], t[rows], t[rows], scale, labels=lr)
+
+                    v = guided_velocity(eps - x0, t, labels, own, lambda rows: own(rows, True), omega, kappa,
+                                        *window)
+            u, target = meanflow_target(model, z, r, t, v, scale, **lab)
             return adaptive_loss(u - target, p, c)
 
         def describe(ema_module):
             D_ema = MeanFlowDenoiser(ema_module, data.sigma_data, scale).eval()
-            measures = evaluate(D_ema, data, int(cfg["eval_samples"]), int(cfg["seed"]), st.job.device)
+            measures = evaluate(D_ema, data, int(cfg["eval_samples"]), int(cfg["seed"]), st.job.device, cond.on)
             write_json(st.folder / "meanflow.json", measures)
             return student_meta("meanflow", D, net_cfg, data.shape, data.kind, data.name, process.sigma_min,
                                 process.sigma_max, {"sampler": MEANFLOW, "times": "uniform"}, cfg,
+                                cond=dataclasses.replace(cond, guidance=effective),
                                 denoiser={"kind": MEANFLOW, "sigma_data": float(data.sigma_data), "time_scale": scale},
                                 velocity="teacher" if teacher is not None else "conditional", init=init,
                                 meanflow={"ratio": times["ratio"], "time_dist": times["dist"],
                                           "time_mu": times["mu"], "time_sigma": times["sigma"],
-                                          "weight_p": p, "weight_c": c, "time_scale": scale},
+                                          "weight_p": p, "weight_c": c, "time_scale": scale,
+                                          **({"omega": omega, "kappa": kappa, "guidance_interval": list(window)}
+                                             if cond.on else {})},
                                 cost={"teacher_evals": int(cfg["steps"]) * B if teacher is not None else 0,
                                       "seconds": st.seconds})
 

@@ -51,11 +51,21 @@ What the paper's code does and this module follows (github:kvfrans/shortcut-mode
     ``call_model_ema`` with ``target_update_rate`` 0.999: ``--target-ema``; 0 uses the student
     itself), kept in the checkpoints beside the student; the saved model is the loop's own EMA
     (``--ema-decay``), as every fewstep method's.
+  * class labels (its ImageNet runs): every row carries its label; the flow-matching rows' labels
+    are replaced by the null label with probability ``--label-dropout`` (the code's
+    ``class_dropout_prob`` 0.1; here it applies to every row drawn from data, the code keeps the
+    self-consistency rows' labels), so the student also learns the unconditional field.
+    Guidance two ways, as the code: at sampling (``fewstep sample RUN --label c --guidance w``,
+    the code's ``inference_cfg_scale``: s_null + w (s_c - s_null) at each step, both halves in one
+    batched call), or built into the student with ``--guidance w`` (the code's ``bootstrap_cfg``:
+    the finest self-consistency level, whose half steps are the flow, bootstraps from the guided
+    flow s(null) + w (s(c) - s(null)), so every coarser step inherits w; its d = 0 flow stays
+    unguided). With ``--couplings teacher`` the pairs come from the guided teacher (reflow's
+    conditional pairs: labels drawn with the pairs, a share ``--label-dropout`` null, x0 the
+    teacher at w), so w is in the couplings and the targets are not guided again.
   * not followed: the code's clipping of x'_{t-d} and of the target to [-4, 4] (fitted to its
-    unit-scale latents; fewstep data need not lie there), its (1 - 1e-5) t noise factor, its
-    classifier-free guidance inside the target (``bootstrap_cfg``) and class labels: class
-    conditioning and guidance are not implemented (refused in one line); its AdamW settings
-    (lr 1e-4, weight decay 0.1) and DiT are the shared runner's options and nets.
+    unit-scale latents; fewstep data need not lie there), its (1 - 1e-5) t noise factor; its
+    AdamW settings (lr 1e-4, weight decay 0.1) and DiT are the shared runner's options and nets.
 
 Couplings (``--couplings``): ``independent`` (x0 ~ --data, x1 ~ N(0, I) fresh every step: the
 paper, training from scratch) or ``teacher`` (distillation: x1 = z, x0 = teacher sampler(sigma_max
@@ -79,8 +89,8 @@ from ..process import LinearFlow
 from ..train.ema import EMA
 from ..train.job import Plan, Task
 from ..train.options import Option, check_batch_memory, power_of_two, table_defaults, table_help
-from .common import COUPLING_PAIR_OPTIONS, N_DATA, bcast, conditioning, data_source, load_teacher, cond_net_config, \
-    student_meta
+from .common import COUPLING_PAIR_OPTIONS, N_DATA, bcast, check_student_net, conditioning, data_source, load_teacher, \
+    cond_net_config, student_meta
 from .pairs import make_pairs, pair_spec
 
 COUPLINGS = ("independent", "teacher")
@@ -115,15 +125,33 @@ def check_options(cfg: dict) -> None:
 
 
 # ------------------------------------------------------------------------ the idea
+def _bootstrap_velocity(net, process, x, t, d, base: int, labels=None, guidance: float = 1.0):
+    """s(x, t, d | c) of the target net; with ``guidance`` w != 1, the rows whose step d is the flow
+    (d <= 1/M) and whose label is a class take the guided flow s(null) + w (s(c) - s(null)) (the
+    paper's code's ``bootstrap_cfg``: guidance enters at the finest level and the coarser levels
+    inherit it)."""
+    cond = {"labels": labels} if labels is not None else {}
+    s = shortcut_velocity(net, process, x, t, d, base, **cond)
+    if labels is None or float(guidance) == 1.0:
+        return s
+    rows = (d <= 1.0 / int(base)) & (labels >= 0)
+    if bool(rows.any()):
+        s = s.clone()
+        s_u = shortcut_velocity(net, process, x[rows], t[rows], d[rows], base, labels=torch.full_like(labels[rows], -1))
+        s[rows] = s_u + float(guidance) * (s[rows] - s_u)
+    return s
+
+
 @torch.no_grad()
 def shortcut_target(net, process, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, base: int,
-                    **cond) -> torch.Tensor:
+                    labels=None, guidance: float = 1.0) -> torch.Tensor:
     """The self-consistency target of s(x_t, t, 2d), stop-gradient: two steps of d with ``net``,
     (s(x_t, t, d) + s(x'_{t-d}, t - d, d)) / 2 with x'_{t-d} = x_t - d s(x_t, t, d). At d = 0 it
-    is s(x_t, t, 0) itself; for a field that does not depend on x or t it is that field."""
-    s1 = shortcut_velocity(net, process, x, t, d, base, **cond)
+    is s(x_t, t, 0) itself; for a field that does not depend on x or t it is that field. ``labels``
+    condition both steps; ``guidance`` w guides the flow half steps (:func:`_bootstrap_velocity`)."""
+    s1 = _bootstrap_velocity(net, process, x, t, d, base, labels, guidance)
     x2 = x - bcast(d, x) * s1
-    s2 = shortcut_velocity(net, process, x2, t - d, d, base, **cond)
+    s2 = _bootstrap_velocity(net, process, x2, t - d, d, base, labels, guidance)
     return (s1 + s2) / 2
 
 
@@ -159,33 +187,37 @@ def draw_times(B: int, n_sc: int, base: int, gen: torch.Generator, step: int = 0
 
 
 def shortcut_loss(model, target, process, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
-                  base: int) -> torch.Tensor:
-    """Per-sample L^S: flow-matching rows (d = 0) || s(x_t, t, 0) - (x1 - x0) ||^2, self-consistency
-    rows (d > 0) || s(x_t, t, 2d) - sg(s_target) ||^2 with the ``target`` net's two steps of d
-    (means over coordinates)."""
+                  base: int, labels=None, guidance: float = 1.0) -> torch.Tensor:
+    """Per-sample L^S: flow-matching rows (d = 0) || s(x_t, t, 0 | c) - (x1 - x0) ||^2, self-consistency
+    rows (d > 0) || s(x_t, t, 2d | c) - sg(s_target) ||^2 with the ``target`` net's two steps of d
+    (means over coordinates); ``labels`` (-1: null) condition every row, ``guidance`` the finest
+    level's target (:func:`shortcut_target`)."""
     x_t = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * x1
-    pred = shortcut_velocity(model, process, x_t, t, 2 * d, base)
+    cond = {"labels": labels} if labels is not None else {}
+    pred = shortcut_velocity(model, process, x_t, t, 2 * d, base, **cond)
     goal = x1 - x0
     sc = d > 0
     if bool(sc.any()):
         goal = goal.clone()
-        goal[sc] = shortcut_target(target, process, x_t[sc], t[sc], d[sc], base).to(goal.dtype)
+        goal[sc] = shortcut_target(target, process, x_t[sc], t[sc], d[sc], base,
+                                   labels[sc] if labels is not None else None, guidance).to(goal.dtype)
     return (pred - goal).pow(2).flatten(1).mean(1)
 
 
 # ----------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(D, reference: torch.Tensor, shape, base: int, n: int, seed: int, device) -> dict:
-    """1, 2, 4 and 8-step samples of the shortcut rule from fixed noise against ``reference``
-    samples: energy distance and sliced-W2."""
+def evaluate(D, reference: torch.Tensor, shape, base: int, n: int, seed: int, device, labels=None) -> dict:
+    """1, 2, 4 and 8-step samples of the shortcut rule from fixed noise (at the reference's
+    ``labels`` for a conditional student) against ``reference`` samples: energy distance and sliced-W2."""
     from ..metrics import energy_distance, sliced_w2
 
     g = torch.Generator().manual_seed(int(seed) + 424242)
     z = torch.randn((n,) + tuple(shape), generator=g).to(device)
     ref = reference.to(device)
+    extra = {"labels": labels.to(device)} if labels is not None else None
     out = {"energy_distance": {}, "sliced_w2": {}, "eval_samples": n}
     for k in EVAL_STEPS:
-        x = shortcut_sample(D, z, k, base)
+        x = shortcut_sample(D, z, k, base, extra)
         out["energy_distance"][str(k)] = energy_distance(x.flatten(1), ref.flatten(1))
         out["sliced_w2"][str(k)] = sliced_w2(x, ref)
     return out
@@ -194,11 +226,19 @@ def evaluate(D, reference: torch.Tensor, shape, base: int, n: int, seed: int, de
 # ----------------------------------------------------------------------- the stage
 def _net_config(cfg: dict, teacher, shape, kind) -> dict:
     """``--net``, else the teacher's, else the data's default, with use_cond on (d goes through ``cond``)."""
-    net_cfg = cond_net_config(cfg["net"], teacher, shape, kind, "a shortcut model takes the step size d")
-    if int(net_cfg.get("num_classes", 0) or 0):
-        raise UserError("--net has num_classes: shortcut trains unconditional models here (class conditioning and "
-                        "guidance are not implemented); drop num_classes")
-    return net_cfg
+    return cond_net_config(cfg["net"], teacher, shape, kind, "a shortcut model takes the step size d")
+
+
+def check_conditional(cond, couplings: str, data) -> None:
+    """A class-conditional run's rules: labelled data for independent couplings; guidance from data
+    (the finest target's CFG) needs the null branch that --label-dropout trains."""
+    if not cond.on:
+        return
+    if couplings == "independent" and (data is None or not data.num_classes):
+        raise UserError("independent couplings of a class-conditional run need labelled --data")
+    if couplings == "independent" and cond.guidance != 1.0 and not cond.label_dropout > 0:
+        raise UserError(f"--guidance {cond.guidance} from data guides the finest step's target with the student's own "
+                        f"unconditional flow, which only --label-dropout trains; give --label-dropout 0.1 (the paper's)")
 
 
 def _pair_cfg(cfg: dict, teacher) -> dict:
@@ -216,9 +256,6 @@ def stages(job):
     cfg = job.cfg
     teacher = load_teacher(cfg["teacher"], job.device, required=False, cfg=cfg, method="shortcut")
     couplings = cfg["couplings"] or ("teacher" if teacher is not None else "independent")
-    if teacher is not None and int(teacher.num_classes or 0):
-        raise UserError(f"teacher {teacher.name} is class-conditional: shortcut trains unconditional models here "
-                        f"(class conditioning and guidance are not implemented); give an unconditional teacher")
     try:
         data = data_source(cfg["data"], teacher, int(cfg["seed"]), cfg["n_data"])
     except UserError:
@@ -232,14 +269,19 @@ def stages(job):
     kind = data.kind if data is not None else teacher.kind
     if teacher is None:  # a teacher's batch is checked on load
         check_batch_memory("--batch-size", int(cfg["batch_size"]), shape)
-    conditioning(cfg, teacher, data)  # unconditional: refuses --guidance and --label-dropout in one line
+    cond = conditioning(cfg, teacher, data)  # classes, --guidance and --label-dropout checked in one line
+    check_conditional(cond, couplings, data)
     pcfg = _pair_cfg(cfg, teacher) if couplings == "teacher" else None
     if pcfg is not None:
-        pair_spec(pcfg, teacher)  # bad pair options fail before any work
+        pair_spec(pcfg, teacher, cond)  # bad pair options fail before any work
     net_cfg = _net_config(cfg, teacher, shape, kind)
     torch.manual_seed(int(cfg["seed"]))
     net = build_net(net_cfg)
     net_cfg = dict(getattr(net, "config", net_cfg))
+    if cond.on:
+        check_student_net(net, cond)
+    # guidance from data enters the finest target; with a teacher it is in the teacher's pairs already
+    w_target = cond.guidance if couplings == "independent" else 1.0
     process, M = LinearFlow(), int(cfg["base_steps"])
     sd = data.sigma_data if data is not None else float(teacher.meta.get("sigma_data", 0.5))
     D = ModelDenoiser(net, process, "flow", sd)
@@ -251,38 +293,54 @@ def stages(job):
 
     def plan(st):
         pinfo = {"teacher_evals": 0}
-        x0_all = x1_all = None
+        x0_all = x1_all = l_all = None
         if pcfg is not None:
-            lat, x0_all, pinfo = make_pairs(teacher, pcfg, st)
-            pinfo.pop("labels")
+            lat, x0_all, pinfo = make_pairs(teacher, pcfg, st, cond)  # conditional: the guided teacher's, labelled
+            l_all = pinfo.pop("labels")
             x1_all = lat / float(pinfo["sigma_max"])  # x_T = sigma_max z: the noise end is z
 
         def draw(gen, step):
+            lab = None
             if x0_all is None:
-                x0 = data.draw(B, gen)
+                x0, lab = data.labelled(B, gen) if cond.on else (data.draw(B, gen), None)
                 x1 = torch.randn(x0.shape, generator=gen)
+                lab = cond.drop(lab, gen)
             else:
                 idx = torch.randint(0, len(x0_all), (B,), generator=gen)
                 x0, x1 = x0_all[idx], x1_all[idx]
+                lab = l_all[idx] if l_all is not None else None
             t, d = draw_times(B, n_sc, M, gen, step)
-            return {"x0": x0, "x1": x1, "t": t, "d": d}
+            batch = {"x0": x0, "x1": x1, "t": t, "d": d}
+            if lab is not None:
+                batch["labels"] = lab
+            return batch
 
         def loss(model, b):
             """L^S per sample (module docstring); the targets from the EMA target net (or the student)."""
             return shortcut_loss(model, target.module if target is not None else model, process, b["x0"], b["x1"],
-                                 b["t"], b["d"], M)
+                                 b["t"], b["d"], M, b.get("labels"), w_target)
 
         def describe(ema_module):
             D_ema = ModelDenoiser(ema_module, process, "flow", sd).eval()
             n = int(cfg["eval_samples"])
             g = torch.Generator().manual_seed(int(cfg["seed"]) + 77)
-            ref = data.draw(n, g) if data is not None else x0_all[torch.randperm(len(x0_all), generator=g)[:n]]
-            measures = {**evaluate(D_ema, ref, shape, M, n, int(cfg["seed"]), st.job.device),
+            labels = None
+            if data is not None and cond.on:
+                ref, labels = data.labelled(n, g)
+            elif data is not None:
+                ref = data.draw(n, g)
+            else:
+                pick = torch.randperm(len(x0_all), generator=g)[:n]
+                ref, labels = x0_all[pick], (l_all[pick] if l_all is not None else None)
+            if labels is not None:  # the teacher's null-label pairs are unconditional samples: evaluate at classes
+                keep = labels >= 0
+                ref, labels = ref[keep], labels[keep]
+            measures = {**evaluate(D_ema, ref, shape, M, len(ref), int(cfg["seed"]), st.job.device, labels),
                         "reference": "data" if data is not None else "teacher pairs"}
             write_json(st.folder / "shortcut.json", measures)  # before model.json: a finished run has both
             return student_meta("shortcut", D, net_cfg, shape, kind, data.name if data is not None else teacher.name,
                                 process.sigma_min, process.sigma_max, {"sampler": SHORTCUT, "base_steps": M}, cfg,
-                                couplings=couplings,
+                                cond=cond, couplings=couplings,
                                 shortcut={"base_steps": M, "sc_fraction": float(cfg["sc_fraction"]),
                                           "target_ema": rate, "level": "1000 t",
                                           "cond": f"1000 d (0 for d <= 1/{M})"},
