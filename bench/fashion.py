@@ -37,6 +37,7 @@ from _common import where as machine_line  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 RUNS = OUT / "fashion_runs"
+ASSETS = Path(__file__).resolve().parent / "assets"  # teachers trained by this script, reused when asked again
 HEADING = "## Fashion-MNIST (issue 19)"
 N = 2000  # samples per method (and test images)
 SAMPLERS = ("euler", "heun", "dpmpp_2m", "unipc", "ipndm")
@@ -99,9 +100,32 @@ def train(conditional: bool, scale: float) -> Path:
     cfg = {**_scaled(TEACHER, scale), "net": dict(NET), "conditional": conditional, "device": None, "seed": 0}
     if conditional:
         cfg["label_dropout"] = 0.1  # a null class for classifier-free guidance
+    if _reuse_asset(cfg, conditional, run):
+        return run
     print(f"[fashion] training the teacher into {run}: {json.dumps(cfg)}", flush=True)
     train_teacher(cfg, str(run), resume=worth_resuming(run), progress=True)
     return run
+
+
+def _reuse_asset(cfg: dict, conditional: bool, run: Path) -> bool:
+    """A teacher this script trained before and that ships in bench/assets/ (model.json, its weights, the
+    config.json it was trained with): copied into the run folder when that config is the one asked for, so
+    that the students need not wait an hour for the same teacher again. Returns whether it did."""
+    import shutil
+
+    asset = ASSETS / f"fashion_teacher_{'cond' if conditional else 'uncond'}"
+    if not (asset / "model.json").is_file():
+        return False
+    have = json.loads((asset / "config.json").read_text())
+    net = have.get("net") or {}
+    if any(net.get(k) != v for k, v in cfg["net"].items()) or \
+            any(have.get(k) != v for k, v in cfg.items() if k not in ("device", "net")):
+        return False
+    run.mkdir(parents=True, exist_ok=True)
+    for f in asset.iterdir():
+        shutil.copy2(f, run / f.name)
+    print(f"[fashion] the teacher from {asset} (trained by this script with the same config)", flush=True)
+    return True
 
 
 def distil(teacher: Path, key: str, scale: float) -> Path:
