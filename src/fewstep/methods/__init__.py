@@ -19,6 +19,10 @@ public module of this package that defines ``stages`` is discovered by name.
     ctm          Kim et al. 2023: the anytime-to-anytime jump G(x_t, t, s) by soft consistency matching + DSM; gamma-sampling
     scm          Lu & Song 2024: TrigFlow continuous-time consistency (sCD / sCT), JVP tangent, adaptive weighting
     flow_matching Albergo & Vanden-Eijnden 2022 / Lipman et al. 2023 / Tong et al. 2023: interpolant paths, OT / SB couplings
+    min_curvature Lee, Kim & Ye 2023: a learned noise encoder q(z|x0) trained with the flow for low-curvature couplings
+    operator     Zheng et al. 2022 (DFNO): x_T -> the teacher's trajectory at K levels in one pass (temporal Fourier layers)
+    mmd_ddm      Aiello et al. 2023: the teacher fine-tuned for a fixed few-step sampler by MMD to data
+    sft          Fan & Lee 2023: a few-step stochastic sampler fine-tuned against an IPM critic (policy gradient)
     covariance   Bao et al. 2022a: SN-/NPR-DPM heads of diag Cov[x0|y] beside the teacher, for DDPM/DDIM's optimal variance
     discriminator Kim et al. 2022: a time-dependent discriminator (data vs the teacher's samples) for discriminator guidance
     cfd          Sun et al. 2022: progressive rounds whose loss aligns classifier features of student and two-step teacher

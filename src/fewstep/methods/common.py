@@ -717,3 +717,21 @@ def check_fake_warmup(cfg: dict) -> None:
     if cfg["fake_warmup"] is not None and int(cfg["fake_warmup"]) >= int(cfg["steps"]):
         raise UserError(f"--fake-warmup {cfg['fake_warmup']} leaves no generator step of --steps {cfg['steps']}; "
                         f"give a smaller --fake-warmup or more --steps")
+
+
+# the grids a fine-tuned fixed sampler may run on (mmd-ddm, sft)
+GRID_NAMES = ("karras", "logsnr", "polyexponential", "vp-time", "time", "time-leading", "time-trailing")
+
+
+def fixed_grid(name: str, steps: int, teacher) -> list:
+    """The T'-step grid (T' + 1 levels, ending at 0) of the teacher's sigma range or process."""
+    from ..grids import make_grid
+
+    g = make_grid(name, int(steps), float(teacher.sigma_min), float(teacher.sigma_max), process=teacher.process)
+    g = [float(s) for s in g.tolist()]
+    if g[-1] != 0.0:
+        g = g + [0.0]
+    if len(g) != int(steps) + 1 or any(a <= b for a, b in zip(g[:-1], g[1:])):
+        raise UserError(f"--grid {name} gives {len(g) - 1} steps, not the decreasing {steps} of --timesteps; "
+                        f"give another --grid")
+    return g

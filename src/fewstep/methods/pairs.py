@@ -50,6 +50,20 @@ def pair_spec(cfg: dict, teacher, cond: Conditioning = Conditioning()) -> dict:
     return spec
 
 
+def chunk_folder(st, name: str, spec: dict):
+    """``<stage>/<name>/``, the folder of a resumable set of chunks made from the teacher, with its
+    ``<name>.json`` spec: written by process 0 the first time; a stored spec that differs from this
+    run's is one line (the chunks were made for another run)."""
+    folder = st.run.path(f"{name}/{name}.json").parent
+    if (folder / f"{name}.json").is_file():
+        stored = read_json(folder / f"{name}.json")
+        if stored != spec:
+            raise UserError(f"{folder} holds {name} made with {stored}; this run asks for {spec}")
+    elif st.rank == 0:
+        write_json(folder / f"{name}.json", spec)
+    return folder
+
+
 def make_pairs(teacher, cfg: dict, st, cond: Conditioning = Conditioning()):
     """Pairs (latent, x_0 = teacher sampler(x_T)) in ``<stage>/pairs/`` (module docstring).
 
@@ -62,13 +76,7 @@ def make_pairs(teacher, cfg: dict, st, cond: Conditioning = Conditioning()):
     from ..samplers import info
 
     spec = pair_spec(cfg, teacher, cond)
-    folder = st.run.path("pairs/pairs.json").parent
-    if (folder / "pairs.json").is_file():
-        stored = read_json(folder / "pairs.json")
-        if stored != spec:
-            raise UserError(f"{folder} holds pairs made with {stored}; this run asks for {spec}")
-    elif st.rank == 0:
-        write_json(folder / "pairs.json", spec)
+    folder = chunk_folder(st, "pairs", spec)
     n, b = spec["pairs"], spec["batch"]
     chunks = math.ceil(n / b)
     shape, d = tuple(teacher.shape), math.prod(teacher.shape)

@@ -13,12 +13,13 @@ from torch import nn
 
 from ..errors import UserError, unknown_name
 from .embed import ConditionEmbedding, SinusoidalEmbedding
+from .fno import OperatorNet
 from .mlp import MLP
 from .pointnet import PointNet
 from .prodiff import ProDiffNet
 from .unet import UNet
 
-NETS = {"mlp": MLP, "unet": UNet, "pointnet": PointNet, "prodiff": ProDiffNet}
+NETS = {"mlp": MLP, "unet": UNet, "pointnet": PointNet, "prodiff": ProDiffNet, "fno": OperatorNet}
 
 
 def build_from(registry: dict, config: dict, what: str, refused: tuple = (TypeError,)) -> nn.Module:
