@@ -723,11 +723,15 @@ def check_fake_warmup(cfg: dict) -> None:
 GRID_NAMES = ("karras", "logsnr", "polyexponential", "vp-time", "time", "time-leading", "time-trailing")
 
 
-def fixed_grid(name: str, steps: int, teacher) -> list:
-    """The T'-step grid (T' + 1 levels, ending at 0) of the teacher's sigma range or process."""
+def fixed_grid(name: str, steps: int, teacher, sigma_min: Optional[float] = None) -> list:
+    """The T'-step grid (T' + 1 levels, ending at 0) of the teacher's sigma range or process, from
+    ``sigma_min`` (default the teacher's) for the sigma-range grids."""
     from ..grids import make_grid
 
-    g = make_grid(name, int(steps), float(teacher.sigma_min), float(teacher.sigma_max), process=teacher.process)
+    lo = float(teacher.sigma_min if sigma_min is None else sigma_min)
+    if lo >= float(teacher.sigma_max):
+        raise UserError(f"--sigma-min {lo} must lie below the teacher's sigma_max {teacher.sigma_max}")
+    g = make_grid(name, int(steps), lo, float(teacher.sigma_max), process=teacher.process)
     g = [float(s) for s in g.tolist()]
     if g[-1] != 0.0:
         g = g + [0.0]
@@ -735,3 +739,21 @@ def fixed_grid(name: str, steps: int, teacher) -> list:
         raise UserError(f"--grid {name} gives {len(g) - 1} steps, not the decreasing {steps} of --timesteps; "
                         f"give another --grid")
     return g
+
+
+def fine_tuned_teacher(cfg: dict, device, kinds, method: str):
+    """(teacher, its net config, its weights) for a method that fine-tunes the teacher's own
+    network (mmd-ddm, sft): an exact mixture (no network), a class-conditional teacher (the
+    papers' setting is unconditional) or another ``--net`` is one line each."""
+    teacher = load_teacher(cfg["teacher"], device, cfg=cfg, kinds=kinds, method=method)
+    if is_exact(teacher):
+        raise UserError(f"teacher {teacher.name} is an exact mixture: it has no network to fine-tune; train a "
+                        f"teacher on it first (fewstep train --data {teacher.name})")
+    if conditioning(cfg, teacher).on:
+        raise UserError(f"teacher {teacher.name} is class-conditional; {method} fine-tunes unconditional teachers "
+                        f"(the paper's setting)")
+    net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
+    state = teacher_net_state(teacher, net_cfg)
+    if state is None:
+        raise UserError(f"{method} fine-tunes the teacher's own network: leave out --net (or give the teacher's)")
+    return teacher, net_cfg, state

@@ -78,8 +78,8 @@ from torch import Tensor
 from ..errors import UserError
 from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
-from .common import GRID_NAMES, N_DATA, call_denoiser, check_student_net, conditioning, fixed_grid, fixed_grids, \
-    is_exact, load_teacher, net_config, student_meta, teacher_net_state, training_data
+from .common import GRID_NAMES, N_DATA, call_denoiser, check_student_net, conditioning, fine_tuned_teacher, fixed_grid, \
+    fixed_grids, student_meta, training_data
 
 KINDS = ("points", "image")
 MEDIAN_SAMPLES = 1000  # data samples whose median pairwise distance sets the default RBF bandwidths
@@ -230,18 +230,8 @@ def stages(job):
     from ..nets import build_net
 
     cfg = job.cfg
-    teacher = load_teacher(cfg["teacher"], job.device, cfg=cfg, kinds=KINDS, method="mmd-ddm")
-    if is_exact(teacher):
-        raise UserError(f"teacher {teacher.name} is an exact mixture: it has no network to fine-tune; train a "
-                        f"teacher on it first (fewstep train --data {teacher.name})")
-    cond = conditioning(cfg, teacher)
-    if cond.on:
-        raise UserError(f"teacher {teacher.name} is class-conditional; mmd-ddm fine-tunes unconditional teachers "
-                        f"(the paper's setting)")
-    net_cfg = net_config(cfg["net"], teacher, teacher.shape, teacher.kind)
-    state = teacher_net_state(teacher, net_cfg)
-    if state is None:
-        raise UserError("mmd-ddm fine-tunes the teacher's own network: leave out --net (or give the teacher's)")
+    teacher, net_cfg, state = fine_tuned_teacher(cfg, job.device, KINDS, "mmd-ddm")
+    cond = conditioning(cfg, teacher)  # unconditional (checked): no labels, recorded in model.json
     space, kernel_name = _settings(cfg, teacher)
     T = int(cfg["timesteps"])
     grid = fixed_grid(cfg["grid"], T, teacher)
