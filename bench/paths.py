@@ -1,96 +1,360 @@
-"""Flow matching couplings (issue 15, item 1) on exact mixtures -> bench/out/paths_<part>.json and a
-markdown table.
+"""Path distillation beyond reflow, side by side on the exact mixtures (issue 15) ->
+bench/out/paths_<part>.json and the section "Path methods side by side (issue 15)" of
+docs/BENCHMARKS.md.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/paths.py                 # both parts, ~10 CPU minutes
-    OMP_NUM_THREADS=1 .venv/bin/python bench/paths.py --quick         # 300 steps, a smoke run
-    .venv/bin/python bench/paths.py --part ring|d16 --steps 2000
+    OMP_NUM_THREADS=1 .venv/bin/python bench/paths.py --part gmm2 [--steps 2000] [--only "FM ot,torchcfm OT-CFM"]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/paths.py --part gmm16
+    .venv/bin/python bench/paths.py --table gmm2             # the markdown of a finished part
+    .venv/bin/python bench/paths.py --doc docs/BENCHMARKS.md  # write the section from the finished parts
+    OMP_NUM_THREADS=1 .venv/bin/python bench/paths.py --part gmm2 --quick   # 200 steps, 1000 samples: a smoke run
 
-Parts: ``ring`` (``GaussianMixture.ring(8, radius=2.0, std=0.3)``, d = 2) and ``d16``
-(``GaussianMixture.random(4, 16, seed=3)``). Each row is ``fewstep distill flow_matching
---data gmm:FILE --path linear --coupling C`` with the default net (MLP 256 x 4), batch 256, the
-loop's defaults and ``--steps`` (2000): independent (I-CFM / 1-rectified flow), ot (exact
-minibatch OT, ``ot.emd``) and sb (Sinkhorn plan, epsilon 1.0, bridge noise sqrt(eps t (1 - t) / 2)).
-Read from each run's eval.json (fixed noise, 4000 samples): energy distance to 4000 exact samples
-of the mixture at 1, 2, 4 Euler steps (its own rule, uniform in t), the RMS of those steps
-against the flow's own accurate ODE (DPM-Solver++(2M), 64 NFE), the coupling straightness S and
-the flow straightness S(Z) (Liu et al. 2022), mean squared pair distance of the coupling, and
-the run's seconds (training and evaluation, wall clock; shared 2-core machine).
+Mixtures: the ring of 8 (d = 2) and the d = 16 mixture of 4 full-covariance modes of
+bench/distill.py (the same as bench/one_step.py's), so the flow map and the data are known.
+Every row is one ``fewstep distill`` run with its defaults, the default MLP (256 x 4), batch 256,
+seed 0 and ``--steps`` (2000) loop steps per stage:
+
+- 1-RF / 2-RF: ``reflow --data MIXTURE --couplings independent --rounds 2`` (round 1 is the
+  1-rectified flow, round 2 its reflow on 20000 of its own ODE pairs), each with its one-step
+  student (``--distill-steps``); "1-RF + student" is ``--rounds 1``.
+- FM: ``flow-matching`` on the linear path with the couplings independent (I-CFM, = 1-RF), ot
+  (exact minibatch OT, POT's ``ot.emd``) and sb (Sinkhorn, epsilon 1, its bridge noise), and the
+  independent coupling on the trig and VP paths.
+- min-curvature (beta 10, the default, and beta 1): the learned coupling q(z | x0).
+- operator (DFNO): the exact teacher's 8-level trajectories (20000, Heun on the Karras grid at
+  64 NFE), one evaluation.
+- SFT-PG and MMD-DDM fine-tune a network teacher (``fewstep train --data MIXTURE``, EDM, 4000
+  steps, trained once per part): each is shown beside that teacher sampled with the very same
+  rule (sampler, grid, noise) before tuning, at T' = 2 and 4.
+- torchcfm 1.0.7 (``pip install --no-deps torchcfm``; a peer, not a dependency): its
+  ConditionalFlowMatcher (I-CFM), ExactOptimalTransportConditionalFlowMatcher (OT-CFM) and
+  SchrodingerBridgeConditionalFlowMatcher (SB-CFM, sigma = sqrt(epsilon / 2) = 0.707, the same
+  plan as ours) make (t, x_t, u_t); the same net, AdamW, learning rate, warm-up, clip, EMA, batch
+  and steps as our loop's defaults train on them, and the net is sampled as a fewstep flow model
+  with FM's own rule (Euler, uniform in t) from the same noise, so only the training targets differ.
+
+Measured per row from the same x_T (4000 samples): energy distance and sliced-W2 to 4000 exact
+samples at 1, 2 and 4 NFE of the model's own rule; RMS against the exact flow map from that x_T
+for the rows whose target is that map (1-RF, FM independent on every path, torchcfm I-CFM,
+reflow's rounds and students, the operator); S(Z), Liu et al.'s straightness of the model's own
+ODE path (64 Euler steps uniform in t, velocities of the linear path, so the rows compare; 0 for
+a flow whose denoiser output is constant along each path, where one DDIM step is exact); teacher
+evaluations (network or exact-mixture calls made to build the targets: the teacher's for operator
+and the trained teacher's rows, the previous round's for 2-RF and the students) and wall seconds
+(the whole run, its own evaluation included; the rows of one run share it; torchcfm rows: training). The
+exact mixture's own linear-path flow (the ideal 1-RF) and the exact flow map are the yardsticks.
+Each row is saved as it finishes; a rerun skips those present (``--redo NAME`` drops one).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
+import math
+import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-from _common import machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import publish  # noqa: E402
+from distill import cost, exact_teacher  # noqa: E402
 
-COUPLINGS = ("independent", "ot", "sb")
+from fewstep.methods import distill  # noqa: E402
+from fewstep.metrics import energy_distance, rms, sliced_w2  # noqa: E402
+from fewstep.model import load  # noqa: E402
+
+N = 4000
+NFES = (1, 2, 4)
+OUT = Path(__file__).resolve().parent / "out"
+HEADING = "## Path methods side by side (issue 15)"
+TEACHER_STEPS = 4000
+SB_EPSILON = 1.0
 
 
-def mixture(part: str):
-    from fewstep import GaussianMixture
+def runs(spec: str, steps: int, net_teacher: str) -> dict:
+    """name -> (method, options, folder inside the run to load, targets the exact flow map)."""
+    rf = {"data": spec, "couplings": "independent", "round_steps": [steps, steps], "rounds": 2,
+          "distill_steps": steps}
+    out = {
+        "1-RF (reflow round 1)": ("reflow", rf, "round1", True),
+        "2-RF (reflow round 2)": ("reflow", rf, "round2", True),
+        "2-RF + student": ("reflow", rf, "", True),
+        "1-RF + student": ("reflow", {**rf, "rounds": 1, "round_steps": [steps]}, "", True),
+    }
+    fm = {"data": spec, "steps": steps}
+    for name, extra, target in (("FM independent (I-CFM)", {"coupling": "independent"}, True),
+                                ("FM ot (OT-CFM)", {"coupling": "ot"}, False),
+                                ("FM sb (SB-CFM)", {"coupling": "sb", "sb_epsilon": SB_EPSILON}, False),
+                                ("FM trig path", {"coupling": "independent", "path": "trig"}, True),
+                                ("FM vp path", {"coupling": "independent", "path": "vp"}, True)):
+        out[name] = ("flow_matching", {**fm, **extra}, "", target)
+    out["min-curvature (beta 10)"] = ("min_curvature", {"data": spec, "steps": steps}, "", False)
+    out["min-curvature (beta 1)"] = ("min_curvature", {"data": spec, "steps": steps, "beta": 1.0}, "", False)
+    out["operator (DFNO)"] = ("operator", {"teacher": spec, "steps": steps}, "", True)
+    for T in (2, 4):
+        out[f"SFT-PG T'={T}"] = ("sft", {"teacher": net_teacher, "data": spec, "steps": steps, "timesteps": T}, "",
+                                 False)
+        out[f"MMD-DDM T'={T}"] = ("mmd_ddm", {"teacher": net_teacher, "data": spec, "steps": steps, "timesteps": T},
+                                  "", False)
+    return out
 
-    if part == "ring":
-        return GaussianMixture.ring(8, radius=2.0, std=0.3)
-    return GaussianMixture.random(4, 16, seed=3)
+
+TORCHCFM = {"torchcfm I-CFM": ("ConditionalFlowMatcher", {"sigma": 0.0}, True),
+            "torchcfm OT-CFM": ("ExactOptimalTransportConditionalFlowMatcher", {"sigma": 0.0}, False),
+            "torchcfm SB-CFM": ("SchrodingerBridgeConditionalFlowMatcher", {"sigma": math.sqrt(SB_EPSILON / 2)}, False)}
+REFERENCE = "FM independent (I-CFM)"  # the fewstep model whose rule, net and process the torchcfm nets borrow
 
 
-def run_part(part: str, steps: int, eval_samples: int, work: Path) -> dict:
-    from fewstep.methods import distill
+class VelocityDenoiser(torch.nn.Module):
+    """A torchcfm-convention velocity net u(x, s) (s = 0 noise, 1 data; dx/ds = u) as the
+    sigma-space denoiser of the linear flow: t = 1 - s = sigma / (1 + sigma), x_t = y / (1 + sigma),
+    our velocity v = dx/dt = -u, and D = x_t - t v (reflow's flow prediction)."""
 
-    spec = work / f"{part}.npz"
-    mixture(part).save(spec)
-    rows = []
-    for c in COUPLINGS:
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, y, sigma, **cond):
+        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
+        sig = sigma.expand(y.shape[0]) if sigma.ndim == 0 else sigma
+        t = (sig / (1 + sig)).reshape((-1,) + (1,) * (y.ndim - 1))
+        x = y * (1 - t)
+        u = self.net(x.float(), 1000.0 * t.flatten().float()).to(y.dtype)
+        return x + t * u
+
+
+def train_torchcfm(name: str, reference, gmm, steps: int, seed: int = 0) -> tuple:
+    """(the EMA net, seconds): torchcfm's matcher of ``name`` makes the targets; our loop's defaults
+    (AdamW lr 1e-3, 100 warm-up steps, clip 1.0, EMA 0.995, batch 256) train the reference's net."""
+    import torchcfm.conditional_flow_matching as cfm
+
+    from fewstep.nets import build_net
+
+    cls, kw, _ = TORCHCFM[name]
+    matcher = getattr(cfm, cls)(**kw)
+    torch.manual_seed(seed)
+    net = build_net(reference.meta["net"])
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
+        data = gmm.sample(256, generator=gen).float()
+        noise = torch.randn(data.shape, generator=gen)
+        s, xs, us = matcher.sample_location_and_conditional_flow(noise, data)
+        # the net sees the linear flow's own time input (1000 t, t = 1 - s), as fewstep's flow models do
+        loss = (net(xs, 1000.0 * (1 - s)) - us).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - 0.995)
+    return ema.eval(), time.time() - t0
+
+
+def straightness(model, z: torch.Tensor) -> float:
+    from fewstep.methods.common import flow_straightness
+    from fewstep.process import LinearFlow
+
+    return flow_straightness(model.denoiser, LinearFlow(), z.to(model.dtype))
+
+
+def measure(model, gmm, data, z, target: bool, flow: bool, nfes=NFES) -> dict:
+    """ED / sliced-W2 / RMS at each NFE of the model's rule (of ``nfes``), from x_T = sigma_max z;
+    S(Z) for flows."""
+    x_T = z.double() * float(model.sigma_max)
+    ref = gmm.flow(x_T, float(model.sigma_max), 0.0, rtol=1e-7) if target else None
+    out = {}
+    for k in nfes:
+        if model.rule_nfes() and k not in model.rule_nfes():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = model.sample(N, k, x=x_T.to(model.dtype), seed=101)[0].double().cpu()
+        out[str(k)] = {"energy_distance": energy_distance(x, data), "sliced_w2": sliced_w2(x, data),
+                       "rms_flow": rms(x, ref) if target else None}
+    return {"nfe": out, "straightness": straightness(model, z[:2000]) if flow else None}
+
+
+def net_teacher(spec: str, folder: Path, result: dict, steps: int = TEACHER_STEPS) -> str:
+    from fewstep.train.teacher import train_teacher
+
+    tdir = folder / "net_teacher"
+    if not (tdir / "model.json").is_file():
         t0 = time.time()
-        out = distill("flow_matching", {"data": f"gmm:{spec}", "coupling": c, "path": "linear", "steps": steps,
-                                        "device": "cpu", "eval_samples": eval_samples},
-                      str(work / f"{part}_{c}"), progress=False)
-        ev = json.loads((Path(out) / "eval.json").read_text())
-        rows.append({"coupling": c, "seconds": time.time() - t0, "train_seconds": ev["cost"]["seconds"],
-                     **{k: ev[k] for k in ("energy_distance", "sliced_w2", "euler_self_error", "euler_error",
-                                           "straightness", "flow_straightness", "pair_distance", "gamma",
-                                           "epsilon")}})
-        print(f"  {part} {c}: {rows[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
-    return {"part": part, "steps": steps, "eval_samples": eval_samples, "path": "linear", "rows": rows,
-            "machine": machine()}
+        train_teacher({"data": spec, "steps": steps, "device": "cpu", "seed": 0}, str(tdir), progress=False,
+                      evaluate=False, resume=tdir.exists())
+        result["net_teacher_seconds"] = time.time() - t0
+    return str(tdir)
 
 
-def table(res: dict) -> str:
-    lines = [f"**{res['part']}** (linear path, {res['steps']} steps, energy distance to {res['eval_samples']} "
-             f"exact samples)", "",
-             "| coupling | ED 1 | ED 2 | ED 4 | self-err 1 | self-err 2 | S | S(Z) | E\\|x0-x1\\|^2 | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        ed, se = r["energy_distance"], r["euler_self_error"]
-        lines.append(f"| {r['coupling']} | {ed['1']:.4f} | {ed['2']:.4f} | {ed['4']:.4f} | {se['1']:.3f} | "
-                     f"{se['2']:.3f} | {r['straightness']:.3f} | {r['flow_straightness']:.4f} | "
-                     f"{r['pair_distance']:.2f} | {r['seconds']:.0f} |")
+def run_once(method: str, opts: dict, folder: Path) -> tuple:
+    """(run folder, seconds) of ``fewstep distill method opts`` under ``folder``, named by its
+    options: made once, resumed when interrupted, reused by every row that reads it."""
+    key = json.dumps([method, opts], sort_keys=True)
+    run_dir = folder / f"{method}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    stamp = run_dir / "bench_seconds.json"
+    if (run_dir / "model.json").is_file() and stamp.is_file():
+        return str(run_dir), json.loads(stamp.read_text())["seconds"]
+    t0 = time.time()
+    out = distill(method, {**opts, "device": "cpu", "seed": 0}, str(run_dir), progress=False,
+                  resume=run_dir.exists())
+    stamp.write_text(json.dumps({"seconds": time.time() - t0}))
+    return out, time.time() - t0
+
+
+def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT, quick: bool = False) -> dict:
+    path = out_dir / f"paths_{part}{'_quick' if quick else ''}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get("steps") not in (None, steps):
+        raise SystemExit(f"{path} holds a run at --steps {result['steps']}; move it away or give that budget")
+    spec, gmm = exact_teacher(part, folder)
+    teacher = load(spec)
+    data = gmm.sample(N, generator=torch.Generator().manual_seed(12345))
+    z = teacher.noise(N, seed=100).double() / teacher.sigma_max
+    result.update(part=part, steps=steps, n=N, machine=f"{platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} torch thread(s)", torch=torch.__version__)
+    result.setdefault("floor", {"energy_distance": energy_distance(
+        gmm.sample(N, generator=torch.Generator().manual_seed(999)), data)})
+    rows = result.setdefault("rows", {})
+    teacher_run = net_teacher(spec, folder, result, TEACHER_STEPS // 10 if quick else TEACHER_STEPS)
+    for name, (method, opts, sub, target) in runs(spec, steps, teacher_run).items():
+        if (only and name not in only) or name in rows:
+            continue
+        out, wall = run_once(method, opts, folder)
+        model = load(str(Path(out) / sub) if sub else out, device="cpu")
+        flow = method in ("reflow", "flow_matching", "min_curvature") and not (method == "reflow" and not sub)
+        row = {"method": method, "options": {k: v for k, v in opts.items() if k not in ("teacher", "data")},
+               "wall_seconds": wall, "teacher_evals": 0 if sub == "round1" else cost(out).get("teacher_evals", 0),
+               **measure(model, gmm, data, z, target, flow, (1,) if method == "reflow" and not sub else NFES)}
+        if method in ("sft", "mmd_ddm"):  # the same rule on the teacher before tuning
+            before = copy.copy(load(teacher_run, device="cpu"))
+            before.meta = {**before.meta, "sampling": model.sampling}
+            row["before"] = measure(before, gmm, data, z, False, False)
+        rows[name] = row
+        print(json.dumps({"row": name, "wall_seconds": round(wall), **row["nfe"]}), flush=True)
+        out_dir.mkdir(exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    for name in TORCHCFM:
+        if (only and name not in only) or name in rows:
+            continue
+        try:
+            import torchcfm  # noqa: F401
+        except ImportError:
+            print(f"{name}: torchcfm is not installed (pip install --no-deps torchcfm); row left out", flush=True)
+            continue
+        method, opts, _, _ = runs(spec, steps, teacher_run)[REFERENCE]
+        reference = load(run_once(method, opts, folder)[0], device="cpu")
+        net, wall = train_torchcfm(name, reference, gmm, steps)
+        model = copy.copy(reference)
+        model.denoiser = VelocityDenoiser(net)
+        rows[name] = {"method": "torchcfm", "options": {"matcher": TORCHCFM[name][0], **TORCHCFM[name][1]},
+                      "wall_seconds": wall, "teacher_evals": 0, **measure(model, gmm, data, z, TORCHCFM[name][2], True)}
+        print(json.dumps({"row": name, "wall_seconds": round(wall), **rows[name]["nfe"]}), flush=True)
+        path.write_text(json.dumps(result, indent=1))
+    if "references" not in result:
+        method, opts, _, _ = runs(spec, steps, teacher_run)[REFERENCE]
+        ideal = copy.copy(load(run_once(method, opts, folder)[0], device="cpu"))
+        ideal.denoiser = teacher.denoiser
+        refs = {"exact 1-RF flow (ideal independent coupling)": measure(ideal, gmm, data, z, True, True)}
+        flow_map = gmm.flow(z.double() * teacher.sigma_max, teacher.sigma_max, 0.0, rtol=1e-7)
+        refs["exact flow map"] = {"nfe": {"-": {"energy_distance": energy_distance(flow_map, data),
+                                                "sliced_w2": sliced_w2(flow_map, data), "rms_flow": 0.0}},
+                                  "straightness": None}
+        result["references"] = refs
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _cell(v, f=".4f"):
+    return "-" if v is None else format(v, f)
+
+
+def table(result: dict) -> str:
+    cols = " | ".join([f"ED {k}" for k in NFES] + [f"SW2 {k}" for k in NFES] + [f"RMS {k}" for k in NFES])
+    lines = [f"| model | {cols} | S(Z) | teacher evaluations | wall s |",
+             "|---|" + "---|" * (3 * len(NFES) + 3)]
+
+    def line(name, m, evals="-", wall=None):
+        nfe = m["nfe"]
+        if "-" in nfe:
+            nfe = {str(k): nfe["-"] for k in NFES[:1]}
+        get = lambda k, key: nfe.get(str(k), {}).get(key)  # noqa: E731
+        cells = [_cell(get(k, "energy_distance")) for k in NFES] + [_cell(get(k, "sliced_w2")) for k in NFES]
+        cells += [_cell(get(k, "rms_flow")) for k in NFES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(m.get('straightness'))} | {evals} | "
+                     f"{_cell(wall, '.0f')} |")
+
+    for name, m in result.get("references", {}).items():
+        line(f"*{name}*", m)
+    for name, r in result["rows"].items():
+        if "before" in r:
+            line(f"{name.split(' T')[0]} teacher before tuning, T'={name.split('=')[-1]}", r["before"])
+        line(name, r, f"{r['teacher_evals']:.3g}", r["wall_seconds"])
+    lines.append("")
+    lines.append(f"Estimator floor (energy distance of two exact sets of {result['n']}): "
+                 f"{result['floor']['energy_distance']:.4f}")
+    if "net_teacher_seconds" in result:
+        lines.append(f"Network teacher of SFT / MMD-DDM: `fewstep train --data MIXTURE --steps {TEACHER_STEPS}`, "
+                     f"{result['net_teacher_seconds']:.0f} s.")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def section(parts: dict) -> str:
+    titles = {"gmm2": "Exact teacher, 2-D ring of 8 (`GaussianMixture.ring(8, radius 2, std 0.25)`)",
+              "gmm16": "Exact teacher, d = 16 (`GaussianMixture.random(k=4, dim=16, seed=3)`)"}
+    out = [HEADING, "", __doc__.split("\n\n", 1)[1].split("\nMixtures:")[0].strip(), ""]
+    for part, res in parts.items():
+        out += [f"### {titles[part]}, `--steps {res['steps']}`", "", f"Machine: {res['machine']}, torch {res['torch']}.",
+                "", table(res), ""]
+    return "\n".join(out)
+
+
+def main():
+    global N
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("ring", "d16", "all"), default="all")
+    ap.add_argument("--part", choices=("gmm2", "gmm16"))
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--eval-samples", type=int, default=4000)
-    ap.add_argument("--quick", action="store_true", help="300 steps, 1000 evaluation samples")
-    a = ap.parse_args(argv)
-    steps, n = (300, 1000) if a.quick else (a.steps, a.eval_samples)
-    out_dir = ROOT / "out"
-    out_dir.mkdir(exist_ok=True)
-    parts = ("ring", "d16") if a.part == "all" else (a.part,)
-    with tempfile.TemporaryDirectory() as tmp:
-        for part in parts:
-            res = run_part(part, steps, n, Path(tmp))
-            (out_dir / f"paths_{part}{'_quick' if a.quick else ''}.json").write_text(json.dumps(res, indent=1))
-            print(table(res) + "\n", flush=True)
+    ap.add_argument("--only", default="", help="comma-separated row names")
+    ap.add_argument("--redo", default="", help="comma-separated row names to drop and run again")
+    ap.add_argument("--quick", action="store_true", help="200 steps and 1000 samples: a smoke run")
+    ap.add_argument("--table", choices=("gmm2", "gmm16"))
+    ap.add_argument("--doc", help="write the section of this markdown file from the finished parts")
+    a = ap.parse_args()
+    if a.table:
+        print(table(json.loads((OUT / f"paths_{a.table}.json").read_text())))
+        return 0
+    if a.doc:
+        parts = {p: json.loads((OUT / f"paths_{p}.json").read_text()) for p in ("gmm2", "gmm16")
+                 if (OUT / f"paths_{p}.json").is_file()}
+        publish(section(parts), a.doc, HEADING)
+        return 0
+    if not a.part:
+        ap.error("give --part, --table or --doc")
+    steps = 200 if a.quick else a.steps
+    if a.quick:
+        N = 1000
+    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    if a.redo:
+        path = OUT / f"paths_{a.part}{'_quick' if a.quick else ''}.json"
+        res = json.loads(path.read_text())
+        for name in a.redo.split(","):
+            res["rows"].pop(name.strip(), None)
+        res.pop("references", None)
+        path.write_text(json.dumps(res, indent=1))
+    folder = OUT / "paths_runs" / (a.part + ("_quick" if a.quick else ""))
+    folder.mkdir(parents=True, exist_ok=True)
+    run(a.part, steps, only, folder, quick=a.quick)
+    print(table(json.loads((OUT / f"paths_{a.part}{'_quick' if a.quick else ''}.json").read_text())))
     return 0
 
 
