@@ -877,30 +877,28 @@ configuration are the same algorithms (UniPC, DEIS, DPM-Solver++ multistep) on t
 our implementations agree with diffusers' to ~1e-5 on diffusers' own grids (tests/test_diffusers_parity_*.py), so
 the fixed-grid ratio is ~1.0 (1.00-1.05 here): the 0.5 target is **not** met by solver choice. A Karras grid
 tuned on held-out starts reaches 0.85 (gmm16d, NFE 10) and nothing at NFE 4-8. *Same x_T*: diffusers' "leading"
-spacing starts the multistep solvers at t = 800-900 (sigma 26-36) and beats its own trailing grids by 10-35% at
+spacing starts the multistep solvers at t = 800-900 (sigma 26-36) and beats its own trailing grids by 4-33% at
 NFE 4-10 on these teachers (skipping the top of the trajectory costs less than the steps it frees); our tuned
 grids that also start lower (sigma 40) reach 0.84-1.00 at NFE 6-10 (0.61 on gmm16d at NFE 10) and 1.17-1.19
-at NFE 4. The gains left are in the grid (learned/optimised time steps), not in the solver formulas: the
-learned grids of `fewstep schedule` reach 0.31-0.74x (section "Learned schedules (issue 7)").
-*Speed*: the sampler functions cost 0.05-0.17 ms per call (free denoiser) and their loops on the exact teacher
-are 1.8-5x cheaper (CPU) than diffusers' step() loops. With a network, this run still spent ~0.6 ms per call in
-the parametrization adapter (our loop 1.1-2.3x diffusers'); since commits 16a4c87/a76e98e/1b8726c
-`ModelDenoiser` caches each level's coefficients and the loops fuse their updates, and the re-measured speed
-block of the speed subsection shows every paired sampler's loop at 0.37-0.90x diffusers' and 0.7-1.4% of a
-~35 ms UNet call.
+at NFE 4. The gains left are in the grid (learned/optimised time steps), not in the solver formulas: see the
+sections "Learned schedules (issue 7)" and "Default sampling configuration (issue 21)".
+*Speed*: with the small UNet (~30 ms a call on one thread) every sampler's loop costs 0.41-0.74 ms a call outside
+the network (1.4-2.3% overhead; the sampler functions alone 0.05-0.34 ms) and every paired loop is cheaper than
+diffusers' step() loop for the same algorithm (ratio 0.42-0.93).
 *Errors*: RMS over the starts is dominated by the few starts near a basin boundary between modes (the flow map is
 steep there; their errors are O(1) at NFE 20 and fall late), which is why observed orders on the sigma-80 start
-of gmm16d are low for every solver. Stochastic samplers (s) are judged by sliced-W2/MMD, not by RMS to the ODE map.
-*Looked wrong in this run, fixed since (2026-11-26; the tables above predate the fixes)*: `gotta_go_fast`
-diverged at every budget up to 50 NFE (forced budget steps) — it now refuses a budget its tolerance cannot meet,
-as `rk45` does (c4ceead); `dpm_solver_adaptive` below the ~64-73 NFE it needs returned unconverged samples — it
-now finishes to sigma_min with fixed DPM-Solver++(2S) steps (1eb3aaa, 37b40fa); `pndm`'s PRK warm start blew up
-at 5-10 NFE on Karras/log-SNR/poly grids (RMS up to 3e4) — the warm-up now runs RK4 in the data form where the
-eps form amplifies stage errors (88dbc0d). *Still as measured*:
-`dpmpp_3m`, `deis[order=3]` and `unipc[bh1]` jump 3-4x in error from NFE 10 to 15 on the time-linspace/leading
-grids that evaluate at sigma(t=0) = 0.01 before the last step to 0 (lower_order_final switches off at 15 steps,
-as in diffusers, whose DEIS-3/linspace shows the same jump). Heun-type samplers (`heun`, `edm_stochastic`,
-`dpm_solver_2/3`, `plms`, `pc`) blow up at <= 8 NFE on Karras-type grids from sigma 80-157, as diffusers' Heun does."""
+of gmm16d are low for every solver (the "order" anomalies). Stochastic samplers (s) are judged by sliced-W2/MMD,
+not by RMS to the ODE map; the Langevin family (`langevin`, `mala`, `annealed_langevin`) samples the data
+distribution, not the flow map, so its "blow_up" lines are RMS to a map it does not follow.
+*Anomalies, read*: the fixes of 2026-11-26 hold in this run: `gotta_go_fast` refuses the budgets its tolerance
+cannot meet (no rows below them, no blow-up), `dpm_solver_adaptive` no longer returns unconverged samples (it
+rises 0.35 -> 0.60 from NFE 6 to 8 on gmm2d, no blow-up), `pndm`'s warm start no longer blows up. `ltsp` / `stsp`
+"broken" is the bench's cost check: their registered cost (2 per step) is that of guided sampling, and on these
+unguided teachers a step spends 1 (no guidance half). *Still as measured*: `dpmpp_3m` and `deis[order=3]` rise
+1.7-3.8x from NFE 10 to 15 on the time-linspace/leading grids that evaluate at sigma(t=0) = 0.01 before the last
+step to 0 (lower_order_final switches off at 15 steps, as in diffusers). Heun-type samplers (`heun`,
+`edm_stochastic`, `dpm_solver_2/3`, `plms`, `pc`) blow up at <= 10 NFE on some Karras-type grids from sigma
+80-157, as diffusers' Heun does (its Heun/karras: 20.7 at NFE 3)."""
 
 PUBLISHED = """Published CIFAR-10 32x32 unconditional FIDs (from /work/shared/notes/paper-numbers.md; **not ours**, not
 reproducible on a CPU, and not comparable with the RMS errors above; compare only within one base model: DDIM /
