@@ -8,8 +8,12 @@ docs/BENCHMARKS.md.
     .venv/bin/python bench/paths.py --doc docs/BENCHMARKS.md  # write the section from the finished parts
     OMP_NUM_THREADS=1 .venv/bin/python bench/paths.py --part gmm2 --quick   # 200 steps, 1000 samples: a smoke run
 
-Mixtures: the ring of 8 (d = 2) and the d = 16 mixture of 4 full-covariance modes of
-bench/distill.py (the same as bench/one_step.py's), so the flow map and the data are known.
+Parts: the exact mixtures, the ring of 8 (d = 2) and the d = 16 mixture of 4 full-covariance
+modes of bench/distill.py (the same as bench/one_step.py's), where the flow map and the data are
+known; and two data sets, moons (scored against fresh samples) and 8x8 digits (the 1797 images,
+as bench/one_step.py's digits part; every net there an MLP 256 x 4 on the 64 pixels, scored also
+by the Frechet distance on the digits classifier's features), where the flow map is not known
+(no RMS column) and the operator distils the trained teacher.
 Every row is one ``fewstep distill`` run with its defaults, the default MLP (256 x 4), batch 256,
 seed 0 and ``--steps`` (2000) loop steps per stage:
 
@@ -74,11 +78,18 @@ OUT = Path(__file__).resolve().parent / "out"
 HEADING = "## Path methods side by side (issue 15)"
 TEACHER_STEPS = 4000
 SB_EPSILON = 1.0
+EXACT = ("gmm2", "gmm16")
+PARTS = EXACT + ("moons", "digits")
+
+
+DIGITS_NET = {"kind": "mlp", "dim": 64, "hidden": 256, "depth": 4, "emb_dim": 128}  # the mixtures' default MLP
 
 
 def runs(spec: str, steps: int, net_teacher: str) -> dict:
-    """name -> (method, options, folder inside the run to load, targets the exact flow map)."""
-    rf = {"data": spec, "couplings": "independent", "round_steps": [steps, steps], "rounds": 2,
+    """name -> (method, options, folder inside the run to load, targets the exact flow map); the
+    operator distils the exact mixture where there is one, else the trained teacher."""
+    net = {"net": DIGITS_NET} if spec == "digits" else {}
+    rf = {"data": spec, **net, "couplings": "independent", "round_steps": [steps, steps], "rounds": 2,
           "distill_steps": steps}
     out = {
         "1-RF (reflow round 1)": ("reflow", rf, "round1", True),
@@ -86,16 +97,17 @@ def runs(spec: str, steps: int, net_teacher: str) -> dict:
         "2-RF + student": ("reflow", rf, "", True),
         "1-RF + student": ("reflow", {**rf, "rounds": 1, "round_steps": [steps]}, "", True),
     }
-    fm = {"data": spec, "steps": steps}
+    fm = {"data": spec, **net, "steps": steps}
     for name, extra, target in (("FM independent (I-CFM)", {"coupling": "independent"}, True),
                                 ("FM ot (OT-CFM)", {"coupling": "ot"}, False),
                                 ("FM sb (SB-CFM)", {"coupling": "sb", "sb_epsilon": SB_EPSILON}, False),
                                 ("FM trig path", {"coupling": "independent", "path": "trig"}, True),
                                 ("FM vp path", {"coupling": "independent", "path": "vp"}, True)):
         out[name] = ("flow_matching", {**fm, **extra}, "", target)
-    out["min-curvature (beta 10)"] = ("min_curvature", {"data": spec, "steps": steps}, "", False)
-    out["min-curvature (beta 1)"] = ("min_curvature", {"data": spec, "steps": steps, "beta": 1.0}, "", False)
-    out["operator (DFNO)"] = ("operator", {"teacher": spec, "steps": steps}, "", True)
+    out["min-curvature (beta 10)"] = ("min_curvature", {"data": spec, **net, "steps": steps}, "", False)
+    out["min-curvature (beta 1)"] = ("min_curvature", {"data": spec, **net, "steps": steps, "beta": 1.0}, "", False)
+    exact = spec.startswith("gmm:")
+    out["operator (DFNO)"] = ("operator", {"teacher": spec if exact else net_teacher, "steps": steps}, "", True)
     for T in (2, 4):
         out[f"SFT-PG T'={T}"] = ("sft", {"teacher": net_teacher, "data": spec, "steps": steps, "timesteps": T}, "",
                                  False)
@@ -128,7 +140,46 @@ class VelocityDenoiser(torch.nn.Module):
         return x + t * u
 
 
-def train_torchcfm(name: str, reference, gmm, steps: int, seed: int = 0) -> tuple:
+class Part:
+    """The data of a part: an exact mixture (gmm2, gmm16: fresh exact samples, the exact flow map)
+    or a data set (moons: fresh samples; digits: the 1797 digits, FD on the digits classifier)."""
+
+    def __init__(self, name: str, folder: Path):
+        from fewstep.data.registry import load_dataset
+
+        self.name = name
+        if name in EXACT:
+            self.spec, self.gmm = exact_teacher(name, folder)
+            self.train = None
+            self.data = self.gmm.sample(N, generator=torch.Generator().manual_seed(12345))
+            self.other = self.gmm.sample(N, generator=torch.Generator().manual_seed(999))
+        else:
+            self.spec, self.gmm = name, None
+            self.train = load_dataset(name).x.double()
+            n = min(N, len(self.train) // 2) if name == "digits" else N
+            ref = load_dataset(name, n=2 * n, seed=123).x.double()  # moons: fresh; digits: the set's own images
+            self.data, self.other = ref[:n], ref[n:]
+        self.n = len(self.data)
+
+    def batch(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        if self.gmm is not None:
+            return self.gmm.sample(n, generator=gen).float()
+        return self.train[torch.randint(len(self.train), (n,), generator=gen)].float()
+
+    def flow_map(self, x_T: torch.Tensor, sigma_max: float):
+        return None if self.gmm is None else self.gmm.flow(x_T, sigma_max, 0.0, rtol=1e-7)
+
+    def scores(self, x: torch.Tensor) -> dict:
+        a, b = x.flatten(1), self.data.flatten(1)
+        out = {"energy_distance": energy_distance(a, b), "sliced_w2": sliced_w2(a, b)}
+        if self.name == "digits":
+            from fewstep.metrics import frechet_distance
+
+            out["fd"] = frechet_distance(x.float(), self.data.float(), "digits")
+        return out
+
+
+def train_torchcfm(name: str, reference, part, steps: int, seed: int = 0) -> tuple:
     """(the EMA net, seconds): torchcfm's matcher of ``name`` makes the targets; our loop's defaults
     (AdamW lr 1e-3, 100 warm-up steps, clip 1.0, EMA 0.995, batch 256) train the reference's net."""
     import torchcfm.conditional_flow_matching as cfm
@@ -146,7 +197,7 @@ def train_torchcfm(name: str, reference, gmm, steps: int, seed: int = 0) -> tupl
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
-        data = gmm.sample(256, generator=gen).float()
+        data = part.batch(256, gen)
         noise = torch.randn(data.shape, generator=gen)
         s, xs, us = matcher.sample_location_and_conditional_flow(noise, data)
         # the net sees the linear flow's own time input (1000 t, t = 1 - s), as fewstep's flow models do
@@ -168,20 +219,19 @@ def straightness(model, z: torch.Tensor) -> float:
     return flow_straightness(model.denoiser, LinearFlow(), z.to(model.dtype))
 
 
-def measure(model, gmm, data, z, target: bool, flow: bool, nfes=NFES) -> dict:
-    """ED / sliced-W2 / RMS at each NFE of the model's rule (of ``nfes``), from x_T = sigma_max z;
-    S(Z) for flows."""
+def measure(model, part: Part, z, target: bool, flow: bool, nfes=NFES) -> dict:
+    """ED / sliced-W2 (/ FD) / RMS at each NFE of the model's rule (of ``nfes``), from x_T =
+    sigma_max z; S(Z) for flows."""
     x_T = z.double() * float(model.sigma_max)
-    ref = gmm.flow(x_T, float(model.sigma_max), 0.0, rtol=1e-7) if target else None
+    ref = part.flow_map(x_T, float(model.sigma_max)) if target else None
     out = {}
     for k in nfes:
         if model.rule_nfes() and k not in model.rule_nfes():
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            x = model.sample(N, k, x=x_T.to(model.dtype), seed=101)[0].double().cpu()
-        out[str(k)] = {"energy_distance": energy_distance(x, data), "sliced_w2": sliced_w2(x, data),
-                       "rms_flow": rms(x, ref) if target else None}
+            x = model.sample(len(z), k, x=x_T.to(model.dtype), seed=101)[0].double().cpu()
+        out[str(k)] = {**part.scores(x), "rms_flow": None if ref is None else rms(x, ref)}
     return {"nfe": out, "straightness": straightness(model, z[:2000]) if flow else None}
 
 
@@ -191,7 +241,8 @@ def net_teacher(spec: str, folder: Path, result: dict, steps: int = TEACHER_STEP
     tdir = folder / "net_teacher"
     if not (tdir / "model.json").is_file():
         t0 = time.time()
-        train_teacher({"data": spec, "steps": steps, "device": "cpu", "seed": 0}, str(tdir), progress=False,
+        net = {"net": DIGITS_NET} if spec == "digits" else {}
+        train_teacher({"data": spec, **net, "steps": steps, "device": "cpu", "seed": 0}, str(tdir), progress=False,
                       evaluate=False, resume=tdir.exists())
         result["net_teacher_seconds"] = time.time() - t0
     return str(tdir)
@@ -217,16 +268,15 @@ def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT, quick: b
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("steps") not in (None, steps):
         raise SystemExit(f"{path} holds a run at --steps {result['steps']}; move it away or give that budget")
-    spec, gmm = exact_teacher(part, folder)
-    teacher = load(spec)
-    data = gmm.sample(N, generator=torch.Generator().manual_seed(12345))
-    z = teacher.noise(N, seed=100).double() / teacher.sigma_max
-    result.update(part=part, steps=steps, n=N, machine=f"{platform.processor() or platform.machine()}, "
-                  f"{torch.get_num_threads()} torch thread(s)", torch=torch.__version__)
-    result.setdefault("floor", {"energy_distance": energy_distance(
-        gmm.sample(N, generator=torch.Generator().manual_seed(999)), data)})
-    rows = result.setdefault("rows", {})
+    data = Part(part, folder)
+    spec = data.spec
     teacher_run = net_teacher(spec, folder, result, TEACHER_STEPS // 10 if quick else TEACHER_STEPS)
+    teacher = load(spec) if data.gmm is not None else load(teacher_run, device="cpu")
+    z = teacher.noise(data.n, seed=100).double() / teacher.sigma_max
+    result.update(part=part, steps=steps, n=data.n, machine=f"{platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} torch thread(s)", torch=torch.__version__)
+    result.setdefault("floor", data.scores(data.other))
+    rows = result.setdefault("rows", {})
     for name, (method, opts, sub, target) in runs(spec, steps, teacher_run).items():
         if (only and name not in only) or name in rows:
             continue
@@ -235,11 +285,11 @@ def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT, quick: b
         flow = method in ("reflow", "flow_matching", "min_curvature") and not (method == "reflow" and not sub)
         row = {"method": method, "options": {k: v for k, v in opts.items() if k not in ("teacher", "data")},
                "wall_seconds": wall, "teacher_evals": 0 if sub == "round1" else cost(out).get("teacher_evals", 0),
-               **measure(model, gmm, data, z, target, flow, (1,) if method == "reflow" and not sub else NFES)}
+               **measure(model, data, z, target, flow, (1,) if method == "reflow" and not sub else NFES)}
         if method in ("sft", "mmd_ddm"):  # the same rule on the teacher before tuning
             before = copy.copy(load(teacher_run, device="cpu"))
             before.meta = {**before.meta, "sampling": model.sampling}
-            row["before"] = measure(before, gmm, data, z, False, False)
+            row["before"] = measure(before, data, z, False, False)
         rows[name] = row
         print(json.dumps({"row": name, "wall_seconds": round(wall), **row["nfe"]}), flush=True)
         out_dir.mkdir(exist_ok=True)
@@ -254,22 +304,28 @@ def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT, quick: b
             continue
         method, opts, _, _ = runs(spec, steps, teacher_run)[REFERENCE]
         reference = load(run_once(method, opts, folder)[0], device="cpu")
-        net, wall = train_torchcfm(name, reference, gmm, steps)
+        net, wall = train_torchcfm(name, reference, data, steps)
         model = copy.copy(reference)
         model.denoiser = VelocityDenoiser(net)
         rows[name] = {"method": "torchcfm", "options": {"matcher": TORCHCFM[name][0], **TORCHCFM[name][1]},
-                      "wall_seconds": wall, "teacher_evals": 0, **measure(model, gmm, data, z, TORCHCFM[name][2], True)}
+                      "wall_seconds": wall, "teacher_evals": 0, **measure(model, data, z, TORCHCFM[name][2], True)}
         print(json.dumps({"row": name, "wall_seconds": round(wall), **rows[name]["nfe"]}), flush=True)
         path.write_text(json.dumps(result, indent=1))
     if "references" not in result:
-        method, opts, _, _ = runs(spec, steps, teacher_run)[REFERENCE]
-        ideal = copy.copy(load(run_once(method, opts, folder)[0], device="cpu"))
-        ideal.denoiser = teacher.denoiser
-        refs = {"exact 1-RF flow (ideal independent coupling)": measure(ideal, gmm, data, z, True, True)}
-        flow_map = gmm.flow(z.double() * teacher.sigma_max, teacher.sigma_max, 0.0, rtol=1e-7)
-        refs["exact flow map"] = {"nfe": {"-": {"energy_distance": energy_distance(flow_map, data),
-                                                "sliced_w2": sliced_w2(flow_map, data), "rms_flow": 0.0}},
-                                  "straightness": None}
+        refs = {}
+        if data.gmm is not None:
+            method, opts, _, _ = runs(spec, steps, teacher_run)[REFERENCE]
+            ideal = copy.copy(load(run_once(method, opts, folder)[0], device="cpu"))
+            ideal.denoiser = teacher.denoiser
+            refs["exact 1-RF flow (ideal independent coupling)"] = measure(ideal, data, z, True, True)
+            flow_map = data.flow_map(z.double() * teacher.sigma_max, teacher.sigma_max)
+            refs["exact flow map"] = {"nfe": {"-": {**data.scores(flow_map), "rms_flow": 0.0}}, "straightness": None}
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                x = teacher.sample(data.n, 64, "heun", x=(z * teacher.sigma_max).to(teacher.dtype))[0].double()
+            refs["trained teacher, Heun 64 NFE (127 evaluations)"] = {"nfe": {"-": {**data.scores(x), "rms_flow": None}},
+                                                                     "straightness": None}
         result["references"] = refs
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -280,17 +336,20 @@ def _cell(v, f=".4f"):
 
 
 def table(result: dict) -> str:
-    cols = " | ".join([f"ED {k}" for k in NFES] + [f"SW2 {k}" for k in NFES] + [f"RMS {k}" for k in NFES])
+    keys = [("energy_distance", "ED", ".4f"), ("sliced_w2", "SW2", ".4f")]
+    if result["part"] == "digits":
+        keys.append(("fd", "FD", ".2f"))
+    if result["part"] in EXACT:
+        keys.append(("rms_flow", "RMS", ".4f"))
+    cols = " | ".join(f"{short} {k}" for _, short, _ in keys for k in NFES)
     lines = [f"| model | {cols} | S(Z) | teacher evaluations | wall s |",
-             "|---|" + "---|" * (3 * len(NFES) + 3)]
+             "|---|" + "---|" * (len(keys) * len(NFES) + 3)]
 
     def line(name, m, evals="-", wall=None):
         nfe = m["nfe"]
         if "-" in nfe:
             nfe = {str(k): nfe["-"] for k in NFES[:1]}
-        get = lambda k, key: nfe.get(str(k), {}).get(key)  # noqa: E731
-        cells = [_cell(get(k, "energy_distance")) for k in NFES] + [_cell(get(k, "sliced_w2")) for k in NFES]
-        cells += [_cell(get(k, "rms_flow")) for k in NFES]
+        cells = [_cell(nfe.get(str(k), {}).get(key), f) for key, _, f in keys for k in NFES]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(m.get('straightness'))} | {evals} | "
                      f"{_cell(wall, '.0f')} |")
 
@@ -301,18 +360,25 @@ def table(result: dict) -> str:
             line(f"{name.split(' T')[0]} teacher before tuning, T'={name.split('=')[-1]}", r["before"])
         line(name, r, f"{r['teacher_evals']:.3g}", r["wall_seconds"])
     lines.append("")
-    lines.append(f"Estimator floor (energy distance of two exact sets of {result['n']}): "
-                 f"{result['floor']['energy_distance']:.4f}")
+    floor = result["floor"]
+    what = "exact sets" if result["part"] in EXACT else "reference sets"
+    lines.append(f"Floor (two {what} of {result['n']}): energy distance {floor['energy_distance']:.4f}"
+                 + (f", sliced-W2 {floor['sliced_w2']:.4f}" if "sliced_w2" in floor else "")
+                 + (f", FD {floor['fd']:.2f}" if "fd" in floor else "") + ".")
     if "net_teacher_seconds" in result:
-        lines.append(f"Network teacher of SFT / MMD-DDM: `fewstep train --data MIXTURE --steps {TEACHER_STEPS}`, "
-                     f"{result['net_teacher_seconds']:.0f} s.")
+        lines.append(f"Network teacher (SFT, MMD-DDM{'' if result['part'] in EXACT else ', operator'}): `fewstep "
+                     f"train --data {result['part']} --steps {TEACHER_STEPS}`, {result['net_teacher_seconds']:.0f} s.")
     return "\n".join(lines)
 
 
 def section(parts: dict) -> str:
     titles = {"gmm2": "Exact teacher, 2-D ring of 8 (`GaussianMixture.ring(8, radius 2, std 0.25)`)",
-              "gmm16": "Exact teacher, d = 16 (`GaussianMixture.random(k=4, dim=16, seed=3)`)"}
-    out = [HEADING, "", __doc__.split("\n\n", 1)[1].split("\nMixtures:")[0].strip(), ""]
+              "gmm16": "Exact teacher, d = 16 (`GaussianMixture.random(k=4, dim=16, seed=3)`)",
+              "moons": "Data: two moons (fresh samples)",
+              "digits": "Data: 8x8 digits (the 1797 images; classifier FD)"}
+    commands = [ln.strip() for ln in __doc__.split("\n\n")[1].splitlines()]
+    described = "Parts:" + __doc__.split("\nParts:", 1)[1]
+    out = [HEADING, "", "```", *commands, "```", "", described.strip(), ""]
     for part, res in parts.items():
         out += [f"### {titles[part]}, `--steps {res['steps']}`", "", f"Machine: {res['machine']}, torch {res['torch']}.",
                 "", table(res), ""]
@@ -322,19 +388,19 @@ def section(parts: dict) -> str:
 def main():
     global N
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("gmm2", "gmm16"))
+    ap.add_argument("--part", choices=PARTS)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--only", default="", help="comma-separated row names")
     ap.add_argument("--redo", default="", help="comma-separated row names to drop and run again")
     ap.add_argument("--quick", action="store_true", help="200 steps and 1000 samples: a smoke run")
-    ap.add_argument("--table", choices=("gmm2", "gmm16"))
+    ap.add_argument("--table", choices=PARTS)
     ap.add_argument("--doc", help="write the section of this markdown file from the finished parts")
     a = ap.parse_args()
     if a.table:
         print(table(json.loads((OUT / f"paths_{a.table}.json").read_text())))
         return 0
     if a.doc:
-        parts = {p: json.loads((OUT / f"paths_{p}.json").read_text()) for p in ("gmm2", "gmm16")
+        parts = {p: json.loads((OUT / f"paths_{p}.json").read_text()) for p in PARTS
                  if (OUT / f"paths_{p}.json").is_file()}
         publish(section(parts), a.doc, HEADING)
         return 0
