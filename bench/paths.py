@@ -21,8 +21,9 @@ seed 0 and ``--steps`` (2000) loop steps per stage:
   1-rectified flow, round 2 its reflow on 20000 of its own ODE pairs), each with its one-step
   student (``--distill-steps``); "1-RF + student" is ``--rounds 1``.
 - FM: ``flow-matching`` on the linear path with the couplings independent (I-CFM, = 1-RF), ot
-  (exact minibatch OT, POT's ``ot.emd``) and sb (Sinkhorn, epsilon 1, its bridge noise), and the
-  independent coupling on the trig and VP paths.
+  (exact minibatch OT, POT's ``ot.emd``) and sb (Sinkhorn, epsilon 1, its bridge noise), each also
+  at seed 1 (the run-to-run noise the torchcfm rows are read against), and the independent
+  coupling on the trig and VP paths.
 - min-curvature (beta 10, the default, and beta 1): the learned coupling q(z | x0).
 - operator (DFNO): the exact teacher's 8-level trajectories (20000, Heun on the Karras grid at
   64 NFE), one evaluation.
@@ -104,6 +105,8 @@ def runs(spec: str, steps: int, net_teacher: str) -> dict:
                                 ("FM trig path", {"coupling": "independent", "path": "trig"}, True),
                                 ("FM vp path", {"coupling": "independent", "path": "vp"}, True)):
         out[name] = ("flow_matching", {**fm, **extra}, "", target)
+        if name.split(" ")[1] in ("independent", "ot", "sb"):  # a second seed: the run-to-run noise
+            out[f"{name}, seed 1"] = ("flow_matching", {**fm, **extra, "seed": 1}, "", target)
     out["min-curvature (beta 10)"] = ("min_curvature", {"data": spec, **net, "steps": steps}, "", False)
     out["min-curvature (beta 1)"] = ("min_curvature", {"data": spec, **net, "steps": steps, "beta": 1.0}, "", False)
     exact = spec.startswith("gmm:")
@@ -257,7 +260,7 @@ def run_once(method: str, opts: dict, folder: Path) -> tuple:
     if (run_dir / "model.json").is_file() and stamp.is_file():
         return str(run_dir), json.loads(stamp.read_text())["seconds"]
     t0 = time.time()
-    out = distill(method, {**opts, "device": "cpu", "seed": 0}, str(run_dir), progress=False,
+    out = distill(method, {"seed": 0, **opts, "device": "cpu"}, str(run_dir), progress=False,
                   resume=run_dir.exists())
     stamp.write_text(json.dumps({"seconds": time.time() - t0}))
     return out, time.time() - t0
