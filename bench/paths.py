@@ -41,8 +41,9 @@ Measured per row from the same x_T (4000 samples): energy distance and sliced-W2
 samples at 1, 2 and 4 NFE of the model's own rule; RMS against the exact flow map from that x_T
 for the rows whose target is that map (1-RF, FM independent on every path, torchcfm I-CFM,
 reflow's rounds and students, the operator); S(Z), Liu et al.'s straightness of the model's own
-ODE path (64 Euler steps uniform in t, velocities of the linear path, so the rows compare; 0 for
-a flow whose denoiser output is constant along each path, where one DDIM step is exact); teacher
+ODE path (64 Euler steps uniform in t, in its own path's x and t: the linear path for all rows but
+FM's trig and VP ones, whose S(Z) is on their own curved interpolant and so not comparable with the
+others; 0 for a straight flow, where one Euler step is exact); teacher
 evaluations (network or exact-mixture calls made to build the targets: the teacher's for operator
 and the trained teacher's rows, the previous round's for 2-RF and the students) and wall seconds
 (the whole run, its own evaluation included; the rows of one run share it; torchcfm rows: training). The
@@ -216,10 +217,11 @@ def train_torchcfm(name: str, reference, part, steps: int, seed: int = 0) -> tup
 
 
 def straightness(model, z: torch.Tensor) -> float:
+    """Liu et al.'s S(Z) on the model's own path and time (64 Euler steps uniform in its t, within its
+    own sigma range): the linear path for every row but FM's trig and VP ones."""
     from fewstep.methods.common import flow_straightness
-    from fewstep.process import LinearFlow
 
-    return flow_straightness(model.denoiser, LinearFlow(), z.to(model.dtype))
+    return flow_straightness(model.denoiser, model.process, z.to(model.dtype))
 
 
 def measure(model, part: Part, z, target: bool, flow: bool, nfes=NFES) -> dict:
