@@ -360,7 +360,10 @@ def table(result: dict) -> str:
 
     for name, m in result.get("references", {}).items():
         line(f"*{name}*", m)
-    for name, r in result["rows"].items():
+    order = list(runs("gmm:-", 1, "-"))
+    at = order.index("FM sb (SB-CFM), seed 1") + 1
+    order[at:at] = list(TORCHCFM)  # the peers beside our couplings
+    for name, r in sorted(result["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         if "before" in r:
             line(f"{name.split(' T')[0]} teacher before tuning, T'={name.split('=')[-1]}", r["before"])
         line(name, r, f"{r['teacher_evals']:.3g}", r["wall_seconds"])
@@ -376,6 +379,45 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+READING = """Runs: 2026-12-04 18:47-20:35, the 2-core development VM (Intel Xeon), 1 torch thread, beside one or two other
+jobs (wall seconds are upper bounds); bench/paths.py of commits 731d703-f51886f, whose measuring code differs only
+in S(Z) on each model's own path (the trig and VP rows were measured again with it) and the seed-1 rows.
+
+**Reading** (the claims of the papers, confirmed or not):
+
+- *OT couplings straighten paths at no teacher cost*: **confirmed.** S(Z) falls from 1.34 (ring) / 3.79 (d = 16)
+  with the independent coupling to 0.0028 / 0.31 with minibatch OT (0.028-0.051 / 0.38-0.39 with the Sinkhorn
+  plan), and the 1-step energy distance from 1.29-1.31 / 1.90-1.92 to 0.0012-0.0030 / 0.033, with 0 teacher
+  evaluations. At d = 16 a distilled student still beats them at 1 step (1-RF + student -0.0002, 2-RF 0.0016,
+  at 1.3-2.6e6 evaluations of the 1-RF flow).
+- *Min-curvature lowers curvature against the independent coupling*: **confirmed**, modestly at the default
+  beta 10 (S(Z) 0.87 vs 1.34 ring, 2.83 vs 3.79 d = 16; 1-step ED 0.93 / 1.35), strongly at beta 1 (0.087 /
+  0.87; 1-step ED 0.050 / 0.105). Minibatch OT straightens more (0.0028 / 0.31) without an encoder.
+- *SFT and MMD fine-tuning improve the teacher's 2-4-step samples over its untuned ones*: **confirmed for both**,
+  same rule, same noise. MMD-DDM: T' = 2 1.25 -> 0.0029 (ring), 1.68 -> 0.0091 (d = 16); T' = 4 0.108 -> 0.0008,
+  0.153 -> 0.0052. SFT-PG: T' = 2 1.25 -> 0.027, 1.69 -> 1.15; T' = 4 0.159 -> 0.012, 0.244 -> 0.139: smaller
+  gains at d = 16 at this budget (its policy gradient has a WGAN critic to learn; MMD has an exact kernel loss).
+- *torchcfm beside ours* (same net, steps, batch, loop defaults; two seeds of ours give the run-to-run spread):
+  I-CFM 1-step ED ours 1.285 / 1.309 vs torchcfm 1.336 (ring), 1.901 / 1.921 vs 1.877 (d = 16); 4 steps 0.0197 /
+  0.0200 vs 0.0183, 0.038 / 0.041 vs 0.034: at or just outside our two-seed spread. OT-CFM ring 0.0030 / 0.0012
+  vs 0.0024 (within); d = 16 0.0333 / 0.0336 vs 0.0256 at 1 step (torchcfm better by 25%, outside the spread of
+  two seeds), equal at 4 steps (0.0027 / 0.0019 vs 0.0018) and in S(Z) (0.31 / 0.32 vs 0.31). SB-CFM ring 0.0105 /
+  0.0072 vs 0.0127, d = 16 0.0249 / 0.0228 vs 0.0378 (ours better), S(Z) 0.38-0.39 vs 0.46. Read: the same
+  method within about the noise at 2-4 steps; the 1-step OT gap at d = 16 may be our one documented deviation
+  (the batch paired by the exact plan's permutation, torchcfm draws pairs from that plan with replacement) or
+  noise that two seeds cannot resolve; not settled here.
+- *Reflow*: 2-RF straightens to S(Z) 0.0001 / 0.008 (1-step ED 0.0010 / 0.0016) at 2.56e6 evaluations of the
+  1-RF flow; its RMS against the exact map (0.059 / 0.175) is the 1-RF's own error, the map it reflows.
+- *Operator (DFNO)*: at 1 NFE at the floor (ED 0.0006 / -0.0009) with RMS against the exact flow map 0.021 /
+  0.110, the lowest RMS of any 1-NFE row here, for 1.26e6 exact-teacher evaluations (20000 trajectories).
+- The trig and VP interpolants bring nothing over the linear one at this budget (VP is worse at 2 steps: 0.65
+  vs 0.15 on the ring; its noise end is reached only approximately, alpha(1) = 0.0066). The ideal
+  independent-coupling flow at 1 Euler step collapses to the data mean (ED 1.44 / 2.30); the trained 1-RF rows
+  are a little better at 1 step only because their velocity errors near t = 1 spread the samples.
+- Not run at this budget: the moons and digits parts (`--part moons|digits`; a 200-step smoke run of digits
+  passed through every row)."""
+
+
 def section(parts: dict) -> str:
     titles = {"gmm2": "Exact teacher, 2-D ring of 8 (`GaussianMixture.ring(8, radius 2, std 0.25)`)",
               "gmm16": "Exact teacher, d = 16 (`GaussianMixture.random(k=4, dim=16, seed=3)`)",
@@ -387,7 +429,7 @@ def section(parts: dict) -> str:
     for part, res in parts.items():
         out += [f"### {titles[part]}, `--steps {res['steps']}`", "", f"Machine: {res['machine']}, torch {res['torch']}.",
                 "", table(res), ""]
-    return "\n".join(out)
+    return "\n".join(out + [READING, ""])
 
 
 def main():
