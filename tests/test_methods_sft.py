@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _exact import SMALL_MLP
+from _refusals import one_line, refused_leaving_no_folder
 from _resume import full_and_resumed, same_weights
 from fewstep.errors import UserError
 from fewstep.methods import distill, resolve
@@ -177,11 +178,6 @@ def test_interrupted_run_resumes_identically(estimator, ring_teacher, tmp_path, 
 
 
 # ------------------------------------------------------------------ bad input
-def _one_line(e):
-    assert "\n" not in str(e.value), str(e.value)
-    return str(e.value)
-
-
 @pytest.mark.parametrize("key, value, needle", [
     ("timesteps", 0, "--timesteps"), ("grid", "zigzag", "--grid"), ("variance", "huge", "--variance"),
     ("estimator", "reinforce", "--estimator"), ("n_critic", 0, "--n-critic"), ("gp", -1.0, "--gp"),
@@ -190,7 +186,7 @@ def _one_line(e):
 def test_bad_options_are_one_line(key, value, needle):
     with pytest.raises(UserError) as e:
         resolve("sft", {"teacher": "gmm:x.npz", key: value})
-    assert needle in _one_line(e)
+    assert needle in one_line(e)
 
 
 def test_bad_teachers_and_rules_are_one_line_and_leave_no_folder(spec, ring_teacher, tmp_path):
@@ -198,12 +194,7 @@ def test_bad_teachers_and_rules_are_one_line_and_leave_no_folder(spec, ring_teac
              ({"teacher": ring_teacher, "net": {**SMALL_MLP, "hidden": 32}}, "--net"),
              ({"teacher": ring_teacher, "sigma_min": 100.0}, "--sigma-min"),
              ({"teacher": ring_teacher, "n_critic": 11}, "--n-critic")]
-    for i, (over, needle) in enumerate(cases):
-        out = tmp_path / f"r{i}"
-        with pytest.raises(UserError) as e:
-            distill("sft", {"steps": 10, "device": "cpu", **over}, str(out), progress=False)
-        assert needle in _one_line(e), (needle, str(e.value))
-        assert not out.exists(), over
+    refused_leaving_no_folder("sft", {"steps": 10, "device": "cpu"}, cases, tmp_path)
 
 
 def test_the_command_line_runs(ring_teacher, tmp_path):
