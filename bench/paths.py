@@ -379,7 +379,7 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-READING = """Runs: 2026-12-04 18:47-20:35, the 2-core development VM (Intel Xeon), 1 torch thread, beside one or two other
+READING = """Runs (gmm2, gmm16): 2026-12-04 18:47-20:35, the 2-core development VM (Intel Xeon), 1 torch thread, beside one or two other
 jobs (wall seconds are upper bounds); bench/paths.py of commits 731d703-f51886f, whose measuring code differs only
 in S(Z) on each model's own path (the trig and VP rows were measured again with it) and the seed-1 rows.
 
@@ -414,8 +414,13 @@ in S(Z) on each model's own path (the trig and VP rows were measured again with 
   vs 0.15 on the ring; its noise end is reached only approximately, alpha(1) = 0.0066). The ideal
   independent-coupling flow at 1 Euler step collapses to the data mean (ED 1.44 / 2.30); the trained 1-RF rows
   are a little better at 1 step only because their velocity errors near t = 1 spread the samples.
-- Not run at this budget: the moons and digits parts (`--part moons|digits`; a 200-step smoke run of digits
-  passed through every row)."""
+- Moons (`--part moons --steps 500`, a quarter of the mixtures' budget, 2026-12-04 21:00, 2 threads, the machine
+  otherwise idle, commit d957b84): the same picture. OT straightens at no teacher cost (S(Z) 0.54 -> 0.0018-0.0020,
+  1-step ED 0.44 -> 0.0022-0.0024); min-curvature lowers S(Z) to 0.39 (beta 10) / 0.049 (beta 1); MMD-DDM
+  0.67 -> 0.0013 (T' = 2), 0.159 -> 0.0007 (T' = 4); SFT-PG gains little at 500 steps (0.67 -> 0.53, 0.23 -> 0.22);
+  torchcfm within our two-seed spread or next to it (I-CFM 0.444 vs 0.444 / 0.440; OT-CFM 0.0020 vs 0.0024 /
+  0.0022; SB-CFM 0.0065 vs 0.0058 / 0.0058 at 1 step).
+- Not run: the digits part (`--part digits`; a 200-step smoke run passed through every row, FD included)."""
 
 
 def section(parts: dict) -> str:
