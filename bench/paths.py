@@ -59,7 +59,6 @@ import json
 import math
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -249,7 +248,7 @@ def net_teacher(spec: str, folder: Path, result: dict, steps: int = TEACHER_STEP
         net = {"net": DIGITS_NET} if spec == "digits" else {}
         train_teacher({"data": spec, **net, "steps": steps, "device": "cpu", "seed": 0}, str(tdir), progress=False,
                       evaluate=False, resume=tdir.exists())
-        result["net_teacher_seconds"] = time.time() - t0
+        result["net_teacher_seconds"], result["net_teacher_steps"] = time.time() - t0, steps
     return str(tdir)
 
 
@@ -375,7 +374,7 @@ def table(result: dict) -> str:
                  + (f", FD {floor['fd']:.2f}" if "fd" in floor else "") + ".")
     if "net_teacher_seconds" in result:
         lines.append(f"Network teacher (SFT, MMD-DDM{'' if result['part'] in EXACT else ', operator'}): `fewstep "
-                     f"train --data {result['part']} --steps {TEACHER_STEPS}`, {result['net_teacher_seconds']:.0f} s.")
+                     f"train --data {result['part']} --steps {result.get('net_teacher_steps', TEACHER_STEPS)}`, {result['net_teacher_seconds']:.0f} s.")
     return "\n".join(lines)
 
 

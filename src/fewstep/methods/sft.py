@@ -142,12 +142,6 @@ def check_options(cfg: dict) -> None:
 
 
 # ------------------------------------------------------------------------ the chain
-def chain_grid(name: str, steps: int, teacher, sigma_min: Optional[float] = None) -> list:
-    """The T'-step grid (T' + 1 levels, ending at 0) of the teacher's range, from ``sigma_min``
-    (default the teacher's) for the sigma-range grids (:func:`~fewstep.methods.common.fixed_grid`)."""
-    return fixed_grid(name, steps, teacher, sigma_min)
-
-
 def transition_plan(grid: Sequence[float], variance: str = "small") -> list:
     """[(s_i, s_{i+1}, d_i, u_i)] of the T'-step chain: the mean's noise coefficient d_i and the
     noise std u_i, exactly those of the registered ``ddpm`` sampler (u = 0 on the step to 0)."""
@@ -333,7 +327,7 @@ def stages(job):
     teacher, net_cfg, state = fine_tuned_teacher(cfg, job.device, KINDS, "sft")
     cond = conditioning(cfg, teacher)  # unconditional (checked): no labels, recorded in model.json
     T = int(cfg["timesteps"])
-    grid = chain_grid(cfg["grid"], T, teacher, cfg["sigma_min"])
+    grid = fixed_grid(cfg["grid"], T, teacher, cfg["sigma_min"])
     plan_ = transition_plan(grid, cfg["variance"])
     K = stochastic_steps(plan_)
     data = training_data(cfg, teacher)
