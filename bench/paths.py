@@ -22,8 +22,9 @@ seed 0 and ``--steps`` (2000) loop steps per stage:
   student (``--distill-steps``); "1-RF + student" is ``--rounds 1``.
 - FM: ``flow-matching`` on the linear path with the couplings independent (I-CFM, = 1-RF), ot
   (exact minibatch OT, POT's ``ot.emd``) and sb (Sinkhorn, epsilon 1, its bridge noise), each also
-  at seed 1 (the run-to-run noise the torchcfm rows are read against), and the independent
-  coupling on the trig and VP paths.
+  at seeds 1 and 2 (the run-to-run noise the torchcfm rows are read against); ot also with
+  ``--ot-pairs sample`` (pairs drawn with replacement from the exact plan, torchcfm's OT-CFM draw)
+  at seeds 0 and 1; and the independent coupling on the trig and VP paths.
 - min-curvature (beta 10, the default, and beta 1): the learned coupling q(z | x0).
 - operator (DFNO): the exact teacher's 8-level trajectories (20000, Heun on the Karras grid at
   64 NFE), one evaluation.
@@ -35,7 +36,8 @@ seed 0 and ``--steps`` (2000) loop steps per stage:
   SchrodingerBridgeConditionalFlowMatcher (SB-CFM, sigma = sqrt(epsilon / 2) = 0.707, the same
   plan as ours) make (t, x_t, u_t); the same net, AdamW, learning rate, warm-up, clip, EMA, batch
   and steps as our loop's defaults train on them, and the net is sampled as a fewstep flow model
-  with FM's own rule (Euler, uniform in t) from the same noise, so only the training targets differ.
+  with FM's own rule (Euler, uniform in t) from the same noise, so only the training targets differ;
+  seeds 0, 1 and 2 (the seed of the net's initialisation and of every draw).
 
 Measured per row from the same x_T (4000 samples): energy distance and sliced-W2 to 4000 exact
 samples at 1, 2 and 4 NFE of the model's own rule; RMS against the exact flow map from that x_T
@@ -63,6 +65,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,6 +82,8 @@ OUT = Path(__file__).resolve().parent / "out"
 HEADING = "## Path methods side by side (issue 15)"
 TEACHER_STEPS = 4000
 SB_EPSILON = 1.0
+SEEDS = (0, 1, 2)  # our three couplings and the torchcfm peers: the run-to-run spread
+OT_SAMPLE = "FM ot, pairs drawn from the plan"
 EXACT = ("gmm2", "gmm16")
 PARTS = EXACT + ("moons", "digits")
 
@@ -105,8 +110,14 @@ def runs(spec: str, steps: int, net_teacher: str) -> dict:
                                 ("FM trig path", {"coupling": "independent", "path": "trig"}, True),
                                 ("FM vp path", {"coupling": "independent", "path": "vp"}, True)):
         out[name] = ("flow_matching", {**fm, **extra}, "", target)
-        if name.split(" ")[1] in ("independent", "ot", "sb"):  # a second seed: the run-to-run noise
-            out[f"{name}, seed 1"] = ("flow_matching", {**fm, **extra, "seed": 1}, "", target)
+        if name.split(" ")[1] in ("independent", "ot", "sb"):  # more seeds: the run-to-run noise
+            for seed in SEEDS[1:]:
+                out[f"{name}, seed {seed}"] = ("flow_matching", {**fm, **extra, "seed": seed}, "", target)
+        if name.startswith("FM ot"):  # torchcfm's draw of the pairs from the same exact plan
+            for seed in SEEDS[:2]:
+                out[OT_SAMPLE + (f", seed {seed}" if seed else "")] = (
+                    "flow_matching", {**fm, **extra, "ot_pairs": "sample", **({"seed": seed} if seed else {})}, "",
+                    target)
     out["min-curvature (beta 10)"] = ("min_curvature", {"data": spec, **net, "steps": steps}, "", False)
     out["min-curvature (beta 1)"] = ("min_curvature", {"data": spec, **net, "steps": steps, "beta": 1.0}, "", False)
     exact = spec.startswith("gmm:")
@@ -191,7 +202,8 @@ def train_torchcfm(name: str, reference, part, steps: int, seed: int = 0) -> tup
 
     cls, kw, _ = TORCHCFM[name]
     matcher = getattr(cfm, cls)(**kw)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # torchcfm draws t and the noise of x_t from torch's global generator
+    np.random.seed(seed)  # and its plan's pairs from numpy's
     net = build_net(reference.meta["net"])
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
@@ -298,7 +310,8 @@ def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT, quick: b
         print(json.dumps({"row": name, "wall_seconds": round(wall), **row["nfe"]}), flush=True)
         out_dir.mkdir(exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
-    for name in TORCHCFM:
+    for base, seed in ((b, sd) for b in TORCHCFM for sd in SEEDS):
+        name = base + (f", seed {seed}" if seed else "")
         if (only and name not in only) or name in rows:
             continue
         try:
@@ -308,11 +321,12 @@ def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT, quick: b
             continue
         method, opts, _, _ = runs(spec, steps, teacher_run)[REFERENCE]
         reference = load(run_once(method, opts, folder)[0], device="cpu")
-        net, wall = train_torchcfm(name, reference, data, steps)
+        net, wall = train_torchcfm(base, reference, data, steps, seed)
         model = copy.copy(reference)
         model.denoiser = VelocityDenoiser(net)
-        rows[name] = {"method": "torchcfm", "options": {"matcher": TORCHCFM[name][0], **TORCHCFM[name][1]},
-                      "wall_seconds": wall, "teacher_evals": 0, **measure(model, data, z, TORCHCFM[name][2], True)}
+        rows[name] = {"method": "torchcfm", "options": {"matcher": TORCHCFM[base][0], **TORCHCFM[base][1],
+                                                        **({"seed": seed} if seed else {})},
+                      "wall_seconds": wall, "teacher_evals": 0, **measure(model, data, z, TORCHCFM[base][2], True)}
         print(json.dumps({"row": name, "wall_seconds": round(wall), **rows[name]["nfe"]}), flush=True)
         path.write_text(json.dumps(result, indent=1))
     if "references" not in result:
@@ -360,8 +374,8 @@ def table(result: dict) -> str:
     for name, m in result.get("references", {}).items():
         line(f"*{name}*", m)
     order = list(runs("gmm:-", 1, "-"))
-    at = order.index("FM sb (SB-CFM), seed 1") + 1
-    order[at:at] = list(TORCHCFM)  # the peers beside our couplings
+    at = order.index(f"FM sb (SB-CFM), seed {SEEDS[-1]}") + 1
+    order[at:at] = [b + (f", seed {sd}" if sd else "") for b in TORCHCFM for sd in SEEDS]  # the peers beside ours
     for name, r in sorted(result["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         if "before" in r:
             line(f"{name.split(' T')[0]} teacher before tuning, T'={name.split('=')[-1]}", r["before"])

@@ -90,6 +90,15 @@ def test_ot_coupling_is_a_permutation_and_shortens_the_pairs():
     swapped = perm.clone()
     swapped[[0, 1]] = swapped[[1, 0]]
     assert mean_pair_distance(x0, x1[perm]) <= mean_pair_distance(x0, x1[swapped]) + 1e-12
+    # --ot-pairs sample (torchcfm's OT-CFM): B draws with replacement from the same plan: every pair is a
+    # plan pair, reproducible from the generator; the distinct count of B draws from B equal atoms has mean
+    # B (1 - (1 - 1/B)^B) = 162.0 and sd 5.0 at B = 256 (the occupancy variance): 4 sd either side
+    a, b = couple("ot", x0, x1, torch.Generator().manual_seed(0), ot_pairs="sample")
+    a2, b2 = couple("ot", x0, x1, torch.Generator().manual_seed(0), ot_pairs="sample")
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    rows = [int((x0 == r).all(1).nonzero()[0]) for r in a]
+    assert torch.equal(b, x1[perm[rows]])
+    assert 142 <= len(set(rows)) <= 182
 
 
 def test_sinkhorn_plan_between_independent_and_ot():
@@ -150,7 +159,7 @@ def test_ot_coupling_straightens_the_ring_flow(tmp_path, ring_spec):
     meta = model.meta
     assert (meta["process"]["kind"], meta["prediction"], meta["default_sampler"]) == ("flow", "flow", "euler")
     assert meta["interpolant"] == {"path": "linear", "gamma": 0.0, "coupling": "ot", "sb_epsilon": None,
-                                   "ode_only": False}
+                                   "ot_pairs": "permutation", "ode_only": False}
     z = torch.randn(200, 2, generator=torch.Generator().manual_seed(1))
     x_rule = model.sample(200, 2, x=model.sigma_max * z)[0]
     x_dpm = model.sample(200, 8, sampler="dpmpp_2m", x=model.sigma_max * z)[0]
@@ -161,7 +170,9 @@ def test_bad_options_are_one_line(ring_spec):
     base = {"data": ring_spec, "net": NET}
     for bad, word in (({"path": "spiral"}, "--path"), ({"sb_epsilon": -1.0}, "--sb-epsilon"),
                       ({"sb_epsilon": 0.0}, "--sb-epsilon"), ({"gamma": -0.1}, "--gamma"),
-                      ({"coupling": "best"}, "--coupling"), ({"coupling": "teacher"}, "--teacher")):
+                      ({"coupling": "best"}, "--coupling"), ({"coupling": "teacher"}, "--teacher"),
+                      ({"ot_pairs": "greedy", "coupling": "ot"}, "--ot-pairs"),
+                      ({"ot_pairs": "sample", "coupling": "sb"}, "--ot-pairs"), ({"ot_pairs": "sample"}, "--ot-pairs")):
         with pytest.raises(UserError) as e:
             resolve("flow_matching", {**base, **bad})
         assert word in str(e.value) and "\n" not in str(e.value), str(e.value)

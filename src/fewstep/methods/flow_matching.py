@@ -49,7 +49,9 @@ Couplings (``--coupling``), the pairs (x0, x1) of a batch, all drawn from the st
                  any fewstep teacher and sampler, as reflow's round 1
     ot           minibatch OT (Pooladian et al. 2023; Tong et al. 2024's OT-CFM): the exact
                  assignment of the batch's data to its noise with squared Euclidean cost
-                 (POT's ``ot.emd``), a permutation, deterministic given the batch
+                 (POT's ``ot.emd``), a permutation, deterministic given the batch;
+                 ``--ot-pairs sample`` draws B pairs with replacement from that plan
+                 instead, as torchcfm's OT-CFM does (some samples twice, ~37 % not at all)
     sb           entropic OT (Tong et al. 2024's SB-CFM): pairs drawn with replacement from the
                  Sinkhorn plan pi ~ exp(-|x0 - x1|^2 / epsilon) (POT's ``ot.sinkhorn``, reg =
                  ``--sb-epsilon``, the cost in the data's units, not normalised), with the
@@ -67,8 +69,9 @@ u_t - v(x_t, t)||^2 on the coupling (t at 16 midpoints) and ``flow_straightness`
 S(Z) on the flow's own 64-step Euler path in t (on the linear path with gamma = 0 both are
 reflow's :func:`~fewstep.methods.reflow.coupling_straightness` / ``flow_straightness``).
 
-Deviations: OT-CFM's code draws B pairs with replacement from the exact plan; here the batch is
-paired by the plan's permutation itself (every sample used once; the same plan). The sb noise
+Deviations: OT-CFM's code draws B pairs with replacement from the exact plan; here the default
+pairs the batch by the plan's permutation itself (every sample used once; the same plan), and
+``--ot-pairs sample`` is OT-CFM's draw. The sb noise
 uses epsilon / 2 as stated above. Only unconditional runs (a class label would be permuted away
 by the OT couplings). The net starts fresh (no teacher weights).
 """
@@ -92,6 +95,7 @@ from .pairs import make_pairs, pair_spec
 
 PATHS = ("linear", "trig", "vp")
 COUPLINGS = ("independent", "teacher", "ot", "sb")
+OT_PAIRS = ("permutation", "sample")
 
 OPTIONS = (
     Option("path", str, "linear", "interpolant x_t = alpha x0 + beta x1: linear (1-t, t), trig (cos, sin of "
@@ -101,6 +105,9 @@ OPTIONS = (
            none="teacher when --teacher is given, else independent", example="ot"),
     Option("gamma", float, None, "noise gamma(t) = a sqrt(t (1 - t)) added to the interpolant: a >= 0",
            low=0.0, none="0; the Brownian bridge's sqrt(sb_epsilon / 2) with --coupling sb", example=0.1),
+    Option("ot_pairs", str, "permutation", "how the ot coupling pairs a batch: permutation (the exact plan's own "
+           "pairs, each sample once) or sample (B draws with replacement from that plan, torchcfm's OT-CFM)",
+           choices=OT_PAIRS),
     Option("sb_epsilon", float, 1.0, "entropic regularisation of the sb coupling's Sinkhorn plan, in squared data "
            "units (default 1.0)", low=0.0, above=True),
     *COUPLING_PAIR_OPTIONS,
@@ -165,14 +172,19 @@ def _cost(x0: Tensor, x1: Tensor):
     return (torch.cdist(x0.flatten(1).double(), x1.flatten(1).double()) ** 2).cpu().numpy()
 
 
-def ot_assignment(x0: Tensor, x1: Tensor) -> Tensor:
-    """perm with x1[perm[i]] paired to x0[i]: the exact OT plan of the two uniform batches under
-    squared Euclidean cost (``ot.emd``, a vertex of the Birkhoff polytope: a permutation)."""
+def ot_plan(x0: Tensor, x1: Tensor) -> Tensor:
+    """The exact OT plan [n, n] (sums to 1) of the two uniform batches under squared Euclidean
+    cost (``ot.emd``: a vertex of the Birkhoff polytope, a permutation matrix / n)."""
     import ot
 
     n = len(x0)
-    plan = ot.emd(ot.unif(n), ot.unif(n), _cost(x0, x1))
-    perm = torch.as_tensor(plan.argmax(1))
+    return torch.as_tensor(ot.emd(ot.unif(n), ot.unif(n), _cost(x0, x1)), dtype=torch.float64)
+
+
+def ot_assignment(x0: Tensor, x1: Tensor) -> Tensor:
+    """perm with x1[perm[i]] paired to x0[i]: the permutation of :func:`ot_plan`."""
+    n = len(x0)
+    perm = ot_plan(x0, x1).argmax(1)
     if len(torch.unique(perm)) != n:  # a degenerate (tied) plan: pair by the assignment solver
         from scipy.optimize import linear_sum_assignment
 
@@ -198,15 +210,23 @@ def sinkhorn_plan(x0: Tensor, x1: Tensor, epsilon: float) -> Tensor:
     return plan / plan.sum()
 
 
-def couple(kind: str, x0: Tensor, x1: Tensor, gen: torch.Generator, epsilon: float = 1.0):
-    """The batch's pairs: as drawn (independent), the OT permutation (ot) or B draws with
-    replacement from the Sinkhorn plan (sb)."""
+def draw_from_plan(plan: Tensor, x0: Tensor, x1: Tensor, gen: torch.Generator):
+    """len(x0) pairs (x0_i, x1_j) drawn with replacement with probability plan[i, j]."""
+    n = len(x0)
+    idx = torch.multinomial(plan.flatten(), n, replacement=True, generator=gen)
+    return x0[idx // n], x1[idx % n]
+
+
+def couple(kind: str, x0: Tensor, x1: Tensor, gen: torch.Generator, epsilon: float = 1.0,
+           ot_pairs: str = "permutation"):
+    """The batch's pairs: as drawn (independent), the OT permutation (ot; with ``ot_pairs=
+    "sample"`` draws from the OT plan) or B draws with replacement from the Sinkhorn plan (sb)."""
     if kind == "ot":
+        if ot_pairs == "sample":
+            return draw_from_plan(ot_plan(x0, x1), x0, x1, gen)
         return x0, x1[ot_assignment(x0, x1)]
     if kind == "sb":
-        n = len(x0)
-        idx = torch.multinomial(sinkhorn_plan(x0, x1, epsilon).flatten(), n, replacement=True, generator=gen)
-        return x0[idx // n], x1[idx % n]
+        return draw_from_plan(sinkhorn_plan(x0, x1, epsilon), x0, x1, gen)
     return x0, x1
 
 
@@ -234,6 +254,9 @@ def check_options(cfg: dict) -> None:
     """The rules between options, before anything is written."""
     if cfg["coupling"] == "teacher" and not cfg["teacher"]:
         raise UserError("--coupling teacher needs --teacher (a run folder or gmm:FILE.npz)")
+    if cfg.get("ot_pairs", "permutation") != "permutation" and cfg["coupling"] != "ot":
+        raise UserError(f"--ot-pairs {cfg['ot_pairs']}: only the ot coupling has an exact plan to draw pairs from; "
+                        f"give --coupling ot or drop --ot-pairs")
 
 
 def gamma_of(cfg: dict, kind: str) -> float:
@@ -310,6 +333,7 @@ def stages(job):
         pair_spec(_pair_cfg(cfg, teacher), teacher)  # bad pair options fail before any work
     path, process = cfg["path"], path_process(cfg["path"])
     gamma, eps_sb = gamma_of(cfg, kind), float(cfg["sb_epsilon"])
+    ot_pairs = cfg.get("ot_pairs", "permutation")  # runs made before the option pair by the permutation
     net_cfg = net_config(cfg["net"], teacher if teacher is not None and not is_exact(teacher) else None,
                          data.shape, data.kind)
     gmm = reflow._mixture(cfg, teacher)  # the exact mixture behind the teacher or the data
@@ -333,7 +357,7 @@ def stages(job):
                 idx = torch.randint(0, len(x0_all), (n,), generator=gen)
                 return x0_all[idx], x1_all[idx]
             x0 = data.draw(n, gen)
-            return couple(kind, x0, torch.randn(x0.shape, generator=gen), gen, eps_sb)
+            return couple(kind, x0, torch.randn(x0.shape, generator=gen), gen, eps_sb, ot_pairs)
 
         def eval_pairs(n, gen):
             """n pairs as training sees them: batches of --batch-size (a minibatch plan's pairs)."""
@@ -365,6 +389,7 @@ def stages(job):
                                 process.sigma_max, sampling, cfg, cost=measures["cost"],
                                 interpolant={"path": path, "gamma": gamma, "coupling": kind,
                                              "sb_epsilon": eps_sb if kind == "sb" else None,
+                                             "ot_pairs": ot_pairs if kind == "ot" else None,
                                              "ode_only": bool(gamma)})
 
         return Plan(Task(student=net, draw=draw, loss=loss), describe)
