@@ -64,13 +64,13 @@ def _quiet(fn, *a, **kw):
         return fn(*a, **kw)
 
 
-def trained_teacher(name: str) -> str:
+def trained_teacher(name: str, steps: int = 3000) -> str:
     """A ``fewstep train`` run folder in bench/out/accel_runs (made once)."""
     from fewstep.train.teacher import train_teacher
 
-    folder = RUNS / f"teacher_{name}"
+    folder = RUNS / (f"teacher_{name}" + ("" if steps == 3000 else f"_{steps}"))
     if not (folder / "model.json").is_file():
-        cfg = {"data": name, "steps": 3000, "device": "cpu", "seed": 0}
+        cfg = {"data": name, "steps": steps, "device": "cpu", "seed": 0}
         if name == "digits":
             cfg["net"] = DIGITS_NET
         train_teacher(cfg, str(folder), progress=False, evaluate=False, resume=folder.exists())
@@ -267,6 +267,7 @@ def cfd_table(res: dict) -> str:
 
 # ------------------------------------------------------------------------ discriminator guidance
 DG_NFES = (8, 16, 32)
+WEAK_STEPS = 800  # a deliberately under-trained digits teacher (FD 17-32 where the 3000-step one is at the floor)
 DG_SAMPLERS = ("heun", "dpmpp_2m")
 
 
@@ -292,11 +293,12 @@ def run_dg(steps: int) -> dict:
     ref_ring = true.sample(N, generator=torch.Generator().manual_seed(7)).double()
     digits_ref, _ = digits_held()
     todo = {"ring 2:1": (f"gmm:{RUNS / 'ring_2to1.npz'}", f"gmm:{RUNS / 'ring.npz'}", ref_ring, "ED"),
-            "digits": (trained_teacher("digits"), "digits", digits_ref, "FD")}
+            "digits": (trained_teacher("digits"), "digits", digits_ref, "FD"),
+            f"digits, {WEAK_STEPS}-step teacher": (trained_teacher("digits", WEAK_STEPS), "digits", digits_ref, "FD")}
     for name, (spec, data, ref, kind) in todo.items():
         if name in res["cases"]:
             continue
-        folder = RUNS / f"dg_{name.split()[0]}"
+        folder = RUNS / ("dg_" + name.split()[0].strip(",") + ("" if "step teacher" not in name else f"_{WEAK_STEPS}"))
         t0 = time.time()
         if not (folder / "model.json").is_file():
             distill("discriminator", {"teacher": spec, "data": data, "steps": steps, "device": "cpu"}, out=str(folder),

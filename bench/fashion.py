@@ -223,7 +223,50 @@ def markdown(results: list) -> str:
                          + " | ".join(_f(r.get(c), 3 if c == "label_accuracy" else 2) for c in cols)
                          + f" | {_f(r.get('seconds'), 1)} |")
         lines.append("")
+    lines += checks(results)
     return "\n".join(lines) + "\n"
+
+
+def _fd(rows, kind, method, nfe):
+    for r in rows:
+        if r["kind"] == kind and r["method"] == method and r["nfe_used"] == nfe and r.get("fd") is not None:
+            return float(r["fd"])
+    return None
+
+
+def checks(results: list) -> list:
+    """The Done-when lines of issue 19 for each students table: every 1-step student against the
+    teacher's Euler at 1, 2 and 4 NFE (same run, same noise), and PD's 4-step student against the
+    teacher at 64 NFE (the teacher table of the same conditioning, every sampler's 64-NFE row)."""
+    out = []
+    for res in results:
+        if res.get("part") != "students":
+            continue
+        rows = res["rows"]
+        euler = {k: _fd(rows, "sampler", "euler", k) for k in STUDENT_NFE}
+        studs = sorted({r["method"] for r in rows if r["kind"] == "student"})
+        one = {m: _fd(rows, "student", m, 1) for m in studs}
+        kind = "class-conditional" if res["conditional"] else "unconditional"
+        if None in euler.values() or not any(v is not None for v in one.values()):
+            continue
+        beats = [m for m, v in one.items() if v is not None and v < min(euler.values())]
+        text = (f"Check ({kind}): 1-step students against the teacher's Euler at 1 / 2 / 4 NFE (FD "
+                + " / ".join(_f(euler[k], 1) for k in STUDENT_NFE) + "): "
+                + ", ".join(f"{m} {_f(v, 2)}" for m, v in one.items()) + f"; {len(beats)} of {len(one)} below all three"
+                + ("" if len(beats) == len(one) else f" (not: {', '.join(m for m in one if m not in beats)})") + ".")
+        teach = next((t for t in results if t.get("part") == "teacher" and t["conditional"] == res["conditional"]), None)
+        pd = next((m for m in studs if m.startswith("progressive")), None)
+        pd4 = _fd(rows, "student", pd, 4) if pd else None
+        if teach is not None and pd4 is not None:
+            at64 = {r["method"]: float(r["fd"]) for r in teach["rows"] if r["kind"] == "sampler" and r["nfe_used"] == 64}
+            best = min(at64, key=at64.get)
+            text += (f" PD's 4-step student {_f(pd4, 2)} against the teacher at 64 NFE: "
+                     + ", ".join(f"{m} {_f(v, 2)} ({pd4 / v:.2f}x)" for m, v in sorted(at64.items(), key=lambda kv: kv[1]))
+                     + f"; target within 1.5x of the best ({best}): {'met' if pd4 <= 1.5 * at64[best] else 'missed'}"
+                     + (f" (teacher table n = {teach['n']}, students n = {res['n']})" if teach["n"] != res["n"] else "")
+                     + ".")
+        out += [text, ""]
+    return out
 
 
 def main() -> None:
