@@ -5,6 +5,7 @@ docs/BENCHMARKS.md ("Covariance networks, discriminator guidance and CFD (issue 
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/accelerators.py --part cov-exact   # ring + d16 mixtures
     OMP_NUM_THREADS=1 .venv/bin/python bench/accelerators.py --part cov-trained # moons + 8x8 digits teachers
+    OMP_NUM_THREADS=1 .venv/bin/python bench/accelerators.py --part elbo        # the chain's bound, all four
     OMP_NUM_THREADS=1 .venv/bin/python bench/accelerators.py --part dg
     OMP_NUM_THREADS=1 .venv/bin/python bench/accelerators.py --part cfd
     .venv/bin/python bench/accelerators.py --table cov-exact   # the markdown of a finished part
@@ -208,6 +209,82 @@ def cov_table(res: dict) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------ ELBO
+def run_elbo(head_steps: int) -> dict:
+    """The DDPM chain's bound (``fewstep.metrics.likelihood.chain_elbo``) with each reverse
+    variance at NFE 10, 25, 50 on the Karras grid: the fixed small / large ones, Analytic-DPM's
+    scalar, the NPR and SN heads (the cov parts' runs, made here if absent) and, on the
+    mixtures, the exact posterior covariance; beside the exact NLL (mixtures) or the teacher's
+    probability-flow ODE NLL (trained teachers). Points in nats per dimension; digits in bits
+    per dimension of the dequantised data (bin 1/8)."""
+    from fewstep.metrics.likelihood import bits_per_dim, chain_elbo, dequantize, nll
+    from fewstep.report.bench import _bin_width
+    from fewstep.samplers.analytic_dpm import analytic_dpm_stats
+    from fewstep.grids import make_grid
+
+    res = _load("elbo") or {"part": "elbo", "machine": machine(), "head_steps": head_steps, "cases": {}}
+    every = {**cases("cov-exact"), **cases("cov-trained")}
+    for name, (spec, ref, kind, data) in every.items():
+        if name in res["cases"]:
+            continue
+        t0 = time.time()
+        model = load(spec, device="cpu")
+        hs = heads(spec, name, head_steps)
+        cov = {f: load_covariance(p, device="cpu") for f, p in hs.items()}
+        rng = dict(data_range=(-1.0, 1.0)) if model.kind == "image" else {}
+        bw = _bin_width("digits") if model.kind == "image" else None
+        x0 = ref.double() if bw is None else dequantize(ref.double(), bw)
+        x0 = x0.to(model.dtype)
+        d = x0[0].numel()
+
+        def per_dim(v):
+            return bits_per_dim(v, d, bw) if bw is not None else float(v.mean()) / d
+
+        variants = {"ddpm (small)": ("small", {}), "ddpm (large)": ("large", {}),
+                    "analytic-dpm (scalar)": ("analytic", rng), "NPR head": ("covariance", {"covariance": cov["npr"], **rng}),
+                    "SN head": ("covariance", {"covariance": cov["sn"], **rng})}
+        if spec.startswith("gmm:"):
+            g = model.denoiser
+            variants["exact Cov"] = ("covariance", {"covariance": lambda y, s, D, **c: g.posterior_variance(y, s)})
+            reference = {"exact NLL": per_dim(-g.log_prob(x0.double(), 0.0))}
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                v = nll(model.denoiser, x0, model.sigma_min, model.sigma_max, rtol=1e-5 if bw is None else 1e-4,
+                        atol=1e-5 if bw is None else 1e-4)
+            reference = {f"probability-flow ODE NLL (at sigma_min {model.sigma_min:g})": per_dim(v)}
+        table = {}
+        for k in NFES:
+            sig = make_grid("karras", k, model.sigma_min, model.sigma_max)
+            gam = analytic_dpm_stats(model.denoiser, data.to(model.dtype), sig[:-1], len(data), cache=False)
+            for label, (variance, opts) in variants.items():
+                v = chain_elbo(model.denoiser, x0, sig, variance, gamma=gam, generator=torch.Generator().manual_seed(5),
+                               **opts)
+                table.setdefault(label, {})[str(k)] = {"value": per_dim(v),
+                                                       "stderr": float(v.std() / math.sqrt(len(v))) / d
+                                                       / (math.log(2) if bw is not None else 1.0)}
+        print(name, {lab: {k: round(c["value"], 3) for k, c in row.items()} for lab, row in table.items()}, reference,
+              flush=True)
+        res["cases"][name] = {"unit": "bits/dim" if bw is not None else "nats/dim", "table": table,
+                              "reference": reference, "n": len(x0), "seconds": time.time() - t0}
+        _save("elbo", res)
+    return res
+
+
+def elbo_table(res: dict) -> str:
+    out = []
+    for name, c in res["cases"].items():
+        ref = "; ".join(f"{k} {v:.3f}" for k, v in c["reference"].items())
+        out += _header(f"**{name}** (-ELBO in {c['unit']}, {c['n']} held-out samples; {ref})", "reverse variance", NFES)
+        for label, row in c["table"].items():
+            out.append(f"| {label} | " + " | ".join(f"{row[str(k)]['value']:.3f} ± {row[str(k)]['stderr']:.3f}"
+                                                      for k in NFES) + " |")
+        out.append("")
+    m = res["machine"]
+    out.append(f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']}, {m['date']}, commit {m['commit']}.")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------ CFD
 def run_cfd(round_steps: int) -> dict:
     """PD and CFD on the digits teacher, same rounds (16 -> 8 -> 4 -> 2 -> 1) and budget; FD of
@@ -352,18 +429,20 @@ def dg_table(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("cov-exact", "cov-trained", "dg", "cfd"))
-    ap.add_argument("--table", choices=("cov-exact", "cov-trained", "dg", "cfd"))
+    ap.add_argument("--part", choices=("cov-exact", "cov-trained", "elbo", "dg", "cfd"))
+    ap.add_argument("--table", choices=("cov-exact", "cov-trained", "elbo", "dg", "cfd"))
     ap.add_argument("--head-steps", type=int, default=2000)
     ap.add_argument("--round-steps", type=int, default=600)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.table:
         res = _load(args.table)
-        print({"cfd": cfd_table, "dg": dg_table}.get(args.table, cov_table)(res))
+        print({"cfd": cfd_table, "dg": dg_table, "elbo": elbo_table}.get(args.table, cov_table)(res))
         return
     if args.part in ("cov-exact", "cov-trained"):
         print(cov_table(run_cov(args.part, args.head_steps)))
+    elif args.part == "elbo":
+        print(elbo_table(run_elbo(args.head_steps)))
     elif args.part == "cfd":
         print(cfd_table(run_cfd(args.round_steps)))
     elif args.part == "dg":

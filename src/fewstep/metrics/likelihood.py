@@ -153,3 +153,103 @@ def bits_per_dim(nll_nats: Tensor | float, dim: int, bin_width: Optional[float] 
             raise UserError(f"bits_per_dim: bin_width={bin_width} must be positive")
         v -= math.log(bin_width)
     return v / math.log(2)
+
+
+# ------------------------------------------------------------------- the chain's bound
+CHAIN_VARIANCES = ("small", "large", "analytic", "covariance")
+
+
+def _chain_variances(variance: str, sig: list, gamma, covariance, data_range):
+    """variance(i, y, den, cond) of the reverse Gaussian of step i (sig[i] -> sig[i+1]; the last,
+    to 0, is the decoder p(x0 | y_1)): a float or a per-dimension tensor."""
+    from fewstep.samplers._common import ancestral_levels
+
+    K = len(sig) - 1
+    post = [ancestral_levels(s, sn, 1.0)[1] ** 2 for s, sn in zip(sig[:-1], sig[1:])]  # beta_tilde / a_prev
+    if variance == "small":  # Ho et al.'s decoder: the posterior variance of the step before (their clip)
+        fixed = post[:-1] + [post[-2] if K > 1 else sig[-2] ** 2 / (1 + sig[-2] ** 2)]
+        return lambda i, y, den, cb: fixed[i]
+    if variance == "large":  # beta_t / a_prev of a VP process, a = 1 / (1 + s^2); beta_1 at the decoder
+        fixed = [(s**2 - sn**2) * (1 + sn**2) / (1 + s**2) for s, sn in zip(sig[:-1], sig[1:])]
+        return lambda i, y, den, cb: fixed[i]
+    if variance == "analytic":
+        from fewstep.samplers.analytic_dpm import _gamma_at, _variances
+
+        if gamma is None:
+            raise UserError("chain_elbo: variance='analytic' needs gamma= (analytic_dpm_stats at the chain's "
+                            "levels, or a {'sigmas', 'gamma'} table)")
+        fixed = [std**2 for _, std in _variances(sig, _gamma_at(gamma, sig[:-1]), 1.0, data_range, True)]
+        return lambda i, y, den, cb: fixed[i]
+    if variance == "covariance":
+        from fewstep.samplers.ancestral import optimal_std
+
+        if covariance is None:
+            raise UserError("chain_elbo: variance='covariance' needs covariance= (a head from load_covariance, "
+                            "or GaussianMixture.posterior_variance)")
+        levels = [ancestral_levels(s, sn, 1.0) for s, sn in zip(sig[:-1], sig[1:])]
+        return lambda i, y, den, cb: optimal_std(covariance, y, sig[i], den, *levels[i], data_range, cb).double() ** 2
+    raise UserError(f"chain_elbo: variance '{variance}' is not one of {', '.join(CHAIN_VARIANCES)}")
+
+
+@torch.no_grad()
+def chain_elbo(denoiser: Callable, x0: Tensor, sigmas, variance: str = "small", *, covariance=None, gamma=None,
+               data_range=None, prior_var: Optional[float] = None, batch_size: int = 1000,
+               generator: Optional[torch.Generator] = None, **cond) -> Tensor:
+    """-ELBO in nats per sample of ``x0`` [n, ...] under the K-step DDPM chain on ``sigmas``
+    (descending, ending at 0), float64 [n]: the variational bound of Ho et al. 2020 (eq. 5)
+    that Analytic-DPM and its covariance extension (Bao et al. 2022a, their NLL tables) report,
+    in sigma-space (y = x0 + sigma eps; every KL is invariant under the per-level scaling of
+    a VP process):
+
+        -ELBO = KL(q(y_K | x0) || N(0, prior_var))
+                + sum_{k = K..2} KL(q(y_{k-1} | y_k, x0) || p(y_{k-1} | y_k))
+                - log p(x0 | y_1),
+
+    q(y_{k-1} | y_k, x0) = N(x0 + r (y_k - x0), s_{k-1}^2 (s_k^2 - s_{k-1}^2) / s_k^2), r =
+    s_{k-1}^2 / s_k^2; p the DDPM step of :func:`fewstep.samplers.ancestral.sample_ddpm`: mean
+    D + r (y_k - D) (D at y_k) and the reverse variance of ``variance``: ``small`` (the
+    posterior's; the decoder takes the step before's, as Ho et al.'s clipped log variance),
+    ``large`` (beta_t / a_prev), ``analytic`` (Analytic-DPM's optimal scalar, ``gamma`` =
+    :func:`~fewstep.samplers.analytic_dpm.analytic_dpm_stats` at ``sigmas[:-1]`` or a table;
+    its last step s_1^2 (1 - Gamma_1)) or ``covariance`` (the per-dimension optimum of a
+    learned or exact diag Cov[x0 | y], ``covariance(y, sigma, D) -> Cov``, the decoder's
+    variance Cov itself); ``data_range`` clips as the samplers do. The decoder p(x0 | y_1) is
+    the Gaussian N(D(y_1), var) (a density: for quantised data dequantise x0 first and read
+    bits/dim with :func:`bits_per_dim`). ``prior_var`` defaults to s_K^2, the start noise
+    of fewstep's samplers (a VP process's N(0, I) is 1 + s_K^2). Each term draws its own y_k ~
+    q(y_k | x0) (one draw per sample and level: an unbiased estimate; average over samples).
+    Costs K denoiser evaluations per sample (and K covariance evaluations).
+    """
+    x0 = torch.as_tensor(x0)
+    sig = [float(s) for s in torch.as_tensor(sigmas).flatten().tolist()]
+    if x0.ndim < 2 or len(x0) < 1:
+        raise UserError(f"chain_elbo: give a batch [n, ...] of samples, got shape {list(x0.shape)}")
+    if len(sig) < 2 or sig[-1] != 0 or min(sig[:-1]) <= 0 or any(a <= b for a, b in zip(sig[:-1], sig[1:])):
+        raise UserError(f"chain_elbo: the levels must be strictly descending and positive, ending at 0; got {sig}")
+    var_of = _chain_variances(variance, sig, gamma, covariance, data_range)
+    pv = float(prior_var) if prior_var is not None else sig[0] ** 2
+    if not pv > 0:
+        raise UserError(f"chain_elbo: prior_var={prior_var} must be positive")
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    out = []
+    for b0 in range(0, len(x0), int(batch_size)):
+        xb = x0[b0:b0 + int(batch_size)].double()
+        cb = {k: (v[b0:b0 + len(xb)] if torch.is_tensor(v) and v.ndim > 0 and len(v) == len(x0) else v)
+              for k, v in cond.items()}
+        sK = sig[0]
+        terms = 0.5 * (math.log(pv / sK**2) + (sK**2 + xb**2) / pv - 1.0)
+        total = terms.flatten(1).sum(1)
+        for i, (s, sn) in enumerate(zip(sig[:-1], sig[1:])):
+            z = torch.randn(xb.shape, generator=g, dtype=torch.float64, device=g.device).to(xb.device)
+            y = xb + s * z
+            den = denoiser(y.to(x0.dtype), torch.full((len(xb),), s, dtype=x0.dtype, device=xb.device), **cb).double()
+            var_p = torch.as_tensor(var_of(i, y.to(x0.dtype), den.to(x0.dtype), cb), dtype=torch.float64).to(xb.device)
+            if sn > 0:
+                var_q = sn**2 * (s**2 - sn**2) / s**2
+                diff2 = ((1.0 - sn**2 / s**2) * (xb - den)) ** 2
+                kl = 0.5 * (torch.log(var_p / var_q) + (var_q + diff2) / var_p - 1.0)
+            else:
+                kl = 0.5 * (torch.log(2 * math.pi * var_p) + (xb - den) ** 2 / var_p)
+            total = total + kl.expand_as(xb).flatten(1).sum(1)
+        out.append(total.cpu())
+    return torch.cat(out)
