@@ -459,6 +459,30 @@ def section(parts: dict) -> str:
     return "\n".join(out + [READING, ""])
 
 
+def all_rows() -> list:
+    return [*runs("gmm:-", 1, "-"), *(b + (f", seed {sd}" if sd else "") for b in TORCHCFM for sd in SEEDS),
+            *(b + (f", seed {sd}" if sd else "") for b in TORCHCFM_T for sd in SEEDS[:2])]
+
+
+def row_names(text: str) -> set:
+    """The rows named in a comma-separated list; names that hold commas themselves ("FM ot (OT-CFM),
+    seed 1") are matched whole. An unknown name stops the script."""
+    given = ",".join(t.strip() for t in text.split(",") if t.strip())
+    if not given:
+        return set()
+    known = sorted(all_rows(), key=len, reverse=True)
+    found, rest = set(), "," + given + ","
+    for name in known:
+        key = "," + ",".join(t.strip() for t in name.split(",")) + ","
+        if key in rest:
+            found.add(name)
+            rest = rest.replace(key, ",")
+    left = [t for t in rest.split(",") if t]
+    if left:
+        raise SystemExit(f"bench/paths.py: unknown rows {left}; rows are: {'; '.join(all_rows())}")
+    return found
+
+
 def main():
     global N
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -483,12 +507,12 @@ def main():
     steps = 200 if a.quick else a.steps
     if a.quick:
         N = 1000
-    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    only = row_names(a.only)
     if a.redo:
         path = OUT / f"paths_{a.part}{'_quick' if a.quick else ''}.json"
         res = json.loads(path.read_text())
-        for name in a.redo.split(","):
-            res["rows"].pop(name.strip(), None)
+        for name in row_names(a.redo):
+            res["rows"].pop(name, None)
         res.pop("references", None)
         path.write_text(json.dumps(res, indent=1))
     folder = OUT / "paths_runs" / (a.part + ("_quick" if a.quick else ""))
