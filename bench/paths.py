@@ -33,8 +33,9 @@ seed 0 and ``--steps`` (2000) loop steps per stage:
   rule (sampler, grid, noise) before tuning, at T' = 2 and 4.
 - torchcfm 1.0.7 (``pip install --no-deps torchcfm``; a peer, not a dependency): its
   ConditionalFlowMatcher (I-CFM), ExactOptimalTransportConditionalFlowMatcher (OT-CFM) and
-  SchrodingerBridgeConditionalFlowMatcher (SB-CFM, sigma = sqrt(epsilon / 2) = 0.707, the same
-  plan as ours) make (t, x_t, u_t); the same net, AdamW, learning rate, warm-up, clip, EMA, batch
+  SchrodingerBridgeConditionalFlowMatcher (SB-CFM, sigma = sqrt(epsilon / 2) = 0.707, with
+  ``ot_method="sinkhorn"``: the same plan as ours; and with its default ``"exact"``, which pairs by
+  the exact OT plan and adds the bridge noise) make (t, x_t, u_t); the same net, AdamW, learning rate, warm-up, clip, EMA, batch
   and steps as our loop's defaults train on them, and the net is sampled as a fewstep flow model
   with FM's own rule (Euler, uniform in t) from the same noise, so only the training targets differ;
   seeds 0, 1 and 2 (the seed of the net's initialisation and of every draw).
@@ -132,12 +133,12 @@ def runs(spec: str, steps: int, net_teacher: str) -> dict:
 
 TORCHCFM = {"torchcfm I-CFM": ("ConditionalFlowMatcher", {"sigma": 0.0}, True),
             "torchcfm OT-CFM": ("ExactOptimalTransportConditionalFlowMatcher", {"sigma": 0.0}, False),
-            "torchcfm SB-CFM": ("SchrodingerBridgeConditionalFlowMatcher", {"sigma": math.sqrt(SB_EPSILON / 2)}, False)}
-# torchcfm draws t in (0, 1), fewstep's linear flow in [t_min, t_max] = [0.001, 0.999]; the bridge's target
-# (1 - 2t) / (2 sqrt(t (1 - t))) gamma z has a variance that diverges like 1 / t at the ends: the same peer with
-# fewstep's range, to tell that from the rest of the method (seeds 0 and 1)
-T_RANGE = (0.001, 0.999)
-TORCHCFM_T = {"torchcfm SB-CFM, t in [0.001, 0.999]": "torchcfm SB-CFM"}
+            # the Sinkhorn plan of our sb coupling (torchcfm's reg = 2 sigma^2 = epsilon)
+            "torchcfm SB-CFM": ("SchrodingerBridgeConditionalFlowMatcher",
+                                {"sigma": math.sqrt(SB_EPSILON / 2), "ot_method": "sinkhorn"}, False),
+            # torchcfm's default SB-CFM pairs by the exact OT plan and adds the bridge noise
+            "torchcfm SB-CFM (exact plan, its default)": ("SchrodingerBridgeConditionalFlowMatcher",
+                                                          {"sigma": math.sqrt(SB_EPSILON / 2)}, False)}
 REFERENCE = "FM independent (I-CFM)"  # the fewstep model whose rule, net and process the torchcfm nets borrow
 
 
@@ -198,7 +199,7 @@ class Part:
         return out
 
 
-def train_torchcfm(name: str, reference, part, steps: int, seed: int = 0, t_range=None) -> tuple:
+def train_torchcfm(name: str, reference, part, steps: int, seed: int = 0) -> tuple:
     """(the EMA net, seconds): torchcfm's matcher of ``name`` makes the targets; our loop's defaults
     (AdamW lr 1e-3, 100 warm-up steps, clip 1.0, EMA 0.995, batch 256) train the reference's net."""
     import torchcfm.conditional_flow_matching as cfm
@@ -219,8 +220,7 @@ def train_torchcfm(name: str, reference, part, steps: int, seed: int = 0, t_rang
             g["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
         data = part.batch(256, gen)
         noise = torch.randn(data.shape, generator=gen)
-        t = None if t_range is None else t_range[0] + (t_range[1] - t_range[0]) * torch.rand(len(data))
-        s, xs, us = matcher.sample_location_and_conditional_flow(noise, data, t=t)
+        s, xs, us = matcher.sample_location_and_conditional_flow(noise, data)
         # the net sees the linear flow's own time input (1000 t, t = 1 - s), as fewstep's flow models do
         loss = (net(xs, 1000.0 * (1 - s)) - us).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -316,10 +316,8 @@ def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT, quick: b
         print(json.dumps({"row": name, "wall_seconds": round(wall), **row["nfe"]}), flush=True)
         out_dir.mkdir(exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
-    peers = [(b, sd, b, None) for b in TORCHCFM for sd in SEEDS]
-    peers += [(b, sd, name, T_RANGE) for name, b in TORCHCFM_T.items() for sd in SEEDS[:2]]
-    for base, seed, label, t_range in peers:
-        name = label + (f", seed {seed}" if seed else "")
+    for base, seed in ((b, sd) for b in TORCHCFM for sd in SEEDS):
+        name = base + (f", seed {seed}" if seed else "")
         if (only and name not in only) or name in rows:
             continue
         try:
@@ -329,12 +327,11 @@ def run(part: str, steps: int, only, folder: Path, out_dir: Path = OUT, quick: b
             continue
         method, opts, _, _ = runs(spec, steps, teacher_run)[REFERENCE]
         reference = load(run_once(method, opts, folder)[0], device="cpu")
-        net, wall = train_torchcfm(base, reference, data, steps, seed, t_range)
+        net, wall = train_torchcfm(base, reference, data, steps, seed)
         model = copy.copy(reference)
         model.denoiser = VelocityDenoiser(net)
         rows[name] = {"method": "torchcfm", "options": {"matcher": TORCHCFM[base][0], **TORCHCFM[base][1],
-                                                        **({"seed": seed} if seed else {}),
-                                                        **({"t_range": list(t_range)} if t_range else {})},
+                                                        **({"seed": seed} if seed else {})},
                       "wall_seconds": wall, "teacher_evals": 0, **measure(model, data, z, TORCHCFM[base][2], True)}
         print(json.dumps({"row": name, "wall_seconds": round(wall), **rows[name]["nfe"]}), flush=True)
         path.write_text(json.dumps(result, indent=1))
@@ -384,7 +381,7 @@ def table(result: dict) -> str:
         line(f"*{name}*", m)
     order = list(runs("gmm:-", 1, "-"))
     at = order.index(f"FM sb (SB-CFM), seed {SEEDS[-1]}") + 1
-    order[at:at] = [b + (f", seed {sd}" if sd else "") for b in [*TORCHCFM, *TORCHCFM_T] for sd in SEEDS]  # the peers
+    order[at:at] = [b + (f", seed {sd}" if sd else "") for b in TORCHCFM for sd in SEEDS]  # the peers beside ours
     for name, r in sorted(result["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         if "before" in r:
             line(f"{name.split(' T')[0]} teacher before tuning, T'={name.split('=')[-1]}", r["before"])
@@ -460,8 +457,7 @@ def section(parts: dict) -> str:
 
 
 def all_rows() -> list:
-    return [*runs("gmm:-", 1, "-"), *(b + (f", seed {sd}" if sd else "") for b in TORCHCFM for sd in SEEDS),
-            *(b + (f", seed {sd}" if sd else "") for b in TORCHCFM_T for sd in SEEDS[:2])]
+    return [*runs("gmm:-", 1, "-"), *(b + (f", seed {sd}" if sd else "") for b in TORCHCFM for sd in SEEDS)]
 
 
 def row_names(text: str) -> set:
