@@ -54,8 +54,16 @@ def test_interrupted_distillation_resumes_identically(spec, tmp_path, monkeypatc
     assert (tmp_path / "cut" / "pairs" / "chunk_00003.json").is_file()
     assert not (tmp_path / "cut" / "model.json").exists()
     (tmp_path / "cut" / "pairs" / "chunk_00002.json").unlink()  # a chunk lost mid-write is made again
+    for i in (0, 1, 3):  # the first process's chunks, as if each had taken 1000 s
+        f = tmp_path / "cut" / "pairs" / f"chunk_{i:05d}.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "seconds": 1000.0}))
     cut = distill("knowledge", {"steps": 60}, str(tmp_path / "cut"), resume=True, progress=False)
     same_weights(full, cut)
+    # the cost counts the earlier process's pairs and only this process's training (was: its seconds less
+    # every chunk's, negative after such a resume)
+    cost = json.loads((tmp_path / "cut" / "model.json").read_text())["cost"]
+    assert cost["pair_seconds"] > 3000 and 0 <= cost["train_seconds"] < 1000
+    assert cost["seconds"] == pytest.approx(cost["train_seconds"] + cost["pair_seconds"])
 
 
 def test_pairs_of_another_spec_are_refused(spec, tmp_path):

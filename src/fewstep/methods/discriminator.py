@@ -68,7 +68,7 @@ from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
 from .common import N_DATA, check_student_net, conditioning, data_source, is_exact, load_teacher, log_uniform, \
     net_config, teacher_net_state
-from .pairs import make_pairs, pair_spec
+from .pairs import make_pairs, pair_spec, stage_cost
 
 DG_WEIGHT = 1.0  # the theory's w (paper: s_theta + w c with c = grad log(d / (1 - d)); exact at w = 1)
 BANDS = 4        # level bands (log-spaced over the teacher's range) of the held-out accuracy
@@ -267,8 +267,7 @@ def stages(job):
                 "dg_weight": float(cfg["dg_weight"]),
                 "pairs": {k: pinfo[k] for k in ("sampler", "nfe", "grid", "pairs")},
                 "config": {k: v for k, v in cfg.items()},
-                "cost": {"teacher_evals": pinfo["teacher_evals"], "pair_seconds": pinfo["pair_seconds"],
-                         "train_seconds": st.seconds - pinfo["pair_seconds"], "seconds": st.seconds},
+                "cost": stage_cost(st, pinfo),
             }
             if "input" in meta_aux:
                 meta["input"] = meta_aux["input"]

@@ -29,7 +29,7 @@ from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
 from .common import call_denoiser, check_student_net, conditioning, fixed_grids, load_teacher, net_config, \
     student_meta, teacher_like_denoiser
-from .pairs import make_pairs, pair_spec
+from .pairs import make_pairs, pair_spec, stage_cost
 
 DISTANCES = ("mse", "chamfer", "emd")
 OPTIONS = (
@@ -123,8 +123,7 @@ def stages(job):
             meta = student_meta("knowledge", D, net_cfg, teacher.shape, teacher.kind,
                                 teacher.meta.get("data", {}).get("name", teacher.name), teacher.sigma_min, sigma_T,
                                 sampling, cfg, denoiser=den, cond=cond, distance=cfg["distance"],
-                                cost={"teacher_evals": pinfo["teacher_evals"], "pair_seconds": pinfo["pair_seconds"],
-                                      "train_seconds": st.seconds - pinfo["pair_seconds"], "seconds": st.seconds},
+                                cost=stage_cost(st, pinfo),
                                 pairs={k: pinfo[k] for k in ("sampler", "nfe", "grid", "pairs")})
             if generator:
                 meta["latent_shape"] = [int(cfg["latent_dim"])]

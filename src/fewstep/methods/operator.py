@@ -63,7 +63,7 @@ from ..errors import UserError
 from ..train.job import Plan, Task
 from ..train.options import Option, table_defaults, table_help
 from .common import EvalCounter, conditioning, load_teacher, student_meta, fixed_grids
-from .pairs import chunk_folder
+from .pairs import chunk_folder, stage_cost
 
 PAIR_SAMPLER = "heun"  # a teacher without a sampler of its own: Heun, accurate at pair budgets
 DISTANCES = ("l2", "l1")
@@ -195,6 +195,7 @@ def make_trajectories(teacher, cfg: dict, st, cond):
 
     from ..io import load_weights, read_json, save_checkpoint
 
+    start = time.time()
     spec = trajectory_spec(cfg, teacher, cond)
     folder = chunk_folder(st, "trajectories", spec)
     n, b = spec["pairs"], spec["batch"]
@@ -239,7 +240,8 @@ def make_trajectories(teacher, cfg: dict, st, cond):
         raise UserError(f"the teacher's trajectories in {folder} hold NaN or inf; use another --pair-sampler or more "
                         f"--pair-nfe")
     return torch.cat(zT), Z, (torch.cat(lab) if cond.on else None), {
-        "teacher_evals": evals, "pair_seconds": secs, **spec, "levels": [float(s) for s in levels]}
+        "teacher_evals": evals, "pair_seconds": secs, "pair_seconds_here": time.time() - start, **spec,
+        "levels": [float(s) for s in levels]}
 
 
 def level_weights(levels, kind: str) -> torch.Tensor:
@@ -304,8 +306,7 @@ def stages(job):
             return student_meta("operator", D, net_cfg, teacher.shape, teacher.kind,
                                 teacher.meta.get("data", {}).get("name", teacher.name), teacher.sigma_min, sigma_T,
                                 sampling, cfg, cond=cond, distance=cfg["distance"], level_weight=cfg["level_weight"],
-                                cost={"teacher_evals": info["teacher_evals"], "pair_seconds": info["pair_seconds"],
-                                      "train_seconds": st.seconds - info["pair_seconds"], "seconds": st.seconds},
+                                cost=stage_cost(st, info),
                                 trajectories={"sampler": info["sampler"], "nfe": info["nfe"], "grid": info["grid"],
                                               "pairs": info["pairs"], "levels": info["levels"], "pad": pad})
 

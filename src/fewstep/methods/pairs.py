@@ -75,6 +75,7 @@ def make_pairs(teacher, cfg: dict, st, cond: Conditioning = Conditioning()):
 
     from ..samplers import info
 
+    start = time.time()
     spec = pair_spec(cfg, teacher, cond)
     folder = chunk_folder(st, "pairs", spec)
     n, b = spec["pairs"], spec["batch"]
@@ -124,4 +125,15 @@ def make_pairs(teacher, cfg: dict, st, cond: Conditioning = Conditioning()):
     if not bool(torch.isfinite(torch.cat(x0)).all()):
         raise UserError(f"the teacher's pairs in {folder} hold NaN or inf; use another --pair-sampler or more --pair-nfe")
     return torch.cat(lat), torch.cat(x0), {"teacher_evals": evals, "pair_seconds": secs, **spec,
+                                           "pair_seconds_here": time.time() - start,
                                            "labels": torch.cat(labels) if cond.on else None}
+
+
+def stage_cost(st, info: dict) -> dict:
+    """A stage's cost when it made (or read) teacher pairs: the pairs' own seconds (summed over
+    their chunks, also those an interrupted process made) plus the training this process did
+    (its seconds less the time it spent on the pairs); a training interrupted and resumed counts
+    from the resume only, as every stage's seconds do."""
+    train = st.seconds - float(info["pair_seconds_here"])
+    return {"teacher_evals": info["teacher_evals"], "pair_seconds": info["pair_seconds"], "train_seconds": train,
+            "seconds": train + float(info["pair_seconds"])}
