@@ -385,6 +385,8 @@ def run_dg(steps: int) -> dict:
         meta = json.loads((folder / "model.json").read_text())
         w0 = float(meta.get("dg_weight", 1.0))
         variants = {"no guidance": model, f"DG w={w0:g}": model.with_discriminator(str(folder))}
+        if "step teacher" in name:  # a smaller weight too, where the run's own one makes it worse
+            variants[f"DG w={w0 / 4:g}"] = model.with_discriminator(str(folder), w0 / 4)
         if kind == "ED":
             def exact_logit(y, sigma, **c):
                 return true.log_prob(y, sigma) - bad.log_prob(y, sigma)

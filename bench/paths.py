@@ -400,7 +400,9 @@ def table(result: dict) -> str:
 
 READING = """Runs (gmm2, gmm16): 2026-12-04 18:47-20:35, the 2-core development VM (Intel Xeon), 1 torch thread, beside one or two other
 jobs (wall seconds are upper bounds); bench/paths.py of commits 731d703-f51886f, whose measuring code differs only
-in S(Z) on each model's own path (the trig and VP rows were measured again with it) and the seed-1 rows.
+in S(Z) on each model's own path (the trig and VP rows were measured again with it) and the seed-1 rows; the
+seed-2 rows, the sampled-pairs OT rows and the torchcfm rows of seeds 1-2 and with the Sinkhorn plan 22:08-22:40
+(commits bbe9b62-79ecdb3, beside another job).
 
 **Reading** (the claims of the papers, confirmed or not):
 
@@ -416,15 +418,17 @@ in S(Z) on each model's own path (the trig and VP rows were measured again with 
   same rule, same noise. MMD-DDM: T' = 2 1.25 -> 0.0029 (ring), 1.68 -> 0.0091 (d = 16); T' = 4 0.108 -> 0.0008,
   0.153 -> 0.0052. SFT-PG: T' = 2 1.25 -> 0.027, 1.69 -> 1.15; T' = 4 0.159 -> 0.012, 0.244 -> 0.139: smaller
   gains at d = 16 at this budget (its policy gradient has a WGAN critic to learn; MMD has an exact kernel loss).
-- *torchcfm beside ours* (same net, steps, batch, loop defaults; two seeds of ours give the run-to-run spread):
-  I-CFM 1-step ED ours 1.285 / 1.309 vs torchcfm 1.336 (ring), 1.901 / 1.921 vs 1.877 (d = 16); 4 steps 0.0197 /
-  0.0200 vs 0.0183, 0.038 / 0.041 vs 0.034: at or just outside our two-seed spread. OT-CFM ring 0.0030 / 0.0012
-  vs 0.0024 (within); d = 16 0.0333 / 0.0336 vs 0.0256 at 1 step (torchcfm better by 25%, outside the spread of
-  two seeds), equal at 4 steps (0.0027 / 0.0019 vs 0.0018) and in S(Z) (0.31 / 0.32 vs 0.31). SB-CFM ring 0.0105 /
-  0.0072 vs 0.0127, d = 16 0.0249 / 0.0228 vs 0.0378 (ours better), S(Z) 0.38-0.39 vs 0.46. Read: the same
-  method within about the noise at 2-4 steps; the 1-step OT gap at d = 16 may be our one documented deviation
-  (the batch paired by the exact plan's permutation, torchcfm draws pairs from that plan with replacement) or
-  noise that two seeds cannot resolve; not settled here.
+- *torchcfm beside ours* (same net, steps, batch, loop defaults; three seeds each give the run-to-run spread; 1-step
+  energy distance, ours / torchcfm): **I-CFM and OT-CFM equal within the spread on both mixtures**: I-CFM 1.285-1.309
+  / 1.258-1.336 (ring), 1.872-1.921 / 1.877-1.931 (d = 16); OT-CFM 0.0012-0.0030 / 0.0018-0.0037 (ring),
+  0.030-0.034 / 0.026-0.038 (d = 16; the gap of 25 % that two seeds showed was noise; pairs drawn from the plan
+  as torchcfm does, `--ot-pairs sample`: 0.0011-0.0025 and 0.028-0.030, the same), S(Z) equal to two digits.
+  SB-CFM with the same Sinkhorn plan (torchcfm `ot_method="sinkhorn"`; the two plans agree within 1e-3 in L1 on
+  d = 16 batches): equal on the ring (0.0072-0.0105 / 0.0087-0.0101), at d = 16 ours better at 1 step (0.023-0.026 /
+  0.035-0.052) and close at 4 (0.0037-0.0042 / 0.0043-0.0060), S(Z) 0.38-0.39 / 0.34-0.39: not explained (the
+  draw of t, (0, 1) there, [0.001, 0.999] here, was tried and is not it). torchcfm's *default* SB-CFM pairs by
+  the exact OT plan and adds the bridge noise: a different method, worse than both on the ring at 1 step
+  (0.013-0.027) and at d = 16 (0.038-0.040).
 - *Reflow*: 2-RF straightens to S(Z) 0.0001 / 0.008 (1-step ED 0.0010 / 0.0016) at 2.56e6 evaluations of the
   1-RF flow; its RMS against the exact map (0.059 / 0.175) is the 1-RF's own error, the map it reflows.
 - *Operator (DFNO)*: at 1 NFE at the floor (ED 0.0006 / -0.0009) with RMS against the exact flow map 0.021 /
