@@ -441,8 +441,10 @@ seed-2 rows, the sampled-pairs OT rows and the torchcfm rows of seeds 1-2 and wi
   otherwise idle, commit d957b84): the same picture. OT straightens at no teacher cost (S(Z) 0.54 -> 0.0018-0.0020,
   1-step ED 0.44 -> 0.0022-0.0024); min-curvature lowers S(Z) to 0.39 (beta 10) / 0.049 (beta 1); MMD-DDM
   0.67 -> 0.0013 (T' = 2), 0.159 -> 0.0007 (T' = 4); SFT-PG gains little at 500 steps (0.67 -> 0.53, 0.23 -> 0.22);
-  torchcfm within our two-seed spread or next to it (I-CFM 0.444 vs 0.444 / 0.440; OT-CFM 0.0020 vs 0.0024 /
-  0.0022; its default SB-CFM, exact plan, 0.0065 vs our Sinkhorn 0.0058 / 0.0058 at 1 step).
+  torchcfm equal within the three-seed spread (1-step ED, ours / torchcfm; seed-2 and torchcfm seed 1-2 / Sinkhorn
+  rows 23:05-23:15, commit ee974c9): I-CFM 0.440-0.449 / 0.419-0.457; OT-CFM 0.0022-0.0033 / 0.0020-0.0032
+  (sampled pairs 0.0020-0.0031); SB-CFM with the Sinkhorn plan 0.0058-0.0063 / 0.0057-0.0065 and one torchcfm seed at
+  0.036; torchcfm's default SB-CFM (exact plan) 0.0065-0.0123.
 - 8x8 digits (`--part digits --steps 2000`, 2026-12-04 21:24-23:00, 1 thread beside other jobs, commits 0bae080 and
   79ecdb3 for the seed-2 and torchcfm rows; FD on the digits classifier, floor 7.7, the trained teacher at Heun 64
   NFE 11.4): *OT straightens at no teacher cost*: **confirmed, but far from straight in 64-D with batches of 256**
