@@ -277,8 +277,9 @@ def elbo_table(res: dict) -> str:
         ref = "; ".join(f"{k} {v:.3f}" for k, v in c["reference"].items())
         out += _header(f"**{name}** (-ELBO in {c['unit']}, {c['n']} held-out samples; {ref})", "reverse variance", NFES)
         for label, row in c["table"].items():
-            out.append(f"| {label} | " + " | ".join(f"{row[str(k)]['value']:.3f} ± {row[str(k)]['stderr']:.3f}"
-                                                      for k in NFES) + " |")
+            out.append(f"| {label} | " + " | ".join(
+                f"{row[str(k)]['value']:.3f} ± {row[str(k)]['stderr']:.3f}" if math.isfinite(row[str(k)]["value"])
+                else "inf" for k in NFES) + " |")
         out.append("")
     m = res["machine"]
     out.append(f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']}, {m['date']}, commit {m['commit']}.")

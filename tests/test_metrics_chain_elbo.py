@@ -63,6 +63,14 @@ def test_mixture_bound_and_the_order_of_the_variances():
     assert float((res[10]["covariance"] - nll).mean()) > 3 * float((res[50]["covariance"] - nll).mean())
 
 
+def test_zero_variance_is_an_infinite_bound():
+    """A head that returns Cov = 0 makes the decoder a point mass at D: -ELBO = +inf, not NaN."""
+    ring = GaussianMixture.ring(8, 2.0, 0.25)
+    x0 = ring.sample(50, generator=torch.Generator().manual_seed(1)).double()
+    v = chain_elbo(ring, x0, _grid(5), "covariance", covariance=lambda y, s, D, **c: torch.zeros_like(y))
+    assert bool(torch.isinf(v).all()) and bool((v > 0).all())
+
+
 def test_bad_input_is_one_line():
     ring = GaussianMixture.ring(8, 2.0, 0.25)
     x0 = ring.sample(10, generator=torch.Generator().manual_seed(1)).double()

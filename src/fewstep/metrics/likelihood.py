@@ -218,6 +218,7 @@ def chain_elbo(denoiser: Callable, x0: Tensor, sigmas, variance: str = "small", 
     bits/dim with :func:`bits_per_dim`). ``prior_var`` defaults to s_K^2, the start noise
     of fewstep's samplers (a VP process's N(0, I) is 1 + s_K^2). Each term draws its own y_k ~
     q(y_k | x0) (one draw per sample and level: an unbiased estimate; average over samples).
+    A reverse variance of 0 anywhere (a covariance clipped at 0 at the decoder) gives +inf.
     Costs K denoiser evaluations per sample (and K covariance evaluations).
     """
     x0 = torch.as_tensor(x0)
@@ -244,12 +245,15 @@ def chain_elbo(denoiser: Callable, x0: Tensor, sigmas, variance: str = "small", 
             y = xb + s * z
             den = denoiser(y.to(x0.dtype), torch.full((len(xb),), s, dtype=x0.dtype, device=xb.device), **cb).double()
             var_p = torch.as_tensor(var_of(i, y.to(x0.dtype), den.to(x0.dtype), cb), dtype=torch.float64).to(xb.device)
+            var_p = var_p.expand_as(xb)
             if sn > 0:
                 var_q = sn**2 * (s**2 - sn**2) / s**2
                 diff2 = ((1.0 - sn**2 / s**2) * (xb - den)) ** 2
                 kl = 0.5 * (torch.log(var_p / var_q) + (var_q + diff2) / var_p - 1.0)
             else:
                 kl = 0.5 * (torch.log(2 * math.pi * var_p) + (xb - den) ** 2 / var_p)
-            total = total + kl.expand_as(xb).flatten(1).sum(1)
+            # a zero reverse variance (e.g. a covariance clipped at 0) is a point mass: the bound is +inf
+            kl = torch.where(var_p > 0, kl, torch.full_like(kl, math.inf))
+            total = total + kl.flatten(1).sum(1)
         out.append(total.cpu())
     return torch.cat(out)
