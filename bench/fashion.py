@@ -172,6 +172,7 @@ def part_bench(conditional: bool, scale: float, methods, students: bool, n: int 
         warnings.simplefilter("ignore")
         res, report = run_bench(str(teacher), samplers=list(SAMPLERS), students=[str(r) for r in runs.values()] or "none",
                                 nfe=STUDENT_NFE if students else TEACHER_NFE, n=n, seed=0, nll_n=0,
+                                reference=not students,  # the teacher part has the accurate-ODE row (16 min)
                                 out=str(_folder(conditional) / f"bench_{name}"), progress=True)
     rows = [{k: r.get(k) for k in ("method", "kind", "nfe", "nfe_used", "fd", "fd_check", "label_accuracy",
                                    "precision", "recall", "seconds")} for r in res.rows if r.get("class") is None]
