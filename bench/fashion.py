@@ -216,9 +216,11 @@ def markdown(results: list) -> str:
         t = res["teacher"]
         lines += [f"Teacher: `fewstep train` with {json.dumps(t['options'])}; {_f(t.get('train_seconds'), 0)} s.", ""]
         if res["students"]:
-            lines += ["| student | method | options | train s | teacher evaluations |", "|---|---|---|---|---|"]
-            lines += [f"| {k} | {s['method']} | `{json.dumps(s['options'])}` | {_f(s.get('train_seconds'), 0)} | "
-                      f"{_f(s.get('teacher_evaluations'), 0)} |" for k, s in res["students"].items()]
+            lines += ["| student | method | options | seconds (pairs included) | teacher evaluations |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {k} | {s['method']} | `{json.dumps(s['options'])}` | "
+                      f"{_f(s.get('seconds') or s.get('train_seconds'), 0)} | {_f(s.get('teacher_evals'), 0)} |"
+                      for k, s in res["students"].items()]
             lines.append("")
         cols = ["fd", "fd_check"] + (["label_accuracy"] if res["conditional"] else [])
         lines += ["| method | kind | NFE | " + " | ".join(cols) + " | seconds |", "|---" * (4 + len(cols)) + "|"]
