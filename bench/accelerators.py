@@ -370,13 +370,14 @@ def run_dg(steps: int) -> dict:
     true.save(RUNS / "ring.npz")
     ref_ring = true.sample(N, generator=torch.Generator().manual_seed(7)).double()
     digits_ref, _ = digits_held()
-    todo = {"ring 2:1": (f"gmm:{RUNS / 'ring_2to1.npz'}", f"gmm:{RUNS / 'ring.npz'}", ref_ring, "ED"),
-            "digits": (trained_teacher("digits"), "digits", digits_ref, "FD"),
-            f"digits, {WEAK_STEPS}-step teacher": (trained_teacher("digits", WEAK_STEPS), "digits", digits_ref, "FD")}
-    for name, (spec, data, ref, kind) in todo.items():
+    todo = {"ring 2:1": (f"gmm:{RUNS / 'ring_2to1.npz'}", f"gmm:{RUNS / 'ring.npz'}", ref_ring, "ED", "dg_ring"),
+            "digits": (trained_teacher("digits"), "digits", digits_ref, "FD", "dg_digits"),
+            f"digits, {WEAK_STEPS}-step teacher": (trained_teacher("digits", WEAK_STEPS), "digits", digits_ref, "FD",
+                                                   f"dg_digits_{WEAK_STEPS}")}
+    for name, (spec, data, ref, kind, run_name) in todo.items():
         if name in res["cases"]:
             continue
-        folder = RUNS / ("dg_" + name.split()[0].strip(",") + ("" if "step teacher" not in name else f"_{WEAK_STEPS}"))
+        folder = RUNS / run_name
         t0 = time.time()
         if not (folder / "model.json").is_file():
             distill("discriminator", {"teacher": spec, "data": data, "steps": steps, "device": "cpu"}, out=str(folder),
@@ -386,7 +387,7 @@ def run_dg(steps: int) -> dict:
         meta = json.loads((folder / "model.json").read_text())
         w0 = float(meta.get("dg_weight", 1.0))
         variants = {"no guidance": model, f"DG w={w0:g}": model.with_discriminator(str(folder))}
-        if "step teacher" in name:  # a smaller weight too, where the run's own one makes it worse
+        if run_name.endswith(f"_{WEAK_STEPS}"):  # a smaller weight too, where the run's own one makes it worse
             variants[f"DG w={w0 / 4:g}"] = model.with_discriminator(str(folder), w0 / 4)
         if kind == "ED":
             def exact_logit(y, sigma, **c):

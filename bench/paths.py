@@ -449,7 +449,7 @@ seed-2 rows, the sampled-pairs OT rows and the torchcfm rows of seeds 1-2 and wi
   79ecdb3 for the seed-2 and torchcfm rows; FD on the digits classifier, floor 7.7, the trained teacher at Heun 64
   NFE 11.4): *OT straightens at no teacher cost*: **confirmed, but far from straight in 64-D with batches of 256**
   (S(Z) 8.1 -> 2.1; 1-step FD 1254-1278 -> 194-198, 4-step 83-84 -> 43-48), while the students that spend teacher
-  evaluations reach FD 20-37 in one step (operator 19.9, 1-RF + student 33.6, 2-RF 43 at 1.3-2.6e6 evaluations).
+  evaluations reach FD 20-43 in one step (operator 19.9, 1-RF + student 33.6, 2-RF + student 37.4, 2-RF 43; 1.3-2.6e6 evaluations).
   *Min-curvature*: **confirmed** (S(Z) 6.4 at beta 10, 2.07 at beta 1). *SFT and MMD improve the teacher's few-step
   samples*: **confirmed by FD, not always by ED**: MMD-DDM FD 1411 -> 100 (T' = 2), 293 -> 31 (T' = 4), but its
   kernel sits on the same classifier's features as the FD (the paper's Inception stand-in) and the pixel-space
@@ -458,7 +458,7 @@ seed-2 rows, the sampled-pairs OT rows and the torchcfm rows of seeds 1-2 and wi
   and OT-CFM 0.213-0.218 / 0.213-0.225 (FD 194-198 / 206-217): equal within the spread. torchcfm's SB-CFM with the
   Sinkhorn plan is **not comparable here**: its plan is computed in float32 and exp(-M / epsilon) underflows for
   digits' costs (up to ~190 at epsilon 1), so it falls back to the uniform plan with a warning (checked on a
-  batch: "reverting to uniform plan"), i.e. the independent coupling with bridge noise (S(Z) 3.7, FD 690-740);
+  batch: "reverting to uniform plan"), i.e. the independent coupling with bridge noise (S(Z) 3.7, FD 687-738);
   fewstep computes the plan in float64 and switches to log-domain iterations where exp would underflow. Its
   default (exact plan) SB-CFM: 0.016-0.068 / ours 0.012-0.047."""
 

@@ -169,8 +169,11 @@ def _chain_variances(variance: str, sig: list, gamma, covariance, data_range):
     if variance == "small":  # Ho et al.'s decoder: the posterior variance of the step before (their clip)
         fixed = post[:-1] + [post[-2] if K > 1 else sig[-2] ** 2 / (1 + sig[-2] ** 2)]
         return lambda i, y, den, cb: fixed[i]
-    if variance == "large":  # beta_t / a_prev of a VP process, a = 1 / (1 + s^2); beta_1 at the decoder
-        fixed = [(s**2 - sn**2) * (1 + sn**2) / (1 + s**2) for s, sn in zip(sig[:-1], sig[1:])]
+    if variance == "large":  # the ddpm sampler's beta_t / a_prev; at the decoder beta_1 = s_1^2 / (1 + s_1^2)
+        from fewstep.samplers.ancestral import _ddpm_levels
+
+        large = _ddpm_levels("large")
+        fixed = [large(s, sn)[1] ** 2 for s, sn in zip(sig[:-2], sig[1:-1])] + [sig[-2] ** 2 / (1 + sig[-2] ** 2)]
         return lambda i, y, den, cb: fixed[i]
     if variance == "analytic":
         from fewstep.samplers.analytic_dpm import _gamma_at, _variances
