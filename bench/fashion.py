@@ -94,7 +94,6 @@ def part_classifier() -> dict:
 
 
 def train(conditional: bool, scale: float) -> Path:
-    from fewstep.train.job import worth_resuming
     from fewstep.train.teacher import train_teacher
 
     run = _folder(conditional) / "teacher"
@@ -102,11 +101,12 @@ def train(conditional: bool, scale: float) -> Path:
         return run
     cfg = {**_scaled(TEACHER, scale), "net": dict(NET), "conditional": conditional, "device": None, "seed": 0}
     if conditional:
+        cfg["net"]["num_classes"] = 10
         cfg["label_dropout"] = 0.1  # a null class for classifier-free guidance
     if _reuse_asset(cfg, conditional, run):
         return run
     print(f"[fashion] training the teacher into {run}: {json.dumps(cfg)}", flush=True)
-    train_teacher(cfg, str(run), resume=worth_resuming(run), progress=True)
+    train_teacher(cfg, str(run), resume=_started(run), progress=True)
     return run
 
 
@@ -131,9 +131,14 @@ def _reuse_asset(cfg: dict, conditional: bool, run: Path) -> bool:
     return True
 
 
+def _started(run: Path) -> bool:
+    """A run folder this script began (its config.json is there): resumed, from its last checkpoint or, when
+    it was stopped before the first one, from step 0 with the same config."""
+    return (run / "config.json").is_file()
+
+
 def distil(teacher: Path, key: str, scale: float) -> Path:
     from fewstep.methods import distill
-    from fewstep.train.job import worth_resuming
 
     method, opts = METHODS[key]
     out = teacher.parent / "students" / key
@@ -145,7 +150,7 @@ def distil(teacher: Path, key: str, scale: float) -> Path:
     else:
         opts["teacher"] = str(teacher)
     print(f"[fashion] fewstep distill {method} {json.dumps(opts)} --out {out}", flush=True)
-    resume = worth_resuming(out)
+    resume = _started(out)
     distill(method, None if resume else opts, str(out), resume=resume, progress=True)
     return out
 
